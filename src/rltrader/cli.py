@@ -1,0 +1,213 @@
+"""``rltrader`` command line. Thin: parse options, call the plain stage functions, print results.
+
+Every error that is the user's to fix (bad input, bad parameter) is one line on stderr naming the file, row,
+field or parameter, with exit code 1; nothing is half-written (the stage functions guarantee that).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rltrader.config import Settings, load_settings
+from rltrader.data.archive import ArchiveSource
+from rltrader.data.schema import Market
+from rltrader.data.store import Store, open_store
+from rltrader.errors import RLTraderError
+
+app = typer.Typer(help="Binance market data → features → RL agents → backtest → trading.", no_args_is_help=True)
+data_app = typer.Typer(help="Market data: archive backfill, CSV import, gaps, stats, live stream.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+out = Console()
+err = Console(stderr=True)
+
+StoreOpt = Annotated[str | None, typer.Option("--store", help="Store URL (postgresql://… or parquet[://dir]); "
+                                              "default from params/RLTRADER_DB_URL")]
+ArchiveOpt = Annotated[str | None, typer.Option("--archive-base", help="Archive base URL or folder; default "
+                                                "from params/RLTRADER_ARCHIVE_BASE")]
+MarketOpt = Annotated[Market, typer.Option("--market", help="spot or futures-um")]
+
+
+def _fail(msg: str) -> None:
+    err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@contextmanager
+def _context(store_url: str | None) -> Iterator[tuple[Settings, Store]]:
+    try:
+        settings = load_settings()
+        store = open_store(store_url or settings.data.store_url, settings.data.dir)
+    except (RLTraderError, ValueError) as exc:
+        _fail(str(exc))
+        raise  # unreachable; keeps type checkers happy
+    try:
+        yield settings, store
+    except RLTraderError as exc:
+        _fail(str(exc))
+    finally:
+        store.close()
+
+
+def _archive(settings: Settings, base: str | None) -> ArchiveSource:
+    return ArchiveSource(base or settings.data.archive_base, settings.data.dir / "cache" / "archive")
+
+
+def _symbols(text: str) -> list[str]:
+    return [s.strip().upper() for s in text.split(",") if s.strip()]
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@data_app.command("backfill")
+def backfill_cmd(
+    market: MarketOpt,
+    symbols: Annotated[str, typer.Option(help="Comma-separated, e.g. BTCUSDT,ETHUSDT")],
+    start: Annotated[str, typer.Option(help="YYYY-MM or YYYY-MM-DD (inclusive)")],
+    end: Annotated[str, typer.Option(help="YYYY-MM or YYYY-MM-DD (inclusive)")],
+    interval: str = "1m",
+    kind: Annotated[str, typer.Option(help="klines or aggTrades")] = "klines",
+    skip_bad_rows: bool = False,
+    store: StoreOpt = None,
+    archive_base: ArchiveOpt = None,
+) -> None:
+    """Load Binance archive files (monthly preferred, daily for the rest) into the store."""
+    from rltrader.data.ingest import backfill
+
+    if kind not in ("klines", "aggTrades"):
+        _fail(f"--kind {kind!r}: expected klines or aggTrades")
+    with _context(store) as (settings, st):
+        report = backfill(st, _archive(settings, archive_base), market, _symbols(symbols), start, end,
+                          interval=interval, kind=kind, skip_bad_rows=skip_bad_rows,  # type: ignore[arg-type]
+                          progress=sys.stderr.isatty())
+        out.print_json(json.dumps(report.as_dict()))
+
+
+@data_app.command("ingest")
+def ingest_stage_cmd(
+    metrics: Annotated[Path, typer.Option(help="Where to write the stage's metrics JSON")] = Path(
+        "reports/ingest.json"),
+) -> None:
+    """The DVC `ingest` stage: backfill what params.yaml's `ingest` section names."""
+    from rltrader.data.ingest import run_ingest_stage
+
+    with _context(None) as (settings, st):
+        report = run_ingest_stage(settings, st, metrics, progress=sys.stderr.isatty())
+        out.print_json(json.dumps({k: v for k, v in report.items() if k != "gaps"}))
+
+
+@data_app.command("import-csv")
+def import_csv_cmd(
+    path: Path,
+    symbol: Annotated[str, typer.Option()],
+    market: MarketOpt,
+    tz: Annotated[str, typer.Option(help="Time zone of the time column, stated explicitly (e.g. UTC)")],
+    time_col: Annotated[str, typer.Option(help="Header of the candle open-time column")],
+    interval: str = "1m",
+    time_format: Annotated[str | None, typer.Option(help="strftime format, e.g. '%Y-%m-%d %H:%M:%S'")] = None,
+    column: Annotated[list[str] | None, typer.Option(help="field=header mapping, repeatable "
+                                                     "(fields: open high low close volume quote_volume trades "
+                                                     "taker_buy_volume taker_buy_quote_volume)")] = None,
+    skip_bad_rows: bool = False,
+    store: StoreOpt = None,
+) -> None:
+    """Import an OHLCV CSV that is not archive format, with an explicit column mapping and time zone."""
+    from rltrader.data.ingest import import_csv
+
+    mapping: dict[str, str] = {}
+    for item in column or []:
+        if "=" not in item:
+            _fail(f"--column {item!r}: expected field=header")
+        k, v = item.split("=", 1)
+        mapping[k.strip()] = v.strip()
+    with _context(store) as (_, st):
+        report = import_csv(st, path, market=market, symbol=symbol, interval=interval, tz=tz, time_col=time_col,
+                            time_format=time_format, columns=mapping, skip_bad_rows=skip_bad_rows)
+        out.print_json(json.dumps(report.as_dict()))
+
+
+@data_app.command("gaps")
+def gaps_cmd(
+    market: MarketOpt,
+    symbols: Annotated[str, typer.Option()],
+    interval: str = "1m",
+    start: Annotated[str | None, typer.Option(help="YYYY-MM[-DD]; default: first stored candle")] = None,
+    end: Annotated[str | None, typer.Option(help="YYYY-MM[-DD] inclusive; default: last stored candle")] = None,
+    fill: Annotated[bool, typer.Option("--fill", help="Fill gaps from the archive (or REST with --rest-base)")] = False,
+    rest_base: Annotated[str | None, typer.Option(help="Fill through Binance REST at this base URL")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    store: StoreOpt = None,
+    archive_base: ArchiveOpt = None,
+) -> None:
+    """List missing candles per symbol; never forward-fills, only re-fetches real data."""
+    from rltrader.data.ingest import fill_gaps_from_archive, find_gaps, range_bounds
+
+    with _context(store) as (settings, st):
+        lo: datetime | None = None
+        hi: datetime | None = None
+        if start or end:
+            lo, hi = range_bounds(start or end or "", end or start or "")
+            lo = lo if start else None
+            hi = hi if end else None
+        gaps = [g for sym in _symbols(symbols) for g in find_gaps(st, market.value, sym, interval, lo, hi)]
+        if fill and gaps:
+            if rest_base:
+                from rltrader.data.ingest import fill_gaps_from_rest
+
+                gaps = fill_gaps_from_rest(st, rest_base, gaps).gaps
+            else:
+                gaps = fill_gaps_from_archive(st, _archive(settings, archive_base), gaps).gaps
+        if as_json:
+            out.print_json(json.dumps([g.as_dict() for g in gaps]))
+            return
+        table = Table("market", "symbol", "interval", "gap start", "gap end", "missing")
+        for g in gaps:
+            table.add_row(g.market, g.symbol, g.interval, g.start.isoformat(), g.end.isoformat(), str(g.missing))
+        out.print(table)
+        out.print(f"{len(gaps)} gap(s), {sum(g.missing for g in gaps)} missing candle(s)")
+
+
+@data_app.command("stats")
+def stats_cmd(as_json: Annotated[bool, typer.Option("--json")] = False, store: StoreOpt = None) -> None:
+    """Rows and first/last time per market/symbol/interval."""
+    with _context(store) as (_, st):
+        stats = [s.as_dict() for s in st.stats()]
+        if as_json:
+            out.print_json(json.dumps(stats))
+            return
+        table = Table("kind", "market", "symbol", "interval", "rows", "first", "last")
+        for s in stats:
+            table.add_row(*(str(s[k]) for k in ["kind", "market", "symbol", "interval", "rows", "first", "last"]))
+        out.print(table)
+
+
+@data_app.command("quarantine")
+def quarantine_cmd(limit: int = 50, store: StoreOpt = None) -> None:
+    """Show rows that failed validation, with file, line and reason."""
+    with _context(store) as (_, st):
+        q = st.read_quarantine()
+        out.print(q.tail(limit))
+        out.print(f"{q.height} quarantined row(s)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Typed settings: ``params.yaml`` is the one source of parameters (DVC reads the same file).
+
+Environment variables override it: ``RLTRADER_<SECTION>__<KEY>`` for any parameter (values parsed as YAML,
+so ``RLTRADER_INGEST__SYMBOLS='[BTCUSDT, ETHUSDT]'`` works), plus the short aliases users expect:
+``RLTRADER_DB_URL`` (store URL), ``RLTRADER_ARCHIVE_BASE`` and ``RLTRADER_DATA_DIR``. An unknown key or a
+wrong type fails with a message naming the key, in the file or the variable it came from.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from rltrader.data.schema import Market
+from rltrader.errors import ConfigError
+
+ENV_PREFIX = "RLTRADER_"
+ALIASES = {
+    "RLTRADER_DB_URL": ("data", "store_url"),
+    "RLTRADER_ARCHIVE_BASE": ("data", "archive_base"),
+    "RLTRADER_DATA_DIR": ("data", "dir"),
+}
+# Variables with the prefix that are not parameters (read elsewhere, e.g. by the test harness).
+NOT_PARAMS = {"RLTRADER_PG_BIN", "RLTRADER_PARAMS"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSettings(_Strict):
+    dir: Path = Path("data")
+    """Working data folder: the Parquet store, download cache and reports live under it."""
+    store_url: str | None = None
+    """None → embedded Parquet store under ``<dir>/store``; ``postgresql://…`` → PostgreSQL/TimescaleDB."""
+    archive_base: str = "https://data.binance.vision/data"
+    """Binance archive: the https base, a ``file://`` URL or a local folder with the same layout."""
+
+
+class IngestSettings(_Strict):
+    market: Market = Market.FUTURES_UM
+    symbols: list[str] = Field(default_factory=lambda: ["BTCUSDT"])
+    interval: str = "1m"
+    start: str = "2024-01"
+    end: str = "2024-01"
+    skip_bad_rows: bool = False
+    """False: a file with an invalid row is not loaded (rows quarantined, error). True: load the valid rows."""
+
+    @field_validator("symbols", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [s.strip().upper() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _str_date(cls, v: Any) -> Any:
+        return v.isoformat() if hasattr(v, "isoformat") else v
+
+
+class StreamSettings(_Strict):
+    market: Market = Market.SPOT
+    symbols: list[str] = Field(default_factory=lambda: ["BTCUSDT"])
+    rest_base: str | None = None
+    """None → Binance itself; e.g. ``http://127.0.0.1:8765`` for the replay server or a testnet URL."""
+    ws_base: str | None = None
+    flush_seconds: float = 2.0
+    stale_seconds: float = 30.0
+    metrics_seconds: float = 10.0
+    bar_width: str = "5s"
+
+    @field_validator("symbols", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [s.strip().upper() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+
+class Settings(_Strict):
+    data: DataSettings = Field(default_factory=DataSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
+    node[path[-1]] = value
+
+
+def _env_overrides(env: dict[str, str]) -> list[tuple[str, tuple[str, ...], Any]]:
+    out: list[tuple[str, tuple[str, ...], Any]] = []
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name in NOT_PARAMS:
+            continue
+        path: tuple[str, ...]
+        if name in ALIASES:
+            path = ALIASES[name]
+        elif "__" in name:
+            path = tuple(p.lower() for p in name[len(ENV_PREFIX):].split("__"))
+        else:
+            raise ConfigError(f"environment variable {name}: not a parameter (use RLTRADER_<SECTION>__<KEY> or "
+                              f"one of {', '.join(sorted(ALIASES))})")
+        out.append((name, path, yaml.safe_load(raw) if raw != "" else None))
+    return out
+
+
+def _format(exc: ValidationError, origin: dict[tuple[str, ...], str], file: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc)
+        where = origin.get(loc[:2], origin.get(loc[:1], file))
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{where}: {key}: {msg}")
+    return "; ".join(lines)
+
+
+def load_settings(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Load ``params.yaml`` (``RLTRADER_PARAMS`` or the working directory's) and apply env overrides."""
+    env = dict(os.environ if env is None else env)
+    p = Path(path or env.get("RLTRADER_PARAMS", "params.yaml"))
+    tree: dict[str, Any] = {}
+    if p.exists():
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        tree = loaded
+    # params.yaml also carries sections for later pipeline stages; only the known ones are validated here
+    known = {k: v for k, v in tree.items() if k in Settings.model_fields}
+    unknown_sections = [k for k in tree if k not in Settings.model_fields and k not in EXTRA_SECTIONS]
+    if unknown_sections:
+        raise ConfigError(f"{p}: {unknown_sections[0]}: unknown section")
+    origin: dict[tuple[str, ...], str] = {}
+    for name, key_path, value in _env_overrides(env):
+        _set_path(known, key_path, value)
+        origin[key_path] = f"environment variable {name}"
+    try:
+        return Settings.model_validate(known)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, origin, str(p))) from exc
+
+
+# Sections of params.yaml owned by stages that validate them themselves (added by later pipeline stages).
+EXTRA_SECTIONS: set[str] = set()
