@@ -17,6 +17,7 @@ import os
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -266,7 +267,7 @@ def read_zip_member(path: Path) -> bytes:
             if len(names) != 1:
                 raise DataError(f"{path}: expected one CSV member, found {len(names)}")
             return zf.read(names[0])
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib.error) as exc:
         raise DataError(f"{path}: corrupt or truncated zip ({exc})") from exc
 
 

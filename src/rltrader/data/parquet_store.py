@@ -32,7 +32,7 @@ from rltrader.data.schema import (
     KLINE_SCHEMA,
     QUARANTINE_SCHEMA,
 )
-from rltrader.data.store import SeriesStats, WriteResult, trade_bars_frame
+from rltrader.data.store import NULLABLE, NULLABLE_BARS, SeriesStats, WriteResult, check_required, trade_bars_frame
 
 
 def _month_key(ts: datetime) -> str:
@@ -78,6 +78,7 @@ class ParquetStore:
         if df.is_empty():
             return WriteResult(0, 0)
         df = df.select(list(schema)).cast(schema)  # type: ignore[arg-type]
+        check_required(df, NULLABLE_BARS if table == "bars" else NULLABLE, table)
         df = df.unique(subset=list(key), keep="first", maintain_order=True)
         offered = df.height
         df = df.with_columns(_month=pl.col(time_col).dt.strftime("%Y-%m"))

@@ -34,7 +34,7 @@ from rltrader.data.schema import (
     QUARANTINE_SCHEMA,
     interval_to_timedelta,
 )
-from rltrader.data.store import SeriesStats, WriteResult
+from rltrader.data.store import NULLABLE, NULLABLE_BARS, SeriesStats, WriteResult, check_required
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,7 @@ class PostgresStore:
             return WriteResult(0, 0)
         if df.schema != pl.Schema(schema):
             df = df.select(list(schema)).cast(schema)  # type: ignore[arg-type]
+        check_required(df, NULLABLE, kind)
         series_cols = ["market", "symbol", "interval"] if "interval" in schema else ["market", "symbol"]
         total = WriteResult(0, 0)
         with self.pool.connection() as conn, conn.transaction():  # one transaction: the call is atomic
@@ -298,6 +299,7 @@ class PostgresStore:
         if df.is_empty():
             return WriteResult(0, 0)
         df = df.select(list(BAR_SCHEMA)).cast(BAR_SCHEMA)  # type: ignore[arg-type]
+        check_required(df, NULLABLE_BARS, "bars")
         cols = ["series_id", "bucket", *BAR_VALUE_COLUMNS]
         names = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
         inserted = 0
@@ -323,7 +325,8 @@ class PostgresStore:
                 return pl.DataFrame(schema=BAR_SCHEMA)
             rows = conn.execute(
                 "SELECT %s, %s, bucket, " + ", ".join(BAR_VALUE_COLUMNS) + " FROM bar_data WHERE series_id = %s"
-                " AND bucket >= coalesce(%s, '-infinity'::timestamptz) AND bucket < coalesce(%s, 'infinity')"
+                " AND bucket >= coalesce(%s, '-infinity'::timestamptz)"
+                " AND bucket < coalesce(%s, 'infinity'::timestamptz)"
                 " ORDER BY bucket", (market, symbol, sid, start, end)).fetchall()
         return pl.DataFrame(rows, schema=BAR_SCHEMA, orient="row")
 

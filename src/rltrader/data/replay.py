@@ -53,6 +53,7 @@ _BINANCE_INTERVALS = {"1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6
                       "1w", "1M"}
 _MANDATORY = "Mandatory parameter '{}' was not sent, was empty/null, or malformed."
 _STREAM_RE = re.compile(r"^([a-z0-9]+)@(aggTrade|kline_[0-9]+[smhdwM])$")
+_CONTINUOUS_RE = re.compile(r"^([a-z0-9]+)_perpetual@continuousKline_([0-9]+[smhdwM])$")
 MalformedKind = Literal["not_json", "bad_shape"]
 
 
@@ -946,8 +947,8 @@ class ReplayServer:
 
     # -- websocket events ----------------------------------------------------------------------------------
     def _kline_event(self, sd: _Symbol, i: int, st: _K, closed: bool, e_ms: int,
-                     micro: bool) -> dict[str, Any]:
-        return {
+                     micro: bool, continuous: bool = False) -> dict[str, Any]:
+        event = {
             "e": "kline", "E": e_ms * 1000 if micro else e_ms, "s": sd.symbol,
             "k": {
                 "t": sd.open_us[i] if micro else sd.open_ms[i],
@@ -959,9 +960,15 @@ class ReplayServer:
                 "B": "0",
             },
         }
+        if continuous:  # futures' <pair>_perpetual@continuousKline_<interval>: same candle, other envelope
+            k = event["k"]
+            assert isinstance(k, dict)
+            del k["s"]
+            return {"e": "continuous_kline", "E": event["E"], "ps": sd.symbol, "ct": "PERPETUAL", "k": k}
+        return event
 
-    def _kline_events(self, sd: _Symbol, stream: str, from_ms: int,
-                      micro: bool) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    def _kline_events(self, sd: _Symbol, stream: str, from_ms: int, micro: bool,
+                      continuous: bool = False) -> Iterator[tuple[int, str, dict[str, Any]]]:
         """In-progress updates then the closed candle, for every candle whose events are not yet due.
 
         With trades, an update goes out at the end of each push interval in which trades happened, carrying
@@ -980,20 +987,21 @@ class ReplayServer:
                     if window is not None and w != window and st is not None:
                         e = t + (window + 1) * upd
                         if from_ms <= e <= t_close:
-                            yield e, stream, self._kline_event(sd, i, st, False, e, micro)
+                            yield e, stream, self._kline_event(sd, i, st, False, e, micro, continuous)
                     st = self._add_trade(st, sd, j)
                     window = w
                 if window is not None and st is not None:
                     e = t + (window + 1) * upd
                     if from_ms <= e <= t_close:
-                        yield e, stream, self._kline_event(sd, i, st, False, e, micro)
+                        yield e, stream, self._kline_event(sd, i, st, False, e, micro, continuous)
             else:
                 for e, s in self._synthetic(sd, i):
                     if e >= from_ms:
-                        yield e, stream, self._kline_event(sd, i, s, False, e, micro)
+                        yield e, stream, self._kline_event(sd, i, s, False, e, micro, continuous)
             e = t_close + 1
             if e >= from_ms:
-                yield e, stream, self._kline_event(sd, i, self._final(sd, i), True, e, micro)
+                yield e, stream, self._kline_event(sd, i, self._final(sd, i), True, e, micro,
+                                                   continuous)
 
     def _trade_events(self, sd: _Symbol, stream: str, from_ms: int,
                       micro: bool) -> Iterator[tuple[int, str, dict[str, Any]]]:
@@ -1007,13 +1015,17 @@ class ReplayServer:
         gens: list[Iterator[tuple[int, str, dict[str, Any]]]] = []
         for stream in streams:
             m = _STREAM_RE.match(stream)
-            sd = self.data.symbols.get(m.group(1).upper()) if m else None
-            if m is None or sd is None:
+            cm = None if m or self._spot else _CONTINUOUS_RE.match(stream)
+            name = m.group(1) if m else cm.group(1) if cm else ""
+            sd = self.data.symbols.get(name.upper())
+            if sd is None:
                 # The exchange accepts such subscriptions and sends nothing; say so here at least.
                 log.warning("replay: stream %r has no data in this replay; nothing is sent for it", stream)
                 continue
-            kind = m.group(2)
-            if kind == "aggTrade":
+            kind = m.group(2) if m else f"continuous_{cm.group(2) if cm else ''}"
+            if kind == f"continuous_{self.data.interval}":
+                gens.append(self._kline_events(sd, stream, from_ms, micro, continuous=True))
+            elif kind == "aggTrade":
                 gens.append(self._trade_events(sd, stream, from_ms, micro))
             elif kind == f"kline_{self.data.interval}":
                 gens.append(self._kline_events(sd, stream, from_ms, micro))

@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 import polars as pl
 
 from rltrader.data.schema import BAR_SCHEMA, interval_us
+from rltrader.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,19 @@ class Store(Protocol):
     def stats(self) -> list[SeriesStats]: ...
 
     def close(self) -> None: ...
+
+
+# Columns that may be NULL: fields some sources lack (plain OHLCV dumps), and prices of empty bar windows.
+NULLABLE = {"quote_volume", "trades", "taker_buy_volume", "taker_buy_quote_volume"}
+NULLABLE_BARS = {"open", "high", "low", "close"}
+
+
+def check_required(df: pl.DataFrame, nullable: set[str], what: str) -> None:
+    """Refuse a batch with NULL in a required column, naming it, before anything is written."""
+    counts = df.select(pl.col(c).null_count() for c in df.columns if c not in nullable).row(0, named=True)
+    bad = {c: n for c, n in counts.items() if n}
+    if bad:
+        raise DataError(f"{what}: NULL in required column(s) {bad}; nothing written")
 
 
 def trade_bars_frame(trades: pl.DataFrame, width: str) -> pl.DataFrame:
