@@ -65,7 +65,7 @@ except ImportError:  # running from a checkout without an installed package
 from psycopg.copy import QueuedLibpqWriter  # noqa: E402
 
 from rltrader.data import pgcopy  # noqa: E402
-from rltrader.data.archive import ArchiveFile, ArchiveSource, load_file  # noqa: E402
+from rltrader.data.archive import ArchiveFile, ArchiveSource, Freq, load_file  # noqa: E402
 from rltrader.data.ingest import backfill  # noqa: E402
 from rltrader.data.parquet_store import ParquetStore  # noqa: E402
 from rltrader.data.postgres_store import KLINE_COLUMNS, PostgresStore  # noqa: E402
@@ -121,9 +121,10 @@ def discover(base: Path) -> list[KlineFile]:
         if len(rel) < 6 or rel[-4] != "klines" or rel[-2] != INTERVAL:
             continue
         market = Market.SPOT if rel[0] == "spot" else Market.FUTURES_UM
-        freq, symbol = rel[-5], rel[-3]
-        if freq not in ("monthly", "daily"):
+        if rel[-5] not in ("monthly", "daily"):
             continue
+        freq: Freq = "monthly" if rel[-5] == "monthly" else "daily"
+        symbol = rel[-3]
         period = path.stem.split(f"-{INTERVAL}-", 1)[1]
         f = ArchiveFile(market, "klines", symbol, INTERVAL, freq, period)
         if f.relpath != "/".join(rel):

@@ -1,0 +1,761 @@
+"""Live ingestion: Binance combined websocket streams → store, with REST repair so nothing closed is missed.
+
+One connection per market carries every symbol's ``<symbol>@aggTrade`` and ``<symbol>@kline_1m`` streams
+(python-binance's ``BinanceSocketManager`` multiplex socket). Stored are every aggregate trade, every *closed*
+kline (``x = true``; an open candle is never final) and 5 s bars built from the trades
+(:mod:`rltrader.data.bars`, including ``trades = 0`` rows for windows without trades).
+
+Correctness rests on per-symbol cursors, not on the connection behaving:
+
+* **Cursors**: the last accepted closed candle (open time) and the last accepted ``agg_trade_id``. Start-up
+  reads them from the store; every accepted row advances them. A row at or below its cursor is a duplicate
+  (REST repair and the stream overlap on purpose) and is dropped; a row that skips ahead of the cursor
+  (``agg_trade_id`` is gap-free per symbol; candles are consecutive) reveals a hole, which is repaired through
+  REST before the row is accepted. So no closed candle or trade is ever missing or stored twice, whatever the
+  timing of drops, reconnects and restarts.
+* **Reconnect**: the websocket is opened *before* the REST repair, so anything newer than the repair is
+  already buffered; then the repair runs from the cursors to the server's now (closed candles only), then the
+  buffered stream is consumed. Reconnects use exponential back-off with jitter. python-binance's own silent
+  reconnect is switched off (``MAX_RECONNECTS = 0``): it would reconnect without telling us, leaving a hole.
+* **Staleness**: no message for ``stale_seconds`` → the connection is presumed dead and replaced (logged).
+* **Malformed frames** are logged, counted and skipped; they never reach the buffers (a message is fully
+  parsed before any state changes). python-binance would otherwise end its read loop on a non-JSON frame.
+* **Batching**: rows go to in-memory buffers; a writer task commits them (COPY on PostgreSQL) as soon as the
+  previous commit finished and at least ``min_flush_seconds`` passed, and at the latest every
+  ``flush_seconds`` — an adaptive group commit: small batches and low lag when the store keeps up, larger
+  batches when it does not. Store calls run in a worker thread so the socket keeps being read. A clean stop
+  (SIGINT/SIGTERM, ``stop_event``) flushes everything.
+* A metrics line (msgs/s, lag p50/p99 from exchange event time to commit, reconnects, …) is logged every
+  ``metrics_seconds``; :class:`StreamStats` exposes the same counters to tests and benchmarks.
+
+Logs are single-line JSON objects (``{"event": …}``) so they can be shipped and queried as is. Store URLs
+and API keys are never logged (keys come from the environment, see :mod:`rltrader.data.rest`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from rltrader.config import Settings, StreamSettings
+from rltrader.data.bars import BarBuilder, BarRow, bars_frame
+from rltrader.data.rest import (
+    DEFAULT_POLICY,
+    RestPolicy,
+    fetch_agg_trades_async,
+    fetch_klines_async,
+    make_async_client,
+    make_socket_manager,
+)
+from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, Market, interval_us
+from rltrader.data.store import Store, WriteResult, open_store
+
+log = logging.getLogger(__name__)
+
+_US_THRESHOLD = 10**14  # epochs at or above are µs (spot's MICROSECOND mode), below are ms
+_OK, _DUP, _GAP_TRADE, _GAP_KLINE, _BAD, _CONN_ERROR, _IGNORED = range(7)
+StopEvent = asyncio.Event | threading.Event
+
+
+def _event(level: int, name: str, **fields: Any) -> None:
+    """One structured log line: ``{"event": name, ...}``."""
+    if log.isEnabledFor(level):
+        log.log(level, json.dumps({"event": name, **fields}, default=str, separators=(",", ":")))
+
+
+def _us(v: int) -> int:
+    return v if v >= _US_THRESHOLD else v * 1000
+
+
+def _dt(us: int) -> datetime:
+    return datetime.fromtimestamp(us / 1e6, tz=UTC)
+
+
+def _epoch_us(t: datetime) -> int:
+    return int((t - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds() * 1_000_000)
+
+
+# -- knobs and counters ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Backoff:
+    """Reconnect delays: ``base * factor**attempt`` capped at ``max_s``, then "equal jitter" (50–100 %), so
+    many clients dropped at once do not reconnect in lockstep."""
+
+    base_s: float = 0.2
+    factor: float = 2.0
+    max_s: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        d = min(self.max_s, self.base_s * self.factor ** min(attempt, 30))
+        return d / 2 + random.random() * d / 2
+
+
+@dataclass
+class StreamStats:
+    """Counters of one ingester run; safe to read from another thread (plain ints and a deque)."""
+
+    messages: int = 0
+    malformed: int = 0
+    kline_updates: int = 0
+    trades_received: int = 0
+    klines_received: int = 0
+    duplicates: int = 0
+    trades_stored: int = 0
+    klines_stored: int = 0
+    bars_stored: int = 0
+    empty_bars: int = 0
+    late_trades: int = 0
+    connections: int = 0
+    reconnects: int = 0
+    stale_reconnects: int = 0
+    repairs: int = 0
+    repaired_candles: int = 0
+    repaired_trades: int = 0
+    flushes: int = 0
+    rows_committed: int = 0
+    started_at: float = field(default_factory=time.time)
+    lag_samples: deque[float] = field(default_factory=lambda: deque(maxlen=2_000_000))
+    """Seconds from exchange event time to commit, one per live trade and closed kline (REST rows excluded)."""
+
+    def lag_quantiles(self, *qs: float) -> list[float | None]:
+        if not self.lag_samples:
+            return [None for _ in qs]
+        arr = np.fromiter(self.lag_samples, dtype=np.float64)
+        return [float(np.quantile(arr, q)) for q in qs]
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "lag_samples"}
+        p50, p99 = self.lag_quantiles(0.5, 0.99)
+        d.update(lag_p50_s=p50, lag_p99_s=p99, lag_samples=len(self.lag_samples))
+        return d
+
+
+@dataclass
+class _SymbolState:
+    last_kline_us: int | None
+    last_trade_id: int | None
+    bars: BarBuilder
+
+
+class _Reconnect(Exception):  # noqa: N818 - control flow, not an error condition
+    """The current connection is unusable; the run loop reconnects."""
+
+
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError, _Reconnect)
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions after which reconnecting (and repairing) is the right answer."""
+    import aiohttp
+    from binance.exceptions import (
+        BinanceAPIException,
+        BinanceRequestException,
+        BinanceWebsocketClosed,
+        BinanceWebsocketQueueOverflow,
+        BinanceWebsocketUnableToConnect,
+        ReadLoopClosed,
+    )
+    from websockets.exceptions import WebSocketException
+
+    return (*_CONNECTION_ERRORS, aiohttp.ClientError, WebSocketException, BinanceWebsocketUnableToConnect,
+            BinanceWebsocketClosed, BinanceWebsocketQueueOverflow, ReadLoopClosed, BinanceRequestException,
+            BinanceAPIException)
+
+
+# -- the ingester --------------------------------------------------------------------------------------------
+class StreamIngester:
+    """State and loops of one live ingestion run (one market, many symbols). Use :func:`run_stream`."""
+
+    def __init__(
+        self,
+        store: Store,
+        market: Market | str,
+        symbols: Sequence[str],
+        *,
+        rest_base: str | None = None,
+        ws_base: str | None = None,
+        flush_seconds: float = 2.0,
+        min_flush_seconds: float = 0.05,
+        stale_seconds: float = 30.0,
+        metrics_seconds: float = 10.0,
+        bar_width: str = "5s",
+        allowed_lateness_s: float = 2.0,
+        kline_interval: str = "1m",
+        since: datetime | None = None,
+        backoff: Backoff = Backoff(),
+        max_failures: int | None = None,
+        rest_policy: RestPolicy = DEFAULT_POLICY,
+        queue_size: int = 1_000_000,
+        max_pending_rows: int = 500_000,
+        event_clock: Callable[[float], float] | None = None,
+        stats: StreamStats | None = None,
+    ) -> None:
+        if not symbols:
+            raise ValueError("no symbols to stream")
+        if flush_seconds <= 0 or stale_seconds <= 0 or metrics_seconds <= 0:
+            raise ValueError("flush_seconds, stale_seconds and metrics_seconds must be > 0")
+        self.store = store
+        self.market = Market(market)
+        self.symbols = [s.strip().upper() for s in symbols]
+        self.rest_base = rest_base
+        self.ws_base = ws_base
+        self.flush_seconds = flush_seconds
+        self.min_flush_seconds = min(min_flush_seconds, flush_seconds)
+        self.stale_seconds = stale_seconds
+        self.metrics_seconds = metrics_seconds
+        self.bar_width = bar_width
+        self.lateness_us = int(allowed_lateness_s * 1_000_000)
+        self.interval = kline_interval
+        self.step_us = interval_us(kline_interval)
+        interval_us(bar_width)  # validate
+        self.since = since
+        self.backoff = backoff
+        self.max_failures = max_failures
+        self.rest_policy = rest_policy
+        self.queue_size = queue_size
+        self.max_pending_rows = max_pending_rows
+        self.event_clock = event_clock
+        self.stats = stats if stats is not None else StreamStats()
+        self.streams = [f"{s.lower()}@{k}" for s in self.symbols for k in ("aggTrade", f"kline_{kline_interval}")]
+        self._state: dict[str, _SymbolState] = {}
+        self._trades: list[tuple[Any, ...]] = []
+        self._klines: list[tuple[Any, ...]] = []
+        self._bars: list[BarRow] = []
+        self._events: list[float] = []  # exchange event times (s) of live rows in the buffers
+        self._interval_lags: list[float] = []
+        self._flush_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._client: Any = None
+        self._stop: StopEvent | None = None
+        self._deadline: float | None = None
+        self._reconnect_errors = _connection_errors()
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def _stopping(self) -> bool:
+        if self._stop is not None and self._stop.is_set():
+            return True
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep unless asked to stop (polled: the stop event may be a thread's)."""
+        end = time.monotonic() + seconds
+        while not self._stopping() and (left := end - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, 0.05))
+
+    async def run(self, stop_event: StopEvent | None = None, max_seconds: float | None = None) -> StreamStats:
+        self._stop = stop_event
+        self._deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        await asyncio.to_thread(self._load_state)
+        _event(logging.INFO, "stream_start", market=self.market.value, symbols=self.symbols,
+               store=type(self.store).__name__, cursors={s: {"kline": st.last_kline_us, "trade": st.last_trade_id}
+                                                         for s, st in self._state.items()})
+        writer = asyncio.create_task(self._writer_loop(), name="stream-writer")
+        metrics = asyncio.create_task(self._metrics_loop(), name="stream-metrics")
+        failures = 0
+        try:
+            while not self._stopping():
+                try:
+                    if self._client is None:
+                        self._client = await make_async_client(
+                            self.market, self.rest_base, time_unit="MICROSECOND" if self.market is Market.SPOT
+                            else None)
+                    streamed = await self._session()
+                    failures = 0 if streamed else failures + 1
+                except self._reconnect_errors as exc:
+                    failures += 1
+                    _event(logging.WARNING, "stream_disconnected", error=type(exc).__name__, detail=str(exc)[:300],
+                           failures=failures)
+                if writer.done():
+                    writer.result()  # a store that keeps failing ends the run (the supervisor restarts it)
+                if self._stopping():
+                    break
+                if self.max_failures is not None and failures > self.max_failures:
+                    raise ConnectionError(f"stream: {failures} consecutive failed connections; giving up")
+                self.stats.reconnects += 1
+                delay = self.backoff.delay(max(failures - 1, 0))
+                _event(logging.WARNING, "stream_reconnect", attempt=failures, delay_s=round(delay, 3),
+                       reconnects=self.stats.reconnects)
+                await self._sleep(delay)
+        finally:
+            metrics.cancel()
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await metrics
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            for st in self._state.values():
+                self._bars += st.bars.drain(final=True)
+            await self._flush()
+            if self._client is not None:
+                with contextlib.suppress(Exception):
+                    await self._client.close_connection()
+                self._client = None
+            self._log_metrics(final=True)
+        return self.stats
+
+    # -- start-up state ----------------------------------------------------------------------------------
+    def _load_state(self) -> None:
+        """Cursors from the store, and the bar builder re-seeded with stored trades not yet in a stored bar."""
+        last: dict[tuple[str, str], datetime] = {}
+        for s in self.store.stats():
+            if s.market != self.market.value or s.symbol not in self.symbols or s.last is None:
+                continue
+            if (s.kind, s.interval) in (("klines", self.interval), ("agg_trades", ""), ("bars", self.bar_width)):
+                last[(s.kind, s.symbol)] = s.last
+        width = interval_us(self.bar_width)
+        for sym in self.symbols:
+            kl = last.get(("klines", sym))
+            tr = last.get(("agg_trades", sym))
+            br = last.get(("bars", sym))
+            bar_start = _epoch_us(br) + width if br is not None else None
+            builder = BarBuilder(self.market.value, sym, self.bar_width, self.lateness_us, start=bar_start)
+            last_id: int | None = None
+            if tr is not None:
+                tr_us = _epoch_us(tr)
+                seed_from = bar_start if bar_start is not None else tr_us - tr_us % width
+                if tr_us - seed_from > 86_400_000_000:  # bars far behind trades: do not rebuild a day of bars
+                    seed_from = tr_us - tr_us % width
+                    builder = BarBuilder(self.market.value, sym, self.bar_width, self.lateness_us, start=seed_from)
+                trades = self.store.read_agg_trades(self.market.value, sym, start=_dt(min(seed_from, tr_us)))
+                if trades.height:
+                    last_id = int(trades.get_column("agg_trade_id").max())  # type: ignore[arg-type]
+                    cols = trades.filter(pl.col("transact_time") >= _dt(seed_from)).select(
+                        pl.col("transact_time").dt.epoch("us"), "agg_trade_id", "price", "quantity",
+                        "is_buyer_maker")
+                    for t, a, p, q, m in cols.iter_rows():
+                        builder.add(t, a, p, q, m)
+            self._state[sym] = _SymbolState(_epoch_us(kl) if kl is not None else None, last_id, builder)
+
+    # -- one connection ----------------------------------------------------------------------------------
+    async def _session(self) -> bool:
+        """Connect, repair the hole since the cursors, stream until stop/stale/error; True if data flowed."""
+        bm = make_socket_manager(self._client, self.ws_base, max_queue_size=self.queue_size)
+        if self.market is Market.SPOT:
+            sock = bm.multiplex_socket(self.streams)
+        else:
+            sock = bm.futures_multiplex_socket(self.streams)
+        sock.MAX_RECONNECTS = 0  # reconnects are ours: python-binance's would hide the hole from us
+        sock._handle_message = self._decoder(sock)  # skip malformed frames instead of ending the read loop
+        await sock.__aenter__()
+        self.stats.connections += 1
+        before = self.stats.messages
+        try:
+            _event(logging.INFO, "stream_connected", streams=len(self.streams), connection=self.stats.connections)
+            for sym in self.symbols:
+                await self._repair(sym)
+            await self._consume(sock)
+        finally:
+            await self._close_socket(sock)
+        return self.stats.messages > before
+
+    def _decoder(self, sock: Any) -> Callable[[Any], Any]:
+        loads = sock.json_loads
+
+        def decode(raw: Any) -> Any:
+            try:
+                return loads(raw)
+            except ValueError:
+                self.stats.malformed += 1
+                _event(logging.WARNING, "malformed_frame", reason="not json", frame=str(raw)[:200])
+                return None
+
+        return decode
+
+    @staticmethod
+    async def _close_socket(sock: Any) -> None:
+        # Closing the websocket first wakes python-binance's read loop at once (it would otherwise sit in a
+        # 10 s recv timeout before noticing it should exit).
+        ws = getattr(sock, "ws", None)
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 2)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(sock.__aexit__(None, None, None), 5)
+
+    async def _consume(self, sock: Any) -> None:
+        from binance.exceptions import ReadLoopClosed
+
+        # Fast path: take what python-binance has already queued without one recv() (a wait_for and a Task)
+        # per message; recv() alone caps a connection at ~5k msgs/s. Falls back to recv() if the queue moves.
+        queue: asyncio.Queue[Any] | None = getattr(sock, "_queue", None)
+        last_msg = time.monotonic()
+        while not self._stopping():
+            wait = min(0.25, self.stale_seconds - (time.monotonic() - last_msg))
+            if wait <= 0:
+                self.stats.stale_reconnects += 1
+                _event(logging.WARNING, "stream_stale", silent_s=round(time.monotonic() - last_msg, 3))
+                raise _Reconnect(f"no message for {self.stale_seconds} s")
+            closed = False
+            try:
+                batch = [await asyncio.wait_for(sock.recv(), wait)]
+            except TimeoutError:
+                continue
+            except ReadLoopClosed:
+                batch, closed = [], True
+            if queue is not None:
+                while not queue.empty() and len(batch) < 20_000:
+                    batch.append(queue.get_nowait())
+            last_msg = time.monotonic()
+            self.stats.messages += len(batch)
+            on_message = self._on_message
+            for msg in batch:
+                code = on_message(msg)
+                if code == _GAP_TRADE or code == _GAP_KLINE:
+                    code = await self._resolve_gap(msg, code)
+                if code == _CONN_ERROR:
+                    closed = True
+                    break
+            self._after_batch()
+            if self._pending_rows() >= self.max_pending_rows:
+                await self._flush()  # back-pressure: the store is slower than the stream
+            if closed:
+                raise _Reconnect("websocket closed")
+
+    # -- messages ----------------------------------------------------------------------------------------
+    async def _resolve_gap(self, msg: Any, code: int) -> int:
+        """Repair the hole a message revealed, then account the message again.
+
+        A trade gap that REST cannot fill means the server lags its own stream: reconnect (after back-off the
+        repair runs again from the same cursor). Candles that REST does not have after a repair do not exist
+        (exchange outages leave real holes in kline history), so the candle is then accepted.
+        """
+        data = msg["data"]
+        sym = data["s"]
+        if code == _GAP_KLINE:
+            open_us = _us(int(data["k"]["t"]))
+            await self._repair(sym, trades=False, kline_end_us=open_us)
+            code = self._on_message(msg)
+            if code == _GAP_KLINE:
+                st = self._state[sym]
+                _event(logging.WARNING, "kline_gap_at_exchange", symbol=sym,
+                       after=_dt(st.last_kline_us).isoformat() if st.last_kline_us is not None else None,
+                       next=_dt(open_us).isoformat())
+                st.last_kline_us = open_us - self.step_us
+                code = self._on_message(msg)
+            return code
+        await self._repair(sym, klines=False)
+        code = self._on_message(msg)
+        if code == _GAP_TRADE:
+            raise _Reconnect(f"{sym}: trade {data.get('a')} still beyond the repaired cursor "
+                             f"{self._state[sym].last_trade_id}")
+        return code
+
+    def _on_message(self, msg: Any) -> int:
+        """Account one decoded frame. Everything is parsed before any state changes, so a bad frame is inert."""
+        if msg is None:
+            return _IGNORED
+        try:
+            data = msg.get("data", msg) if isinstance(msg, dict) else None
+            if not isinstance(data, dict):
+                raise TypeError("frame is not an object")
+            kind = data.get("e")
+            if kind == "aggTrade":
+                return self._on_trade(data)
+            if kind == "kline":
+                return self._on_kline(data)
+            if kind == "error":  # python-binance reports connection trouble in-band
+                _event(logging.WARNING, "websocket_error", type=data.get("type"), detail=str(data.get("m"))[:300])
+                return _CONN_ERROR
+            raise ValueError(f"unexpected event type {kind!r}")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            self.stats.malformed += 1
+            _event(logging.WARNING, "malformed_frame", reason=f"{type(exc).__name__}: {exc}"[:200],
+                   frame=str(msg)[:200])
+            return _BAD
+
+    def _on_trade(self, d: dict[str, Any]) -> int:
+        sym = d["s"]
+        st = self._state[sym]
+        a = int(d["a"])
+        row = (self.market.value, sym, a, float(d["p"]), float(d["q"]), int(d["f"]), int(d["l"]), _us(int(d["T"])),
+               bool(d["m"]), bool(d.get("M", True)))
+        e = _us(int(d["E"])) / 1e6
+        last = st.last_trade_id
+        if last is not None:
+            if a <= last:
+                self.stats.duplicates += 1
+                return _DUP
+            if a != last + 1:
+                return _GAP_TRADE
+        self.stats.trades_received += 1
+        st.last_trade_id = a
+        self._trades.append(row)
+        self._events.append(e)
+        st.bars.add(row[7], a, row[3], row[4], row[8])
+        return _OK
+
+    def _on_kline(self, d: dict[str, Any]) -> int:
+        k = d["k"]
+        st = self._state[d["s"]]
+        e_us = _us(int(d["E"]))
+        if k["i"] != self.interval:
+            raise ValueError(f"kline interval {k['i']!r}, subscribed {self.interval!r}")
+        closed = k["x"]
+        if not isinstance(closed, bool):
+            raise TypeError("kline x is not a boolean")
+        if not closed:
+            self.stats.kline_updates += 1
+            st.bars.advance(e_us - 1)  # the exchange's clock moved; trades up to it have been published
+            return _OK
+        open_us = _us(int(k["t"]))
+        row = (self.market.value, d["s"], self.interval, open_us, float(k["o"]), float(k["h"]), float(k["l"]),
+               float(k["c"]), float(k["v"]), _us(int(k["T"])), float(k["q"]), int(k["n"]), float(k["V"]),
+               float(k["Q"]))
+        st.bars.advance(e_us - 1)
+        last = st.last_kline_us
+        if last is not None:
+            if open_us <= last:
+                self.stats.duplicates += 1
+                return _DUP
+            if open_us != last + self.step_us:
+                return _GAP_KLINE
+        self.stats.klines_received += 1
+        st.last_kline_us = open_us
+        self._klines.append(row)
+        self._events.append(e_us / 1e6)
+        return _OK
+
+    def _after_batch(self) -> None:
+        for st in self._state.values():
+            if st.bars.watermark is not None:
+                self._bars += st.bars.drain()
+        self.stats.late_trades = sum(st.bars.late_trades for st in self._state.values())
+        if self._trades or self._klines or self._bars:
+            self._wake.set()
+
+    # -- REST repair -------------------------------------------------------------------------------------
+    async def _repair(self, sym: str, *, klines: bool = True, trades: bool = True,
+                      kline_end_us: int | None = None) -> None:
+        """Fetch through REST what lies between the cursors and the server's now (or ``kline_end_us``)."""
+        st = self._state[sym]
+        n_k = n_t = 0
+        if klines and (st.last_kline_us is not None or self.since is not None):
+            start = st.last_kline_us + self.step_us if st.last_kline_us is not None else _epoch_us(self.since)  # type: ignore[arg-type]
+            df = await fetch_klines_async(self._client, self.market, sym, self.interval, _dt(start),
+                                          None if kline_end_us is None else _dt(kline_end_us),
+                                          policy=self.rest_policy)
+            rows = df.select(*[pl.col(c).dt.epoch("us") if c in ("open_time", "close_time") else pl.col(c)
+                               for c in KLINE_SCHEMA]).rows()
+            for row in rows:
+                if st.last_kline_us is None or row[3] > st.last_kline_us:
+                    self._klines.append(row)
+                    st.last_kline_us = row[3]
+                    n_k += 1
+        if trades and (st.last_trade_id is not None or self.since is not None):
+            if st.last_trade_id is not None:
+                df = await fetch_agg_trades_async(self._client, self.market, sym, from_id=st.last_trade_id + 1,
+                                                  policy=self.rest_policy)
+            else:
+                df = await fetch_agg_trades_async(self._client, self.market, sym, start=self.since,
+                                                  policy=self.rest_policy)
+            rows = df.select(*[pl.col(c).dt.epoch("us") if c == "transact_time" else pl.col(c)
+                               for c in AGG_TRADE_SCHEMA]).rows()
+            for row in rows:
+                a = row[2]
+                if st.last_trade_id is None or a > st.last_trade_id:
+                    self._trades.append(row)
+                    st.last_trade_id = a
+                    st.bars.add(row[7], a, row[3], row[4], row[8])
+                    n_t += 1
+        self.stats.repairs += 1
+        self.stats.repaired_candles += n_k
+        self.stats.repaired_trades += n_t
+        if n_k or n_t:
+            _event(logging.INFO, "stream_repaired", symbol=sym, candles=n_k, trades=n_t,
+                   kline_cursor=None if st.last_kline_us is None else _dt(st.last_kline_us).isoformat(),
+                   trade_cursor=st.last_trade_id)
+            self._wake.set()
+
+    # -- writing -----------------------------------------------------------------------------------------
+    def _pending_rows(self) -> int:
+        return len(self._trades) + len(self._klines) + len(self._bars)
+
+    async def _writer_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_seconds)
+            self._wake.clear()
+            await self._flush()
+            await asyncio.sleep(self.min_flush_seconds)
+
+    async def _flush(self) -> None:
+        async with self._flush_lock:
+            trades, klines, bars, events = self._trades, self._klines, self._bars, self._events
+            if not (trades or klines or bars):
+                return
+            self._trades, self._klines, self._bars, self._events = [], [], [], []
+            results = await asyncio.to_thread(self._write, trades, klines, bars)
+            committed = time.time()
+        clock = self.event_clock
+        lags = [committed - (clock(e) if clock else e) for e in events]
+        self.stats.lag_samples.extend(lags)
+        self._interval_lags.extend(lags)
+        self.stats.trades_stored += results[0].inserted
+        self.stats.klines_stored += results[1].inserted
+        self.stats.bars_stored += results[2].inserted
+        self.stats.empty_bars += sum(1 for b in bars if b[9] == 0)
+        self.stats.rows_committed += len(trades) + len(klines) + len(bars)
+        self.stats.flushes += 1
+
+    def _write(self, trades: list[tuple[Any, ...]], klines: list[tuple[Any, ...]],
+               bars: list[BarRow]) -> tuple[WriteResult, WriteResult, WriteResult]:
+        """Trades, then bars, then klines; each call atomic. Retries transient failures, then gives up loudly
+        (in-memory rows are then lost, but the cursors in the store are behind them: the next start repairs)."""
+        attempt = 0
+        while True:
+            try:
+                t = self.store.write_agg_trades(_frame(trades, AGG_TRADE_SCHEMA, ("transact_time",)))
+                b = self.store.write_bars(bars_frame(bars), self.bar_width)
+                k = self.store.write_klines(_frame(klines, KLINE_SCHEMA, ("open_time", "close_time")))
+                return t, k, b
+            except Exception as exc:
+                if attempt >= 4:
+                    _event(logging.ERROR, "store_write_failed", error=type(exc).__name__, attempts=attempt + 1)
+                    raise
+                delay = self.backoff.delay(attempt)
+                _event(logging.WARNING, "store_write_retry", error=type(exc).__name__, detail=str(exc)[:200],
+                       delay_s=round(delay, 3))
+                time.sleep(delay)
+                attempt += 1
+
+    # -- metrics -----------------------------------------------------------------------------------------
+    async def _metrics_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.metrics_seconds)
+            self._log_metrics()
+
+    _last_metrics: tuple[float, int] = (0.0, 0)
+
+    def _log_metrics(self, *, final: bool = False) -> None:
+        now = time.monotonic()
+        t0, m0 = self._last_metrics if self._last_metrics[0] else (now - self.metrics_seconds, 0)
+        self._last_metrics = (now, self.stats.messages)
+        lags = np.asarray(self._interval_lags, dtype=np.float64)
+        self._interval_lags = []
+        fields: dict[str, Any] = {
+            "msgs_per_s": round((self.stats.messages - m0) / max(now - t0, 1e-9), 1),
+            "lag_p50_s": round(float(np.quantile(lags, 0.5)), 4) if lags.size else None,
+            "lag_p99_s": round(float(np.quantile(lags, 0.99)), 4) if lags.size else None,
+            "pending_rows": self._pending_rows(),
+        }
+        fields.update({k: v for k, v in self.stats.as_dict().items() if not k.startswith("lag_")})
+        _event(logging.INFO, "stream_final" if final else "stream_metrics", **fields)
+
+
+def _frame(rows: list[tuple[Any, ...]], schema: dict[str, pl.DataType], time_cols: tuple[str, ...]) -> pl.DataFrame:
+    if not rows:
+        return pl.DataFrame(schema=schema)
+    overrides = {c: (pl.Int64() if c in time_cols else t) for c, t in schema.items()}
+    return pl.DataFrame(rows, schema=overrides, orient="row").with_columns(
+        *[pl.col(c).cast(pl.Datetime("us", "UTC")) for c in time_cols])
+
+
+# -- entry points --------------------------------------------------------------------------------------------
+async def run_stream(
+    store: Store,
+    market: Market | str,
+    symbols: Sequence[str],
+    *,
+    rest_base: str | None = None,
+    ws_base: str | None = None,
+    flush_seconds: float = 2.0,
+    stale_seconds: float = 30.0,
+    metrics_seconds: float = 10.0,
+    bar_width: str = "5s",
+    stop_event: StopEvent | None = None,
+    max_seconds: float | None = None,
+    stats: StreamStats | None = None,
+    **options: Any,
+) -> StreamStats:
+    """Stream ``symbols`` of ``market`` into ``store`` until ``stop_event`` is set or ``max_seconds`` pass.
+
+    ``stats`` (optional) is filled live, for a caller watching from another thread. Further keyword options
+    go to :class:`StreamIngester` (``min_flush_seconds``, ``allowed_lateness_s``, ``since``, ``backoff``,
+    ``max_failures``, ``rest_policy``, ``event_clock``, …). Returns the final counters.
+    """
+    ingester = StreamIngester(store, market, symbols, rest_base=rest_base, ws_base=ws_base,
+                              flush_seconds=flush_seconds, stale_seconds=stale_seconds,
+                              metrics_seconds=metrics_seconds, bar_width=bar_width, stats=stats, **options)
+    return await ingester.run(stop_event, max_seconds)
+
+
+def stream(settings: StreamSettings, store: Store, *, stop_event: threading.Event | None = None,
+           max_seconds: float | None = None, handle_signals: bool = True, stats: StreamStats | None = None,
+           **options: Any) -> StreamStats:
+    """Blocking entry for the CLI and flows: run :func:`run_stream` with ``settings``; SIGINT/SIGTERM stop it
+    cleanly (buffers flushed) when called from the main thread."""
+
+    async def main() -> StreamStats:
+        stop = asyncio.Event()
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.add_signal_handler(sig, _on_signal, stop, sig)
+        bridge = None
+        if stop_event is not None:
+            bridge = asyncio.create_task(_bridge(stop_event, stop))
+        try:
+            return await run_stream(
+                store, settings.market, settings.symbols, rest_base=settings.rest_base, ws_base=settings.ws_base,
+                flush_seconds=settings.flush_seconds, stale_seconds=settings.stale_seconds,
+                metrics_seconds=settings.metrics_seconds, bar_width=settings.bar_width, stop_event=stop,
+                max_seconds=max_seconds, stats=stats, **options)
+        finally:
+            if bridge is not None:
+                bridge.cancel()
+
+    return asyncio.run(main())
+
+
+def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
+    _event(logging.WARNING, "stream_signal", signal=sig.name)
+    stop.set()
+
+
+async def _bridge(src: threading.Event, dst: asyncio.Event) -> None:
+    while not src.is_set():
+        await asyncio.sleep(0.05)
+    dst.set()
+
+
+def run_live(settings: Settings, *, store_url: str | None = None, market: str | None = None,
+             symbols: Sequence[str] | None = None, rest_base: str | None = None, ws_base: str | None = None,
+             max_seconds: float | None = None, handle_signals: bool = True) -> dict[str, Any]:
+    """Open the configured store and stream into it (overrides win over ``settings.stream``); counters as a dict.
+
+    The plain function behind the ``ingest_live`` flow.
+    """
+    update: dict[str, Any] = {}
+    if market is not None:
+        update["market"] = Market(market)
+    if symbols is not None:
+        update["symbols"] = [s.strip().upper() for s in symbols]
+    if rest_base is not None:
+        update["rest_base"] = rest_base
+    if ws_base is not None:
+        update["ws_base"] = ws_base
+    cfg = settings.stream.model_copy(update=update)
+    store = open_store(store_url or settings.data.store_url, settings.data.dir)
+    try:
+        result = stream(cfg, store, max_seconds=max_seconds, handle_signals=handle_signals)
+    finally:
+        store.close()
+    return result.as_dict()
+
+
+__all__ = ["Backoff", "StreamIngester", "StreamStats", "run_live", "run_stream", "stream"]
