@@ -151,7 +151,7 @@ class _SymbolState:
     bars: BarBuilder
 
 
-class _Reconnect(Exception):  # noqa: N818 - control flow, not an error condition
+class _Reconnect(Exception):
     """The current connection is unusable; the run loop reconnects."""
 
 
@@ -414,7 +414,7 @@ class StreamIngester:
             on_message = self._on_message
             for msg in batch:
                 code = on_message(msg)
-                if code == _GAP_TRADE or code == _GAP_KLINE:
+                if code in (_GAP_TRADE, _GAP_KLINE):
                     code = await self._resolve_gap(msg, code)
                 if code == _CONN_ERROR:
                     closed = True
