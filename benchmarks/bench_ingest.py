@@ -38,6 +38,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -439,6 +440,7 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    load0 = os.getloadavg()[0]
     base = Path(args.archive_base).resolve()
     files = discover(base)
     source = ArchiveSource(str(base))
@@ -568,6 +570,8 @@ def run(args: argparse.Namespace) -> None:
                     f"{peer_name}, rewrite of the same files (not idempotent)", pq_peer_re,
                     "ours inserted 0 rows (asserted)"), figures)
 
+    extra.append(f"load average (1 min) at start {load0:.1f}, at end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: "
+                 "other processes share this machine, so rates vary between runs")
     summary(figures, extra)
 
 

@@ -359,7 +359,7 @@ def test_fault_drop_then_reconnect_resumes_from_clock() -> None:
 def test_fault_stall_keeps_socket_open_but_silent() -> None:
     async def run() -> list[tuple[float, dict[str, Any]]]:
         async with server(Market.SPOT, T0, days=0, speed=0,
-                          faults=Faults(stall_after=3, stall_seconds=1.0)) as srv:
+                          faults=Faults(stall_after=3, stall_seconds=1.5)) as srv:
             client = await make_async_client(Market.SPOT, srv.rest_base_url)
             try:
                 bm = make_socket_manager(client, srv.ws_base_url)
@@ -375,7 +375,7 @@ def test_fault_stall_keeps_socket_open_but_silent() -> None:
 
     got = asyncio.run(run())
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(got)]
-    assert gaps[2] >= 0.9 and max(gaps[:2] + gaps[3:]) < 0.5
+    assert gaps[2] >= 1.4 and max(gaps[:2] + gaps[3:]) < 1.0  # margins for a loaded 2-core machine
     assert all(m["data"]["e"] == "aggTrade" for _, m in got)  # no error: the connection stayed up
 
 

@@ -205,6 +205,41 @@ def quarantine_cmd(limit: int = 50, store: StoreOpt = None) -> None:
         out.print(f"{q.height} quarantined row(s)")
 
 
+@app.command("replay-server")
+def replay_server_cmd(
+    market: MarketOpt,
+    symbols: Annotated[str, typer.Option(help="Comma-separated symbols to serve")],
+    start: Annotated[str, typer.Option("--from", help="Replay start, ISO time (UTC) or epoch ms")],
+    end: Annotated[str | None, typer.Option("--to", help="Replay end (default: --days after --from)")] = None,
+    days: int = 1,
+    speed: Annotated[float, typer.Option(help="Market seconds per wall second (60 = a minute per second; "
+                                         "0 = as fast as possible)")] = 60.0,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    drop_after: Annotated[int | None, typer.Option(help="Fault: drop each websocket after N messages")] = None,
+    stall_after: Annotated[int | None, typer.Option(help="Fault: stall after N messages")] = None,
+    stall_seconds: float = 5.0,
+    malformed_every: Annotated[int | None, typer.Option(help="Fault: a malformed frame every N messages")] = None,
+    archive_base: ArchiveOpt = None,
+) -> None:
+    """Serve recorded archive data through Binance's REST and websocket protocols on loopback."""
+    from rltrader.data.replay import Faults, ReplayServer, serve_forever
+
+    settings = load_settings()
+
+    def ready(srv: ReplayServer) -> None:
+        out.print(f"replay server ready: REST {srv.rest_base_url}  websocket {srv.ws_base_url}  "
+                  f"(python-binance: API_URL={srv.rest_base_url}/api, STREAM_URL={srv.ws_base_url})")
+
+    faults = Faults(drop_after=drop_after, stall_after=stall_after, stall_seconds=stall_seconds,
+                    malformed_every=malformed_every)
+    try:
+        serve_forever(archive_base or settings.data.archive_base, market, _symbols(symbols), start, end,
+                      speed=speed, host=host, port=port, days=days, faults=faults, on_ready=ready)
+    except RLTraderError as exc:
+        _fail(str(exc))
+
+
 def main() -> None:
     app()
 

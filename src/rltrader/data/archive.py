@@ -361,7 +361,8 @@ def to_kline_rows(good: pl.DataFrame, market: Market, symbol: str, interval: str
         pl.lit(interval).alias("interval"),
         pl.col("open_time").cast(TS),
         *[pl.col(c) for c in ["open", "high", "low", "close", "volume"]],
-        pl.col("close_time").cast(TS),
+        # ms resolution like REST and websocket candles (spot files since 2025 write ...59.999999)
+        pl.col("close_time").cast(TS).dt.truncate("1ms"),
         *[pl.col(c) for c in ["quote_volume", "trades", "taker_buy_volume", "taker_buy_quote_volume"]],
     ).cast(KLINE_SCHEMA)  # type: ignore[arg-type]
     return rows.sort("open_time")

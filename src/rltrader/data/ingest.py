@@ -231,3 +231,21 @@ def run_ingest_stage(settings: Settings, store: Store, metrics_path: Path, *, pr
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(metrics_path)
     return result
+
+
+def fill_gaps_from_rest(store: Store, rest_base: str | None, gaps: Sequence[Gap]) -> IngestReport:
+    """Fill gaps with closed candles from Binance REST (or a replay server / testnet at ``rest_base``)."""
+    from rltrader.data.rest import fetch_klines, make_client
+
+    report = IngestReport()
+    clients = {m: make_client(m, rest_base) for m in {Market(g.market) for g in gaps}}
+    try:
+        for g in gaps:
+            rows = fetch_klines(clients[Market(g.market)], g.market, g.symbol, g.interval, g.start, g.end)
+            report.add(store.write_klines(rows))
+        for g in gaps:
+            report.gaps += find_gaps(store, g.market, g.symbol, g.interval, g.start, g.end)
+    finally:
+        for c in clients.values():
+            c.close_connection()
+    return report

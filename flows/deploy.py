@@ -1,0 +1,42 @@
+"""Deployments with their schedules, declared in the repo; ``python -m flows.deploy`` serves them.
+
+``flow.serve`` needs no work pool: this process polls the Prefect API (``PREFECT_API_URL``, or a local
+``prefect server start``) and runs scheduled flows itself. ``backfill-archive`` runs daily at 00:30 UTC;
+``ingest-live`` is started every 10 minutes with a concurrency limit of 1 that cancels the new run while one is
+active — so the stream is (re)started within 10 minutes whenever no run is alive (crash beyond its retries,
+host restart) and never runs twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.schedules import Cron
+
+from flows.ingest import backfill_archive, ingest_live
+
+BACKFILL_CRON = "30 0 * * *"
+
+
+def deployments() -> list[Any]:
+    return [
+        backfill_archive.to_deployment(
+            "backfill-archive-daily", schedules=[Cron(BACKFILL_CRON, timezone="UTC")],
+            description="Yesterday's archive files, verified, upserted, gaps reported", tags=["ingest", "archive"],
+        ),
+        ingest_live.to_deployment(
+            "ingest-live", interval=600, tags=["ingest", "live"],
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+            description="Supervised websocket ingester (restarted if not running)",
+        ),
+    ]
+
+
+def main() -> None:
+    serve(*deployments())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Both Prefect flows on an ephemeral Prefect server: the daily archive backfill against the local archive
+copy, and a bounded live-ingest run against the replay server; plus the declared schedules."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pytest
+
+# Prefect reads its home and telemetry settings when first imported: set them before that.
+_HOME = tempfile.mkdtemp(prefix="rltrader-prefect-")
+for _k, _v in {"PREFECT_HOME": _HOME, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "MLFLOW_DISABLE_TELEMETRY": "true",
+               "DVC_NO_ANALYTICS": "1"}.items():
+    os.environ.setdefault(_k, _v)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds the top-level `flows` package
+
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from flows.deploy import BACKFILL_CRON, deployments  # noqa: E402
+from flows.ingest import backfill_archive, ingest_live, yesterday  # noqa: E402
+from rltrader.data.parquet_store import ParquetStore  # noqa: E402
+from rltrader.data.replay import ReplayClock, ReplayServer, run_in_thread  # noqa: E402
+from rltrader.data.schema import Market  # noqa: E402
+
+ARCHIVE = Path(os.environ.get("RLTRADER_TEST_ARCHIVE", Path(__file__).resolve().parents[2] / "shared/data/binance"))
+pytestmark = pytest.mark.skipif(not ARCHIVE.is_dir(), reason=f"archive mirror {ARCHIVE} not present")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Flows load params.yaml from the working directory: give them an empty one (defaults + arguments)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RLTRADER_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path
+
+
+def test_backfill_archive_loads_yesterday_and_reports_gaps(prefect_harness: None, workdir: Path) -> None:
+    assert yesterday(date(2020, 1, 3)) == "2020-01-02"
+    store_url = f"parquet://{workdir / 'store'}"
+    result = backfill_archive(day=yesterday(date(2020, 1, 3)), market="spot", symbols=["BTCUSDT"],
+                              store_url=store_url, archive_base=str(ARCHIVE))
+    assert result["gaps"] == []
+    assert result["report"]["inserted"] == 1440 and result["report"]["files"] == 1  # type: ignore[index]
+    again = backfill_archive(day="2020-01-02", market="spot", symbols=["BTCUSDT"], store_url=store_url,
+                             archive_base=str(ARCHIVE))
+    assert again["report"]["inserted"] == 0 and again["report"]["skipped"] == 1440  # type: ignore[index]
+    stored = ParquetStore(workdir / "store").read_klines("spot", "BTCUSDT", "1m")
+    assert stored.height == 1440
+    assert stored.get_column("open_time").min() == datetime(2020, 1, 2, tzinfo=UTC)
+
+
+def test_ingest_live_bounded_run_against_replay(prefect_harness: None, workdir: Path) -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    srv = ReplayServer.from_archive(str(ARCHIVE), Market.SPOT, ["BTCUSDT"], t0, t0, clock=ReplayClock(t0, 0.0),
+                                    heartbeat_s=None)
+    with run_in_thread(srv):
+        result = ingest_live(market="spot", symbols=["BTCUSDT"], store_url=f"parquet://{workdir / 'store'}",
+                             rest_base=srv.rest_base_url, ws_base=srv.ws_base_url, max_seconds=4.0)
+    assert result["trades_stored"] == 5000
+    assert result["klines_stored"] == 12
+    assert result["bars_stored"] > 140
+    assert ParquetStore(workdir / "store").read_agg_trades("spot", "BTCUSDT").height == 5000
+
+
+def test_deployments_declare_schedules() -> None:
+    by_name = {d.name: d for d in deployments()}
+    cron = by_name["backfill-archive-daily"].schedules[0].schedule
+    assert (cron.cron, cron.timezone) == (BACKFILL_CRON, "UTC") and BACKFILL_CRON == "30 0 * * *"
+    live = by_name["ingest-live"]
+    assert live.schedules and live.concurrency_limit == 1

@@ -1,0 +1,193 @@
+"""End to end: replay server (real archive data, real python-binance clients) → stream ingester → real stores.
+
+Faults are injected by the replay server: dropped connections at random points, malformed frames, stalls.
+Afterwards the store must hold exactly what the archive holds: every closed candle once, every trade once, and
+5 s bars that roll up to the 1 m bars computed from the stored trades.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from rltrader.config import StreamSettings
+from rltrader.data.archive import ArchiveSource, load_file
+from rltrader.data.replay import ReplayClock, ReplayServer, run_in_thread
+from rltrader.data.schema import Market
+from rltrader.data.store import Store, open_store
+from rltrader.data.stream import Backoff, StreamStats, stream
+
+ARCHIVE = Path(os.environ.get("RLTRADER_TEST_ARCHIVE", Path(__file__).resolve().parents[2] / "shared/data/binance"))
+pytestmark = pytest.mark.skipif(not ARCHIVE.is_dir(), reason=f"archive mirror {ARCHIVE} not present")
+
+D0 = datetime(2020, 1, 1, tzinfo=UTC)  # spot BTCUSDT 1m klines (1440), no trades
+T0 = datetime(2026, 1, 1, tzinfo=UTC)  # spot BTCUSDT aggTrades: 5000 trades, 00:00-00:12
+
+
+def archive_rows(kind: str, day: date) -> pl.DataFrame:
+    src = ArchiveSource(str(ARCHIVE))
+    files = src.plan(Market.SPOT, kind, "BTCUSDT", "1m" if kind == "klines" else None, day, day)  # type: ignore[arg-type]
+    return pl.concat([load_file(src, f).rows for f in files])
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[Any]:
+    from rltrader.testing import TempPostgres
+
+    try:
+        server = TempPostgres().start()
+    except (RuntimeError, OSError) as exc:
+        pytest.skip(f"no PostgreSQL server binaries: {exc}")
+    yield server
+    server.stop()
+
+
+def make_store(kind: str, pg: Any, tmp_path: Path, name: str) -> Store:
+    if kind == "postgres":
+        return open_store(pg.create_database(name), tmp_path)
+    return open_store(f"parquet://{tmp_path / 'store'}", tmp_path)
+
+
+def run_until(srv: ReplayServer, store: Store, done: Callable[[StreamStats], bool], *, timeout: float = 60.0,
+              on_tick: Callable[[], None] | None = None, **settings: Any) -> StreamStats:
+    """Stream in a background thread until ``done(stats)``, then stop cleanly (which flushes)."""
+    cfg = StreamSettings(market=Market.SPOT, symbols=["BTCUSDT"], rest_base=srv.rest_base_url,
+                         ws_base=srv.ws_base_url, flush_seconds=0.5, metrics_seconds=5.0,
+                         **{k: v for k, v in settings.items() if k in StreamSettings.model_fields})
+    options = {k: v for k, v in settings.items() if k not in StreamSettings.model_fields}
+    stats = StreamStats()
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            stream(cfg, store, stop_event=stop, stats=stats, handle_signals=False,
+                   backoff=Backoff(base_s=0.05, max_s=0.5), **options)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not done(stats) and thread.is_alive() and time.monotonic() < deadline:
+        if on_tick is not None:
+            on_tick()
+        time.sleep(0.002)
+    stop.set()
+    thread.join(30)
+    assert not thread.is_alive(), "stream did not stop"
+    if failure:
+        raise failure[0]
+    assert done(stats), f"timed out: {stats.as_dict()}"
+    return stats
+
+
+def random_drops(srv: ReplayServer, rng: random.Random, n: int, lo: int, hi: int) -> Callable[[], None]:
+    """Drop the connection after a random number of messages, ``n`` times, then stop dropping; stall once."""
+    srv.set_faults(drop_after=rng.randint(lo, hi))
+    seen = [0]
+
+    def tick() -> None:
+        if srv.stats.stalls and srv.faults.stall_after is not None:
+            srv.set_faults(stall_after=None)
+        if srv.stats.drops != seen[0]:
+            seen[0] = srv.stats.drops
+            srv.set_faults(drop_after=rng.randint(lo, hi) if seen[0] < n else None)
+
+    return tick
+
+
+def test_klines_day_exact_after_startup_repair_and_three_drops(pg: Any, tmp_path: Path) -> None:
+    """The store already holds 00:00-01:39; the stream starts at 06:00 (start-up REST repair fills 01:40-05:59),
+    is dropped 3 times at random points, and afterwards holds the archive day exactly: 1440, none twice."""
+    expected = archive_rows("klines", D0.date())
+    store = make_store("postgres", pg, tmp_path, "klines_day")
+    try:
+        store.write_klines(expected.head(100))
+        srv = ReplayServer.from_archive(str(ARCHIVE), Market.SPOT, ["BTCUSDT"], D0, D0, agg_trades=False,
+                                        clock=ReplayClock(D0 + timedelta(hours=6), 0.0), heartbeat_s=None)
+        with run_in_thread(srv):
+            tick = random_drops(srv, random.Random(7), 3, 200, 1500)
+            stats = run_until(srv, store, lambda s: s.klines_received + s.repaired_candles >= 1340,
+                              on_tick=tick, stale_seconds=5.0)
+            assert srv.stats.drops == 3
+        got = store.read_klines("spot", "BTCUSDT", "1m")
+        assert_frame_equal(got, expected, check_exact=True)
+        assert stats.reconnects == 3
+        assert stats.repaired_candles >= 260  # at least the start-up hole 01:40-05:59
+        assert stats.klines_stored + 100 == 1440
+        assert stats.malformed == 0
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "faults"),
+    [
+        ("postgres", {"malformed_every": 400, "malformed_kind": "not_json"}),
+        ("parquet", {"malformed_every": 700, "malformed_kind": "bad_shape", "stall_after": 300,
+                     "stall_seconds": 2.0}),
+    ],
+)
+def test_trades_and_bars_exact_with_faults(kind: str, faults: dict[str, Any], pg: Any, tmp_path: Path) -> None:
+    expected = archive_rows("aggTrades", T0.date())
+    store = make_store(kind, pg, tmp_path, f"trades_{kind}")
+    try:
+        srv = ReplayServer.from_archive(str(ARCHIVE), Market.SPOT, ["BTCUSDT"], T0, T0,
+                                        clock=ReplayClock(T0, 0.0), heartbeat_s=None)
+        srv.set_faults(**faults)
+        with run_in_thread(srv):
+            tick = random_drops(srv, random.Random(11), 2, 500, 2000)
+            stats = run_until(srv, store, lambda s: s.trades_received + s.repaired_trades >= expected.height,
+                              on_tick=tick, stale_seconds=1.0)
+            malformed_sent = srv.stats.malformed_sent
+        # every trade exactly once, nothing corrupted by the malformed frames
+        assert_frame_equal(store.read_agg_trades("spot", "BTCUSDT"), expected, check_exact=True)
+        assert malformed_sent > 0 and stats.malformed == malformed_sent
+        assert stats.reconnects >= 2
+        if "stall_after" in faults:
+            assert stats.stale_reconnects >= 1
+
+        bars = store.read_bars("spot", "BTCUSDT", "5s")
+        assert bars.height > 140
+        steps = bars.get_column("bucket").diff().drop_nulls().dt.total_seconds().unique().to_list()
+        assert steps == [5]  # contiguous: empty windows are rows, not holes
+        empty = bars.filter(pl.col("trades") == 0)
+        assert empty.select(pl.col("open").null_count()).item() == empty.height
+        lo, hi = bars.get_column("bucket").min(), bars.get_column("bucket").max() + timedelta(seconds=5)  # type: ignore[operator]
+        # 5 s bars = the store's own aggregation of the stored trades
+        ref5 = store.trade_bars("spot", "BTCUSDT", "5s", lo, hi)
+        assert_frame_equal(bars.filter(pl.col("trades") > 0), ref5, rel_tol=1e-9, abs_tol=1e-9)
+        # rolled up to 1 m they equal the 1 m bars from trades, for the minutes the 5 s bars cover completely
+        rolled = (
+            bars.sort("bucket").group_by_dynamic("bucket", every="1m").agg(
+                pl.len().alias("windows"),
+                pl.col("open").drop_nulls().first(), pl.col("high").max(), pl.col("low").min(),
+                pl.col("close").drop_nulls().last(), pl.col("volume").sum(), pl.col("quote_volume").sum(),
+                pl.col("trades").sum(), pl.col("taker_buy_volume").sum())
+            .filter(pl.col("windows") == 12).drop("windows")
+        )
+        assert rolled.height >= 11
+        ref1 = store.trade_bars("spot", "BTCUSDT", "1m").join(rolled.select("bucket"), on="bucket")
+        assert_frame_equal(rolled, ref1.drop("market", "symbol"), rel_tol=1e-9, abs_tol=1e-9)
+        # …and the replayed closed 1 m klines (derived from the same trades) where trades cover the minute
+        klines = store.read_klines("spot", "BTCUSDT", "1m").rename({"open_time": "bucket"})
+        assert klines.height == 12 and stats.klines_stored + stats.repaired_candles >= 12
+        both = rolled.join(klines, on="bucket", suffix="_k")
+        assert both.height >= 11
+        for col in ("open", "high", "low", "close", "volume", "quote_volume", "taker_buy_volume"):
+            diff = both.select(((pl.col(col) - pl.col(f"{col}_k")).abs() / pl.col(col).abs()).max()).item()
+            assert diff < 1e-9, col
+        assert stats.late_trades == 0
+    finally:
+        store.close()
