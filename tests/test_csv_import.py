@@ -58,7 +58,7 @@ def test_mapping_and_bad_rows(tmp_path: Path, store: Store) -> None:
     p.write_text("\n".join(lines) + "\n")
     cols = {"open": "o", "high": "h", "low": "l", "close": "c", "volume": "v"}
     kw = {**KW, "time_col": "t"}
-    with pytest.raises(ValidationError, match="dump.csv: line 7: high < low"):
+    with pytest.raises(ValidationError, match=r"dump\.csv: line 7: high < low"):
         import_csv(store, p, tz="UTC", columns=cols, **kw)  # type: ignore[arg-type]
     assert store.read_klines("spot", "BTCUSDT", "1m").is_empty()
     report = import_csv(store, p, tz="UTC", columns=cols, skip_bad_rows=True, **kw)  # type: ignore[arg-type]
