@@ -205,6 +205,34 @@ def quarantine_cmd(limit: int = 50, store: StoreOpt = None) -> None:
         out.print(f"{q.height} quarantined row(s)")
 
 
+@data_app.command("stream")
+def stream_cmd(
+    market: Annotated[Market | None, typer.Option("--market", help="spot or futures-um (default: params)")] = None,
+    symbols: Annotated[str | None, typer.Option(help="Comma-separated, e.g. BTCUSDT,ETHUSDT")] = None,
+    store: StoreOpt = None,
+    rest_base: Annotated[str | None, typer.Option(help="REST host root (replay server, testnet)")] = None,
+    ws_base: Annotated[str | None, typer.Option(help="Websocket root, e.g. ws://127.0.0.1:8765/")] = None,
+    duration: Annotated[float | None, typer.Option(help="Stop after N seconds (default: until Ctrl-C)")] = None,
+) -> None:
+    """Stream aggTrades, closed 1m klines and 5 s bars into the store until Ctrl-C / SIGTERM (flushes all)."""
+    from rltrader.data.stream import stream
+
+    logging.getLogger("rltrader.data.stream").setLevel(logging.INFO)  # the periodic metrics line is INFO
+    logging.getLogger("binance.ws").setLevel(logging.CRITICAL)  # it logs ERROR for each deliberate close
+    with _context(store) as (settings, st):
+        update: dict[str, object] = {}
+        if market:
+            update["market"] = market
+        if symbols:
+            update["symbols"] = _symbols(symbols)
+        if rest_base:
+            update["rest_base"] = rest_base
+        if ws_base:
+            update["ws_base"] = ws_base
+        stats = stream(settings.stream.model_copy(update=update), st, max_seconds=duration)
+        out.print_json(json.dumps(stats.as_dict(), default=str))
+
+
 @app.command("replay-server")
 def replay_server_cmd(
     market: MarketOpt,
