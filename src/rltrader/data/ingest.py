@@ -143,13 +143,12 @@ def find_gaps(store: Store, market: str, symbol: str, interval: str, start: date
     step = timedelta(microseconds=interval_us(interval))
     if times.is_empty():
         return [Gap(market, symbol, interval, start, end)] if start and end else []
-    edges: list[datetime] = []
+    parts = [times]  # stay columnar: a Python round trip of every timestamp cost ~2.5 s per 1.2M rows
     if start is not None:
-        edges.append(start - step)
-    edges += times.to_list()
+        parts.insert(0, pl.Series([start - step], dtype=times.dtype))
     if end is not None:
-        edges.append(end)
-    s = pl.Series("t", edges, dtype=pl.Datetime("us", "UTC"))
+        parts.append(pl.Series([end], dtype=times.dtype))
+    s = pl.concat(parts)
     frame = pl.DataFrame({"prev": s.head(-1), "next": s.tail(-1)}).filter(pl.col("next") - pl.col("prev") > step)
     return [Gap(market, symbol, interval, prev + step, nxt) for prev, nxt in frame.iter_rows()]
 
