@@ -25,6 +25,8 @@ API_DUMPS = SHARED_ARCHIVE.parent / "api-dumps"
 for _name in [n for n in os.environ if n.startswith("RLTRADER_") and n not in ("RLTRADER_PG_BIN",
                                                                                "RLTRADER_SHARED_ARCHIVE")]:
     del os.environ[_name]
+if not (SHARED_ARCHIVE / "futures").is_dir():
+    raise pytest.UsageError(f"shared real data not found at {SHARED_ARCHIVE} (set RLTRADER_SHARED_ARCHIVE)")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, date, datetime
-from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import SHARED_ARCHIVE
 from polars.testing import assert_frame_equal
 
 from rltrader.data.bars import BarBuilder, bars_frame, build_bars
 from rltrader.data.schema import AGG_TRADE_SCHEMA, BAR_SCHEMA, Market
 from rltrader.data.store import trade_bars_frame
 
-ARCHIVE = Path(os.environ.get("RLTRADER_TEST_ARCHIVE", Path(__file__).resolve().parents[2] / "shared/data/binance"))
+ARCHIVE = SHARED_ARCHIVE  # conftest: the real data must be there; tests fail rather than skip
 S = 1_000_000  # µs per second
 T0 = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp()) * S
 
@@ -35,8 +34,6 @@ def trades(*rows: tuple[float, int, float, float, bool]) -> pl.DataFrame:
 
 def test_matches_reference_on_real_trades() -> None:
     """In-order input: the non-empty bars are trade_bars_frame's (OHLC, counts exact; sums to float rounding)."""
-    if not ARCHIVE.is_dir():
-        pytest.skip(f"archive mirror {ARCHIVE} not present")
     from rltrader.data.archive import ArchiveSource, load_file
 
     src = ArchiveSource(str(ARCHIVE))

@@ -11,6 +11,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_ARCHIVE
 
 # Prefect reads its home and telemetry settings when first imported: set them before that.
 _HOME = tempfile.mkdtemp(prefix="rltrader-prefect-")
@@ -28,8 +29,7 @@ from rltrader.data.parquet_store import ParquetStore  # noqa: E402
 from rltrader.data.replay import ReplayClock, ReplayServer, run_in_thread  # noqa: E402
 from rltrader.data.schema import Market  # noqa: E402
 
-ARCHIVE = Path(os.environ.get("RLTRADER_TEST_ARCHIVE", Path(__file__).resolve().parents[2] / "shared/data/binance"))
-pytestmark = pytest.mark.skipif(not ARCHIVE.is_dir(), reason=f"archive mirror {ARCHIVE} not present")
+ARCHIVE = SHARED_ARCHIVE  # conftest: the real data must be there; tests fail rather than skip
 
 
 @pytest.fixture(scope="session")

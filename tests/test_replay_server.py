@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import time
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -15,6 +13,7 @@ import pytest
 import requests
 from binance import AsyncClient
 from binance.exceptions import BinanceAPIException, ReadLoopClosed
+from conftest import SHARED_ARCHIVE
 from polars.testing import assert_frame_equal
 
 from rltrader.data.archive import ArchiveSource, load_file
@@ -22,8 +21,7 @@ from rltrader.data.replay import Faults, RateLimit, ReplayClock, ReplayServer, r
 from rltrader.data.rest import make_async_client, make_client, make_socket_manager
 from rltrader.data.schema import Market
 
-ARCHIVE = Path(os.environ.get("RLTRADER_TEST_ARCHIVE", Path(__file__).resolve().parents[2] / "shared/data/binance"))
-pytestmark = pytest.mark.skipif(not ARCHIVE.is_dir(), reason=f"archive mirror {ARCHIVE} not present")
+ARCHIVE = SHARED_ARCHIVE  # conftest: the real data must be there; tests fail rather than skip
 
 D0 = datetime(2020, 1, 1, tzinfo=UTC)  # spot BTCUSDT 1m klines, no trades
 T0 = datetime(2026, 1, 1, tzinfo=UTC)  # spot BTCUSDT aggTrades 00:00-00:12, no klines

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
 import requests
 from binance.exceptions import BinanceAPIException
+from conftest import SHARED_ARCHIVE
 from polars.testing import assert_frame_equal
 
 from rltrader.data.archive import ArchiveSource, load_file
@@ -32,8 +31,7 @@ from rltrader.data.rest import (
 )
 from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, Market
 
-ARCHIVE = Path(os.environ.get("RLTRADER_TEST_ARCHIVE", Path(__file__).resolve().parents[2] / "shared/data/binance"))
-pytestmark = pytest.mark.skipif(not ARCHIVE.is_dir(), reason=f"archive mirror {ARCHIVE} not present")
+ARCHIVE = SHARED_ARCHIVE  # conftest: the real data must be there; tests fail rather than skip
 
 D0 = datetime(2020, 1, 1, tzinfo=UTC)
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
