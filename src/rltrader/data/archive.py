@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 import polars as pl
 
-from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, TS, Market, interval_us
+from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, TS, US_THRESHOLD, Market, interval_us
 from rltrader.errors import ChecksumError, DataError, NotInArchiveError
 
 DEFAULT_ARCHIVE_BASE = "https://data.binance.vision/data"
@@ -44,8 +44,6 @@ AGG_TRADE_CSV_COLUMNS = [
     "transact_time", "is_buyer_maker", "is_best_match",
 ]  # fmt: skip
 
-# Anything past this is a microsecond epoch: ms epochs stay below 1e14 until the year 5138.
-_US_THRESHOLD = 10**14
 
 
 @dataclass(frozen=True)
@@ -306,7 +304,7 @@ def _raw_line(columns: Sequence[str]) -> pl.Expr:
 
 def _epoch_to_us(col: str) -> pl.Expr:
     v = pl.col(col)
-    return pl.when(v >= _US_THRESHOLD).then(v).otherwise(v * 1000)
+    return pl.when(v >= US_THRESHOLD).then(v).otherwise(v * 1000)
 
 
 def split_bad(df: pl.DataFrame, checks: list[tuple[pl.Expr, str]], source: str) -> tuple[pl.DataFrame, pl.DataFrame]:

@@ -40,7 +40,7 @@ import polars as pl
 from aiohttp import WSMsgType, web
 
 from rltrader.data.archive import ArchiveSource, Kind, load_file
-from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, Market, interval_us
+from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, US_THRESHOLD, Market, interval_us
 from rltrader.errors import DataError, NotInArchiveError
 
 log = logging.getLogger(__name__)
@@ -689,7 +689,7 @@ class ReplayServer:
     def _time_param(self, request: web.Request, name: str) -> int | None:
         """A time parameter in ms; µs values (spot accepts both) are recognised by their magnitude."""
         v = self._int(request, name)
-        if v is not None and v >= 10**14:
+        if v is not None and v >= US_THRESHOLD:
             v //= 1000
         return v
 

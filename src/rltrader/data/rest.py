@@ -36,13 +36,12 @@ from binance import AsyncClient, Client
 from binance.exceptions import BinanceAPIException, BinanceRequestException
 from binance.ws.streams import BinanceSocketManager
 
-from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, Market, interval_us
+from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, Market, close_time_us, epoch_to_us, interval_us
 from rltrader.errors import DataError
 
 log = logging.getLogger(__name__)
 
 TimeUnit = Literal["MILLISECOND", "MICROSECOND"]
-_US_THRESHOLD = 10**14  # epochs at or above are microseconds (ms epochs stay below until the year 5138)
 KLINE_PAGE = 1000  # the largest page whose weight is still the middle tier on futures (5), the max on spot
 TRADE_PAGE = 1000
 _HOUR_MS = 3_600_000
@@ -293,10 +292,6 @@ def _ms(t: datetime) -> int:
     return int(t.timestamp() * 1000)
 
 
-def _us_from(v: int) -> int:
-    return v if v >= _US_THRESHOLD else v * 1000
-
-
 def _server_ms(resp: Any) -> int:
     return int(resp["serverTime"])
 
@@ -315,13 +310,13 @@ def _klines_plan(symbol: str, interval: str, start_ms: int, end_ms: int | None) 
         if not page:
             break
         for r in page:
-            open_ms = _us_from(int(r[0])) // 1000
-            close_ms = _us_from(int(r[6])) // 1000
+            open_ms = epoch_to_us(int(r[0])) // 1000
+            close_ms = epoch_to_us(int(r[6])) // 1000
             if open_ms >= stop_ms:
                 break
             if close_ms < server_ms and open_ms >= start_ms:
                 rows.append(r)
-        last_open = _us_from(int(page[-1][0])) // 1000
+        last_open = epoch_to_us(int(page[-1][0])) // 1000
         if len(page) < KLINE_PAGE or last_open + step_ms <= cursor:
             break
         cursor = last_open + step_ms
@@ -354,7 +349,7 @@ def _agg_trades_plan(symbol: str, start_ms: int | None, end_ms: int | None,
                                                                 "limit": TRADE_PAGE})) or []
         done = len(page) < TRADE_PAGE
         for t in page:
-            t_ms = _us_from(int(t["T"])) // 1000
+            t_ms = epoch_to_us(int(t["T"])) // 1000
             if t_ms >= stop_ms:
                 done = True
                 break
@@ -376,13 +371,13 @@ def klines_frame(rows: list[list[Any]], market: Market, symbol: str, interval: s
             "market": [market.value] * len(rows),
             "symbol": [symbol] * len(rows),
             "interval": [interval] * len(rows),
-            "open_time": [_us_from(int(v)) for v in cols[0]],
+            "open_time": [epoch_to_us(int(v)) for v in cols[0]],
             "open": [float(v) for v in cols[1]],
             "high": [float(v) for v in cols[2]],
             "low": [float(v) for v in cols[3]],
             "close": [float(v) for v in cols[4]],
             "volume": [float(v) for v in cols[5]],
-            "close_time": [_us_from(int(v)) for v in cols[6]],
+            "close_time": [close_time_us(int(v)) for v in cols[6]],
             "quote_volume": [float(v) for v in cols[7]],
             "trades": [int(v) for v in cols[8]],
             "taker_buy_volume": [float(v) for v in cols[9]],
@@ -408,7 +403,7 @@ def agg_trades_frame(trades: list[dict[str, Any]], market: Market, symbol: str) 
             "quantity": [float(t["q"]) for t in trades],
             "first_trade_id": [int(t["f"]) for t in trades],
             "last_trade_id": [int(t["l"]) for t in trades],
-            "transact_time": [_us_from(int(t["T"])) for t in trades],
+            "transact_time": [epoch_to_us(int(t["T"])) for t in trades],
             "is_buyer_maker": [bool(t["m"]) for t in trades],
             "is_best_match": [bool(t.get("M", True)) for t in trades],
         },

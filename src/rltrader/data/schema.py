@@ -102,6 +102,21 @@ def interval_us(interval: str) -> int:
     return int(interval_to_timedelta(interval) / timedelta(microseconds=1))
 
 
+# Binance epochs are ms, or µs where asked for (spot's MICROSECOND mode, spot archive files since 2025).
+# A ms epoch stays below this until the year 5138, a µs epoch has been above it since 1973.
+US_THRESHOLD = 10**14
+
+
+def epoch_to_us(v: int) -> int:
+    """A Binance epoch in ms or µs → µs (our resolution)."""
+    return v if v >= US_THRESHOLD else v * 1000
+
+
+def close_time_us(v: int) -> int:
+    """A kline close time (ms or µs) at ms resolution, so every source agrees (µs sources write ...59.999999)."""
+    return epoch_to_us(v) // 1000 * 1000
+
+
 def empty_klines() -> pl.DataFrame:
     return pl.DataFrame(schema=KLINE_SCHEMA)
 

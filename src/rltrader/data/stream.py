@@ -61,12 +61,11 @@ from rltrader.data.rest import (
     make_async_client,
     make_socket_manager,
 )
-from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, Market, interval_us
+from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, Market, close_time_us, epoch_to_us, interval_us
 from rltrader.data.store import Store, WriteResult, open_store
 
 log = logging.getLogger(__name__)
 
-_US_THRESHOLD = 10**14  # epochs at or above are µs (spot's MICROSECOND mode), below are ms
 _OK, _DUP, _GAP_TRADE, _GAP_KLINE, _BAD, _CONN_ERROR, _IGNORED = range(7)
 StopEvent = asyncio.Event | threading.Event
 
@@ -75,10 +74,6 @@ def _event(level: int, name: str, **fields: Any) -> None:
     """One structured log line: ``{"event": name, ...}``."""
     if log.isEnabledFor(level):
         log.log(level, json.dumps({"event": name, **fields}, default=str, separators=(",", ":")))
-
-
-def _us(v: int) -> int:
-    return v if v >= _US_THRESHOLD else v * 1000
 
 
 def _dt(us: int) -> datetime:
@@ -436,7 +431,7 @@ class StreamIngester:
         data = msg["data"]
         sym = data["s"]
         if code == _GAP_KLINE:
-            open_us = _us(int(data["k"]["t"]))
+            open_us = epoch_to_us(int(data["k"]["t"]))
             await self._repair(sym, trades=False, kline_end_us=open_us)
             code = self._on_message(msg)
             if code == _GAP_KLINE:
@@ -481,9 +476,9 @@ class StreamIngester:
         sym = d["s"]
         st = self._state[sym]
         a = int(d["a"])
-        row = (self.market.value, sym, a, float(d["p"]), float(d["q"]), int(d["f"]), int(d["l"]), _us(int(d["T"])),
-               bool(d["m"]), bool(d.get("M", True)))
-        e = _us(int(d["E"])) / 1e6
+        row = (self.market.value, sym, a, float(d["p"]), float(d["q"]), int(d["f"]), int(d["l"]),
+               epoch_to_us(int(d["T"])), bool(d["m"]), bool(d.get("M", True)))
+        e = epoch_to_us(int(d["E"])) / 1e6
         last = st.last_trade_id
         if last is not None:
             if a <= last:
@@ -501,7 +496,7 @@ class StreamIngester:
     def _on_kline(self, d: dict[str, Any]) -> int:
         k = d["k"]
         st = self._state[d["s"]]
-        e_us = _us(int(d["E"]))
+        e_us = epoch_to_us(int(d["E"]))
         if k["i"] != self.interval:
             raise ValueError(f"kline interval {k['i']!r}, subscribed {self.interval!r}")
         closed = k["x"]
@@ -511,9 +506,9 @@ class StreamIngester:
             self.stats.kline_updates += 1
             st.bars.advance(e_us - 1)  # the exchange's clock moved; trades up to it have been published
             return _OK
-        open_us = _us(int(k["t"]))
+        open_us = epoch_to_us(int(k["t"]))
         row = (self.market.value, d["s"], self.interval, open_us, float(k["o"]), float(k["h"]), float(k["l"]),
-               float(k["c"]), float(k["v"]), _us(int(k["T"])), float(k["q"]), int(k["n"]), float(k["V"]),
+               float(k["c"]), float(k["v"]), close_time_us(int(k["T"])), float(k["q"]), int(k["n"]), float(k["V"]),
                float(k["Q"]))
         st.bars.advance(e_us - 1)
         last = st.last_kline_us
