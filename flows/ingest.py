@@ -1,7 +1,7 @@
 """Ingestion flows: the supervised live stream and the daily archive backfill.
 
 Orchestration only — retries, schedules, logging to Prefect. The work is done by plain functions
-(:func:`rltrader.data.stream.run_live`, :func:`rltrader.data.ingest.backfill`, :func:`find_gaps`) that the CLI
+(:func:`rltrader.data.stream.run_live`, :func:`rltrader.data.ingest.backfill`, which also reports gaps) that the CLI
 and tests call directly too, so a flow never holds logic that is tested only through Prefect.
 """
 
@@ -13,8 +13,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from rltrader.config import load_settings
-from rltrader.data.archive import ArchiveSource
-from rltrader.data.ingest import backfill, find_gaps, range_bounds
+from rltrader.data.ingest import archive_source, backfill
 from rltrader.data.schema import Market
 from rltrader.data.store import open_store
 from rltrader.data.stream import run_live
@@ -48,21 +47,9 @@ def backfill_day(day: str, market: str, symbols: list[str], interval: str, store
     settings = load_settings()
     store = open_store(store_url or settings.data.store_url, settings.data.dir)
     try:
-        source = ArchiveSource(archive_base or settings.data.archive_base, settings.data.dir / "cache" / "archive")
-        report = backfill(store, source, Market(market), symbols, day, day, interval=interval, progress=False)
+        report = backfill(store, archive_source(settings, archive_base), Market(market), symbols, day, day,
+                          interval=interval, progress=False)
         return report.as_dict()
-    finally:
-        store.close()
-
-
-@task
-def gaps_for_day(day: str, market: str, symbols: list[str], interval: str,
-                 store_url: str | None) -> list[dict[str, object]]:
-    settings = load_settings()
-    store = open_store(store_url or settings.data.store_url, settings.data.dir)
-    try:
-        lo, hi = range_bounds(day, day)
-        return [g.as_dict() for s in symbols for g in find_gaps(store, market, s.upper(), interval, lo, hi)]
     finally:
         store.close()
 
@@ -91,7 +78,7 @@ def backfill_archive(
     market = market or settings.stream.market.value
     symbols = [s.upper() for s in (symbols or settings.stream.symbols)]
     report = backfill_day(day, market, symbols, interval, store_url, archive_base)
-    gaps = gaps_for_day(day, market, symbols, interval, store_url)
+    gaps = report["gaps"]  # backfill re-scans the day's stored candles after writing
     logger = get_run_logger()
     if gaps:
         logger.warning("backfill-archive %s: %d gap(s) remain: %s", day, len(gaps), gaps)

@@ -13,14 +13,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from rltrader.config import Settings, load_settings
-from rltrader.data.archive import ArchiveSource
+from rltrader.data.ingest import (
+    archive_source,
+    backfill,
+    fill_gaps_from_archive,
+    fill_gaps_from_rest,
+    find_gaps,
+    import_csv,
+    range_bounds,
+    run_ingest_stage,
+)
 from rltrader.data.schema import Market
 from rltrader.data.store import Store, open_store
 from rltrader.errors import RLTraderError
@@ -39,7 +48,7 @@ ArchiveOpt = Annotated[str | None, typer.Option("--archive-base", help="Archive 
 MarketOpt = Annotated[Market, typer.Option("--market", help="spot or futures-um")]
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
@@ -51,17 +60,12 @@ def _context(store_url: str | None) -> Iterator[tuple[Settings, Store]]:
         store = open_store(store_url or settings.data.store_url, settings.data.dir)
     except (RLTraderError, ValueError) as exc:
         _fail(str(exc))
-        raise  # unreachable; keeps type checkers happy
     try:
         yield settings, store
     except RLTraderError as exc:
         _fail(str(exc))
     finally:
         store.close()
-
-
-def _archive(settings: Settings, base: str | None) -> ArchiveSource:
-    return ArchiveSource(base or settings.data.archive_base, settings.data.dir / "cache" / "archive")
 
 
 def _symbols(text: str) -> list[str]:
@@ -87,12 +91,10 @@ def backfill_cmd(
     archive_base: ArchiveOpt = None,
 ) -> None:
     """Load Binance archive files (monthly preferred, daily for the rest) into the store."""
-    from rltrader.data.ingest import backfill
-
     if kind not in ("klines", "aggTrades"):
         _fail(f"--kind {kind!r}: expected klines or aggTrades")
     with _context(store) as (settings, st):
-        report = backfill(st, _archive(settings, archive_base), market, _symbols(symbols), start, end,
+        report = backfill(st, archive_source(settings, archive_base), market, _symbols(symbols), start, end,
                           interval=interval, kind=kind, skip_bad_rows=skip_bad_rows,  # type: ignore[arg-type]
                           progress=sys.stderr.isatty())
         out.print_json(json.dumps(report.as_dict()))
@@ -104,8 +106,6 @@ def ingest_stage_cmd(
         "reports/ingest.json"),
 ) -> None:
     """The DVC `ingest` stage: backfill what params.yaml's `ingest` section names."""
-    from rltrader.data.ingest import run_ingest_stage
-
     with _context(None) as (settings, st):
         report = run_ingest_stage(settings, st, metrics, progress=sys.stderr.isatty())
         out.print_json(json.dumps({k: v for k, v in report.items() if k != "gaps"}))
@@ -127,8 +127,6 @@ def import_csv_cmd(
     store: StoreOpt = None,
 ) -> None:
     """Import an OHLCV CSV that is not archive format, with an explicit column mapping and time zone."""
-    from rltrader.data.ingest import import_csv
-
     mapping: dict[str, str] = {}
     for item in column or []:
         if "=" not in item:
@@ -155,8 +153,6 @@ def gaps_cmd(
     archive_base: ArchiveOpt = None,
 ) -> None:
     """List missing candles per symbol; never forward-fills, only re-fetches real data."""
-    from rltrader.data.ingest import fill_gaps_from_archive, find_gaps, range_bounds
-
     with _context(store) as (settings, st):
         lo: datetime | None = None
         hi: datetime | None = None
@@ -167,11 +163,9 @@ def gaps_cmd(
         gaps = [g for sym in _symbols(symbols) for g in find_gaps(st, market.value, sym, interval, lo, hi)]
         if fill and gaps:
             if rest_base:
-                from rltrader.data.ingest import fill_gaps_from_rest
-
                 gaps = fill_gaps_from_rest(st, rest_base, gaps).gaps
             else:
-                gaps = fill_gaps_from_archive(st, _archive(settings, archive_base), gaps).gaps
+                gaps = fill_gaps_from_archive(st, archive_source(settings, archive_base), gaps).gaps
         if as_json:
             out.print_json(json.dumps([g.as_dict() for g in gaps]))
             return
@@ -215,22 +209,17 @@ def stream_cmd(
     duration: Annotated[float | None, typer.Option(help="Stop after N seconds (default: until Ctrl-C)")] = None,
 ) -> None:
     """Stream aggTrades, closed 1m klines and 5 s bars into the store until Ctrl-C / SIGTERM (flushes all)."""
-    from rltrader.data.stream import stream
+    from rltrader.data.stream import run_live
 
     logging.getLogger("rltrader.data.stream").setLevel(logging.INFO)  # the periodic metrics line is INFO
     logging.getLogger("binance.ws").setLevel(logging.CRITICAL)  # it logs ERROR for each deliberate close
-    with _context(store) as (settings, st):
-        update: dict[str, object] = {}
-        if market:
-            update["market"] = market
-        if symbols:
-            update["symbols"] = _symbols(symbols)
-        if rest_base:
-            update["rest_base"] = rest_base
-        if ws_base:
-            update["ws_base"] = ws_base
-        stats = stream(settings.stream.model_copy(update=update), st, max_seconds=duration)
-        out.print_json(json.dumps(stats.as_dict(), default=str))
+    try:
+        settings = load_settings()
+        stats = run_live(settings, store_url=store, market=market, symbols=_symbols(symbols) if symbols else None,
+                         rest_base=rest_base, ws_base=ws_base, max_seconds=duration)
+    except (RLTraderError, ValueError) as exc:
+        _fail(str(exc))
+    out.print_json(json.dumps(stats, default=str))
 
 
 @app.command("replay-server")

@@ -71,6 +71,11 @@ def _progress(enabled: bool) -> Progress:
                     TimeRemainingColumn(), disable=not enabled, transient=True)
 
 
+def archive_source(settings: Settings, base: str | None = None) -> ArchiveSource:
+    """The configured archive (or ``base``), downloading into the data folder's cache."""
+    return ArchiveSource(base or settings.data.archive_base, settings.data.dir / "cache" / "archive")
+
+
 def range_bounds(start: str, end: str) -> tuple[datetime, datetime]:
     """Inclusive ``YYYY-MM[-DD]`` dates → half-open UTC datetimes ``[start, end)``."""
     s, e = parse_period(start), parse_period(end, end=True)
@@ -215,7 +220,7 @@ def run_ingest_stage(settings: Settings, store: Store, metrics_path: Path, *, pr
                      ) -> dict[str, object]:
     """DVC ``ingest`` stage: backfill params.yaml's ``ingest`` section, write metrics (counts, gaps, stats)."""
     cfg = settings.ingest
-    source = ArchiveSource(settings.data.archive_base, settings.data.dir / "cache" / "archive")
+    source = archive_source(settings)
     report = backfill(store, source, cfg.market, cfg.symbols, cfg.start, cfg.end, interval=cfg.interval,
                       skip_bad_rows=cfg.skip_bad_rows, progress=progress)
     result = report.as_dict()
