@@ -12,6 +12,8 @@ fi
 stamp=.venv/.rltrader-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
+  # torch first and pinned: the local CPU wheel of exactly this version; anything looser pulls GBs of CUDA
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
   .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
   touch "$stamp"
 fi
