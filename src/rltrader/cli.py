@@ -38,6 +38,9 @@ app = typer.Typer(help="Binance market data → features → RL agents → backt
 data_app = typer.Typer(help="Market data: archive backfill, CSV import, gaps, stats, live stream.",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
+dataset_app = typer.Typer(help="Session datasets: causal features and train/val/test/backtest sessions.",
+                          no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
 out = Console()
 err = Console(stderr=True)
 
@@ -255,6 +258,43 @@ def replay_server_cmd(
                       speed=speed, host=host, port=port, days=days, faults=faults, on_ready=ready)
     except RLTraderError as exc:
         _fail(str(exc))
+
+
+@dataset_app.command("features")
+def features_cmd(
+    metrics: Annotated[Path, typer.Option(help="Where to write the stage's metrics JSON")] = Path(
+        "reports/features.json"),
+    store: StoreOpt = None,
+) -> None:
+    """The DVC `features` stage: per-symbol feature tables under <data.dir>/features."""
+    from rltrader.dataset.build import write_json, run_features_stage
+
+    with _context(store) as (settings, st):
+        summary = run_features_stage(settings, st)
+        write_json(metrics, summary)
+        out.print(f"features: {len(summary['features'])} columns for {len(summary['symbols'])} symbols "
+                  f"→ {settings.data.dir / 'features'}")
+
+
+@dataset_app.command("sessions")
+def sessions_cmd(
+    metrics: Annotated[Path, typer.Option(help="Summary JSON (DVC metrics)")] = Path("reports/sessions.json"),
+    plot: Annotated[Path, typer.Option(help="PNG of example sessions (DVC plots)")] = Path(
+        "reports/plots/sessions.png"),
+) -> None:
+    """The DVC `sessions` stage: split by date, select sessions, standardise on train, write Parquet splits."""
+    from rltrader.dataset.build import run_sessions_stage
+
+    try:
+        settings = load_settings()
+        summary = run_sessions_stage(settings, metrics_path=metrics, plot_path=plot)
+    except RLTraderError as exc:
+        _fail(str(exc))
+    table = Table("split", "sessions", "rows", "from (UTC)", "to (UTC)", "symbols")
+    for name, sp in summary["splits"].items():
+        table.add_row(name, str(sp["sessions"]), str(sp["rows"]), sp["start"][:16], sp["end"][:16],
+                      str(len(sp["symbols"])))
+    out.print(table)
 
 
 def main() -> None:

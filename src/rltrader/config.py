@@ -78,10 +78,90 @@ class StreamSettings(_Strict):
         return [s.strip().upper() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
 
 
+class FeatureSettings(_Strict):
+    """Indicator periods (in bars). Feature names follow from them, see ``rltrader.dataset.features``."""
+
+    return_horizons: list[int] = Field(default_factory=lambda: [1, 5, 15, 60])
+    rsi: int = 14
+    ema: list[int] = Field(default_factory=lambda: [9, 21, 50])
+    macd: tuple[int, int, int] = (12, 26, 9)
+    bollinger: int = 20
+    bollinger_dev: float = 2.0
+    atr: int = 14
+    volatility: list[int] = Field(default_factory=lambda: [15, 60])
+    zscore_window: int = 240
+    """Trailing window of the volume and trade-count z-scores."""
+
+    @field_validator("return_horizons", "ema", "volatility")
+    @classmethod
+    def _positive_list(cls, v: list[int]) -> list[int]:
+        if not v or any(x < 1 for x in v):
+            raise ValueError("must be a non-empty list of positive bar counts")
+        return v
+
+    @field_validator("rsi", "bollinger", "atr", "zscore_window")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError("must be at least 2 bars")
+        return v
+
+
+class SplitRange(_Strict):
+    start: str
+    end: str
+    """Half-open ``[start, end)``, ISO dates (UTC)."""
+
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _str_date(cls, v: Any) -> Any:
+        return v.isoformat() if hasattr(v, "isoformat") else v
+
+
+class SessionSettings(_Strict):
+    """Trading sessions: ``context`` bars of features, then ``length`` bars to trade (seed 002: 30/10 demo)."""
+
+    context: int = 30
+    length: int = 10
+    stride: int = 10
+    """Bars between candidate session starts."""
+    volatility_percentile: float = 0.0
+    """Keep sessions whose context volatility is at least this percentile of the train split's (0 = all)."""
+    min_abs_move: float = 0.0
+    """Keep sessions whose context moved at least this much, |log(close_last / close_first)|."""
+    embargo: int = 60
+    """Bars after each split boundary that no session (context included) may use; must be ≥ context."""
+    clip: float = 10.0
+    """Standardised features (train-split mean/std) are clipped to ±clip."""
+    example_plots: int = 6
+    splits: dict[str, SplitRange] = Field(default_factory=lambda: {
+        "train": SplitRange(start="2023-02-01", end="2024-09-01"),
+        "val": SplitRange(start="2024-09-01", end="2025-01-01"),
+        "test": SplitRange(start="2025-01-01", end="2025-09-01"),
+        "backtest": SplitRange(start="2025-09-01", end="2025-12-01"),
+    })
+
+    @field_validator("context", "length", "stride")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1 bar")
+        return v
+
+    @field_validator("volatility_percentile")
+    @classmethod
+    def _pct(cls, v: float) -> float:
+        if not 0 <= v < 100:
+            raise ValueError("must be in [0, 100)")
+        return v
+
+
 class Settings(_Strict):
     data: DataSettings = Field(default_factory=DataSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    features: FeatureSettings = Field(default_factory=FeatureSettings)
+    sessions: SessionSettings = Field(default_factory=SessionSettings)
 
 
 def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:

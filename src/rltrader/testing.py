@@ -1,4 +1,6 @@
-"""A throwaway PostgreSQL server for tests and benchmarks: real server, loopback, free port, deleted on stop.
+"""Test and benchmark helpers: a throwaway PostgreSQL server and synthetic klines.
+
+``TempPostgres``: real server, loopback, free port, deleted on stop.
 
 Tests exercise the real database rather than a mock, and CI machines have the server binaries but no running
 server. As root, ``initdb`` refuses to run, so the server runs as the ``postgres`` system user.
@@ -15,6 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+
+import numpy as np
+import polars as pl
 
 PG_BIN_CANDIDATES = [Path("/usr/lib/postgresql/15/bin"), *sorted(Path("/usr/lib/postgresql").glob("*/bin"))]
 
@@ -102,3 +107,35 @@ class TempPostgres:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+def synthetic_klines(symbol: str, start: str, minutes: int, *, seed: int = 0, price: float = 100.0,
+                     missing: tuple[tuple[int, int], ...] = (), market: str = "futures-um") -> pl.DataFrame:
+    """1m klines of a geometric random walk in the store's schema, for tests that need exact control of
+    the data (cut points, gaps). ``missing`` = (first, last) minute offsets to leave out (a gap)."""
+    from datetime import UTC, datetime, timedelta
+
+    from rltrader.data.schema import KLINE_SCHEMA
+
+    rng = np.random.default_rng(seed)
+    t0 = datetime.fromisoformat(start).replace(tzinfo=UTC)
+    logp = np.log(price) + np.cumsum(rng.normal(0, 0.001, minutes + 1))
+    close = np.round(np.exp(logp[1:]), 4)
+    open_ = np.round(np.exp(logp[:-1]), 4)
+    wiggle = np.abs(rng.normal(0, 0.0005, (2, minutes)))
+    high = np.round(np.maximum(open_, close) * (1 + wiggle[0]), 4)
+    low = np.round(np.minimum(open_, close) * (1 - wiggle[1]), 4)
+    volume = np.round(rng.gamma(2.0, 50.0, minutes), 3)
+    keep = np.ones(minutes, dtype=bool)
+    for a, b in missing:
+        keep[a:b + 1] = False
+    times = [t0 + timedelta(minutes=i) for i in range(minutes)]
+    df = pl.DataFrame({
+        "market": market, "symbol": symbol, "interval": "1m",
+        "open_time": times, "open": open_, "high": high, "low": low, "close": close, "volume": volume,
+        "close_time": [t + timedelta(seconds=59, milliseconds=999) for t in times],
+        "quote_volume": volume * close, "trades": rng.integers(1, 500, minutes),
+        "taker_buy_volume": np.round(volume * rng.uniform(0.2, 0.8, minutes), 3),
+        "taker_buy_quote_volume": np.round(volume * close * 0.5, 3),
+    }).filter(pl.Series(keep))
+    return df.cast(KLINE_SCHEMA).select(list(KLINE_SCHEMA))  # type: ignore[arg-type]

@@ -1,0 +1,351 @@
+"""The execution and cost model: the one place fills, fees, slippage, funding and liquidation are computed.
+
+The envs, the backtest and the live trader all call these functions, so a policy sees identical fills in
+training, backtest and paper trading. They are numba kernels over plain numpy arrays because the same code
+has to serve a single live order, B env accounts per step and a continuous million-bar backtest loop.
+
+Portfolio state is struct-of-arrays: one ``(N_FIELDS, B)`` float64 array, row ``f`` holding field ``f``
+(``CASH``, ``QTY``, …) of all B accounts (see ``Accounts``). The scalar helpers take ``(acct, b, …)`` and
+touch account ``b`` only, so a kernel over B accounts or over time can call them inline.
+
+Accounting (spot and linear USDⓈ-M futures alike): ``equity = cash + qty * mark``. A buy of ``dq`` at ``p``
+moves ``dq * p + fee`` out of cash; a short is ``qty < 0`` and selling adds the proceeds to cash. Average-cost
+bookkeeping keeps ``equity - initial_cash == realized + qty * (mark - avg_entry) - fees - funding + insurance``.
+
+Orders are market orders paying the taker fee; limit (maker) orders are not modelled — ``maker_fee`` is carried
+so that a later limit-order model and the live trader read the fee schedule from one place.
+
+Fill price: the reference price (the fill bar's open) moved against the order by half the spread plus an impact
+term ``impact * sqrt(qty / bar volume)`` (the square-root law: slippage grows with the order's share of the bar),
+then rounded to the tick grid against the order (buys up, sells down) as a book on that grid would fill.
+Exchange filters as Binance applies them to a client that rounds: quantities are floored to ``step_size``; an
+order whose notional is below ``min_notional`` is rejected, except one that closes the position to flat
+(futures reduce-only orders are exempt; in spot the residual would be unsellable dust).
+
+Liquidation (futures): after the fill, the bar's adverse extreme (low for longs, high for shorts) is checked;
+if equity there is at most ``maintenance_margin * |qty| * price`` the position is closed at the liquidation
+price — where equity equals the maintenance margin — clipped into the bar's range, as a taker. A loss beyond
+the account's equity (a gap through the bankruptcy price) is covered by the insurance fund: cash is floored at
+0 and the amount is booked in ``INSURANCE``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+from numba import njit
+
+from rltrader.errors import ConfigError
+
+# --- account fields: rows of the (N_FIELDS, B) state array ---------------------------------------------------
+CASH, QTY, AVG_ENTRY, REALIZED, FEES, FUNDING, SLIPPAGE, INSURANCE, EQUITY, N_FILLS, N_LIQUIDATIONS = range(11)
+N_FIELDS = 11
+FIELD_NAMES = ("cash", "qty", "avg_entry", "realized_pnl", "fees_paid", "funding_paid", "slippage_paid",
+               "insurance", "equity", "n_fills", "n_liquidations")
+
+# --- execution parameters packed for the kernels: indices into a float64 vector ------------------------------
+(XP_SPOT, XP_TAKER, XP_MAKER, XP_HALF_SPREAD, XP_IMPACT, XP_LATENCY, XP_LEVERAGE, XP_MMR, XP_FUNDING,
+ XP_TICK, XP_STEP, XP_MIN_NOTIONAL, XP_CASH) = range(13)
+N_XP = 13
+
+FUNDING_PERIOD_US = 8 * 3600 * 1_000_000
+"""Binance USDⓈ-M funding settles every 8 h (00:00, 08:00, 16:00 UTC)."""
+
+
+@dataclass(frozen=True)
+class ExecutionParams:
+    """Market, fees, costs and exchange filters (``params.yaml: execution``). Defaults: Binance USDⓈ-M futures."""
+
+    market: Literal["spot", "futures"] = "futures"
+    taker_fee: float = 0.0005
+    maker_fee: float = 0.0002
+    """Not used by market orders; kept so every consumer reads one fee schedule."""
+    half_spread_bps: float = 1.0
+    impact: float = 0.1
+    """Slippage fraction added per sqrt(order qty / bar volume)."""
+    latency_bars: int = 0
+    """Extra bars between a decision and its fill: decided for bar t, filled at bar t+latency's open."""
+    leverage: float = 1.0
+    maintenance_margin: float = 0.005
+    funding_rate_8h: float = 0.0
+    """Funding paid by longs (received by shorts) each 8 h, as a fraction of the notional; 0 = off."""
+    tick_size: float = 0.0
+    step_size: float = 0.0
+    min_notional: float = 0.0
+    """0 disables the respective filter (synthetic data without an exchange grid)."""
+    initial_cash: float = 10_000.0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"execution.{name}: {why} (got {getattr(self, name)!r})")
+
+        if self.market not in ("spot", "futures"):
+            raise bad("market", "must be 'spot' or 'futures'")
+        for name in ("taker_fee", "maker_fee", "half_spread_bps", "impact", "funding_rate_8h"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or (name != "funding_rate_8h" and v < 0):
+                raise bad(name, "must be a finite number ≥ 0" if name != "funding_rate_8h" else "must be finite")
+        if self.taker_fee >= 0.1 or self.maker_fee >= 0.1:
+            raise bad("taker_fee" if self.taker_fee >= 0.1 else "maker_fee", "must be a fraction below 0.1")
+        if not self.leverage > 0 or not math.isfinite(self.leverage):
+            raise bad("leverage", "must be > 0")
+        if self.market == "spot" and self.leverage != 1:
+            raise bad("leverage", "spot trades without leverage: must be 1")
+        if not 0 <= self.maintenance_margin < 1:
+            raise bad("maintenance_margin", "must be in [0, 1)")
+        if self.latency_bars < 0 or int(self.latency_bars) != self.latency_bars:
+            raise bad("latency_bars", "must be an integer ≥ 0")
+        for name in ("tick_size", "step_size", "min_notional"):
+            if not getattr(self, name) >= 0:
+                raise bad(name, "must be ≥ 0")
+        if not self.initial_cash > 0:
+            raise bad("initial_cash", "must be > 0")
+
+    @classmethod
+    def from_mapping(cls, values: Any) -> ExecutionParams:
+        """From ``Settings.execution`` (a pydantic model) or a plain dict."""
+        data = values.model_dump() if hasattr(values, "model_dump") else dict(values)
+        return cls(**data)
+
+    def to_array(self) -> np.ndarray:
+        xp = np.zeros(N_XP)
+        xp[XP_SPOT] = 1.0 if self.market == "spot" else 0.0
+        xp[XP_TAKER], xp[XP_MAKER] = self.taker_fee, self.maker_fee
+        xp[XP_HALF_SPREAD] = self.half_spread_bps * 1e-4
+        xp[XP_IMPACT], xp[XP_LATENCY], xp[XP_LEVERAGE] = self.impact, self.latency_bars, self.leverage
+        xp[XP_MMR], xp[XP_FUNDING] = self.maintenance_margin, self.funding_rate_8h
+        xp[XP_TICK], xp[XP_STEP], xp[XP_MIN_NOTIONAL] = self.tick_size, self.step_size, self.min_notional
+        xp[XP_CASH] = self.initial_cash
+        return xp
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Accounts:
+    """B accounts' state as one ``(N_FIELDS, B)`` float64 array, with named row views for readers."""
+
+    def __init__(self, n: int, initial_cash: float) -> None:
+        self.state = np.zeros((N_FIELDS, n))
+        self.initial_cash = initial_cash
+        reset_accounts(self.state, np.arange(n), initial_cash)
+
+    def __len__(self) -> int:
+        return int(self.state.shape[1])
+
+    def field(self, name: str) -> np.ndarray:
+        return self.state[FIELD_NAMES.index(name)]
+
+    @property
+    def cash(self) -> np.ndarray:
+        return self.state[CASH]
+
+    @property
+    def qty(self) -> np.ndarray:
+        return self.state[QTY]
+
+    @property
+    def avg_entry(self) -> np.ndarray:
+        return self.state[AVG_ENTRY]
+
+    @property
+    def equity(self) -> np.ndarray:
+        return self.state[EQUITY]
+
+    @property
+    def fees_paid(self) -> np.ndarray:
+        return self.state[FEES]
+
+    @property
+    def realized_pnl(self) -> np.ndarray:
+        return self.state[REALIZED]
+
+    def unrealized_pnl(self, mark: np.ndarray) -> np.ndarray:
+        return np.asarray(self.state[QTY] * (mark - self.state[AVG_ENTRY]))
+
+    def snapshot(self, b: int) -> dict[str, float]:
+        return {name: float(self.state[i, b]) for i, name in enumerate(FIELD_NAMES)}
+
+
+# --- scalar helpers (inline-able into any kernel) -------------------------------------------------------------
+
+@njit(cache=True)
+def round_qty(q: float, step: float) -> float:
+    """Floor ``|q|`` to the step grid (keeping the sign), as a client must before Binance accepts the order."""
+    if step <= 0.0:
+        return q
+    n = math.floor(abs(q) / step + 1e-9)
+    return math.copysign(n * step, q) if n > 0 else 0.0
+
+
+@njit(cache=True)
+def fill_price(ref: float, side: float, qty_abs: float, volume: float, xp: np.ndarray) -> float:
+    """Reference price moved against ``side`` by half spread + square-root impact, rounded to tick adversely."""
+    participation = qty_abs / volume if volume > 0.0 else 1.0
+    slip = xp[XP_HALF_SPREAD] + xp[XP_IMPACT] * math.sqrt(participation)
+    px = ref * (1.0 + side * slip)
+    tick = xp[XP_TICK]
+    if tick > 0.0:
+        px = math.ceil(px / tick - 1e-9) * tick if side > 0 else max(math.floor(px / tick + 1e-9) * tick, tick)
+    return px
+
+
+@njit(cache=True)
+def apply_fill(acct: np.ndarray, b: int, dq: float, px: float, fee_rate: float, ref: float) -> None:
+    """Book a fill of signed ``dq`` at ``px``: cash, average-cost position, realized PnL, fees, slippage."""
+    q = acct[QTY, b]
+    new_q = q + dq
+    if abs(new_q) < 1e-12 * max(abs(q), abs(dq)):  # a full close: no float residue left as a dust position
+        new_q = 0.0
+    fee = abs(dq) * px * fee_rate
+    acct[CASH, b] -= dq * px + fee
+    if q != 0.0 and (dq > 0.0) != (q > 0.0):  # reduces (or flips) the position: realize the closed part
+        closed = min(abs(dq), abs(q))
+        acct[REALIZED, b] += closed * (px - acct[AVG_ENTRY, b]) * (1.0 if q > 0.0 else -1.0)
+    if new_q == 0.0:
+        acct[AVG_ENTRY, b] = 0.0
+    elif q == 0.0 or (new_q > 0.0) != (q > 0.0):  # opened from flat or flipped: the rest is entered at px
+        acct[AVG_ENTRY, b] = px
+    elif abs(new_q) > abs(q):
+        acct[AVG_ENTRY, b] = (acct[AVG_ENTRY, b] * abs(q) + px * abs(dq)) / abs(new_q)
+    acct[QTY, b] = new_q
+    acct[FEES, b] += fee
+    acct[SLIPPAGE, b] += abs(dq) * abs(px - ref)
+    acct[N_FILLS, b] += 1.0
+
+
+@njit(cache=True)
+def max_position(equity: float, px: float, xp: np.ndarray) -> float:
+    """Largest |qty| the leverage cap allows at ``px`` once the taker fee of opening it is paid."""
+    if equity <= 0.0 or px <= 0.0:
+        return 0.0
+    lev = xp[XP_LEVERAGE]
+    return lev * equity / (px * (1.0 + lev * xp[XP_TAKER]))
+
+
+@njit(cache=True)
+def market_order(acct: np.ndarray, b: int, dq: float, ref: float, volume: float, xp: np.ndarray) -> float:
+    """Fill a market order of signed ``dq`` for account ``b`` at reference price ``ref`` (the fill bar's open).
+
+    The order is first limited to what the account may hold (spot: no shorts, cash ≥ 0; futures: the leverage
+    cap on the position after the fill), floored to the step grid and checked against min notional. Returns the
+    filled signed quantity (0 when rejected).
+    """
+    q = acct[QTY, b]
+    if xp[XP_SPOT] > 0.0 and dq < -q:
+        dq = -q
+    if dq == 0.0 or ref <= 0.0:
+        return 0.0
+    side = 1.0 if dq > 0.0 else -1.0
+    px = fill_price(ref, side, abs(dq), volume, xp)
+    new_q = q + dq
+    if new_q != 0.0 and (q == 0.0 or (new_q > 0.0) != (q > 0.0) or abs(new_q) > abs(q)):  # adds exposure
+        if xp[XP_SPOT] > 0.0:
+            cap_dq = acct[CASH, b] / (px * (1.0 + xp[XP_TAKER]))
+            if dq > cap_dq:
+                dq = max(cap_dq, 0.0)
+        else:
+            cap = max_position(acct[CASH, b] + q * px, px, xp)
+            if abs(new_q) > cap:  # exposure is added in the order's direction: clamp the new position to ±cap
+                dq = side * cap - q
+                if dq * side < 0.0:  # already beyond the cap (the price moved): nothing more is allowed
+                    dq = 0.0
+    if dq != -q:  # closing to flat keeps the exact position size; anything else goes on the step grid
+        dq = round_qty(dq, xp[XP_STEP])
+    if dq == 0.0:
+        return 0.0
+    px = fill_price(ref, side, abs(dq), volume, xp)
+    if abs(dq) * px < xp[XP_MIN_NOTIONAL] and q + dq != 0.0:
+        return 0.0
+    apply_fill(acct, b, dq, px, xp[XP_TAKER], ref)
+    return dq
+
+
+@njit(cache=True)
+def close_position(acct: np.ndarray, b: int, ref: float, volume: float, xp: np.ndarray) -> float:
+    """Market-close the whole position (forced close at a session's end): taker fee and slippage as any order."""
+    q = acct[QTY, b]
+    if q == 0.0:
+        return 0.0
+    px = fill_price(ref, -1.0 if q > 0.0 else 1.0, abs(q), volume, xp)
+    apply_fill(acct, b, -q, px, xp[XP_TAKER], ref)
+    return -q
+
+
+@njit(cache=True)
+def apply_funding(acct: np.ndarray, b: int, bar_time: int, mark: float, xp: np.ndarray) -> None:
+    """Settle funding on the position held into a bar that opens at a funding timestamp (longs pay if rate > 0)."""
+    if xp[XP_FUNDING] == 0.0 or xp[XP_SPOT] > 0.0 or acct[QTY, b] == 0.0 or bar_time % FUNDING_PERIOD_US != 0:
+        return
+    pay = acct[QTY, b] * mark * xp[XP_FUNDING]
+    acct[CASH, b] -= pay
+    acct[FUNDING, b] += pay
+
+
+@njit(cache=True)
+def check_liquidation(acct: np.ndarray, b: int, low: float, high: float, xp: np.ndarray) -> bool:
+    """Force-close a futures position whose equity at the bar's adverse extreme hits the maintenance margin."""
+    q = acct[QTY, b]
+    if q == 0.0 or xp[XP_SPOT] > 0.0:
+        return False
+    mmr = xp[XP_MMR]
+    adverse = low if q > 0.0 else high
+    cash = acct[CASH, b]
+    if cash + q * adverse > mmr * abs(q) * adverse:
+        return False
+    p_liq = -cash / (q * (1.0 - mmr)) if q > 0.0 else -cash / (q * (1.0 + mmr))
+    px = min(max(p_liq, low), high)
+    apply_fill(acct, b, -q, px, xp[XP_TAKER], px)
+    if acct[CASH, b] < 0.0:
+        acct[INSURANCE, b] -= acct[CASH, b]
+        acct[CASH, b] = 0.0
+    acct[N_LIQUIDATIONS, b] += 1.0
+    return True
+
+
+@njit(cache=True)
+def mark_to_market(acct: np.ndarray, b: int, mark: float) -> float:
+    eq = acct[CASH, b] + acct[QTY, b] * mark
+    acct[EQUITY, b] = eq
+    return eq
+
+
+@njit(cache=True)
+def process_bar(acct: np.ndarray, b: int, dq: float, bar_time: int, o: float, h: float, lo: float, c: float,
+                v: float, xp: np.ndarray) -> float:
+    """One bar for one account, in the contract's order: funding at the open, the order's fill at the open,
+    the liquidation check over the bar's range, then marking at the close. Returns the filled quantity."""
+    apply_funding(acct, b, bar_time, o, xp)
+    filled = market_order(acct, b, dq, o, v, xp) if dq != 0.0 else 0.0
+    check_liquidation(acct, b, lo, h, xp)
+    mark_to_market(acct, b, c)
+    return filled
+
+
+# --- batch kernels ---------------------------------------------------------------------------------------------
+
+@njit(cache=True)
+def reset_accounts(acct: np.ndarray, idx: np.ndarray, initial_cash: float) -> None:
+    for j in range(idx.shape[0]):
+        b = idx[j]
+        for f in range(N_FIELDS):
+            acct[f, b] = 0.0
+        acct[CASH, b] = initial_cash
+        acct[EQUITY, b] = initial_cash
+
+
+@njit(cache=True)
+def execute_orders(acct: np.ndarray, orders: np.ndarray, rows: np.ndarray, time: np.ndarray, bars: np.ndarray,
+                   xp: np.ndarray, filled: np.ndarray) -> None:
+    """Process bar ``rows[b]`` for every account ``b`` with its order ``orders[b]`` (``process_bar`` per account).
+
+    ``bars`` is the ``(5, N)`` stack of open, high, low, close, volume. For callers outside the envs (live
+    trader, tests); the envs call ``process_bar`` inline from their own step kernel.
+    """
+    for b in range(orders.shape[0]):
+        r = rows[b]
+        filled[b] = process_bar(acct, b, orders[b], time[r], bars[0, r], bars[1, r], bars[2, r], bars[3, r],
+                                bars[4, r], xp)
