@@ -9,6 +9,7 @@ failure (bad parameter, missing symbol, empty split) leaves the previous output 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -163,7 +164,7 @@ def _check_session_params(s: SessionSettings) -> list[tuple[str, int, int]]:
             raise ConfigError(f"sessions.splits.{name}: start {r.start} is not before end {r.end}")
         ranges.append((name, lo, hi))
     ranges.sort(key=lambda x: x[1])
-    for (a, _, a_hi), (b, b_lo, _) in zip(ranges, ranges[1:], strict=False):
+    for (a, _, a_hi), (b, b_lo, _) in itertools.pairwise(ranges):
         if b_lo < a_hi:
             raise ConfigError(f"sessions.splits.{b}: starts before sessions.splits.{a} ends (splits must not overlap)")
     return ranges
@@ -204,14 +205,16 @@ def _candidates(symbol: str, frame: pl.DataFrame, s: SessionSettings, step_us: i
 
 def _split_sessions(c: _Candidates, s: SessionSettings, lo: int, hi: int, embargo_from: int | None,
                     step_us: int) -> np.ndarray:
-    """Starts of ``c`` inside ``[lo, hi)`` (context and last bar included), clear of the embargo after a boundary."""
+    """Mask over ``c.starts``: sessions inside ``[lo, hi)`` (context and last bar included), clear of the
+    embargo after a boundary."""
     t_us = c.frame["open_time"].dt.epoch("us").to_numpy()
     ctx_time = t_us[c.starts - s.context]
     end_time = t_us[c.starts + s.length - 1] + step_us
     keep = (ctx_time >= lo) & (end_time <= hi)
     if embargo_from is not None:
         keep &= ctx_time >= embargo_from + s.embargo * step_us
-    return keep
+    mask: np.ndarray = keep
+    return mask
 
 
 def _covered(n: int, starts: np.ndarray, s: SessionSettings) -> np.ndarray:
@@ -281,7 +284,7 @@ def run_sessions_stage(settings: Settings, features_dir: Path | None = None, out
         inputs[sym] = fmeta["input_sha256"]
         cands.append(_candidates(sym, frame, s, step_us))
         seg_sizes = frame.filter(pl.col("valid")).group_by("segment").len()["len"]
-        longest = max(longest, int(seg_sizes.max() or 0))
+        longest = max(longest, int(seg_sizes.max() or 0))  # type: ignore[arg-type]
     assert names is not None
     if longest < s.context + s.length:
         raise DataError(f"sessions.context + sessions.length = {s.context + s.length} bars is longer than any "
@@ -301,8 +304,9 @@ def run_sessions_stage(settings: Settings, features_dir: Path | None = None, out
     for name, lo, hi in ranges:
         if not any(k.any() for k in keeps[name]):
             raise DataError(f"sessions.splits.{name}: no sessions in [{_ts(lo)}, {_ts(hi)}) for {', '.join(symbols)} "
-                            f"(is there data in that range? else relax sessions.volatility_percentile / min_abs_move "
-                            f"or sessions.embargo)")
+                            f"with windows of sessions.context + sessions.length = {s.context + s.length} bars "
+                            f"(is there data in that range? else shorten the windows, relax "
+                            f"sessions.volatility_percentile / min_abs_move or sessions.embargo)")
     mean, std = _train_stats(cands, keeps["train"], s, names)
 
     meta_common = {"params": {"sessions": s.model_dump(mode="json"),
@@ -315,7 +319,7 @@ def run_sessions_stage(settings: Settings, features_dir: Path | None = None, out
                                "volatility_threshold": vol_threshold, "splits": {}}
     sets: dict[str, SessionSet] = {}
     with atomic_dir(out) as tmp:
-        for name, lo, hi in ranges:
+        for name, _, _ in ranges:
             set_ = _assemble(cands, keeps[name], s, names, symbols, mean, std, meta_common)
             write_split(set_, tmp / name, name, meta_common)
             sets[name] = set_

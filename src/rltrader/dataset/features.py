@@ -141,7 +141,7 @@ def calendar_exprs() -> dict[str, pl.Expr]:
 
 def feature_spec(p: FeatureSettings) -> FeatureSpec:
     names = (*feature_exprs(p), *calendar_exprs())
-    fast, slow, signal = p.macd
+    _fast, slow, signal = p.macd
     warmup = max(max(p.return_horizons), p.rsi, max(p.ema), slow + signal - 1, p.bollinger, p.atr,
                  max(p.volatility) + 1, p.zscore_window)
     return FeatureSpec(names=tuple(names), warmup=warmup)

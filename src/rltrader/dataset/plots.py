@@ -8,10 +8,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from rltrader.dataset.split import SessionSet  # noqa: E402
+from rltrader.dataset.split import SessionSet
 
 
 def plot_example_sessions(sets: dict[str, SessionSet], path: Path, count: int, seed: int = 0) -> None:

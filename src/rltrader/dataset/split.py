@@ -79,7 +79,7 @@ class SessionSet:
 
     @property
     def n_features(self) -> int:
-        return self.features.shape[1]
+        return int(self.features.shape[1])
 
     def session_symbol(self, i: int) -> str:
         return self.symbols[int(self.symbol_id[self.start[i]])]
