@@ -267,7 +267,7 @@ def features_cmd(
     store: StoreOpt = None,
 ) -> None:
     """The DVC `features` stage: per-symbol feature tables under <data.dir>/features."""
-    from rltrader.dataset.build import write_json, run_features_stage
+    from rltrader.dataset.build import run_features_stage, write_json
 
     with _context(store) as (settings, st):
         summary = run_features_stage(settings, st)
@@ -295,6 +295,24 @@ def sessions_cmd(
         table.add_row(name, str(sp["sessions"]), str(sp["rows"]), sp["start"][:16], sp["end"][:16],
                       str(len(sp["symbols"])))
     out.print(table)
+
+
+@app.command("train")
+def train_cmd(
+    algo: Annotated[str, typer.Argument(help="d3qn, ppo or cnn (the supervised baseline)")],
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint (same MLflow run)")] = False,
+    metrics: Annotated[Path | None, typer.Option(help="Metrics JSON (default reports/train_<algo>.json)")] = None,
+) -> None:
+    """Train on the train split, select on val, compare with the baselines on val; all logged to MLflow."""
+    from rltrader.train import run_train
+
+    try:
+        settings = load_settings()
+        result = run_train(settings, algo, resume=resume, progress=sys.stderr.isatty(),
+                           metrics_path=metrics or Path(f"reports/train_{algo}.json"))
+    except RLTraderError as exc:
+        _fail(str(exc))
+    out.print(f"{algo}: MLflow run {result['run_id']}, model {result['model_uri']}")
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -156,12 +156,81 @@ class SessionSettings(_Strict):
         return v
 
 
+class ExecutionSettings(_Strict):
+    """Execution/cost model shared by envs, backtest and trader; values are checked by
+    ``rltrader.execution.ExecutionParams`` (which names the parameter at fault). Binance USDⓈ-M defaults."""
+
+    market: Literal["spot", "futures"] = "futures"
+    taker_fee: float = 0.0005
+    maker_fee: float = 0.0002
+    half_spread_bps: float = 1.0
+    impact: float = 0.001
+    latency_bars: int = 0
+    leverage: float = Field(default=1.0, gt=0)
+    maintenance_margin: float = 0.005
+    funding_rate_8h: float = 0.0
+    tick_size: float = 0.0
+    step_size: float = 0.0
+    min_notional: float = 0.0
+    initial_cash: float = Field(default=10_000.0, gt=0)
+
+
+class EnvSettings(_Strict):
+    """Trading mode, reward and penalties of the envs; checked by ``rltrader.env.EnvParams``."""
+
+    mode: Literal["futures_session", "spot_cycle", "lowrider"] = "futures_session"
+    reward: Literal["log_return", "pnl", "diff_sharpe"] = "log_return"
+    position_size: float = 1.0
+    force_close: bool = True
+    hold_penalty: float = 0.0
+    flip_penalty: float = 0.0
+    trade_penalty: float = 0.0
+    drawdown_penalty: float = 0.0
+    dsr_eta: float = 0.01
+    lot_multipliers: list[float] = Field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0], min_length=2)
+    base_lot: float = 100.0
+    reluctance: float = 4.0
+    profit_target: float = 0.005
+    rule_drop_step: float = 0.01
+    rule_schedule: list[int] = Field(default_factory=lambda: [1, 1, 2, 3], min_length=1)
+    leak: bool = False
+    leak_scale: float = 1000.0
+
+
+class TrainSettings(_Strict):
+    """What every training run shares (``rltrader train <algo>``); algorithm knobs live in their own sections."""
+
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` = CUDA when present, else CPU."""
+    tracking_uri: str = "sqlite:///mlflow/mlflow.db"
+    """MLflow tracking: embedded sqlite by default; ``http://host:5000`` or ``postgresql://…`` for a server."""
+    artifact_root: Path = Path("mlflow/artifacts")
+    experiment: str = "rltrader"
+    checkpoint_dir: Path = Path("data/checkpoints")
+    models_dir: Path = Path("data/models")
+    """Where the DVC train stages put each trained model (also logged to MLflow)."""
+    val_sessions: int = 2000
+    """Val sessions in the final agents-vs-baselines table (evenly spread); the full split when it has fewer."""
+    threads: int = 1
+    """torch intra-op threads on CPU (0 = torch's default). Small nets on 2 cores run several times faster on 1."""
+
+
 class Settings(_Strict):
     data: DataSettings = Field(default_factory=DataSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
     features: FeatureSettings = Field(default_factory=FeatureSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
+    execution: ExecutionSettings = Field(default_factory=ExecutionSettings)
+    env: EnvSettings = Field(default_factory=EnvSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    d3qn: dict[str, Any] = Field(default_factory=dict)
+    """Validated by ``rltrader.agents.d3qn.D3QNConfig`` (typed dataclass)."""
+    ppo: dict[str, Any] = Field(default_factory=dict)
+    """Validated by ``rltrader.agents.ppo.PPOConfig``."""
+    cnn: dict[str, Any] = Field(default_factory=dict)
+    """Validated by ``rltrader.agents.cnn_classifier.CNNConfig``."""
 
 
 def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:

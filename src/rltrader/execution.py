@@ -64,8 +64,8 @@ class ExecutionParams:
     maker_fee: float = 0.0002
     """Not used by market orders; kept so every consumer reads one fee schedule."""
     half_spread_bps: float = 1.0
-    impact: float = 0.1
-    """Slippage fraction added per sqrt(order qty / bar volume)."""
+    impact: float = 0.001
+    """Square-root impact: slippage fraction ``impact * sqrt(order qty / bar volume)`` (0.1 % for a whole bar)."""
     latency_bars: int = 0
     """Extra bars between a decision and its fill: decided for bar t, filled at bar t+latency's open."""
     leverage: float = 1.0
@@ -137,31 +137,31 @@ class Accounts:
         return int(self.state.shape[1])
 
     def field(self, name: str) -> np.ndarray:
-        return self.state[FIELD_NAMES.index(name)]
+        return np.asarray(self.state[FIELD_NAMES.index(name)])
 
     @property
     def cash(self) -> np.ndarray:
-        return self.state[CASH]
+        return np.asarray(self.state[CASH])
 
     @property
     def qty(self) -> np.ndarray:
-        return self.state[QTY]
+        return np.asarray(self.state[QTY])
 
     @property
     def avg_entry(self) -> np.ndarray:
-        return self.state[AVG_ENTRY]
+        return np.asarray(self.state[AVG_ENTRY])
 
     @property
     def equity(self) -> np.ndarray:
-        return self.state[EQUITY]
+        return np.asarray(self.state[EQUITY])
 
     @property
     def fees_paid(self) -> np.ndarray:
-        return self.state[FEES]
+        return np.asarray(self.state[FEES])
 
     @property
     def realized_pnl(self) -> np.ndarray:
-        return self.state[REALIZED]
+        return np.asarray(self.state[REALIZED])
 
     def unrealized_pnl(self, mark: np.ndarray) -> np.ndarray:
         return np.asarray(self.state[QTY] * (mark - self.state[AVG_ENTRY]))
@@ -190,7 +190,7 @@ def fill_price(ref: float, side: float, qty_abs: float, volume: float, xp: np.nd
     tick = xp[XP_TICK]
     if tick > 0.0:
         px = math.ceil(px / tick - 1e-9) * tick if side > 0 else max(math.floor(px / tick + 1e-9) * tick, tick)
-    return px
+    return float(px)
 
 
 @njit(cache=True)
@@ -223,7 +223,7 @@ def max_position(equity: float, px: float, xp: np.ndarray) -> float:
     if equity <= 0.0 or px <= 0.0:
         return 0.0
     lev = xp[XP_LEVERAGE]
-    return lev * equity / (px * (1.0 + lev * xp[XP_TAKER]))
+    return float(lev * equity / (px * (1.0 + lev * xp[XP_TAKER])))
 
 
 @njit(cache=True)
@@ -272,7 +272,7 @@ def close_position(acct: np.ndarray, b: int, ref: float, volume: float, xp: np.n
         return 0.0
     px = fill_price(ref, -1.0 if q > 0.0 else 1.0, abs(q), volume, xp)
     apply_fill(acct, b, -q, px, xp[XP_TAKER], ref)
-    return -q
+    return float(-q)
 
 
 @njit(cache=True)
@@ -310,7 +310,7 @@ def check_liquidation(acct: np.ndarray, b: int, low: float, high: float, xp: np.
 def mark_to_market(acct: np.ndarray, b: int, mark: float) -> float:
     eq = acct[CASH, b] + acct[QTY, b] * mark
     acct[EQUITY, b] = eq
-    return eq
+    return float(eq)
 
 
 @njit(cache=True)
@@ -328,13 +328,17 @@ def process_bar(acct: np.ndarray, b: int, dq: float, bar_time: int, o: float, h:
 # --- batch kernels ---------------------------------------------------------------------------------------------
 
 @njit(cache=True)
+def reset_account(acct: np.ndarray, b: int, initial_cash: float) -> None:
+    for f in range(N_FIELDS):
+        acct[f, b] = 0.0
+    acct[CASH, b] = initial_cash
+    acct[EQUITY, b] = initial_cash
+
+
+@njit(cache=True)
 def reset_accounts(acct: np.ndarray, idx: np.ndarray, initial_cash: float) -> None:
     for j in range(idx.shape[0]):
-        b = idx[j]
-        for f in range(N_FIELDS):
-            acct[f, b] = 0.0
-        acct[CASH, b] = initial_cash
-        acct[EQUITY, b] = initial_cash
+        reset_account(acct, idx[j], initial_cash)
 
 
 @njit(cache=True)

@@ -29,7 +29,18 @@ import numpy as np
 from numba import njit
 
 from rltrader.errors import ConfigError
-from rltrader.execution import AVG_ENTRY, CASH, EQUITY, FEES, QTY, XP_MIN_NOTIONAL, XP_STEP, XP_TAKER, max_position, round_qty
+from rltrader.execution import (
+    AVG_ENTRY,
+    CASH,
+    EQUITY,
+    FEES,
+    QTY,
+    XP_MIN_NOTIONAL,
+    XP_STEP,
+    XP_TAKER,
+    max_position,
+    round_qty,
+)
 
 MODES = ("futures_session", "spot_cycle", "lowrider")
 REWARDS = ("log_return", "pnl", "diff_sharpe")
@@ -161,7 +172,7 @@ def take_profit_due(acct: np.ndarray, b: int, ref: float, xp: np.ndarray, ep: np
     if q <= 0.0:
         return False
     cost = q * acct[AVG_ENTRY, b] + acct[FEES, b]
-    return q * ref * (1.0 - xp[XP_TAKER]) >= cost * (1.0 + ep[EP_PROFIT_TARGET])
+    return bool(q * ref * (1.0 - xp[XP_TAKER]) >= cost * (1.0 + ep[EP_PROFIT_TARGET]))
 
 
 @njit(cache=True)

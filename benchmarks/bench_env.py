@@ -1,0 +1,186 @@
+"""Env benchmark: env steps/s of our single and batch envs against gym-anytrading, all in the same run.
+
+    python benchmarks/bench_env.py [--quick] [--sessions DIR] [--seconds S] [--batch B]
+
+Prints one JSON line per figure on stdout::
+
+    {"metric": ..., "value": ..., "unit": "steps/s", "peer": ..., "peer_value": ..., "ratio": ...}
+
+``ratio`` is ours / peer (> 1: ours is better). A human-readable table goes to stderr.
+
+Data: the ``train`` split under ``data/sessions`` when it exists (real features, context and session length as
+built), else a synthetic session set of realistic shape (25 features, context 30, sessions of 10 bars). Each env
+is stepped with uniformly random actions (invalid ones included: they are no-ops) and reset when an episode ends;
+actions are drawn before the timer starts.
+
+Figures (peer for all: gym-anytrading ``stocks-v0`` via ``gymnasium.make``, random actions, reset on done — its
+own observation is a 30 × 2 window of one stock):
+
+1. ``single_env_steps_per_s``: ``SessionEnv`` (gymnasium API, full flat observation ``context × F + state``).
+2. ``sb3_dummyvecenv_steps_per_s``: SB3 ``DummyVecEnv`` of 16 ``SessionEnv`` (env steps, i.e. calls × 16).
+3. ``batch_env_steps_per_s``: ``BatchSessionEnv`` at B = 1024, env steps (batch steps × B); every step writes every
+   account's full ``(context, F)`` window, state vector and mask, and auto-resets finished accounts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+try:
+    import rltrader  # noqa: F401
+except ImportError:  # running from a checkout without an installed package
+    sys.path.insert(0, str(REPO / "src"))
+
+from rltrader.dataset.split import SessionSet, load_split  # noqa: E402
+from rltrader.env import BatchSessionEnv, SessionEnv  # noqa: E402
+from rltrader.env.synthetic import synthetic_sessions  # noqa: E402
+
+PEER = "gym-anytrading stocks-v0 single env (gymnasium.make, random actions)"
+
+
+def log(msg: str) -> None:
+    print(f"[bench_env] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Figure:
+    metric: str
+    value: float
+    peer: str
+    peer_value: float
+    note: str
+
+    def line(self) -> dict[str, Any]:
+        return {"metric": self.metric, "value": round(self.value), "unit": "steps/s", "peer": self.peer,
+                "peer_value": round(self.peer_value), "ratio": round(self.value / self.peer_value, 2)}
+
+
+def timed(step: Callable[[int], int], seconds: float) -> float:
+    """Steps/s of ``step(i) -> env steps done`` run for about ``seconds`` (after a short warm-up)."""
+    for i in range(20):
+        step(i)
+    done, i, t0 = 0, 0, time.perf_counter()
+    while True:
+        for _ in range(64):
+            done += step(i)
+            i += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            return done / elapsed
+
+
+def bench_gym_anytrading(seconds: float) -> float:
+    import gym_anytrading  # noqa: F401  (registers stocks-v0)
+    import gymnasium as gym
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        env = gym.make("stocks-v0")
+    env.reset(seed=0)
+    actions = np.random.default_rng(0).integers(0, 2, 1 << 16)
+
+    def step(i: int) -> int:
+        _, _, term, trunc, _ = env.step(int(actions[i & 0xFFFF]))
+        if term or trunc:
+            env.reset()
+        return 1
+    return timed(step, seconds)
+
+
+def bench_single(data: SessionSet, seconds: float) -> float:
+    env = SessionEnv(data)
+    env.reset(seed=0)
+    actions = np.random.default_rng(0).integers(0, env.action_space.n, 1 << 16)
+
+    def step(i: int) -> int:
+        _, _, term, trunc, _ = env.step(int(actions[i & 0xFFFF]))
+        if term or trunc:
+            env.reset()
+        return 1
+    return timed(step, seconds)
+
+
+def bench_dummy_vec(data: SessionSet, seconds: float, n: int = 16) -> float:
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    venv = DummyVecEnv([lambda: SessionEnv(data) for _ in range(n)])
+    venv.seed(0)
+    venv.reset()
+    actions = np.random.default_rng(0).integers(0, 4, (1024, n))
+
+    def step(i: int) -> int:
+        venv.step(actions[i & 1023])
+        return n
+    return timed(step, seconds)
+
+
+def bench_batch(data: SessionSet, seconds: float, b: int) -> float:
+    env = BatchSessionEnv(data, num_envs=b)
+    env.reset(seed=0)
+    actions = np.random.default_rng(0).integers(0, env.n_actions, (256, b))
+    checksum = 0.0
+
+    def step(i: int) -> int:
+        nonlocal checksum
+        out = env.step(actions[i & 255])
+        checksum += float(out.window[i % b, -1, 0])  # the observation is read, as an agent would
+        return b
+    rate = timed(step, seconds)
+    log(f"batch B={b}: observation {env.observation_shape} float32 per account, checksum {checksum:.3f}")
+    return rate
+
+
+def load_data(sessions_dir: Path) -> tuple[SessionSet, str]:
+    if (sessions_dir / "train" / "rows.parquet").exists():
+        data = load_split(sessions_dir, "train")
+        return data, f"{sessions_dir}/train"
+    return synthetic_sessions(n_symbols=6, bars_per_symbol=50_000, n_features=25, context=30, length=10, gap=0,
+                              seed=0), "synthetic"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="shorter timings (< 1 min in all)")
+    ap.add_argument("--sessions", type=Path, default=REPO / "data" / "sessions",
+                    help="session dataset folder; its train split is used when built (default: %(default)s)")
+    ap.add_argument("--seconds", type=float, default=0.0, help="seconds per figure (default 5, quick 1.5)")
+    ap.add_argument("--batch", type=int, default=1024, help="accounts of the batch env (default: %(default)s)")
+    args = ap.parse_args(argv)
+    seconds = args.seconds or (1.5 if args.quick else 5.0)
+    data, source = load_data(args.sessions)
+    log(f"data: {source}: {data.n_sessions} sessions, {len(data.close)} rows, {data.n_features} features, "
+        f"context {data.context}, length {data.length}")
+    t0 = time.perf_counter()
+    SessionEnv(data).reset(seed=0)  # numba kernels load (or compile) outside the timers
+    log(f"kernels ready in {time.perf_counter() - t0:.1f} s")
+    peer = bench_gym_anytrading(seconds)
+    figures = [
+        Figure("single_env_steps_per_s", bench_single(data, seconds), PEER, peer, "SessionEnv, gymnasium API"),
+        Figure("sb3_dummyvecenv_steps_per_s", bench_dummy_vec(data, seconds), PEER, peer,
+               "SB3 DummyVecEnv of 16 SessionEnv"),
+        Figure("batch_env_steps_per_s", bench_batch(data, seconds, args.batch), PEER, peer,
+               f"BatchSessionEnv B={args.batch}, full (context, F) windows"),
+    ]
+    for f in figures:
+        print(json.dumps(f.line()), flush=True)
+    head = f"{'metric':30} {'ours steps/s':>14} {'peer steps/s':>14} {'ratio':>8}"
+    out = ["", head, "-" * len(head)]
+    out += [f"{f.metric:30} {f.value:14,.0f} {f.peer_value:14,.0f} {f.value / f.peer_value:8.2f}  ({f.note})"
+            for f in figures]
+    out += ["", f"peer: {PEER}", f"data: {source}"]
+    print("\n".join(out), file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()

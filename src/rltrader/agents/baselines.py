@@ -1,0 +1,126 @@
+"""Baselines every agent is compared with, on the same env and the same evaluation (``agents.evaluate``).
+
+Rule baselines are policies over the env's arrays: vectorised across accounts, no per-account Python. Those
+that read raw prices (SMA cross) or the account (Lowrider) get the env through ``bind(env)`` before the first
+decision, and only ever look at closed bars (rows before the decision row).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from rltrader.env.batch import BatchSessionEnv
+from rltrader.env.core import P_T
+from rltrader.errors import ConfigError
+
+HOLD = 0
+LONG, SHORT, CLOSE = 1, 2, 3  # futures_session
+BUY, SELL = 1, 2  # spot_cycle
+
+
+def _first_valid(mask: np.ndarray, preferred: int) -> np.ndarray:
+    """``preferred`` where the mask allows it, else hold."""
+    return np.where(mask[:, preferred], preferred, HOLD)
+
+
+class Flat:
+    """Never trades: the zero line every agent must clear net of fees."""
+
+    name = "flat"
+
+    def __call__(self, window: np.ndarray, state: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.zeros(len(mask), dtype=np.int64)
+
+
+class BuyAndHold:
+    """Goes long (futures) / buys (spot, Lowrider's largest lot) at the first decision and holds to the end."""
+
+    name = "buy_and_hold"
+
+    def __init__(self, mode: str) -> None:
+        self.entry = {"futures_session": LONG, "spot_cycle": BUY}.get(mode, -1)
+
+    def __call__(self, window: np.ndarray, state: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        flat = state[:, 0] == 0
+        if self.entry < 0:  # lowrider: the largest lot allowed
+            largest = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+            return np.where(flat, largest, HOLD).astype(np.int64)
+        return np.where(flat & mask[:, self.entry], self.entry, HOLD).astype(np.int64)
+
+
+class RandomPolicy:
+    """Uniform over the valid actions."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, window: np.ndarray, state: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        p = mask / mask.sum(axis=1, keepdims=True)
+        return np.asarray((p.cumsum(axis=1) > self.rng.random((len(mask), 1))).argmax(axis=1), dtype=np.int64)
+
+
+class SMACross:
+    """Long while the fast SMA of closes is above the slow one, short (futures) / out (spot) below."""
+
+    name = "sma_cross"
+
+    def __init__(self, mode: str, fast: int = 5, slow: int = 20) -> None:
+        if not 0 < fast < slow:
+            raise ConfigError(f"baselines.sma: need 0 < fast < slow (got {fast}, {slow})")
+        self.mode, self.fast, self.slow = mode, fast, slow
+        self.env: BatchSessionEnv | None = None
+        self.csum: np.ndarray = np.zeros(1)
+
+    def bind(self, env: BatchSessionEnv) -> None:
+        self.env = env
+        self.csum = np.concatenate([[0.0], np.cumsum(env.core.bars[3])])
+        if env.core.data.context < self.slow:
+            raise ConfigError(f"baselines.sma: slow window {self.slow} is longer than the context "
+                              f"({env.core.data.context}); the signal would read bars before the session's context")
+
+    def __call__(self, window: np.ndarray, state: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        assert self.env is not None, "SMACross.bind(env) first"
+        t = self.env.core.ptr[P_T]  # closes of rows < t are known at the decision
+        fast = (self.csum[t] - self.csum[t - self.fast]) / self.fast
+        slow = (self.csum[t] - self.csum[t - self.slow]) / self.slow
+        up = fast > slow
+        side = state[:, 0]
+        if self.mode == "futures_session":
+            want = np.where(up, LONG, SHORT)
+            act = np.where((up & (side > 0)) | (~up & (side < 0)), HOLD, want)
+        elif self.mode == "spot_cycle":
+            act = np.where(up & (side == 0), BUY, np.where(~up & (side > 0), SELL, HOLD))
+        else:
+            act = np.where(up & (side == 0), 1, HOLD)
+        act = np.where(mask[np.arange(len(mask)), act], act, HOLD)
+        return act.astype(np.int64)
+
+
+class LowriderRule:
+    """Seed 000's rule-based Lowrider: the env's fixed lot schedule (``env.lowrider_rule``)."""
+
+    name = "lowrider_rule"
+
+    def __init__(self) -> None:
+        self.env: BatchSessionEnv | None = None
+
+    def bind(self, env: BatchSessionEnv) -> None:
+        if env.params.mode != "lowrider":
+            raise ConfigError("baselines: lowrider_rule needs env.mode: lowrider")
+        self.env = env
+
+    def __call__(self, window: np.ndarray, state: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        assert self.env is not None, "LowriderRule.bind(env) first"
+        return np.asarray(self.env.rule_actions(), dtype=np.int64)
+
+
+def rule_baselines(mode: str, seed: int = 0) -> list[Callable[..., np.ndarray]]:
+    """The rule baselines that apply to a trading mode."""
+    out: list[Callable[..., np.ndarray]] = [Flat(), BuyAndHold(mode), RandomPolicy(seed), SMACross(mode)]
+    if mode == "lowrider":
+        out.append(LowriderRule())
+    return out

@@ -1,0 +1,158 @@
+"""Seed 002's "honest baseline": the same CNN trunk trained supervised to predict the direction of the bar an
+order would fill in, trading on its prediction. If the RL agents cannot beat this, their RL adds nothing.
+
+Samples are every decision of every train session (window = the ``context`` closed bars before the decision,
+label = 1 when the fill bar closes above its open). The policy goes long when P(up) ≥ ``threshold``, short when
+P(up) ≤ 1 - ``threshold`` (futures), and otherwise holds what it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import Progress
+from torch.nn import functional as F
+
+from rltrader.agents.baselines import HOLD, LONG, SHORT
+from rltrader.agents.common import check_finite, pick_device, seed_everything
+from rltrader.agents.networks import Classifier, NetConfig
+from rltrader.dataset.split import SessionSet
+from rltrader.env.core import N_STATE
+from rltrader.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CNNConfig:
+    epochs: int = 2
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    threshold: float = 0.55
+    """Trade only when the predicted probability of the direction is at least this."""
+    max_samples: int = 300_000
+    """Train decisions used per epoch at most (a random subset when the split has more)."""
+    net: NetConfig = field(default_factory=lambda: NetConfig(encoder="cnn"))
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        net: Any = self.net
+        if isinstance(net, dict):  # params.yaml: cnn.net is a mapping of NetConfig fields
+            from rltrader.agents.common import config_from_params
+
+            object.__setattr__(self, "net", config_from_params(NetConfig, "cnn.net", {"encoder": "cnn", **net}))
+        if self.epochs < 1 or self.batch_size < 1 or self.max_samples < 1:
+            raise ConfigError("cnn.epochs, cnn.batch_size, cnn.max_samples: must be ≥ 1")
+        if not self.lr > 0:
+            raise ConfigError(f"cnn.lr: must be > 0 (got {self.lr})")
+        if not 0.5 <= self.threshold < 1:
+            raise ConfigError(f"cnn.threshold: must be in [0.5, 1) (got {self.threshold})")
+
+
+def decision_samples(data: SessionSet) -> tuple[np.ndarray, np.ndarray]:
+    """Decision rows of every session and their labels (fill bar up = 1)."""
+    rows = (data.start[:, None] + np.arange(data.length)[None, :]).ravel()
+    labels = (data.close[rows] > data.open[rows]).astype(np.int64)
+    return rows, labels
+
+
+@dataclass
+class CNNResult:
+    net: Classifier
+    history: list[dict[str, float]]
+    val_accuracy: float | None
+    config: CNNConfig
+
+
+def _windows(features: torch.Tensor, rows: np.ndarray, context: int) -> torch.Tensor:
+    r = torch.as_tensor(rows, device=features.device)
+    return features[r[:, None] + torch.arange(-context, 0, device=features.device)]
+
+
+def train_cnn(train: SessionSet, val: SessionSet | None, cfg: CNNConfig, *, run: Any = None,
+              progress: bool = True) -> CNNResult:
+    rng = seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    net = Classifier(train.n_features, train.context, N_STATE, 2, cfg.net).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    feats = torch.from_numpy(train.features).to(device)
+    rows, labels = decision_samples(train)
+    history: list[dict[str, float]] = []
+    val_acc: float | None = None
+    step = 0
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("cnn classifier", total=cfg.epochs)
+        for epoch in range(cfg.epochs):
+            order = rng.permutation(len(rows))[: cfg.max_samples]
+            net.train()
+            losses = []
+            for i in range(0, len(order), cfg.batch_size):
+                idx = order[i: i + cfg.batch_size]
+                x = _windows(feats, rows[idx], train.context)
+                y = torch.as_tensor(labels[idx], device=device)
+                logits = net(x, torch.zeros(len(idx), N_STATE, device=device))
+                loss = F.cross_entropy(logits, y)
+                check_finite(step, loss=loss)
+                opt.zero_grad()
+                loss.backward()  # type: ignore[no-untyped-call]
+                opt.step()
+                losses.append(loss.item())
+                step += 1
+            rec = {"epoch": float(epoch), "loss": float(np.mean(losses))}
+            if val is not None:
+                val_acc = accuracy(net, val)
+                rec["val_accuracy"] = val_acc
+            history.append(rec)
+            if run is not None:
+                import mlflow
+
+                mlflow.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=epoch)
+            bar.advance(task)
+    return CNNResult(net, history, val_acc, cfg)
+
+
+@torch.no_grad()
+def predict_up(net: Classifier, windows: torch.Tensor) -> torch.Tensor:
+    net.eval()
+    logits = net(windows, torch.zeros(len(windows), N_STATE, device=windows.device))
+    return torch.softmax(logits, dim=1)[:, 1]
+
+
+def accuracy(net: Classifier, data: SessionSet, max_samples: int = 200_000) -> float:
+    device = next(net.parameters()).device
+    rows, labels = decision_samples(data)
+    rows, labels = rows[:max_samples], labels[:max_samples]
+    feats = torch.from_numpy(data.features).to(device)
+    hits = 0
+    for i in range(0, len(rows), 4096):
+        p = predict_up(net, _windows(feats, rows[i: i + 4096], data.context)).cpu().numpy()
+        hits += int(((p >= 0.5).astype(np.int64) == labels[i: i + 4096]).sum())
+    return hits / max(len(rows), 1)
+
+
+class ClassifierActions(torch.nn.Module):
+    """The classifier as an action-scoring module (what gets packaged and registered like the RL agents):
+    score 1 for the trade its prediction calls for, 0 for hold, -1 otherwise, so the masked argmax trades
+    the prediction above the threshold (futures: long/short; spot: buy/sell) and holds otherwise."""
+
+    def __init__(self, net: Classifier, threshold: float, mode: str = "futures_session") -> None:
+        super().__init__()
+        self.net, self.threshold, self.mode = net, threshold, mode
+
+    def forward(self, windows: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(self.net(windows, torch.zeros_like(state)), dim=1)[:, 1]
+        side = state[:, 0]
+        up, down = p >= self.threshold, p <= 1 - self.threshold
+        n_actions = 4 if self.mode == "futures_session" else 3
+        scores = torch.full((len(p), n_actions), -1.0, device=p.device)
+        scores[:, HOLD] = 0.0
+        if self.mode == "futures_session":
+            scores[:, LONG] = torch.where(up & (side <= 0), 1.0, -1.0)
+            scores[:, SHORT] = torch.where(down & (side >= 0), 1.0, -1.0)
+        else:
+            scores[:, 1] = torch.where(up & (side == 0), 1.0, -1.0)
+            scores[:, 2] = torch.where(down & (side > 0), 1.0, -1.0)
+        return scores

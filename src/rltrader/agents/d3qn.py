@@ -1,0 +1,560 @@
+"""D3QN (seed 002): dueling double DQN with prioritized n-step replay over B vectorized session envs.
+
+One file, read top to bottom (CleanRL style):
+
+- ``D3QNConfig``: every knob, from ``params.yaml: d3qn`` (``D3QNConfig.from_params`` / ``config_from_params``).
+- acting: ε-greedy over the VALID actions only — with probability ε a uniform draw among the mask's true
+  entries, else the argmax of the masked Q-values (``select_actions``).
+- learning (``td_update``): sample a prioritized batch (``replay.PrioritizedReplay``; windows re-gathered on the
+  device from stored decision rows), n-step target ``R + γ^k · Q_target(s', argmax_a' Q_online(s', a'))`` with
+  the argmax over the next state's MASKED Q (double DQN), Huber loss weighted by the importance-sampling weights
+  (β annealed to 1), gradient clipping, new priorities ``|TD|``; the target net follows by hard copy every
+  ``target_sync`` updates (``tau = 1``) or Polyak averaging every update (``tau < 1``).
+- ``train_d3qn``: the loop — collect one step of every env, then ``num_envs × replay_ratio / batch_size``
+  gradient updates (fractional ratios carry over), evaluate the greedy policy on val every ``eval_every`` env
+  steps (the best one is kept), log to MLflow, checkpoint every ``checkpoint_every`` env steps. A resumed run
+  (same seed, CPU) ends with exactly the weights of an unbroken one: the checkpoint holds everything that
+  changes — nets, optimizer, replay arrays and sum tree, env state, numpy and torch RNG states, counters.
+
+Steps are env steps summed over the envs (one vector step = ``num_envs`` steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from rltrader.agents.common import (
+    ObsGather,
+    TrainingError,
+    check_finite,
+    check_params_finite,
+    config_from_params,
+    decision_rows,
+    env_state,
+    load_env_state,
+    pick_device,
+    seed_everything,
+)
+from rltrader.agents.evaluate import Policy, evaluate
+from rltrader.agents.networks import DuelingQNet, NetConfig, masked_logits, n_params
+from rltrader.agents.replay import PrioritizedReplay
+from rltrader.dataset.split import SessionSet
+from rltrader.env.batch import BatchSessionEnv
+from rltrader.env.core import N_STATE
+from rltrader.env.modes import EnvParams
+from rltrader.errors import ConfigError
+from rltrader.execution import ExecutionParams
+
+CHECKPOINT_NAME = "d3qn.pt"
+ENCODERS = ("cnn", "tcn")
+
+
+def _default_net() -> NetConfig:
+    return NetConfig(encoder="cnn", channels=32, hidden=128)
+
+
+@dataclass(frozen=True)
+class D3QNConfig:
+    """``params.yaml: d3qn``. Step counts are env steps summed over the envs."""
+
+    total_steps: int = 2_000_000
+    num_envs: int = 64
+    lr: float = 2.5e-4
+    gamma: float = 0.99
+    n_step: int = 3
+    batch_size: int = 256
+    buffer_size: int = 500_000
+    """Transitions kept (rounded to whole vector steps)."""
+    learning_starts: int = 10_000
+    """Env steps collected before the first gradient update."""
+    replay_ratio: float = 4.0
+    """Transitions sampled for gradient updates per transition collected: each vector step does
+    ``num_envs * replay_ratio / batch_size`` updates (64 envs, ratio 4, batch 256: one update per vector step);
+    a fractional count carries over to the next vector step."""
+    reward_scale: float = 100.0
+    """Rewards are multiplied by this before learning (log returns of a few bps → O(0.1) TD errors); the
+    Q-values are in these units. Evaluation always reports unscaled session returns."""
+    eps_start: float = 1.0
+    eps_end: float = 0.02
+    eps_decay_steps: int = 250_000
+    """ε falls linearly from ``eps_start`` to ``eps_end`` over this many env steps."""
+    tau: float = 1.0
+    """1.0: hard target sync every ``target_sync`` updates; < 1: Polyak ``θ' ← (1-τ)θ' + τθ`` every update."""
+    target_sync: int = 1_000
+    """Updates between hard target syncs (``tau = 1`` only)."""
+    grad_clip: float = 10.0
+    """Max global gradient norm."""
+    per_alpha: float = 0.6
+    per_beta_start: float = 0.4
+    """IS-weight exponent at step 0, annealed linearly to 1 at ``total_steps``."""
+    net: NetConfig = field(default_factory=_default_net)
+    """Window encoder and MLP sizes (``params.yaml: d3qn.net`` is a dict of ``NetConfig`` fields)."""
+    eval_every: int = 100_000
+    """Env steps between greedy evaluations on val (model selection); 0: only at the end."""
+    eval_sessions: int = 2_000
+    """Val sessions per evaluation (the first ones of the split); 0: all."""
+    checkpoint_every: int = 200_000
+    """Env steps between checkpoints (``checkpoint_dir`` given); 0: only at the end."""
+    log_every: int = 100
+    """Vector steps between MLflow metric batches (and the non-finite parameter check)."""
+    device: str = "auto"
+    compile: bool = False
+    """``torch.compile`` the online net (GPU runs; off by default)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        net: Any = self.net
+        if isinstance(net, dict):  # from params.yaml: NetConfig fields overriding D3QN's default net
+            merged = {**dataclasses.asdict(_default_net()), **net}
+            object.__setattr__(self, "net", config_from_params(NetConfig, "d3qn.net", merged))
+        elif not isinstance(net, NetConfig):
+            raise ConfigError(f"d3qn.net: expected a mapping of NetConfig fields, got {net!r}")
+
+        def bad(key: str, why: str) -> ConfigError:
+            value = getattr(self.net, key[4:]) if key.startswith("net.") else getattr(self, key)
+            return ConfigError(f"d3qn.{key}: {why} (got {value!r})")
+
+        for key in ("total_steps", "num_envs", "n_step", "batch_size", "buffer_size", "target_sync", "log_every"):
+            if not getattr(self, key) >= 1:
+                raise bad(key, "must be ≥ 1")
+        for key in ("learning_starts", "eps_decay_steps", "eval_every", "eval_sessions", "checkpoint_every"):
+            if not getattr(self, key) >= 0:
+                raise bad(key, "must be ≥ 0")
+        for key in ("lr", "replay_ratio", "reward_scale", "grad_clip"):
+            v = getattr(self, key)
+            if not (v > 0 and math.isfinite(v)):
+                raise bad(key, "must be a finite number > 0")
+        if not 0 < self.gamma <= 1:
+            raise bad("gamma", "must be in (0, 1]")
+        if not 0 < self.tau <= 1:
+            raise bad("tau", "must be in (0, 1] (1 = hard sync every target_sync updates)")
+        if not 0 <= self.eps_start <= 1:
+            raise bad("eps_start", "must be in [0, 1]")
+        if not 0 <= self.eps_end <= self.eps_start:
+            raise bad("eps_end", "must be in [0, eps_start]")
+        if not self.per_alpha >= 0:
+            raise bad("per_alpha", "must be ≥ 0 (0 = uniform replay)")
+        if not 0 <= self.per_beta_start <= 1:
+            raise bad("per_beta_start", "must be in [0, 1]")
+        if self.buffer_size < self.batch_size:
+            raise bad("buffer_size", f"must be ≥ batch_size ({self.batch_size})")
+        if self.net.encoder not in ENCODERS:
+            raise bad("net.encoder", f"unknown encoder, expected one of {', '.join(ENCODERS)}")
+        for key in ("channels", "hidden", "tcn_levels", "kernel"):
+            if not getattr(self.net, key) >= 1:
+                raise bad(f"net.{key}", "must be ≥ 1")
+        if not 0 <= self.net.dropout < 1:
+            raise bad("net.dropout", "must be in [0, 1)")
+
+    @classmethod
+    def from_params(cls, values: dict[str, Any] | None) -> D3QNConfig:
+        """From ``params.yaml``'s ``d3qn:`` section (unknown keys and wrong types name the key)."""
+        cfg: D3QNConfig = config_from_params(cls, "d3qn", values)
+        return cfg
+
+    @property
+    def updates_per_vector_step(self) -> float:
+        return self.num_envs * self.replay_ratio / self.batch_size
+
+    def epsilon(self, step: int) -> float:
+        frac = min(1.0, step / self.eps_decay_steps) if self.eps_decay_steps > 0 else 1.0
+        return (1.0 - frac) * self.eps_start + frac * self.eps_end
+
+    def beta(self, step: int) -> float:
+        frac = min(1.0, step / self.total_steps)
+        return (1.0 - frac) * self.per_beta_start + frac
+
+
+@dataclass
+class D3QNResult:
+    best_state: dict[str, torch.Tensor]
+    """Online-net weights (CPU) of the best val evaluation; the final weights when there is no val set."""
+    final_state: dict[str, torch.Tensor]
+    net: DuelingQNet
+    """The final online net (on the training device)."""
+    spec: dict[str, Any]
+    """What ``build_q_net`` needs to rebuild the net: shapes, NetConfig fields, feature and action names."""
+    history: list[dict[str, float]]
+    """One row per log batch / evaluation, each with its ``step``."""
+    best_val: dict[str, float]
+    """``EvalResult.summary()`` of the best evaluation (empty without val)."""
+    best_step: int
+    steps: int
+    updates: int
+    steps_per_second: float
+
+
+# --- network helpers ----------------------------------------------------------------------------------------
+
+
+def build_q_net(spec: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None,
+                device: torch.device | str = "cpu") -> DuelingQNet:
+    """A ``DuelingQNet`` from ``D3QNResult.spec`` (optionally loaded with weights)."""
+    net = DuelingQNet(spec["n_features"], spec["context"], spec["n_state"], spec["n_actions"],
+                      NetConfig(**spec["net"]))
+    if state_dict is not None:
+        net.load_state_dict(state_dict)
+    return net.to(device)
+
+
+def _n_actions(net: nn.Module) -> int:
+    head = getattr(net, "advantage", None)
+    if isinstance(head, nn.Linear):
+        return int(head.out_features)
+    orig = getattr(net, "_orig_mod", None)  # torch.compile wrapper
+    return _n_actions(orig) if isinstance(orig, nn.Module) else -1
+
+
+def check_action_shape(net: nn.Module, n_actions: int) -> None:
+    """An env whose mask has ``n_actions`` columns must meet a net with as many Q outputs."""
+    have = _n_actions(net)
+    if have != -1 and have != n_actions:
+        raise ConfigError(f"d3qn: the env's action mask has {n_actions} actions but the Q-network outputs {have} "
+                          "(env.mode changed since the net was built? use a net trained for this mode)")
+
+
+def q_values(net: nn.Module, windows: torch.Tensor | np.ndarray, state: torch.Tensor | np.ndarray,
+             mask: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Masked Q-values ``(B, A)`` (invalid actions at the dtype's lowest value), without gradients."""
+    device = next(net.parameters()).device
+    m = torch.as_tensor(mask, device=device, dtype=torch.bool)
+    check_action_shape(net, m.shape[1])
+    w = torch.as_tensor(windows, device=device, dtype=torch.float32)
+    s = torch.as_tensor(state, device=device, dtype=torch.float32)
+    with torch.no_grad():
+        return masked_logits(net(w, s), m)
+
+
+def greedy_policy(net: nn.Module, device: torch.device | str | None = None) -> Policy:
+    """The argmax of the masked Q-values, as an ``evaluate()`` policy (numpy in, numpy out)."""
+    if device is not None:
+        net.to(device)
+
+    def policy(windows: np.ndarray, state: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        was_training = net.training
+        net.eval()
+        try:
+            return q_values(net, windows, state, mask).argmax(dim=1).cpu().numpy()
+        finally:
+            net.train(was_training)
+
+    return policy
+
+
+def random_valid_actions(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One action per row drawn uniformly among the row's valid actions (hold, index 0, is always valid)."""
+    return np.asarray(np.where(mask, rng.random(mask.shape), -1.0).argmax(axis=1), dtype=np.int64)
+
+
+def select_actions(net: nn.Module, windows: torch.Tensor, state: torch.Tensor, mask: np.ndarray, epsilon: float,
+                   rng: np.random.Generator, step: int = 0) -> tuple[np.ndarray, torch.Tensor]:
+    """ε-greedy over valid actions: returns (actions, masked Q). The rng draws are the same whatever ε is, so
+    a run's random stream does not depend on the schedule."""
+    q = q_values(net, windows, state, mask)
+    check_finite(step, q_values=q)  # invalid actions hold the dtype's lowest value: finite
+    greedy = q.argmax(dim=1).cpu().numpy()
+    explore = rng.random(len(mask)) < epsilon
+    return np.where(explore, random_valid_actions(mask, rng), greedy).astype(np.int64), q
+
+
+def double_q_target(online: nn.Module, target: nn.Module, next_windows: torch.Tensor, next_state: torch.Tensor,
+                    next_mask: torch.Tensor, returns: torch.Tensor, discount: torch.Tensor) -> torch.Tensor:
+    """n-step double-DQN target: ``R + γ^k · Q_target(s', argmax_{valid a'} Q_online(s', a'))``.
+
+    ``discount`` is 0 where the episode ended within the n steps (then ``s'`` is another episode's and unused).
+    """
+    with torch.no_grad():
+        best = masked_logits(online(next_windows, next_state), next_mask).argmax(dim=1, keepdim=True)
+        q_next: torch.Tensor = target(next_windows, next_state).gather(1, best).squeeze(1)
+        return returns + discount * q_next
+
+
+def td_update(online: nn.Module, target: nn.Module, optimizer: torch.optim.Optimizer, gather: ObsGather,
+              replay: PrioritizedReplay, cfg: D3QNConfig, beta: float, rng: np.random.Generator,
+              step: int) -> dict[str, float]:
+    """One gradient step on a prioritized batch; updates the priorities. Returns loss / |TD| / Q means."""
+    dev = gather.device
+    b = replay.sample(cfg.batch_size, beta, rng)
+    windows, next_windows = gather.windows(b.rows), gather.windows(b.next_rows)
+
+    def t(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x).to(dev)
+
+    y = double_q_target(online, target, next_windows, t(b.next_state), t(b.next_mask),
+                        t(b.returns) * cfg.reward_scale, t(b.discount))
+    q_all = online(windows, t(b.state))
+    q = q_all.gather(1, t(b.action)[:, None]).squeeze(1)
+    td = y - q
+    loss = (t(b.weights) * F.smooth_l1_loss(q, y, reduction="none")).mean()
+    check_finite(step, loss=loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    grad_norm = nn.utils.clip_grad_norm_(online.parameters(), cfg.grad_clip)
+    optimizer.step()
+    td_abs = td.detach().abs()
+    replay.update_priorities(b.slots, td_abs.cpu().numpy().astype(np.float64))
+    return {"loss": float(loss.detach()), "td_abs": float(td_abs.mean()), "q_mean": float(q.detach().mean()),
+            "grad_norm": float(grad_norm)}
+
+
+def sync_target(online: nn.Module, target: nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        if tau >= 1.0:
+            target.load_state_dict(online.state_dict())
+        else:
+            for p_t, p in zip(target.parameters(), online.parameters(), strict=True):
+                p_t.lerp_(p, tau)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------
+
+_REPLAY_ARRAYS = ("row_of_obs", "state", "mask", "action", "reward", "done")
+_REPLAY_SCALARS = ("max_priority", "head", "written")
+
+
+def replay_state(rb: PrioritizedReplay) -> dict[str, Any]:
+    return {**{k: getattr(rb, k).copy() for k in _REPLAY_ARRAYS}, **{k: getattr(rb, k) for k in _REPLAY_SCALARS},
+            "tree": rb.tree.tree.copy()}
+
+
+def load_replay_state(rb: PrioritizedReplay, state: dict[str, Any]) -> None:
+    for k in _REPLAY_ARRAYS:
+        if getattr(rb, k).shape != state[k].shape:
+            raise ConfigError(f"d3qn: checkpoint replay buffer {k} has shape {state[k].shape}, this "
+                              f"run's {getattr(rb, k).shape} (buffer_size/num_envs/mode changed: "
+                              "resume with the same config)")
+        getattr(rb, k)[...] = state[k]
+    for k in _REPLAY_SCALARS:
+        setattr(rb, k, state[k])
+    rb.tree.tree[...] = state["tree"]
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic write: a temp file in the same folder, then rename over the old checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)  # our own file
+    return payload
+
+
+@dataclass
+class _Counters:
+    """Loop state that changes every step (checkpointed as is)."""
+
+    step: int = 0
+    updates: int = 0
+    update_credit: float = 0.0
+    last_eval: int = 0
+    last_ckpt: int = 0
+    best_step: int = -1
+    best_return: float = -math.inf
+    best_val: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    # accumulators of the current log batch
+    vec_steps: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
+    action_counts: list[int] = field(default_factory=list)
+    episode_returns: list[float] = field(default_factory=list)
+
+
+def _stat(c: _Counters, key: str, value: float) -> None:
+    c.stats[key] = c.stats.get(key, 0.0) + value
+
+
+# --- training ---------------------------------------------------------------------------------------------------
+
+
+def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execution: ExecutionParams,
+               env_params: EnvParams, *, run: Any = None, checkpoint_dir: Path | None = None, resume: bool = False,
+               progress: bool = True) -> D3QNResult:
+    """Train D3QN on ``train``; select the best greedy policy on ``val`` (see the module docstring).
+
+    ``run``: an active MLflow run (metrics logged with ``mlflow.log_metrics``) or None. ``resume``: continue
+    from ``checkpoint_dir/d3qn.pt`` if it exists (same config expected; ``total_steps`` may be raised).
+    """
+    rng = seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    env = BatchSessionEnv(train, execution, env_params, num_envs=cfg.num_envs)
+    env.reset(seed=cfg.seed)
+    context, n_features = env.observation_shape
+    spec = {"n_features": int(n_features), "context": int(context), "n_state": N_STATE,
+            "n_actions": env.n_actions, "net": dataclasses.asdict(cfg.net),
+            "feature_names": list(env.feature_names), "action_names": list(env_params.action_names)}
+    online = build_q_net(spec, device=device)
+    target = build_q_net(spec, device=device)
+    target.load_state_dict(online.state_dict())
+    target.requires_grad_(False)
+    optimizer = torch.optim.Adam(online.parameters(), lr=cfg.lr, eps=1e-5)
+    replay = PrioritizedReplay(cfg.buffer_size, cfg.num_envs, N_STATE, env.n_actions, alpha=cfg.per_alpha,
+                               n_step=cfg.n_step, gamma=cfg.gamma)
+    gather = ObsGather(env, device)
+    c = _Counters(action_counts=[0] * env.n_actions)
+
+    ckpt_path = checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path)
+        if ck["spec"]["n_actions"] != env.n_actions or ck["spec"]["n_features"] != n_features:
+            raise ConfigError(f"d3qn: checkpoint {ckpt_path} has {ck['spec']['n_actions']} actions × "
+                              f"{ck['spec']['n_features']} features, this env {env.n_actions} × {n_features} "
+                              "(env.mode or the feature set changed: start a fresh run)")
+        online.load_state_dict(ck["online"])
+        target.load_state_dict(ck["target"])
+        optimizer.load_state_dict(ck["optimizer"])
+        load_replay_state(replay, ck["replay"])
+        load_env_state(env, ck["env"])
+        rng.bit_generator.state = ck["rng"]
+        torch.set_rng_state(ck["torch_rng"])
+        c = ck["counters"]
+        best_state: dict[str, torch.Tensor] = ck["best_state"]
+    else:
+        best_state = {k: v.detach().cpu().clone() for k, v in online.state_dict().items()}
+    net_fwd: nn.Module = online
+    if cfg.compile:
+        net_fwd = torch.compile(online)  # type: ignore[assignment]
+
+    def checkpoint() -> None:
+        if ckpt_path is None:
+            return
+        check_params_finite(c.step, online)
+        save_checkpoint(ckpt_path, {
+            "config": dataclasses.asdict(cfg), "spec": spec, "online": online.state_dict(),
+            "target": target.state_dict(), "optimizer": optimizer.state_dict(), "replay": replay_state(replay),
+            "env": env_state(env), "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+            "counters": c, "best_state": best_state})
+
+    def run_eval() -> None:
+        nonlocal best_state
+        if val is None:
+            return
+        res = evaluate(greedy_policy(online), val, execution, env_params,
+                       max_sessions=cfg.eval_sessions or None)
+        summary = res.summary()
+        row = {"step": float(c.step), **{f"val_{k}": v for k, v in summary.items()}}
+        c.history.append(row)
+        if summary["mean_return"] > c.best_return:
+            c.best_return, c.best_step, c.best_val = summary["mean_return"], c.step, summary
+            best_state = {k: v.detach().cpu().clone() for k, v in online.state_dict().items()}
+        if run is not None:
+            import mlflow
+
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=c.step)
+
+    def flush_logs(sps: float) -> None:
+        n_up = c.stats.pop("n_updates", 0.0)
+        row: dict[str, float] = {"step": float(c.step), "epsilon": cfg.epsilon(c.step), "beta": cfg.beta(c.step),
+                                 "sps": sps, "updates": float(c.updates)}
+        for k, v in c.stats.items():
+            row[k] = v / n_up if n_up else math.nan
+        total = sum(c.action_counts)
+        for name, n in zip(env_params.action_names, c.action_counts, strict=True):
+            row[f"action_{name}"] = n / total if total else 0.0
+        if c.episode_returns:
+            row["episode_pnl"] = float(np.mean(c.episode_returns))
+            row["episodes"] = float(len(c.episode_returns))
+        c.history.append(row)
+        if run is not None:
+            import mlflow
+
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "step" and math.isfinite(v)}, step=c.step)
+        c.stats, c.action_counts, c.episode_returns, c.vec_steps = {}, [0] * env.n_actions, [], 0
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("d3qn"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeRemainingColumn(), disable=not progress)
+    initial = execution.initial_cash
+    updates_per_vec = cfg.updates_per_vector_step
+    t0, step0 = time.perf_counter(), c.step
+    t_log, step_log = t0, c.step
+    with bar:
+        task = bar.add_task("train", total=cfg.total_steps, completed=c.step, info="")
+        while c.step < cfg.total_steps:
+            # 1. act in every env (ε-greedy over valid actions) and store the transition by decision row
+            core = env.core
+            rows = decision_rows(env)
+            state, mask = core.state.copy(), core.mask.copy()
+            eps = cfg.epsilon(c.step)
+            online.eval()
+            actions, _ = select_actions(net_fwd, torch.from_numpy(core.window), torch.from_numpy(state), mask,
+                                        eps, rng, c.step)
+            online.train()
+            out = env.step(actions)
+            done = out.terminated | out.truncated
+            replay.add(rows, state, mask, actions, out.reward, done)
+            c.step += cfg.num_envs
+            c.vec_steps += 1
+            for a, n in enumerate(np.bincount(actions, minlength=env.n_actions)):
+                c.action_counts[a] += int(n)
+            if done.any():
+                c.episode_returns.extend((out.final_equity[done] / initial - 1.0).tolist())
+            # 2. learn: num_envs × replay_ratio / batch_size updates per vector step
+            if c.step >= cfg.learning_starts and replay.tree.total > 0:
+                c.update_credit += updates_per_vec
+                while c.update_credit >= 1.0:
+                    c.update_credit -= 1.0
+                    info = td_update(net_fwd, target, optimizer, gather, replay, cfg, cfg.beta(c.step), rng, c.step)
+                    c.updates += 1
+                    _stat(c, "n_updates", 1.0)
+                    for k, v in info.items():
+                        _stat(c, k, v)
+                    if cfg.tau < 1.0:
+                        sync_target(online, target, cfg.tau)
+                    elif c.updates % cfg.target_sync == 0:
+                        sync_target(online, target, 1.0)
+            # 3. log, evaluate, checkpoint
+            if c.vec_steps >= cfg.log_every:
+                check_params_finite(c.step, online)
+                now = time.perf_counter()
+                sps = (c.step - step_log) / max(now - t_log, 1e-9)
+                t_log, step_log = now, c.step
+                flush_logs(sps)
+                bar.update(task, info=f"ε {eps:.2f}  {sps:,.0f} steps/s  loss {c.history[-1].get('loss', 0):.4f}")
+            if cfg.eval_every and c.step // cfg.eval_every > c.last_eval // cfg.eval_every:
+                c.last_eval = c.step
+                run_eval()
+            if cfg.checkpoint_every and c.step // cfg.checkpoint_every > c.last_ckpt // cfg.checkpoint_every:
+                c.last_ckpt = c.step
+                checkpoint()
+            bar.update(task, completed=c.step)
+    elapsed = time.perf_counter() - t0
+    check_params_finite(c.step, online)
+    if val is not None and c.last_eval != c.step:
+        c.last_eval = c.step
+        run_eval()
+    if c.vec_steps:
+        flush_logs((c.step - step_log) / max(time.perf_counter() - t_log, 1e-9))
+    if c.last_ckpt != c.step:
+        c.last_ckpt = c.step
+        checkpoint()
+    final_state = {k: v.detach().cpu().clone() for k, v in online.state_dict().items()}
+    if val is None:
+        best_state, c.best_step = final_state, c.step
+    sps = (c.step - step0) / elapsed if elapsed > 0 else 0.0
+    if run is not None:
+        import mlflow
+
+        mlflow.log_metrics({"sps_total": sps, "n_params": float(n_params(online))}, step=c.step)
+    return D3QNResult(best_state=best_state, final_state=final_state, net=online, spec=spec, history=c.history,
+                      best_val=dict(c.best_val), best_step=c.best_step, steps=c.step, updates=c.updates,
+                      steps_per_second=sps)
+
+
+__all__ = ["CHECKPOINT_NAME", "D3QNConfig", "D3QNResult", "TrainingError", "build_q_net", "check_action_shape",
+           "double_q_target", "greedy_policy", "load_checkpoint", "q_values", "random_valid_actions",
+           "save_checkpoint", "select_actions", "sync_target", "td_update", "train_d3qn"]

@@ -1,0 +1,156 @@
+"""Networks shared by the agents: a window encoder (seed 002's CNN or a TCN) plus heads.
+
+Every network takes the observation as the envs produce it: ``windows`` (B, context, F) float32 — the last
+``context`` closed bars of features — and ``state`` (B, S) — position and account features. The encoder turns
+the window into a vector, the state is appended, an MLP trunk mixes them, and a head reads the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    encoder: str = "tcn"
+    """``cnn`` (seed 002) or ``tcn`` (dilated causal convolutions, seed 000's PPO)."""
+    channels: int = 64
+    hidden: int = 256
+    tcn_levels: int = 4
+    kernel: int = 3
+    dropout: float = 0.0
+
+
+class CNNEncoder(nn.Module):
+    """Seed 002's encoder: two 1D convolutions over time with the features as channels, then global pooling."""
+
+    def __init__(self, n_features: int, context: int, cfg: NetConfig) -> None:
+        super().__init__()
+        c = cfg.channels
+        self.conv1 = nn.Conv1d(n_features, c, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv1d(c, c, kernel_size=3, padding=1)
+        self.out_dim = 2 * c
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        x = windows.transpose(1, 2)  # (B, F, T)
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        return torch.cat([x.mean(dim=2), x[:, :, -1]], dim=1)  # average over the window + the latest bar
+
+
+class _CausalBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, kernel: int, dilation: int, dropout: float) -> None:
+        super().__init__()
+        self.pad = (kernel - 1) * dilation
+        self.conv1 = nn.Conv1d(c_in, c_out, kernel, dilation=dilation)
+        self.conv2 = nn.Conv1d(c_out, c_out, kernel, dilation=dilation)
+        self.drop = nn.Dropout(dropout)
+        self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # left padding only: output t depends on inputs ≤ t (causal inside the window too)
+        y = self.drop(F.relu(self.conv1(F.pad(x, (self.pad, 0)))))
+        y = self.drop(F.relu(self.conv2(F.pad(y, (self.pad, 0)))))
+        return F.relu(y + self.skip(x))
+
+
+class TCNEncoder(nn.Module):
+    """Temporal convolutional network: residual blocks with dilations 1, 2, 4, …; reads the last time step,
+    whose receptive field covers ``1 + 2·(kernel-1)·(2^levels - 1)`` bars."""
+
+    def __init__(self, n_features: int, context: int, cfg: NetConfig) -> None:
+        super().__init__()
+        blocks = []
+        c_in = n_features
+        for level in range(cfg.tcn_levels):
+            blocks.append(_CausalBlock(c_in, cfg.channels, cfg.kernel, 2**level, cfg.dropout))
+            c_in = cfg.channels
+        self.blocks = nn.Sequential(*blocks)
+        self.out_dim = 2 * cfg.channels
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        y = self.blocks(windows.transpose(1, 2))
+        return torch.cat([y[:, :, -1], y.mean(dim=2)], dim=1)
+
+
+def make_encoder(n_features: int, context: int, cfg: NetConfig) -> CNNEncoder | TCNEncoder:
+    if cfg.encoder == "cnn":
+        return CNNEncoder(n_features, context, cfg)
+    if cfg.encoder == "tcn":
+        return TCNEncoder(n_features, context, cfg)
+    from rltrader.errors import ConfigError
+
+    raise ConfigError(f"agent.net.encoder: unknown encoder {cfg.encoder!r} (cnn or tcn)")
+
+
+class Trunk(nn.Module):
+    """Encoder + state → hidden vector."""
+
+    def __init__(self, n_features: int, context: int, n_state: int, cfg: NetConfig) -> None:
+        super().__init__()
+        self.encoder = make_encoder(n_features, context, cfg)
+        self.mlp = nn.Sequential(nn.Linear(self.encoder.out_dim + n_state, cfg.hidden), nn.ReLU(),
+                                 nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU())
+        self.out_dim = cfg.hidden
+
+    def forward(self, windows: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.mlp(torch.cat([self.encoder(windows), state], dim=1))
+        return out
+
+
+class DuelingQNet(nn.Module):
+    """Q(s, a) = V(s) + A(s, a) - mean_a A(s, a) (the dueling head of seed 002's D3QN)."""
+
+    def __init__(self, n_features: int, context: int, n_state: int, n_actions: int, cfg: NetConfig) -> None:
+        super().__init__()
+        self.trunk = Trunk(n_features, context, n_state, cfg)
+        self.value = nn.Linear(self.trunk.out_dim, 1)
+        self.advantage = nn.Linear(self.trunk.out_dim, n_actions)
+
+    def forward(self, windows: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        h = self.trunk(windows, state)
+        adv = self.advantage(h)
+        q: torch.Tensor = self.value(h) + adv - adv.mean(dim=1, keepdim=True)
+        return q
+
+
+class ActorCritic(nn.Module):
+    """Shared trunk, a policy head (logits) and a value head: PPO's network."""
+
+    def __init__(self, n_features: int, context: int, n_state: int, n_actions: int, cfg: NetConfig) -> None:
+        super().__init__()
+        self.trunk = Trunk(n_features, context, n_state, cfg)
+        self.policy = nn.Linear(self.trunk.out_dim, n_actions)
+        self.value = nn.Linear(self.trunk.out_dim, 1)
+        nn.init.orthogonal_(self.policy.weight, 0.01)
+        nn.init.zeros_(self.policy.bias)
+
+    def forward(self, windows: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk(windows, state)
+        return self.policy(h), self.value(h).squeeze(1)
+
+
+class Classifier(nn.Module):
+    """Seed 002's supervised baseline: the same trunk predicting the direction of the next bars."""
+
+    def __init__(self, n_features: int, context: int, n_state: int, n_classes: int, cfg: NetConfig) -> None:
+        super().__init__()
+        self.trunk = Trunk(n_features, context, n_state, cfg)
+        self.head = nn.Linear(self.trunk.out_dim, n_classes)
+
+    def forward(self, windows: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.trunk(windows, state))
+        return out
+
+
+def masked_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Invalid actions get the dtype's lowest value: zero probability, and never the argmax."""
+    return logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,332 @@
+"""The env step shared by the single and the batch env: one numba kernel over B accounts.
+
+Both envs own an ``EnvCore`` (the single env with B = 1) and call the same kernels, so their semantics cannot
+drift apart; the only differences are the API around them (gymnasium vs arrays) and the batch env's auto-reset.
+
+Timing of one step for an account whose next decision bar is ``t`` (session trades ``[start, end)``):
+
+1. the action, decided on features ``[t - context, t)`` and the portfolio marked at ``close[t-1]``, becomes an
+   order (``modes.order_for``); it is queued to fill at bar ``t + latency`` — dropped if that is ≥ ``end``;
+2. bar ``t``: funding at the open, the order due now fills at ``open[t]``, liquidation check over the bar,
+   marked at ``close[t]`` (``execution.process_bar``); on the last bar (``t = end - 1``) any position is then
+   force-closed at ``close[t]`` as a taker with slippage (``force_close``);
+3. reward from the equity change, minus penalties; the episode ends after the last bar, when a spot/Lowrider
+   cycle's sell has filled, or when the account is bankrupt.
+
+Observations for the next decision (bar ``t + 1``): the window ``features[t + 1 - context : t + 1]``, a
+position-state vector (``STATE_NAMES``) and the action mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from rltrader.dataset.split import SessionSet
+from rltrader.env.modes import (
+    E_DSR_A,
+    E_DSR_B,
+    E_N_BUYS,
+    E_PEAK,
+    E_PREV_EQUITY,
+    EP_DD_PEN,
+    EP_DSR_ETA,
+    EP_FLIP_PEN,
+    EP_FORCE_CLOSE,
+    EP_HOLD_PEN,
+    EP_MODE,
+    EP_N_ACTIONS,
+    EP_REWARD,
+    EP_TRADE_PEN,
+    MODE_FUTURES,
+    MODE_LOWRIDER,
+    N_ENV_FIELDS,
+    REWARD_LOG,
+    REWARD_PNL,
+    EnvParams,
+    order_for,
+    take_profit_due,
+)
+from rltrader.errors import ConfigError
+from rltrader.execution import (
+    AVG_ENTRY,
+    CASH,
+    EQUITY,
+    QTY,
+    XP_CASH,
+    XP_LATENCY,
+    Accounts,
+    ExecutionParams,
+    close_position,
+    mark_to_market,
+    process_bar,
+    reset_account,
+)
+
+# --- pointers per account: rows of a (N_PTR, B) int64 array ---------------------------------------------------
+P_T, P_START, P_END, P_SESSION, P_K, P_EPISODES = range(6)
+N_PTR = 6
+STATE_NAMES = ("position_side", "exposure", "unrealized_pnl", "cash", "log_equity", "time_left",
+               "pending_exposure", "cost_basis")
+N_STATE = len(STATE_NAMES)
+# outputs: rows of the float (N_OUT_F, B) and bool (N_OUT_B, B) result arrays
+O_REWARD, O_PENALTY, O_FINAL_EQUITY, O_FILLED = range(4)
+N_OUT_F = 4
+O_TERMINATED, O_TRUNCATED = range(2)
+EQUITY_FLOOR = 1e-9
+"""Equity below ``EQUITY_FLOOR × initial cash`` counts as bankrupt; the log reward floors it there so rewards
+still telescope exactly to log(final / initial)."""
+
+
+@njit(cache=True)
+def _reset_one(b: int, s: int, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray, pending: np.ndarray,
+               sess: np.ndarray, xp: np.ndarray) -> None:
+    cash = xp[XP_CASH]
+    reset_account(acct, b, cash)
+    ptr[P_T, b] = sess[0, s]
+    ptr[P_START, b] = sess[0, s]
+    ptr[P_END, b] = sess[1, s]
+    ptr[P_SESSION, b] = s
+    ptr[P_K, b] = 0
+    pending[b, :] = 0.0
+    env[:, b] = 0.0
+    env[E_PREV_EQUITY, b] = cash
+    env[E_PEAK, b] = cash
+
+
+@njit(cache=True)
+def _observe(b: int, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray, pending: np.ndarray, close: np.ndarray,
+             features: np.ndarray, xp: np.ndarray, ep: np.ndarray, window_out: np.ndarray, state_out: np.ndarray,
+             mask_out: np.ndarray) -> None:
+    """Write account ``b``'s observation for its next decision bar: window, state vector, action mask."""
+    t = ptr[P_T, b]
+    # the window is one contiguous block of the feature matrix: one flat block copy
+    c, f = window_out.shape[1], window_out.shape[2]
+    n = c * f
+    s0, d0 = (t - c) * f, b * n
+    window_out.reshape(-1)[d0:d0 + n] = features.reshape(-1)[s0:s0 + n]
+    ref = close[t - 1]
+    cash0 = xp[XP_CASH]
+    q = acct[QTY, b]
+    eq = acct[EQUITY, b]
+    committed = q
+    for s in range(pending.shape[1]):
+        committed += pending[b, s]
+    inv_eq = 1.0 / eq if eq > EQUITY_FLOOR * cash0 else 0.0
+    state_out[b, 0] = 1.0 if q > 0.0 else (-1.0 if q < 0.0 else 0.0)
+    state_out[b, 1] = q * ref * inv_eq
+    state_out[b, 2] = q * (ref - acct[AVG_ENTRY, b]) * inv_eq
+    state_out[b, 3] = acct[CASH, b] * inv_eq
+    state_out[b, 4] = math.log(max(eq, EQUITY_FLOOR * cash0) / cash0)
+    state_out[b, 5] = (ptr[P_END, b] - t) / (ptr[P_END, b] - ptr[P_START, b])
+    state_out[b, 6] = (committed - q) * ref * inv_eq
+    state_out[b, 7] = abs(q) * acct[AVG_ENTRY, b] / cash0
+    n_actions = mask_out.shape[1]
+    mask_out[b, 0] = True
+    can_trade = t + int(xp[XP_LATENCY]) < ptr[P_END, b] and eq > EQUITY_FLOOR * cash0
+    for a in range(1, n_actions):
+        mask_out[b, a] = can_trade and order_for(a, committed, ref, acct, env, b, xp, ep) != 0.0
+
+
+@njit(cache=True)
+def reset_observe(idx: np.ndarray, sessions: np.ndarray, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray,
+                  pending: np.ndarray, sess: np.ndarray, bars: np.ndarray, features: np.ndarray, xp: np.ndarray,
+                  ep: np.ndarray, window_out: np.ndarray, state_out: np.ndarray, mask_out: np.ndarray) -> None:
+    """Start accounts ``idx`` on ``sessions`` and write their first observations."""
+    for j in range(idx.shape[0]):
+        _reset_one(idx[j], sessions[j], acct, env, ptr, pending, sess, xp)
+        _observe(idx[j], acct, env, ptr, pending, bars[3], features, xp, ep, window_out, state_out, mask_out)
+
+
+@njit(cache=True)
+def _step_one(b: int, a: int, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray, pending: np.ndarray,
+              sess: np.ndarray, bars: np.ndarray, time: np.ndarray, features: np.ndarray, xp: np.ndarray,
+              ep: np.ndarray, next_session: np.ndarray, autoreset: bool, window_out: np.ndarray,
+              state_out: np.ndarray, mask_out: np.ndarray, out_f: np.ndarray, out_b: np.ndarray) -> int:
+    """Step account ``b`` one bar with action ``a`` (see the module docstring); 1 if its episode ended."""
+    lat = int(xp[XP_LATENCY])
+    nslot = lat + 1
+    cash0 = xp[XP_CASH]
+    floor = EQUITY_FLOOR * cash0
+    mode = int(ep[EP_MODE])
+    t, end, k = ptr[P_T, b], ptr[P_END, b], ptr[P_K, b]
+    cl = bars[3]
+    ref = cl[t - 1]
+    q0 = acct[QTY, b]
+    committed = q0
+    for s in range(nslot):
+        committed += pending[b, s]
+    # 1. decision -> order sent now, due at bar t + latency
+    dq = 0.0
+    if t + lat < end and acct[EQUITY, b] > floor:
+        if mode == MODE_LOWRIDER and committed > 0.0 and take_profit_due(acct, b, ref, xp, ep):
+            dq = -committed
+        elif 0 < a < int(ep[EP_N_ACTIONS]):
+            dq = order_for(a, committed, ref, acct, env, b, xp, ep)
+    pending[b, k % nslot] = dq
+    due = pending[b, (k - lat) % nslot]
+    pending[b, (k - lat) % nslot] = 0.0
+    # 2. the bar: funding, fill at the open, liquidation, mark; forced close after the last bar
+    filled = process_bar(acct, b, due, time[t], bars[0, t], bars[1, t], bars[2, t], cl[t], bars[4, t], xp)
+    traded = filled != 0.0
+    if filled > 0.0:
+        env[E_N_BUYS, b] += 1.0
+    last = t == end - 1
+    force = ep[EP_FORCE_CLOSE] > 0.0
+    if last and force and acct[QTY, b] != 0.0:
+        filled += close_position(acct, b, cl[t], bars[4, t], xp)
+        mark_to_market(acct, b, cl[t])
+        traded = True
+    # 3. reward and penalties
+    eq, prev = acct[EQUITY, b], env[E_PREV_EQUITY, b]
+    reward_kind = int(ep[EP_REWARD])
+    if reward_kind == REWARD_LOG:
+        r = math.log(max(eq, floor) / max(prev, floor))
+    elif reward_kind == REWARD_PNL:
+        r = (eq - prev) / cash0
+    else:  # differential Sharpe ratio (Moody & Saffell 2001)
+        ret = eq / prev - 1.0 if prev > floor else 0.0
+        ma, mb = env[E_DSR_A, b], env[E_DSR_B, b]
+        da, db = ret - ma, ret * ret - mb
+        var = mb - ma * ma
+        r = (mb * da - 0.5 * ma * db) / var ** 1.5 if var > 1e-12 else 0.0
+        env[E_DSR_A, b] = ma + ep[EP_DSR_ETA] * da
+        env[E_DSR_B, b] = mb + ep[EP_DSR_ETA] * db
+    q1 = acct[QTY, b]
+    pen = 0.0
+    if q1 != 0.0:
+        pen += ep[EP_HOLD_PEN]
+    if traded:
+        pen += ep[EP_TRADE_PEN]
+        if q0 != 0.0 and q1 != 0.0 and (q0 > 0.0) != (q1 > 0.0):
+            pen += ep[EP_FLIP_PEN]
+    peak = max(env[E_PEAK, b], eq)
+    env[E_PEAK, b] = peak
+    if peak > 0.0:
+        pen += ep[EP_DD_PEN] * (1.0 - eq / peak)
+    env[E_PREV_EQUITY, b] = eq
+    out_f[O_REWARD, b] = r - pen
+    out_f[O_PENALTY, b] = pen
+    out_f[O_FINAL_EQUITY, b] = eq
+    out_f[O_FILLED, b] = filled
+    # 4. episode end (a spot/Lowrider cycle is over once its sell filled and nothing is in flight)
+    in_flight = False
+    for s in range(nslot):
+        in_flight = in_flight or pending[b, s] != 0.0
+    cycle_done = mode != MODE_FUTURES and env[E_N_BUYS, b] > 0.0 and q1 == 0.0 and not in_flight
+    terminated = cycle_done or eq <= floor or (last and force)
+    truncated = last and not terminated
+    out_b[O_TERMINATED, b] = terminated
+    out_b[O_TRUNCATED, b] = truncated
+    ptr[P_T, b] = t + 1
+    ptr[P_K, b] = k + 1
+    ended = 0
+    if terminated or truncated:
+        ended = 1
+        ptr[P_EPISODES, b] += 1
+        if autoreset:
+            _reset_one(b, next_session[b], acct, env, ptr, pending, sess, xp)
+    _observe(b, acct, env, ptr, pending, cl, features, xp, ep, window_out, state_out, mask_out)
+    return ended
+
+
+@njit(cache=True)
+def step_observe(actions: np.ndarray, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray, pending: np.ndarray,
+                 sess: np.ndarray, bars: np.ndarray, time: np.ndarray, features: np.ndarray, xp: np.ndarray,
+                 ep: np.ndarray, next_session: np.ndarray, autoreset: bool, window_out: np.ndarray,
+                 state_out: np.ndarray, mask_out: np.ndarray, out_f: np.ndarray, out_b: np.ndarray) -> int:
+    """Step every account one bar, auto-reset finished ones onto ``next_session[b]`` (if ``autoreset``), and
+    write the next observations. Returns how many episodes ended."""
+    ended = 0
+    for b in range(actions.shape[0]):
+        ended += _step_one(b, actions[b], acct, env, ptr, pending, sess, bars, time, features, xp, ep,
+                           next_session, autoreset, window_out, state_out, mask_out, out_f, out_b)
+    return ended
+
+
+@njit(cache=True, parallel=True)
+def step_observe_parallel(actions: np.ndarray, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray,
+                          pending: np.ndarray, sess: np.ndarray, bars: np.ndarray, time: np.ndarray,
+                          features: np.ndarray, xp: np.ndarray, ep: np.ndarray, next_session: np.ndarray,
+                          autoreset: bool, window_out: np.ndarray, state_out: np.ndarray, mask_out: np.ndarray,
+                          out_f: np.ndarray, out_b: np.ndarray) -> int:
+    """``step_observe`` with the accounts spread over numba's threads. Accounts share nothing, so the results
+    are bit-identical to the serial kernel; only large batches gain (a thread wake-up costs microseconds)."""
+    ended = 0
+    for b in prange(actions.shape[0]):
+        ended += _step_one(b, actions[b], acct, env, ptr, pending, sess, bars, time, features, xp, ep,
+                           next_session, autoreset, window_out, state_out, mask_out, out_f, out_b)
+    return ended
+
+
+def leak_column(data: SessionSet, latency: int, scale: float) -> np.ndarray:
+    """The planted-leak feature: row ``r`` holds the log return of bar ``r + 1 + latency`` (``close/open``).
+
+    The decision for bar ``t`` sees rows up to ``t - 1``, so its newest row reveals the return of exactly the bar
+    its order fills in. Rows whose bar lies beyond the data hold 0.
+    """
+    n = len(data.close)
+    col = np.zeros(n, np.float32)
+    shift = 1 + latency
+    if n > shift:
+        col[:-shift] = scale * np.log(data.close[shift:] / data.open[shift:])
+    return col
+
+
+class EnvCore:
+    """Arrays and kernels for B accounts over one ``SessionSet``; both envs are thin APIs over this."""
+
+    def __init__(self, data: SessionSet, execution: ExecutionParams, params: EnvParams, n: int) -> None:
+        if data.n_sessions == 0:
+            raise ConfigError("env: the session set has no sessions")
+        if params.mode == "futures_session" and execution.market != "futures":
+            raise ConfigError("env.mode: futures_session shorts, it needs execution.market: futures")
+        self.data, self.execution, self.params, self.n = data, execution, params, n
+        feats = np.ascontiguousarray(data.features, dtype=np.float32)
+        if params.leak:
+            feats = np.concatenate([feats, leak_column(data, execution.latency_bars, params.leak_scale)[:, None]],
+                                   axis=1)
+        self.features = feats
+        self.feature_names = (*data.feature_names, *(("leak_next_return",) if params.leak else ()))
+        self.bars = np.ascontiguousarray(np.stack([data.open, data.high, data.low, data.close, data.volume]),
+                                         dtype=np.float64)
+        self.time = np.ascontiguousarray(data.time, dtype=np.int64)
+        self.sess = np.ascontiguousarray(np.stack([data.start, data.end]), dtype=np.int64)
+        self.xp = execution.to_array()
+        self.ep = params.to_array(execution.initial_cash)
+        self.accounts = Accounts(n, execution.initial_cash)
+        self.acct = self.accounts.state
+        self.env = np.zeros((N_ENV_FIELDS, n))
+        self.ptr = np.zeros((N_PTR, n), np.int64)
+        self.pending = np.zeros((n, execution.latency_bars + 1))
+        self.n_actions = params.n_actions
+        self.window = np.zeros((n, data.context, feats.shape[1]), np.float32)
+        self.state = np.zeros((n, N_STATE), np.float32)
+        self.mask = np.zeros((n, self.n_actions), np.bool_)
+        self.out_f = np.zeros((N_OUT_F, n))
+        self.out_b = np.zeros((2, n), np.bool_)
+        self.next_session = np.zeros(n, np.int64)
+
+    def reset(self, idx: np.ndarray, sessions: np.ndarray) -> None:
+        sessions = np.asarray(sessions, np.int64)
+        if sessions.size and (sessions.min() < 0 or sessions.max() >= self.data.n_sessions):
+            raise ValueError(f"session index out of range [0, {self.data.n_sessions})")
+        reset_observe(np.asarray(idx, np.int64), sessions, self.acct, self.env, self.ptr, self.pending, self.sess,
+                      self.bars, self.features, self.xp, self.ep, self.window, self.state, self.mask)
+
+    def step(self, actions: np.ndarray, autoreset: bool, parallel: bool = False) -> int:
+        kernel = step_observe_parallel if parallel else step_observe
+        return int(kernel(actions, self.acct, self.env, self.ptr, self.pending, self.sess, self.bars,
+                                self.time, self.features, self.xp, self.ep, self.next_session, autoreset,
+                                self.window, self.state, self.mask, self.out_f, self.out_b))
+
+    @property
+    def last_close(self) -> np.ndarray:
+        """Close of the bar before each account's next decision (the price its orders are sized on)."""
+        return np.asarray(self.bars[3, self.ptr[P_T] - 1])
+
+    @property
+    def n_buys(self) -> np.ndarray:
+        return np.asarray(self.env[E_N_BUYS])
