@@ -171,9 +171,14 @@ def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: 
 
         with torch.no_grad():
             out = module(torch.from_numpy(example)).numpy()
-        info = mlflow.pytorch.log_model(module, name="model", input_example=example,
-                                        signature=infer_signature(example, out),
-                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        # pickle (not pt2): the loaded module keeps its attributes (context, feature and action names, algo)
+        # that the backtest and the trader need; the metadata repeats them for the registry UI
+        info = mlflow.pytorch.log_model(
+            module, name="model", input_example=example, signature=infer_signature(example, out),
+            serialization_format="pickle", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            metadata={"context": module.context, "n_features": module.n_features, "n_state": module.n_state,
+                      "n_actions": module.n_actions, **{k: v for k, v in module.meta.items()
+                                                       if k in ("algo", "mode", "action_names", "feature_names")}})
         t.models_dir.mkdir(parents=True, exist_ok=True)
         torch.save(module, t.models_dir / f"{algo}.pt")
         result = {"algo": algo, "run_id": run.info.run_id, "model_uri": info.model_uri,

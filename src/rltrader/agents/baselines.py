@@ -68,19 +68,25 @@ class SMACross:
 
     name = "sma_cross"
 
-    def __init__(self, mode: str, fast: int = 5, slow: int = 20) -> None:
-        if not 0 < fast < slow:
-            raise ConfigError(f"baselines.sma: need 0 < fast < slow (got {fast}, {slow})")
-        self.mode, self.fast, self.slow = mode, fast, slow
+    def __init__(self, mode: str, fast: int | None = None, slow: int | None = None) -> None:
+        """Default windows: slow = min(20, context), fast = slow // 4 (set at ``bind``: the context is the
+        history the session offers, and the signal must not read bars before it)."""
+        self.mode, self.fast_arg, self.slow_arg = mode, fast, slow
+        self.fast, self.slow = 0, 0
         self.env: BatchSessionEnv | None = None
         self.csum: np.ndarray = np.zeros(1)
 
     def bind(self, env: BatchSessionEnv) -> None:
+        context = env.core.data.context
+        self.slow = self.slow_arg or min(20, context)
+        self.fast = self.fast_arg or max(1, self.slow // 4)
+        if not 0 < self.fast < self.slow:
+            raise ConfigError(f"baselines.sma: need 0 < fast < slow (got {self.fast}, {self.slow})")
+        if context < self.slow:
+            raise ConfigError(f"baselines.sma: slow window {self.slow} is longer than the context ({context}); "
+                              "the signal would read bars before the session's context")
         self.env = env
         self.csum = np.concatenate([[0.0], np.cumsum(env.core.bars[3])])
-        if env.core.data.context < self.slow:
-            raise ConfigError(f"baselines.sma: slow window {self.slow} is longer than the context "
-                              f"({env.core.data.context}); the signal would read bars before the session's context")
 
     def __call__(self, window: np.ndarray, state: np.ndarray, mask: np.ndarray) -> np.ndarray:
         assert self.env is not None, "SMACross.bind(env) first"
