@@ -6,16 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pytest
 import torch
 from test_sessions import fill_store, make_settings
 
+import mlflow
 from rltrader.agents.baselines import SMACross, rule_baselines
 from rltrader.agents.evaluate import evaluate
 from rltrader.config import Settings
-from rltrader.dataset import load_split
 from rltrader.dataset.build import run_features_stage, run_sessions_stage
 from rltrader.env.modes import EnvParams
 from rltrader.env.synthetic import synthetic_sessions
