@@ -19,7 +19,8 @@ own observation is a 30 × 2 window of one stock):
 1. ``single_env_steps_per_s``: ``SessionEnv`` (gymnasium API, full flat observation ``context × F + state``).
 2. ``sb3_dummyvecenv_steps_per_s``: SB3 ``DummyVecEnv`` of 16 ``SessionEnv`` (env steps, i.e. calls × 16).
 3. ``batch_env_steps_per_s``: ``BatchSessionEnv`` at B = 1024, env steps (batch steps × B); every step writes every
-   account's full ``(context, F)`` window, state vector and mask, and auto-resets finished accounts.
+   account's full ``(context, F)`` window, state vector and mask, and auto-resets finished accounts (one thread,
+   the default); ``batch_env_threaded_steps_per_s``: the same with ``parallel=True`` (numba threads).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,18 +68,26 @@ class Figure:
                 "peer_value": round(self.peer_value), "ratio": round(self.value / self.peer_value, 2)}
 
 
-def timed(step: Callable[[int], int], seconds: float) -> float:
-    """Steps/s of ``step(i) -> env steps done`` run for about ``seconds`` (after a short warm-up)."""
+def timed(step: Callable[[int], int], seconds: float, windows: int = 5) -> float:
+    """Steps/s of ``step(i) -> env steps done``: the best of ``windows`` windows filling about ``seconds``.
+
+    Best-of, as for every figure here (ours and the peer alike): on a shared 2-core box other processes steal
+    whole time slices, and the best window is the closest to the code's own speed.
+    """
     for i in range(20):
         step(i)
-    done, i, t0 = 0, 0, time.perf_counter()
-    while True:
-        for _ in range(64):
-            done += step(i)
-            i += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= seconds:
-            return done / elapsed
+    best, i = 0.0, 0
+    for _ in range(windows):
+        done, t0 = 0, time.perf_counter()
+        while True:
+            for _ in range(16):
+                done += step(i)
+                i += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= seconds / windows:
+                best = max(best, done / elapsed)
+                break
+    return best
 
 
 def bench_gym_anytrading(seconds: float) -> float:
@@ -125,8 +135,8 @@ def bench_dummy_vec(data: SessionSet, seconds: float, n: int = 16) -> float:
     return timed(step, seconds)
 
 
-def bench_batch(data: SessionSet, seconds: float, b: int) -> float:
-    env = BatchSessionEnv(data, num_envs=b)
+def bench_batch(data: SessionSet, seconds: float, b: int, parallel: bool) -> float:
+    env = BatchSessionEnv(data, num_envs=b, parallel=parallel)
     env.reset(seed=0)
     actions = np.random.default_rng(0).integers(0, env.n_actions, (256, b))
     checksum = 0.0
@@ -137,7 +147,8 @@ def bench_batch(data: SessionSet, seconds: float, b: int) -> float:
         checksum += float(out.window[i % b, -1, 0])  # the observation is read, as an agent would
         return b
     rate = timed(step, seconds)
-    log(f"batch B={b}: observation {env.observation_shape} float32 per account, checksum {checksum:.3f}")
+    log(f"batch B={b} parallel={parallel}: observation {env.observation_shape} float32 per account, "
+        f"checksum {checksum:.3f}")
     return rate
 
 
@@ -154,10 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="shorter timings (< 1 min in all)")
     ap.add_argument("--sessions", type=Path, default=REPO / "data" / "sessions",
                     help="session dataset folder; its train split is used when built (default: %(default)s)")
-    ap.add_argument("--seconds", type=float, default=0.0, help="seconds per figure (default 5, quick 1.5)")
+    ap.add_argument("--seconds", type=float, default=0.0, help="seconds per figure (default 5, quick 2)")
     ap.add_argument("--batch", type=int, default=1024, help="accounts of the batch env (default: %(default)s)")
     args = ap.parse_args(argv)
-    seconds = args.seconds or (1.5 if args.quick else 5.0)
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
     data, source = load_data(args.sessions)
     log(f"data: {source}: {data.n_sessions} sessions, {len(data.close)} rows, {data.n_features} features, "
         f"context {data.context}, length {data.length}")
@@ -169,8 +180,10 @@ def main(argv: list[str] | None = None) -> None:
         Figure("single_env_steps_per_s", bench_single(data, seconds), PEER, peer, "SessionEnv, gymnasium API"),
         Figure("sb3_dummyvecenv_steps_per_s", bench_dummy_vec(data, seconds), PEER, peer,
                "SB3 DummyVecEnv of 16 SessionEnv"),
-        Figure("batch_env_steps_per_s", bench_batch(data, seconds, args.batch), PEER, peer,
-               f"BatchSessionEnv B={args.batch}, full (context, F) windows"),
+        Figure("batch_env_steps_per_s", bench_batch(data, seconds, args.batch, False), PEER, peer,
+               f"BatchSessionEnv B={args.batch}, full (context, F) windows, one thread (default)"),
+        Figure("batch_env_threaded_steps_per_s", bench_batch(data, seconds, args.batch, True), PEER, peer,
+               f"BatchSessionEnv B={args.batch}, parallel=True, numba threads={numba.get_num_threads()}"),
     ]
     for f in figures:
         print(json.dumps(f.line()), flush=True)

@@ -36,10 +36,12 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     d["d3qn"] = {"total_steps": 1200, "num_envs": 16, "learning_starts": 200, "batch_size": 32, "buffer_size": 5000,
                  "eval_every": 600, "eval_sessions": 50, "checkpoint_every": 600,
                  "net": {"channels": 8, "hidden": 16}}
+    d["ppo"] = {"total_steps": 1024, "num_envs": 16, "rollout_steps": 16, "eval_every": 512, "eval_max_sessions": 50,
+                "checkpoint_every": 512, "net": {"channels": 8, "hidden": 16, "tcn_levels": 2}}
     return Settings.model_validate(d)
 
 
-@pytest.mark.parametrize("algo", ["cnn", "d3qn"])
+@pytest.mark.parametrize("algo", ["cnn", "d3qn", "ppo"])
 def test_train_logs_a_complete_mlflow_run(settings: Settings, algo: str, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the stage creates ./mlflow for the embedded default; keep it out of the repo

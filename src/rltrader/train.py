@@ -108,7 +108,9 @@ def _train_algo(algo: str, settings: Settings, train: SessionSet, val: SessionSe
         pcfg = config_from_params(PPOConfig, "ppo", section)
         pres = train_ppo(train, val, pcfg, execution, env_params, run=run, checkpoint_dir=ckpt, resume=resume,
                          progress=progress)
-        module = PolicyModule(pres.net, "logits", train.context, feats, N_STATE, n_actions, meta)
+        pres.net.load_state_dict(pres.best_state)  # model selection on val
+        meta.update(steps_per_second=pres.steps_per_second)
+        module = PolicyModule(pres.net.cpu(), "logits", train.context, feats, N_STATE, n_actions, meta)
         return module, pres.history, pcfg
     if algo == "cnn":
         from rltrader.agents.cnn_classifier import ClassifierActions, CNNConfig, train_cnn

@@ -9,8 +9,9 @@ Observations come from one preloaded float32 feature array; the kernel copies ea
 into a preallocated ``(B, context, F)`` buffer. The arrays returned by ``reset``/``step`` ARE those buffers: the
 next step overwrites them, so copy what you keep (``torch.from_numpy`` shares them without a copy).
 
-With ``parallel`` (default: when B ≥ 256) the accounts are spread over numba's threads; the results are
-bit-identical to the serial kernel.
+With ``parallel=True`` the accounts are spread over numba's threads, bit-identical to the serial kernel. It is
+off by default: on a small or shared box (2 cores, a trainer's own threads) the thread hand-offs cost more than
+they save — measured ~10× slower than serial on the 2-core dev box under load; try it on many-core machines.
 
 Sessions: drawn uniformly with ``np.random.Generator`` seeded by ``reset(seed)``, or, with
 ``session_schedule`` ``(B, M)``, account ``b`` plays ``schedule[b, 0], schedule[b, 1], …`` (cycling) —
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
 from rltrader.dataset.split import SessionSet
@@ -65,7 +65,7 @@ class BatchSessionEnv:
 
     def __init__(self, data: SessionSet, execution: ExecutionParams | None = None, params: EnvParams | None = None,
                  num_envs: int = 1024, session_schedule: np.ndarray | None = None,
-                 parallel: bool | None = None) -> None:
+                 parallel: bool = False) -> None:
         if num_envs < 1:
             raise ValueError("num_envs must be ≥ 1")
         self.core = EnvCore(data, execution or ExecutionParams(), params or EnvParams(), num_envs)
@@ -80,8 +80,7 @@ class BatchSessionEnv:
         self._schedule = session_schedule
         self._rng = np.random.default_rng()
         self._all = np.arange(num_envs)
-        # threads pay off only when each has hundreds of accounts to step (a wake-up costs microseconds)
-        self.parallel = num_envs >= 256 and numba.get_num_threads() > 1 if parallel is None else parallel
+        self.parallel = parallel
 
     def _draw(self, accounts: np.ndarray, episode: np.ndarray) -> np.ndarray:
         if self._schedule is not None:

@@ -80,7 +80,7 @@ EQUITY_FLOOR = 1e-9
 still telescope exactly to log(final / initial)."""
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _reset_one(b: int, s: int, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray, pending: np.ndarray,
                sess: np.ndarray, xp: np.ndarray) -> None:
     cash = xp[XP_CASH]
@@ -96,7 +96,7 @@ def _reset_one(b: int, s: int, acct: np.ndarray, env: np.ndarray, ptr: np.ndarra
     env[E_PEAK, b] = cash
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _observe(b: int, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray, pending: np.ndarray, close: np.ndarray,
              features: np.ndarray, xp: np.ndarray, ep: np.ndarray, window_out: np.ndarray, state_out: np.ndarray,
              mask_out: np.ndarray) -> None:
@@ -140,7 +140,7 @@ def reset_observe(idx: np.ndarray, sessions: np.ndarray, acct: np.ndarray, env: 
         _observe(idx[j], acct, env, ptr, pending, bars[3], features, xp, ep, window_out, state_out, mask_out)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")  # no per-account call: 19 array args, each ref-counted
 def _step_one(b: int, a: int, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray, pending: np.ndarray,
               sess: np.ndarray, bars: np.ndarray, time: np.ndarray, features: np.ndarray, xp: np.ndarray,
               ep: np.ndarray, next_session: np.ndarray, autoreset: bool, window_out: np.ndarray,
@@ -309,9 +309,9 @@ class EnvCore:
         self.out_b = np.zeros((2, n), np.bool_)
         self.next_session = np.zeros(n, np.int64)
 
-    def reset(self, idx: np.ndarray, sessions: np.ndarray) -> None:
+    def reset(self, idx: np.ndarray, sessions: np.ndarray, checked: bool = False) -> None:
         sessions = np.asarray(sessions, np.int64)
-        if sessions.size and (sessions.min() < 0 or sessions.max() >= self.data.n_sessions):
+        if not checked and sessions.size and (sessions.min() < 0 or sessions.max() >= self.data.n_sessions):
             raise ValueError(f"session index out of range [0, {self.data.n_sessions})")
         reset_observe(np.asarray(idx, np.int64), sessions, self.acct, self.env, self.ptr, self.pending, self.sess,
                       self.bars, self.features, self.xp, self.ep, self.window, self.state, self.mask)

@@ -32,15 +32,20 @@ class SessionEnv(gym.Env[np.ndarray, np.int64]):
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (c * f + N_STATE,), np.float32)
         self.action_space = gym.spaces.Discrete(self.core.n_actions)
         self._actions = np.zeros(1, np.int64)
+        self._zero, self._session = np.zeros(1, np.int64), np.zeros(1, np.int64)
         self._done = True
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None
               ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
+        n = self.core.data.n_sessions
         session = (options or {}).get("session")
         if session is None:
-            session = int(self.np_random.integers(self.core.data.n_sessions))
-        self.core.reset(np.zeros(1, np.int64), np.array([session], np.int64))
+            session = int(self.np_random.integers(n))
+        elif not 0 <= session < n:
+            raise ValueError(f"options['session'] = {session}: out of range [0, {n})")
+        self._session[0] = session
+        self.core.reset(self._zero, self._session, checked=True)
         self._done = False
         return self._obs(), self._info()
 
