@@ -19,8 +19,7 @@ own observation is a 30 × 2 window of one stock):
 1. ``single_env_steps_per_s``: ``SessionEnv`` (gymnasium API, full flat observation ``context × F + state``).
 2. ``sb3_dummyvecenv_steps_per_s``: SB3 ``DummyVecEnv`` of 16 ``SessionEnv`` (env steps, i.e. calls × 16).
 3. ``batch_env_steps_per_s``: ``BatchSessionEnv`` at B = 1024, env steps (batch steps × B); every step writes every
-   account's full ``(context, F)`` window, state vector and mask, and auto-resets finished accounts (one thread,
-   the default); ``batch_env_threaded_steps_per_s``: the same with ``parallel=True`` (numba threads).
+   account's full ``(context, F)`` window, state vector and mask, and auto-resets finished accounts.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numba
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
@@ -135,8 +133,8 @@ def bench_dummy_vec(data: SessionSet, seconds: float, n: int = 16) -> float:
     return timed(step, seconds)
 
 
-def bench_batch(data: SessionSet, seconds: float, b: int, parallel: bool) -> float:
-    env = BatchSessionEnv(data, num_envs=b, parallel=parallel)
+def bench_batch(data: SessionSet, seconds: float, b: int) -> float:
+    env = BatchSessionEnv(data, num_envs=b)
     env.reset(seed=0)
     actions = np.random.default_rng(0).integers(0, env.n_actions, (256, b))
     checksum = 0.0
@@ -147,7 +145,7 @@ def bench_batch(data: SessionSet, seconds: float, b: int, parallel: bool) -> flo
         checksum += float(out.window[i % b, -1, 0])  # the observation is read, as an agent would
         return b
     rate = timed(step, seconds)
-    log(f"batch B={b} parallel={parallel}: observation {env.observation_shape} float32 per account, "
+    log(f"batch B={b}: observation {env.observation_shape} float32 per account, "
         f"checksum {checksum:.3f}")
     return rate
 
@@ -180,10 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         Figure("single_env_steps_per_s", bench_single(data, seconds), PEER, peer, "SessionEnv, gymnasium API"),
         Figure("sb3_dummyvecenv_steps_per_s", bench_dummy_vec(data, seconds), PEER, peer,
                "SB3 DummyVecEnv of 16 SessionEnv"),
-        Figure("batch_env_steps_per_s", bench_batch(data, seconds, args.batch, False), PEER, peer,
-               f"BatchSessionEnv B={args.batch}, full (context, F) windows, one thread (default)"),
-        Figure("batch_env_threaded_steps_per_s", bench_batch(data, seconds, args.batch, True), PEER, peer,
-               f"BatchSessionEnv B={args.batch}, parallel=True, numba threads={numba.get_num_threads()}"),
+        Figure("batch_env_steps_per_s", bench_batch(data, seconds, args.batch), PEER, peer,
+               f"BatchSessionEnv B={args.batch}, full (context, F) windows, one thread"),
     ]
     for f in figures:
         print(json.dumps(f.line()), flush=True)

@@ -80,11 +80,10 @@ def test_seeded_reset_is_reproducible() -> None:
 
 @settings(max_examples=12, deadline=None)
 @given(st.sampled_from(list(MODES)), st.sampled_from([0, 2]), st.integers(0, 2**31 - 1),
-       st.sampled_from(["log_return", "pnl", "diff_sharpe"]), st.booleans(), st.booleans())
-def test_batch_env_matches_single_env(mode: str, latency: int, seed: int, reward: str, penalties: bool,
-                                      parallel: bool) -> None:
+       st.sampled_from(["log_return", "pnl", "diff_sharpe"]), st.booleans())
+def test_batch_env_matches_single_env(mode: str, latency: int, seed: int, reward: str, penalties: bool) -> None:
     """Random actions (invalid ones included) on B accounts: identical observations, rewards, masks, equity, ends
-    and resets, with fees, slippage, filters, latency and forced closes; serial and threaded batch kernels."""
+    and resets, with fees, slippage, filters, latency and forced closes."""
     ex, params = MODES[mode]
     ex = ExecutionParams(**{**ex.as_dict(), "latency_bars": latency})
     pen = {"hold_penalty": 1e-4, "flip_penalty": 1e-3, "trade_penalty": 1e-4, "drawdown_penalty": 0.1}
@@ -92,7 +91,7 @@ def test_batch_env_matches_single_env(mode: str, latency: int, seed: int, reward
     n, episodes = 3, 4
     rng = np.random.default_rng(seed)
     schedule = rng.integers(0, DATA.n_sessions, (n, episodes + 1))
-    batch = BatchSessionEnv(DATA, ex, params, num_envs=n, session_schedule=schedule, parallel=parallel)
+    batch = BatchSessionEnv(DATA, ex, params, num_envs=n, session_schedule=schedule)
     singles = [SessionEnv(DATA, ex, params) for _ in range(n)]
     window, state, mask = (x.copy() for x in batch.reset())
     episode = [0] * n

@@ -9,9 +9,8 @@ Observations come from one preloaded float32 feature array; the kernel copies ea
 into a preallocated ``(B, context, F)`` buffer. The arrays returned by ``reset``/``step`` ARE those buffers: the
 next step overwrites them, so copy what you keep (``torch.from_numpy`` shares them without a copy).
 
-With ``parallel=True`` the accounts are spread over numba's threads, bit-identical to the serial kernel. It is
-off by default: on a small or shared box (2 cores, a trainer's own threads) the thread hand-offs cost more than
-they save — measured ~10× slower than serial on the 2-core dev box under load; try it on many-core machines.
+One thread: a numba ``prange`` variant of the kernel was measured ~10× slower on the 2-core dev box (shared
+with other jobs, each step waits for the slowest thread), so it was left out.
 
 Sessions: drawn uniformly with ``np.random.Generator`` seeded by ``reset(seed)``, or, with
 ``session_schedule`` ``(B, M)``, account ``b`` plays ``schedule[b, 0], schedule[b, 1], …`` (cycling) —
@@ -64,8 +63,7 @@ class BatchSessionEnv:
     """B accounts over a ``SessionSet``: ``reset(seed)`` → (window, state, mask); ``step(actions)`` → ``BatchStep``."""
 
     def __init__(self, data: SessionSet, execution: ExecutionParams | None = None, params: EnvParams | None = None,
-                 num_envs: int = 1024, session_schedule: np.ndarray | None = None,
-                 parallel: bool = False) -> None:
+                 num_envs: int = 1024, session_schedule: np.ndarray | None = None) -> None:
         if num_envs < 1:
             raise ValueError("num_envs must be ≥ 1")
         self.core = EnvCore(data, execution or ExecutionParams(), params or EnvParams(), num_envs)
@@ -80,7 +78,6 @@ class BatchSessionEnv:
         self._schedule = session_schedule
         self._rng = np.random.default_rng()
         self._all = np.arange(num_envs)
-        self.parallel = parallel
 
     def _draw(self, accounts: np.ndarray, episode: np.ndarray) -> np.ndarray:
         if self._schedule is not None:
@@ -99,7 +96,7 @@ class BatchSessionEnv:
 
     def step(self, actions: np.ndarray) -> BatchStep:
         core = self.core
-        ended = core.step(np.asarray(actions, np.int64), autoreset=True, parallel=self.parallel)
+        ended = core.step(np.asarray(actions, np.int64), autoreset=True)
         if ended:
             done = np.flatnonzero(core.out_b[O_TERMINATED] | core.out_b[O_TRUNCATED])
             core.next_session[done] = self._draw(done, core.ptr[P_EPISODES, done] + 1)

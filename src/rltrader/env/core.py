@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from rltrader.dataset.split import SessionSet
 from rltrader.env.modes import (
@@ -246,21 +246,6 @@ def step_observe(actions: np.ndarray, acct: np.ndarray, env: np.ndarray, ptr: np
     return ended
 
 
-@njit(cache=True, parallel=True)
-def step_observe_parallel(actions: np.ndarray, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray,
-                          pending: np.ndarray, sess: np.ndarray, bars: np.ndarray, time: np.ndarray,
-                          features: np.ndarray, xp: np.ndarray, ep: np.ndarray, next_session: np.ndarray,
-                          autoreset: bool, window_out: np.ndarray, state_out: np.ndarray, mask_out: np.ndarray,
-                          out_f: np.ndarray, out_b: np.ndarray) -> int:
-    """``step_observe`` with the accounts spread over numba's threads. Accounts share nothing, so the results
-    are bit-identical to the serial kernel; only large batches gain (a thread wake-up costs microseconds)."""
-    ended = 0
-    for b in prange(actions.shape[0]):
-        ended += _step_one(b, actions[b], acct, env, ptr, pending, sess, bars, time, features, xp, ep,
-                           next_session, autoreset, window_out, state_out, mask_out, out_f, out_b)
-    return ended
-
-
 def leak_column(data: SessionSet, latency: int, scale: float) -> np.ndarray:
     """The planted-leak feature: row ``r`` holds the log return of bar ``r + 1 + latency`` (``close/open``).
 
@@ -316,9 +301,8 @@ class EnvCore:
         reset_observe(np.asarray(idx, np.int64), sessions, self.acct, self.env, self.ptr, self.pending, self.sess,
                       self.bars, self.features, self.xp, self.ep, self.window, self.state, self.mask)
 
-    def step(self, actions: np.ndarray, autoreset: bool, parallel: bool = False) -> int:
-        kernel = step_observe_parallel if parallel else step_observe
-        return int(kernel(actions, self.acct, self.env, self.ptr, self.pending, self.sess, self.bars,
+    def step(self, actions: np.ndarray, autoreset: bool) -> int:
+        return int(step_observe(actions, self.acct, self.env, self.ptr, self.pending, self.sess, self.bars,
                                 self.time, self.features, self.xp, self.ep, self.next_session, autoreset,
                                 self.window, self.state, self.mask, self.out_f, self.out_b))
 
