@@ -2,6 +2,7 @@
 stable-baselines3 DQN and PPO on the same env, with the same network and the same replay ratio, in one run.
 
     python benchmarks/bench_train.py [--quick] [--sessions DIR] [--val-sessions N] [--dqn-steps N] [--ppo-updates N]
+                                     [--repeats N] [--seed S]
 
 Prints one JSON line per figure on stdout::
 
@@ -12,8 +13,8 @@ Prints one JSON line per figure on stdout::
 Data: the ``train`` / ``val`` splits under ``data/sessions`` when built (the real data set), else synthetic
 sessions (23 Gaussian features, context 30, sessions of 10 bars, a few thousand per split). Execution and env
 settings come from ``params.yaml`` (environment overrides ignored); so do the agents' hyperparameters and networks
-(``d3qn:`` and ``ppo:``), except the step budgets below and ``eps_decay_steps`` (half the run, both sides, so the
-greedy policies compared at the end were trained mostly on-policy-ish rather than at ε ≈ 1).
+(``d3qn:`` and ``ppo:``), except the step budgets below and D3QN's ``eps_decay_steps`` (half the run, both sides,
+so that ε reaches its floor within the short runs).
 
 Same network: the peers get OUR ``networks.Trunk`` (window encoder + state MLP) as an SB3 ``BaseFeaturesExtractor``
 that reshapes the flat ``SessionEnv`` observation (``context × F`` window, then the state) back into
@@ -31,12 +32,14 @@ Figures
      batch_size`` updates of ``batch_size`` per vector step; the peer gets ``train_freq`` / ``gradient_steps`` such
      that it samples as many transitions per env step (64 envs, ratio 4, batch 256: one update of 256 per vector
      step of 64 envs), and the same ``learning_starts``, buffer size (the whole run: nothing is evicted), n-step
-     (3), target sync interval in env steps, ε schedule and gradient clip. Differences that remain, and are ours:
-     prioritized replay (sum tree), double-DQN targets, action masks in acting and targets (the peer acts on all
-     actions; invalid ones are no-ops in the env), and the windows re-gathered from the feature matrix by row
-     instead of stored flat observations. Ours is timed from its own per-log-batch rate log (``history['sps']``,
-     log batches aligned to ``learning_starts``), the peer with a callback that starts the clock at
-     ``learning_starts`` and stops it when ``learn`` returns.
+     (3), target sync interval in env steps, ε schedule and gradient clip. Differences that remain, all ours:
+     prioritized replay (sum tree), double-DQN targets (one more forward pass of the batch per update), action
+     masks in acting and targets (the peer acts on all actions; invalid ones are no-ops in the env), and windows
+     re-gathered from the feature matrix by row instead of stored flat observations. Ours is timed from its own
+     per-log-batch rate log (``history['sps']``, log batches aligned to ``learning_starts``), the peer with a
+     callback that starts the clock at ``learning_starts`` and stops it when ``learn`` returns. SB3's ε-greedy
+     draws once per vector step (with probability ε all envs act at random and the Q-network is not run); ours
+     runs the network every vector step and draws per env.
   2. ``ppo_train_steps_per_s``: ``train_ppo`` against SB3 ``PPO`` with the same ``n_steps`` (64) × envs (64) batch,
      minibatch size (batch / 4), epochs (4), clip ranges (policy and value 0.2), entropy / value coefficients,
      GAE λ and linearly annealed learning rate; the peer samples unmasked actions. Timed over every update but
@@ -48,17 +51,22 @@ Figures
      (evenly spread over the split). The peers' greedy policy is the argmax of the MASKED Q-values
      (``model.q_net``) resp. policy logits (``policy.get_distribution``), as ours. These lines add ``diff``
      = ours - peer (percentage points); ``ratio`` is ours / peer only when both are positive, else null. After
-     the short budgets of this benchmark both numbers are mostly noise around the cost of trading: they show
-     that the faster side is not learning less per env step, they do not rank the algorithms.
+     the short budgets of this benchmark both numbers are mostly noise around the cost of trading (exactly 0:
+     the greedy policy never opens a position, as holding is free): they show whether the faster side learns
+     less per env step, they do not rank the algorithms.
 
 Threads: ``torch.set_num_threads(1)`` for both sides (small networks on 2 cores run faster single-threaded, and
-``params.yaml: train.threads`` is 1); numba's env kernels run one thread (the batch env's default). Kernels are
-compiled and the data loaded before any timer starts. One run per figure: other processes share this machine, so
-rates vary between runs (the load average is printed on stderr).
+``params.yaml: train.threads`` is 1); numba's env kernels run one thread (the batch env's default). Outside every
+timer: the data is loaded, the env kernels compiled, and a tiny D3QN and SB3 DQN run (256 steps each) pays torch's
+and SB3's first-call costs. Each rate is the best of ``--repeats`` runs (ours and the peer alternating; the same
+seed, so the same models): other processes share this machine and steal whole time slices, so single runs vary by
+±30 % (every repetition's rate and the load average are printed on stderr). The val figures evaluate the models of
+the last repetition.
 
-``--quick`` (< 1 min): D3QN ``learning_starts`` 1,920 and 5,120 timed steps, PPO one warm-up + two timed updates
-(8,192 steps), 500 val sessions. Default: ``learning_starts`` 10,240 (params.yaml: 10,000) and 40,960 timed
-steps, PPO 1 + 10 updates (40,960 timed steps), 2,000 val sessions (a few minutes).
+``--quick`` (< 1 min): one repetition, D3QN ``learning_starts`` 1,920 and 5,120 timed steps, PPO one warm-up + two
+timed updates (8,192 timed steps), 500 val sessions. Default: 2 repetitions, ``learning_starts`` 10,240
+(params.yaml: 10,000) and 40,960 timed steps, PPO 1 + 10 updates (40,960 timed steps), 2,000 val sessions (about
+four minutes).
 """
 
 from __future__ import annotations
@@ -71,7 +79,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -219,6 +227,7 @@ class Run:
     samples_per_step: float
     """Transitions sampled for gradient updates per env step collected, over the whole run after warm-up."""
     val: dict[str, float]
+    """``EvalResult.summary()`` of the final greedy policy (empty when not evaluated)."""
     wall: float
 
     @property
@@ -247,8 +256,10 @@ def run_ours_d3qn(cfg: d3qn.D3QNConfig, train: SessionSet, val: SessionSet, exec
             seconds += (r["step"] - prev) / r["sps"]
         prev = r["step"]
     assert steps == res.steps - cfg.learning_starts, (steps, res.steps, cfg.learning_starts)
-    ev = evaluate(d3qn.greedy_policy(res.net), val, execution, env_params, max_sessions=val_sessions).summary()
-    samples = res.updates * cfg.batch_size / (res.steps - cfg.learning_starts)
+    ev = evaluate(d3qn.greedy_policy(res.net), val, execution, env_params,
+                  max_sessions=val_sessions).summary() if val_sessions else {}
+    at_start = next(r["updates"] for r in rows if r["step"] == cfg.learning_starts)
+    samples = (res.updates - at_start) * cfg.batch_size / steps  # updates after learning_starts
     return Run(int(steps), seconds, res.steps, res.updates, samples, ev, wall)
 
 
@@ -277,7 +288,8 @@ def run_peer_dqn(cfg: d3qn.D3QNConfig, train: SessionSet, val: SessionSet, execu
     wall = t1 - t0
     assert clock.t0 is not None and model.num_timesteps == cfg.total_steps, model.num_timesteps
     steps = model.num_timesteps - clock.step0
-    ev = evaluate(sb3_dqn_policy(model), val, execution, env_params, max_sessions=val_sessions).summary()
+    ev = evaluate(sb3_dqn_policy(model), val, execution, env_params,
+                  max_sessions=val_sessions).summary() if val_sessions else {}
     samples = model._n_updates * cfg.batch_size / (model.num_timesteps - cfg.learning_starts)
     desc = (f"{SB3} DQN, DummyVecEnv of {cfg.num_envs} SessionEnv, our {cfg.net.encoder} trunk "
             f"{cfg.net.channels}/{cfg.net.hidden} + Linear (net_arch=[]), batch {cfg.batch_size}, train_freq "
@@ -299,7 +311,8 @@ def run_ours_ppo(cfg: ppo.PPOConfig, train: SessionSet, val: SessionSet, executi
     wall = time.perf_counter() - t0
     first, last = res.history[0], res.history[-1]
     elapsed = [r["step"] / r["perf/sps"] for r in (first, last)]  # cumulative seconds at the end of each update
-    ev = evaluate(ppo.greedy_policy(res.net), val, execution, env_params, max_sessions=val_sessions).summary()
+    ev = evaluate(ppo.greedy_policy(res.net), val, execution, env_params,
+                  max_sessions=val_sessions).summary() if val_sessions else {}
     samples = cfg.update_epochs * cfg.batch_size * (res.updates - 1) / (res.global_step - first["step"])
     return Run(int(last["step"] - first["step"]), elapsed[1] - elapsed[0], res.global_step,
                res.updates * cfg.update_epochs * cfg.minibatches, samples, ev, wall)
@@ -332,13 +345,15 @@ def run_peer_ppo(cfg: ppo.PPOConfig, train: SessionSet, val: SessionSet, executi
     model.learn(total_timesteps=cfg.total_steps, callback=clock)
     t1 = time.perf_counter()
     assert clock.t0 is not None and model.num_timesteps == cfg.total_steps, model.num_timesteps
-    ev = evaluate(sb3_ppo_policy(model), val, execution, env_params, max_sessions=val_sessions).summary()
+    ev = evaluate(sb3_ppo_policy(model), val, execution, env_params,
+                  max_sessions=val_sessions).summary() if val_sessions else {}
     steps = model.num_timesteps - clock.step0
     samples = cfg.update_epochs * cfg.batch_size * (cfg.num_updates - 1) / steps
     desc = (f"{SB3} PPO, DummyVecEnv of {cfg.num_envs} SessionEnv, our {cfg.net.encoder} trunk "
             f"{cfg.net.channels}/{cfg.net.hidden} + Linear heads (net_arch=[]), n_steps {cfg.rollout_steps}, "
             f"batch {cfg.minibatch_size}, {cfg.update_epochs} epochs, no masks")
-    return Run(steps, t1 - clock.t0, model.num_timesteps, model._n_updates, samples, ev, t1 - t0), desc
+    grad_steps = model._n_updates * cfg.minibatches  # SB3 counts epochs
+    return Run(steps, t1 - clock.t0, model.num_timesteps, grad_steps, samples, ev, t1 - t0), desc
 
 
 # -- reporting -----------------------------------------------------------------------------------------------
@@ -389,29 +404,36 @@ def summary(figures: Sequence[Figure], extra: Sequence[str]) -> None:
 
 
 def describe(name: str, r: Run) -> str:
-    return (f"{name}: {r.steps:,} timed steps in {r.seconds:.2f} s ({r.rate:,.0f} steps/s); run {r.total_steps:,} "
-            f"steps, {r.updates:,} gradient updates, {r.samples_per_step:.2f} sampled transitions per env step "
-            f"after warm-up, {r.wall:.1f} s wall; val mean return {100 * r.val['mean_return']:+.4f} %, win rate "
-            f"{100 * r.val['win_rate']:.1f} %, {r.val['trades_per_session']:.2f} trades/session")
+    out = (f"{name}: {r.steps:,} timed steps in {r.seconds:.2f} s ({r.rate:,.0f} steps/s); run {r.total_steps:,} "
+           f"steps, {r.updates:,} gradient steps, {r.samples_per_step:.2f} sampled transitions per env step after "
+           f"warm-up, {r.wall:.1f} s wall")
+    if r.val:
+        out += (f"; val mean return {100 * r.val['mean_return']:+.4f} %, win rate {100 * r.val['win_rate']:.1f} %, "
+                f"{r.val['trades_per_session']:.2f} trades/session")
+    return out
 
 
 # -- main ----------------------------------------------------------------------------------------------------
-def timed_call(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
+def best_of(name: str, runs: Sequence[Run]) -> Run:
+    """The fastest repetition's rate, with the last repetition's (evaluated) model."""
+    best = max(runs, key=lambda r: r.rate)
+    rates = ", ".join(f"{r.rate:,.0f}" for r in runs)
+    log(f"{name}: {rates} steps/s over {len(runs)} repetition(s)")
+    return dataclasses.replace(runs[-1], steps=best.steps, seconds=best.seconds, wall=best.wall)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--quick", action="store_true", help="small step budgets (< 1 min in all)")
+    ap.add_argument("--quick", action="store_true", help="small step budgets, one repetition (< 1 min in all)")
     ap.add_argument("--sessions", type=Path, default=REPO / "data" / "sessions",
                     help="session dataset folder; its train/val splits are used when built (default: %(default)s)")
     ap.add_argument("--val-sessions", type=int, default=0, help="val sessions evaluated (default 2000, quick 500)")
     ap.add_argument("--dqn-steps", type=int, default=0,
                     help="timed D3QN env steps after learning_starts (default 40960, quick 5120)")
-    ap.add_argument("--ppo-updates", type=int, default=0, help="timed PPO updates after one warm-up (default 10, "
-                    "quick 2)")
+    ap.add_argument("--ppo-updates", type=int, default=0,
+                    help="timed PPO updates after one warm-up (default 10, quick 2)")
+    ap.add_argument("--repeats", type=int, default=0, help="repetitions, ours and the peer alternating; best rate "
+                    "(default 2, quick 1)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -420,15 +442,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     settings = load_settings(REPO / "params.yaml", env={})
     execution, env_params = params_from_settings(settings)
-    train, val = load_data(args.sessions)
+    train, val, source = load_data(args.sessions)
     probe = SessionEnv(train, execution, env_params)
     probe.reset(seed=0)  # numba kernels load (or compile) outside the timers
     probe.step(0)
     context, n_features = probe.core.window.shape[1:]
-    log(f"data: {train.n_sessions:,} train / {val.n_sessions:,} val sessions ({args.sessions if train else ''}), "
-        f"{n_features} features, context {context}, length {train.length}; mode {env_params.mode}")
+    log(f"data: {train.n_sessions:,} train / {val.n_sessions:,} val sessions ({source}), {n_features} features, "
+        f"context {context}, length {train.length}; mode {env_params.mode}")
 
     val_sessions = args.val_sessions or (500 if args.quick else 2000)
+    repeats = args.repeats or (1 if args.quick else 2)
     dcfg_section = dict(settings.d3qn)
     step_unit = int(dcfg_section.get("num_envs", 64)) * 10  # one log batch of ours (log_every = 10)
     if args.quick:
@@ -442,22 +465,42 @@ def main(argv: Sequence[str] | None = None) -> None:
     dcfg = d3qn_config(dcfg_section, learning_starts, dqn_timed, args.seed)
     pcfg = ppo_config(dict(settings.ppo), 1 + ppo_updates, args.seed)
     figures: list[Figure] = []
-    extra: list[str] = []
+
+    # warm-up outside every timer: torch's lazy initialisation (autograd, Adam), SB3's first calls
+    t0 = time.perf_counter()
+    tiny = dataclasses.replace(dcfg, total_steps=4 * dcfg.num_envs, learning_starts=2 * dcfg.num_envs,
+                               buffer_size=max(4 * dcfg.num_envs, dcfg.batch_size), eps_decay_steps=1, log_every=1)
+    run_ours_d3qn(tiny, train, val, execution, env_params, 0)
+    run_peer_dqn(tiny, train, val, execution, env_params, 0, context, n_features)
+    log(f"warm-up {time.perf_counter() - t0:.1f} s")
 
     log(f"D3QN: {dcfg.num_envs} envs, learning_starts {dcfg.learning_starts:,}, {dqn_timed:,} timed steps, "
-        f"net {dcfg.net}")
-    ours_d = run_ours_d3qn(dcfg, train, val, execution, env_params, val_sessions)
-    log(describe("ours D3QN", ours_d))
-    peer_d, peer_d_desc = run_peer_dqn(dcfg, train, val, execution, env_params, val_sessions, context, n_features)
-    log(describe("SB3 DQN", peer_d))
+        f"net {dcfg.net}, {repeats} repetition(s)")
+    ours_runs: list[Run] = []
+    peer_runs: list[Run] = []
+    peer_d_desc = ""
+    for i in range(repeats):
+        ev = val_sessions if i == repeats - 1 else 0
+        ours_runs.append(run_ours_d3qn(dcfg, train, val, execution, env_params, ev))
+        log(describe("ours D3QN", ours_runs[-1]))
+        run, peer_d_desc = run_peer_dqn(dcfg, train, val, execution, env_params, ev, context, n_features)
+        peer_runs.append(run)
+        log(describe("SB3 DQN", run))
+    ours_d, peer_d = best_of("ours D3QN", ours_runs), best_of("SB3 DQN", peer_runs)
     emit(Figure("d3qn_train_steps_per_s", ours_d.rate, "steps/s", peer_d_desc, peer_d.rate), figures)
 
     log(f"PPO: {pcfg.num_envs} envs × {pcfg.rollout_steps} steps, 1 warm-up + {ppo_updates} timed updates, "
-        f"net {pcfg.net}")
-    ours_p = run_ours_ppo(pcfg, train, val, execution, env_params, val_sessions)
-    log(describe("ours PPO", ours_p))
-    peer_p, peer_p_desc = run_peer_ppo(pcfg, train, val, execution, env_params, val_sessions, context, n_features)
-    log(describe("SB3 PPO", peer_p))
+        f"net {pcfg.net}, {repeats} repetition(s)")
+    ours_runs, peer_runs = [], []
+    peer_p_desc = ""
+    for i in range(repeats):
+        ev = val_sessions if i == repeats - 1 else 0
+        ours_runs.append(run_ours_ppo(pcfg, train, val, execution, env_params, ev))
+        log(describe("ours PPO", ours_runs[-1]))
+        run, peer_p_desc = run_peer_ppo(pcfg, train, val, execution, env_params, ev, context, n_features)
+        peer_runs.append(run)
+        log(describe("SB3 PPO", run))
+    ours_p, peer_p = best_of("ours PPO", ours_runs), best_of("SB3 PPO", peer_runs)
     emit(Figure("ppo_train_steps_per_s", ours_p.rate, "steps/s", peer_p_desc, peer_p.rate), figures)
 
     val_desc = (f"{SB3} {{}} after the same {{:,}} env steps: greedy over masked outputs, mean return of "
@@ -467,12 +510,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     emit(Figure("ppo_val_return_at_equal_steps", 100 * ours_p.val["mean_return"], "%",
                 val_desc.format("PPO", pcfg.total_steps), 100 * peer_p.val["mean_return"]), figures)
 
-    extra += [describe("ours D3QN", ours_d), describe("SB3 DQN ", peer_d), describe("ours PPO ", ours_p),
-              describe("SB3 PPO ", peer_p), "",
-              f"d3qn config: {dcfg}", f"ppo config: {pcfg}", "",
-              f"torch threads {torch.get_num_threads()}; load average (1 min) at start {load0:.1f}, at end "
-              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: other processes share this machine, so rates "
-              f"vary between runs; total {time.perf_counter() - t_start:.1f} s"]
+    extra = [f"data: {source}; best of {repeats} repetition(s) per rate, val of the last",
+             describe("ours D3QN", ours_d), describe("SB3 DQN ", peer_d), describe("ours PPO ", ours_p),
+             describe("SB3 PPO ", peer_p), "",
+             f"d3qn config: {dcfg}", f"ppo config: {pcfg}", "",
+             f"torch threads {torch.get_num_threads()}; load average (1 min) at start {load0:.1f}, at end "
+             f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: other processes share this machine, so rates "
+             f"vary between runs; total {time.perf_counter() - t_start:.1f} s"]
     summary(figures, extra)
 
 
