@@ -1,7 +1,8 @@
-"""`dvc repro` in a throwaway git+dvc repo: the real dvc.yaml, tiny params, real shared data.
+"""`dvc repro sessions` in a throwaway git+dvc repo: the real dvc.yaml, tiny params, real shared data.
 
-Checks what users rely on: a first run builds every stage, a second run does nothing, and a parameter change
-re-runs exactly the stages that read it (and those after them).
+Checks what users rely on: a first run builds every stage up to the sessions, a second run does nothing, and a
+parameter change re-runs exactly the stages that read it (and those after them). The training stages after
+`sessions` are exercised by tests/test_train.py.
 """
 
 from __future__ import annotations
@@ -63,19 +64,19 @@ def test_dvc_repro_runs_only_what_a_change_touches(tmp_path: Path, shared_archiv
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "init"], repo)
 
-    first = _run([sys.executable, "-m", "dvc", "repro"], repo)
+    first = _run([sys.executable, "-m", "dvc", "repro", "sessions"], repo)
     assert _ran(first) == ["ingest", "features", "sessions"], first
     assert (repo / "data" / "sessions" / "backtest" / "rows.parquet").exists()
     assert (repo / "reports" / "plots" / "sessions.png").exists()
 
-    assert _ran(_run([sys.executable, "-m", "dvc", "repro"], repo)) == []
+    assert _ran(_run([sys.executable, "-m", "dvc", "repro", "sessions"], repo)) == []
 
     _set(repo, "sessions", "length", 15)
-    assert _ran(_run([sys.executable, "-m", "dvc", "repro"], repo)) == ["sessions"]
+    assert _ran(_run([sys.executable, "-m", "dvc", "repro", "sessions"], repo)) == ["sessions"]
 
     _set(repo, "features", "rsi", 10)
-    assert _ran(_run([sys.executable, "-m", "dvc", "repro"], repo)) == ["features", "sessions"]
+    assert _ran(_run([sys.executable, "-m", "dvc", "repro", "sessions"], repo)) == ["features", "sessions"]
 
-    assert _ran(_run([sys.executable, "-m", "dvc", "repro"], repo)) == []
+    assert _ran(_run([sys.executable, "-m", "dvc", "repro", "sessions"], repo)) == []
     metrics = _run([sys.executable, "-m", "dvc", "metrics", "show"], repo)
     assert "reports/sessions.json" in metrics
