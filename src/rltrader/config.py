@@ -216,6 +216,32 @@ class TrainSettings(_Strict):
     """torch intra-op threads on CPU (0 = torch's default). Small nets on 2 cores run several times faster on 1."""
 
 
+class BacktestSettings(_Strict):
+    """Continuous backtest (``rltrader.evaluate.backtest``): signal/execution filters between the policy and the
+    env's execution model (seed 002). Each filter turns a decision into *hold*; 0 / null switches it off."""
+
+    split: str = "backtest"
+    """Which ``sessions.splits`` date range to run over, continuously (not only inside sessions)."""
+    confidence: float = Field(default=0.0, ge=0)
+    """Minimum softmax probability of the chosen action (``logits`` models) or Q(chosen) − Q(hold) (``q_values``
+    and ``classifier`` models); rule baselines have no scores and are not filtered by it."""
+    cooldown_bars: int = Field(default=0, ge=0)
+    """After a fill in bar f, no new order is sent for decisions at bars f+1 … f+cooldown_bars."""
+    max_trades_per_day: int = Field(default=0, ge=0)
+    """Most orders let through per UTC day and symbol stretch (a flip is one order); 0 = unlimited."""
+    stop_loss: float = Field(default=0.0, ge=0, lt=1)
+    """Close when the last close is this fraction against the average entry (checked at decision time)."""
+    take_profit: float = Field(default=0.0, ge=0)
+    """Close when the last close is this fraction in favour of the average entry."""
+    trade_size_quote: float | None = Field(default=None, gt=0)
+    """Seed 002's trade size in quote currency; null = ``env.position_size`` (see the backtest module docstring
+    for how it maps onto the env's sizing)."""
+    repeat_cycles: bool = True
+    """spot_cycle / lowrider: start a new cycle after one closes (the env ends the episode there)."""
+    seed: int = 0
+    """Seed of the ``random`` baseline."""
+
+
 class Settings(_Strict):
     data: DataSettings = Field(default_factory=DataSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
@@ -225,6 +251,7 @@ class Settings(_Strict):
     execution: ExecutionSettings = Field(default_factory=ExecutionSettings)
     env: EnvSettings = Field(default_factory=EnvSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    backtest: BacktestSettings = Field(default_factory=BacktestSettings)
     d3qn: dict[str, Any] = Field(default_factory=dict)
     """Validated by ``rltrader.agents.d3qn.D3QNConfig`` (typed dataclass)."""
     ppo: dict[str, Any] = Field(default_factory=dict)

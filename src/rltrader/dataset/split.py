@@ -57,6 +57,7 @@ class SessionSet:
     feature_names: tuple[str, ...]
     context: int
     length: int
+    """Traded bars per session; 0 = variable-length sessions (the backtest's continuous gap-free stretches)."""
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,7 +70,8 @@ class SessionSet:
         if not (len(self.ctx_start) == len(self.start) == len(self.end)):
             raise DataError("session index: ctx_start/start/end lengths differ")
         if len(self.start) and (np.any(self.start - self.ctx_start != self.context)
-                                or np.any(self.end - self.start != self.length)
+                                or (np.any(self.end - self.start != self.length) if self.length > 0
+                                    else np.any(self.end <= self.start))
                                 or self.ctx_start.min() < 0 or self.end.max() > n):
             raise DataError("session index: offsets do not match context/length or fall outside the rows")
 
