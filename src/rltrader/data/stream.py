@@ -593,8 +593,19 @@ class StreamIngester:
             if not (trades or klines or bars):
                 return
             self._trades, self._klines, self._bars, self._events = [], [], [], []
-            results = await asyncio.to_thread(self._write, trades, klines, bars)
+            write = asyncio.ensure_future(asyncio.to_thread(self._write, trades, klines, bars))
+            try:
+                results = await asyncio.shield(write)
+            except asyncio.CancelledError:
+                # stopped mid-write (SIGTERM): the thread still commits these rows, so wait for it and count
+                # them before honouring the cancel, or the stats would miss rows that are in the store
+                self._account(await write, trades, klines, bars, events, time.time())
+                raise
             committed = time.time()
+        self._account(results, trades, klines, bars, events, committed)
+
+    def _account(self, results: tuple[WriteResult, WriteResult, WriteResult], trades: list[Any],
+                 klines: list[Any], bars: list[Any], events: list[float], committed: float) -> None:
         clock = self.event_clock
         lags = [committed - (clock(e) if clock else e) for e in events]
         self.stats.lag_samples.extend(lags)
