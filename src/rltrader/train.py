@@ -5,7 +5,6 @@ model with a signature). The CLI (``rltrader train <algo>``), ``dvc.yaml`` and t
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from rltrader.agents.common import config_from_params, mlflow_run
 from rltrader.agents.evaluate import EvalResult, evaluate
 from rltrader.agents.packaging import PolicyModule
 from rltrader.config import Settings
+from rltrader.dataset.build import git_commit
 from rltrader.dataset.split import SessionSet, load_split
 from rltrader.env import params_from_settings
 from rltrader.env.core import N_STATE
@@ -30,14 +30,6 @@ from rltrader.execution import ExecutionParams
 
 ALGOS = ("d3qn", "ppo", "cnn")
 console = Console(stderr=True)
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _flat(prefix: str, obj: Any) -> dict[str, Any]:

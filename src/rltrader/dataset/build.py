@@ -47,13 +47,24 @@ def code_version() -> dict[str, str | None]:
     h = hashlib.sha256()
     for f in sorted(src.glob("*.py")):
         h.update(f.read_bytes())
-    commit: str | None = None
+    return {"rltrader": rltrader.__version__, "git_commit": git_commit(), "dataset_code_sha256": h.hexdigest()[:16]}
+
+
+def git_commit() -> str | None:
+    """Commit of the checkout the package runs from (None outside git): provenance for outputs and runs."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True,
-                                timeout=5, check=True).stdout.strip() or None
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5, check=True)
     except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"rltrader": rltrader.__version__, "git_commit": commit, "dataset_code_sha256": h.hexdigest()[:16]}
+        return None
+    return out.stdout.strip() or None
+
+
+def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray, clip: float) -> np.ndarray:
+    """The features models see: train-split mean/std scaling, clipped to ±clip, float32. One definition for
+    the sessions stage and the continuous backtest, so both feed a model identical inputs."""
+    out: np.ndarray = np.clip((x.astype(np.float32) - mean) / std, -clip, clip).astype(np.float32)
+    return out
 
 
 @contextmanager
@@ -86,7 +97,7 @@ def _ts(us: int) -> str:
     return datetime.fromtimestamp(us / 1e6, UTC).isoformat()
 
 
-def _parse_day(text: str, where: str) -> int:
+def parse_day(text: str, where: str) -> int:
     try:
         d = datetime.fromisoformat(text)
     except ValueError as exc:
@@ -159,7 +170,7 @@ def _check_session_params(s: SessionSettings) -> list[tuple[str, int, int]]:
                           "are fitted on it)")
     ranges = []
     for name, r in s.splits.items():
-        lo, hi = _parse_day(r.start, f"sessions.splits.{name}.start"), _parse_day(r.end, f"sessions.splits.{name}.end")
+        lo, hi = parse_day(r.start, f"sessions.splits.{name}.start"), parse_day(r.end, f"sessions.splits.{name}.end")
         if lo >= hi:
             raise ConfigError(f"sessions.splits.{name}: start {r.start} is not before end {r.end}")
         ranges.append((name, lo, hi))
@@ -238,8 +249,7 @@ def _assemble(cands: list[_Candidates], keeps: list[np.ndarray], s: SessionSetti
         mask = _covered(c.frame.height, starts, s)
         new_index = np.cumsum(mask) - 1
         rows = c.frame.filter(pl.Series(mask))
-        x = rows.select(names).to_numpy().astype(np.float32)
-        x = np.clip((x - mean) / std, -s.clip, s.clip).astype(np.float32)
+        x = standardize(rows.select(names).to_numpy(), mean, std, s.clip)
         parts.append({
             "features": x,
             **{k: rows[k].to_numpy().astype(np.float64) for k in ("open", "high", "low", "close", "volume")},

@@ -92,6 +92,7 @@ from rltrader.agents.baselines import (
     RandomPolicy,
     SMACross,
 )
+from rltrader.dataset.build import parse_day, standardize  # the sessions stage's date rule and scaling
 from rltrader.dataset.split import SessionSet, read_metadata
 from rltrader.env.core import (
     O_FILLED,
@@ -779,12 +780,6 @@ def _assemble(data: SessionSet, core: EnvCore, fs: np.ndarray, base: np.ndarray,
 # ==================================================================================== the continuous split data
 
 
-def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray, clip: float) -> np.ndarray:
-    """The sessions stage's feature transformation (train mean/std, then clip), bit for bit (tested)."""
-    out: np.ndarray = np.clip((x.astype(np.float32) - mean) / std, -clip, clip).astype(np.float32)
-    return out
-
-
 def continuous_split(settings: Any, split: str = "backtest", *, sessions_dir: Path | None = None,
                      features_dir: Path | None = None) -> SessionSet:
     """Every gap-free stretch of valid bars in ``sessions.splits[split]``, per symbol, as a variable-length
@@ -793,11 +788,9 @@ def continuous_split(settings: Any, split: str = "backtest", *, sessions_dir: Pa
     s = settings.sessions
     if split not in s.splits:
         raise ConfigError(f"backtest.split: {split!r} is not one of sessions.splits ({', '.join(s.splits)})")
-    from rltrader.dataset.build import _parse_day  # the same date parsing as the sessions stage
-
     r = s.splits[split]
-    lo = _parse_day(r.start, f"sessions.splits.{split}.start")
-    hi = _parse_day(r.end, f"sessions.splits.{split}.end")
+    lo = parse_day(r.start, f"sessions.splits.{split}.start")
+    hi = parse_day(r.end, f"sessions.splits.{split}.end")
     sdir = Path(sessions_dir or settings.data.dir / "sessions")
     fdir = Path(features_dir or settings.data.dir / "features")
     train_rows = sdir / "train" / "rows.parquet"
