@@ -107,7 +107,9 @@ def mlflow_run(tracking_uri: str, experiment: str, run_name: str, artifact_root:
     mlflow.set_tracking_uri(tracking_uri)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
-        location = (artifact_root / experiment).resolve().as_uri() if artifact_root else None
+        # a tracking server stores artifacts itself (mlflow-artifacts:/); a local path is only for embedded stores
+        remote = tracking_uri.startswith(("http://", "https://"))
+        location = (artifact_root / experiment).resolve().as_uri() if artifact_root and not remote else None
         exp_id = mlflow.create_experiment(experiment, artifact_location=location)
     else:
         exp_id = exp.experiment_id
