@@ -326,16 +326,28 @@ def test_ws_futures_multiplex_and_raw_stream() -> None:
 # -- faults ---------------------------------------------------------------------------------------------------
 def test_fault_drop_then_reconnect_resumes_from_clock() -> None:
     """A dropped client reconnects (python-binance does it itself) and gets data from the clock's position:
-    what happened meanwhile is lost, as on the real exchange."""
+    what happened meanwhile is lost, as on the real exchange.
+
+    The clock is stepped so that the client has read all 20 messages before the 21st comes due, which is when
+    the connection breaks: had the break followed the 20th write at once, python-binance would have discarded
+    whatever it had not yet read, a number that depends on how loaded the machine is."""
+    trades = archive_rows(Market.SPOT, "aggTrades", "BTCUSDT", T0.date(), T0.date())
+    t_ms = trades.select(pl.col("transact_time").dt.epoch("ms")).to_series().to_list()
+    assert ms(T0) <= t_ms[0] and t_ms[19] < t_ms[20]  # the 21st trade comes due strictly after the 20th
 
     async def run() -> tuple[list[dict[str, Any]], ReplayServer]:
-        srv = server(Market.SPOT, T0, days=0, speed=60.0, faults=Faults(drop_after=20))
+        first_trade = datetime.fromtimestamp(t_ms[0] / 1000, tz=UTC)
+        srv = server(Market.SPOT, T0, days=0, clock_at=first_trade, speed=60.0, faults=Faults(drop_after=20))
         async with srv:
             client = await make_async_client(Market.SPOT, srv.rest_base_url)
             try:
                 bm = make_socket_manager(client, srv.ws_base_url)
                 async with bm.multiplex_socket(["btcusdt@aggTrade"]) as sock:
-                    first = await _collect(sock, 21)
+                    first = await _collect(sock, 1)  # the sender has started at the (paused) clock
+                    srv.clock.advance_to(t_ms[19])  # exactly 20 trades are due
+                    first += await _collect(sock, 19)
+                    srv.clock.resume()  # market time runs on: the 21st trade comes due, the connection breaks
+                    first += await _collect(sock, 1)
                     srv.set_faults(Faults())
                     rest = await _collect(sock, 5, timeout=15)
                     return first + rest, srv

@@ -62,8 +62,12 @@ MalformedKind = Literal["not_json", "bad_shape"]
 class Faults:
     """Network misbehaviour applied to every websocket connection, counted per connection.
 
-    ``drop_after``: abruptly close the TCP connection after this many data messages (no close frame, like a
-    network failure; a reconnecting client is dropped again after as many). ``stall_after``/``stall_seconds``:
+    ``drop_after``: after this many data messages, abruptly close the TCP connection (no close frame, like a
+    network failure; a reconnecting client is dropped again after as many). The break replaces the next
+    message: it happens when that message comes due on the replay clock, not in the same instant as the last
+    write, so a client that keeps up with market time reads exactly ``drop_after`` messages before it sees the
+    break (python-binance discards frames it has received but not yet read once it notices a closed
+    connection). With no further event the connection is not dropped. ``stall_after``/``stall_seconds``:
     once per connection, after that many messages, send nothing for that long while keeping the socket open;
     the events that came due meanwhile follow in a burst, as after a real network stall. ``malformed_every``:
     after every N-th data message insert one extra broken frame (``not_json`` text, or ``bad_shape`` JSON
@@ -1101,6 +1105,15 @@ class ReplayServer:
             for e_ms, stream, data in self._events(streams, self.clock.now_ms(), micro):
                 await self.clock.wait_until(e_ms)
                 faults = self.faults
+                if faults.drop_after is not None and sent >= faults.drop_after:
+                    # Break instead of sending message drop_after + 1, now that it is due. Not right after
+                    # the last write: the client would then notice the closed connection while the last
+                    # messages still sat unread in its buffers and lose a varying number of them.
+                    self.stats.drops += 1
+                    transport = request.transport
+                    if transport is not None:
+                        transport.abort()  # no close frame: the client sees a broken connection
+                    return
                 if faults.stall_after is not None and sent >= faults.stall_after and not stalled:
                     stalled = True
                     self.stats.stalls += 1
@@ -1114,12 +1127,6 @@ class ReplayServer:
                 if faults.malformed_every is not None and sent % faults.malformed_every == 0:
                     await ws.send_str(self._malformed(faults.malformed_kind, stream, data, combined))
                     self.stats.malformed_sent += 1
-                if faults.drop_after is not None and sent >= faults.drop_after:
-                    self.stats.drops += 1
-                    transport = request.transport
-                    if transport is not None:
-                        transport.abort()  # no close frame: the client sees a broken connection
-                    return
         except (ConnectionResetError, RuntimeError) as exc:  # client went away mid-send
             log.debug("replay: websocket send ended: %s", exc)
 
