@@ -1,7 +1,8 @@
 """Deployments with their schedules, declared in the repo; ``python -m flows.deploy`` serves them.
 
 ``flow.serve`` needs no work pool: this process polls the Prefect API (``PREFECT_API_URL``, or a local
-``prefect server start``) and runs scheduled flows itself. ``backfill-archive`` runs daily at 00:30 UTC;
+``prefect server start``) and runs scheduled flows itself. ``backfill-archive`` runs daily at 00:30 UTC,
+``nightly-retrain`` (backfill → ``dvc repro`` → promote) at 02:00 UTC, one at a time;
 ``ingest-live`` is started every 10 minutes with a concurrency limit of 1 that cancels the new run while one is
 active — so the stream is (re)started within 10 minutes whenever no run is alive (crash beyond its retries,
 host restart) and never runs twice.
@@ -16,8 +17,10 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.schedules import Cron
 
 from flows.ingest import backfill_archive, ingest_live
+from flows.retrain import nightly_retrain
 
 BACKFILL_CRON = "30 0 * * *"
+RETRAIN_CRON = "0 2 * * *"
 
 
 def deployments() -> list[Any]:
@@ -30,6 +33,11 @@ def deployments() -> list[Any]:
             "ingest-live", interval=600, tags=["ingest", "live"],
             concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
             description="Supervised websocket ingester (restarted if not running)",
+        ),
+        nightly_retrain.to_deployment(
+            "nightly-retrain", schedules=[Cron(RETRAIN_CRON, timezone="UTC")], tags=["train", "registry"],
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+            description="Backfill the latest data, rebuild via dvc repro, promote a champion only through the gates",
         ),
     ]
 

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from rltrader.agents.baselines import SMACross
+from rltrader.agents.cnn_classifier import ClassifierActions
 from rltrader.agents.evaluate import evaluate
+from rltrader.agents.networks import ActorCritic, Classifier, DuelingQNet, NetConfig
 from rltrader.agents.packaging import PolicyModule
 from rltrader.config import Settings
 from rltrader.data.parquet_store import ParquetStore
@@ -26,6 +28,7 @@ from rltrader.env.synthetic import synthetic_sessions
 from rltrader.errors import ConfigError, DataError
 from rltrader.evaluate.backtest import (
     BacktestFilters,
+    backtest_params,
     backtest_sessions,
     continuous_split,
     make_policy,
@@ -120,6 +123,82 @@ def test_parity_nn_policy_and_vectorised_sma() -> None:
     sma = backtest_sessions(data, "sma_cross", EX, params)
     assert sma.meta["path"].startswith("vectorised")
     assert np.array_equal(backtest_fills(sma, data), env_rollout(data, SMACross("futures_session"), EX, params))
+
+
+# ------------------------------------------------------------------ split networks (precomputed window part)
+
+
+NETS = ("d3qn", "ppo", "cnn")
+
+
+def small_net(name: str, data: SessionSet, n_actions: int, mode: str = "futures_session",
+              seed: int = 0) -> PolicyModule:
+    """A small random network of each of our kinds (CNN encoder for D3QN and the classifier, TCN for PPO)."""
+    torch.manual_seed(seed)
+    cnn, tcn = NetConfig(encoder="cnn", channels=8, hidden=16), NetConfig(encoder="tcn", channels=8, hidden=16,
+                                                                         tcn_levels=2)
+    args = (data.n_features, data.context, N_STATE)
+    net: nn.Module
+    if name == "d3qn":
+        net, kind = DuelingQNet(*args, n_actions, cnn), "q_values"
+    elif name == "ppo":
+        net, kind = ActorCritic(*args, n_actions, tcn), "logits"
+        nn.init.normal_(net.policy.weight, std=0.3)  # PPO starts near-uniform; spread the logits to trade
+    else:
+        net, kind = ClassifierActions(Classifier(*args, 2, cnn), 0.5, mode), "classifier"
+    return PolicyModule(net.eval(), kind, data.context, data.n_features, N_STATE, n_actions)
+
+
+def assert_same_run(fast: Any, generic: Any) -> None:
+    assert fast.meta["path"].startswith("split network") and generic.meta["path"].startswith("stepped")
+    for name in ("fills", "trades", "equity", "stretches", "daily"):
+        assert getattr(fast, name).equals(getattr(generic, name)), name
+    assert fast.totals == generic.totals
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_split_head_scores_match_module(name: str) -> None:
+    data = synthetic_sessions(n_symbols=2, bars_per_symbol=200, length=20, seed=7)
+    module = small_net(name, data, EnvParams().n_actions)
+    split = module.split()
+    assert split is not None
+    rows = np.concatenate([np.arange(a, b) for a, b in zip(data.start, data.end, strict=True)])  # runs with gaps
+    windows = data.features[rows[:, None] + np.arange(-data.context, 0)]
+    state = np.random.default_rng(0).normal(size=(len(rows), N_STATE)).astype(np.float32)
+    state[:, 0] = np.sign(state[:, 0])
+    got = split.scores(split.precompute(data.features, rows), state)
+    want = module.scores(windows, state)
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert (got.argmax(axis=1) == want.argmax(axis=1)).all()
+    assert tiny_module(data, 4).split() is None  # not one of our networks: the generic path
+
+
+@pytest.mark.parametrize("name", NETS)
+@pytest.mark.parametrize(("chain", "confident"), [(False, False), (True, False), (True, True)])
+def test_split_network_parity_with_generic_path(name: str, chain: bool, confident: bool) -> None:
+    data = synthetic_sessions(n_symbols=2, bars_per_symbol=400, length=40, volatility=0.004, seed=5)
+    params = EnvParams()
+    module = small_net(name, data, params.n_actions)
+    # thresholds inside each small net's range: the Q gap to hold, the softmax probability, the classifier's 1
+    threshold = {"d3qn": 0.012, "ppo": 0.3, "cnn": 0.5}[name] if confident else 0.0
+    flt = BacktestFilters(confidence=threshold, cooldown_bars=2)
+    fast = backtest_sessions(data, module, EX, params, flt, chain=chain)
+    generic = backtest_sessions(data, module, EX, params, flt, chain=chain, fast=False)
+    assert_same_run(fast, generic)
+    assert fast.totals["fills"] > 10
+    if confident and name != "cnn":  # the classifier's gap to hold is 1 whenever it trades
+        assert fast.totals["blocked_decisions"] > 0
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_split_network_parity_spot_and_latency(name: str) -> None:
+    data = synthetic_sessions(n_symbols=2, bars_per_symbol=300, length=30, volatility=0.004, seed=8)
+    params = EnvParams(mode="spot_cycle")
+    ex = replace(EX, market="spot", latency_bars=1)
+    module = small_net(name, data, params.n_actions, mode="spot_cycle", seed=1)
+    flt = BacktestFilters(repeat_cycles=True)
+    assert_same_run(backtest_sessions(data, module, ex, params, flt, chain=True),
+                    backtest_sessions(data, module, ex, params, flt, chain=True, fast=False))
 
 
 # ---------------------------------------------------------------------------------- stages: continuous backtest
@@ -296,6 +375,16 @@ def test_bad_input_names_the_parameter(built: Settings) -> None:
     with pytest.raises(ConfigError, match="lowrider"):
         backtest_sessions(long_set(n=200), "flat", replace(EX, market="spot"), EnvParams(mode="lowrider"),
                           BacktestFilters(stop_loss=0.01))
+
+
+def test_split_network_continuous_split(built: Settings) -> None:
+    """The continuous run over real-shaped stretches (variable length, a gap) gives the generic path's result."""
+    data = continuous_split(built, "backtest")
+    execution, params = backtest_params(built)
+    for name in NETS:
+        module = small_net(name, data, params.n_actions, seed=3)
+        assert_same_run(backtest_sessions(data, module, execution, params, chain=True),
+                        backtest_sessions(data, module, execution, params, chain=True, fast=False))
 
 
 def test_model_from_file(built: Settings, tmp_path: Path) -> None:

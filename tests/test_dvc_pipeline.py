@@ -1,12 +1,13 @@
-"""`dvc repro sessions` in a throwaway git+dvc repo: the real dvc.yaml, tiny params, real shared data.
+"""`dvc repro` in a throwaway git+dvc repo: the real dvc.yaml, tiny params, real shared data.
 
-Checks what users rely on: a first run builds every stage up to the sessions, a second run does nothing, and a
-parameter change re-runs exactly the stages that read it (and those after them). The training stages after
-`sessions` are exercised by tests/test_train.py.
+Checks what users rely on: a first run builds every stage, a second run does nothing, a parameter change re-runs
+exactly the stages that read it (and those after them), and the whole pipeline — ingest → features → sessions →
+train (d3qn, ppo, cnn) → backtest → promote — runs end to end with `dvc metrics show` / `dvc plots show` working.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -33,7 +34,7 @@ def _run(args: list[str], cwd: Path) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 
@@ -48,21 +49,53 @@ def _set(repo: Path, section: str, key: str, value: object) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_dvc_repro_runs_only_what_a_change_touches(tmp_path: Path, shared_archive: Path) -> None:
+TINY_TRAIN = {
+    "d3qn": {"total_steps": 600, "num_envs": 16, "learning_starts": 200, "batch_size": 32, "buffer_size": 2000,
+             "eval_every": 600, "eval_sessions": 30, "checkpoint_every": 600, "net": {"channels": 8, "hidden": 16}},
+    "ppo": {"total_steps": 512, "num_envs": 16, "rollout_steps": 16, "eval_every": 512, "eval_max_sessions": 30,
+            "checkpoint_every": 512, "net": {"channels": 8, "hidden": 16, "tcn_levels": 2}},
+    "cnn": {"epochs": 1, "max_samples": 2000, "net": {"channels": 8, "hidden": 16}},
+}
+
+
+def _repo(tmp_path: Path, shared_archive: Path, extra: dict[str, dict[str, object]] | None = None) -> Path:
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copy2(REPO / "dvc.yaml", repo / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["archive_base"] = str(shared_archive)
-    for section, values in TINY.items():
+    for section, values in {**TINY, **(extra or {})}.items():
         params[section].update(values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (repo / ".gitignore").write_text("/data/\n/reports/\n")
+    (repo / ".gitignore").write_text("/data/\n/reports/\n/mlflow/\n")
     _run(["git", "init", "-q"], repo)
     _run([sys.executable, "-m", "dvc", "init", "-q"], repo)
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "init"], repo)
+    return repo
+
+
+def test_whole_pipeline_on_tiny_params(tmp_path: Path, shared_archive: Path) -> None:
+    repo = _repo(tmp_path, shared_archive, {**TINY_TRAIN, "train": {"val_sessions": 100},
+                                            "backtest": {"bootstrap": 200}})
+    first = _run([sys.executable, "-m", "dvc", "repro"], repo)
+    assert sorted(_ran(first)) == sorted(["ingest", "features", "sessions", "train@d3qn", "train@ppo", "train@cnn",
+                                          "backtest", "promote"]), first
+    decision = json.loads((repo / "reports" / "promotion.json").read_text())
+    assert decision["action"] in ("promote", "refuse") and decision["gates"]
+    assert decision["challenger"] in ("d3qn", "ppo")
+    for algo in ("d3qn", "ppo", "cnn"):
+        assert (repo / "reports" / "backtest" / algo / "report.html").is_file()
+    shown = _run([sys.executable, "-m", "dvc", "metrics", "show"], repo)
+    assert "reports/backtest.json" in shown and "reports/promotion.json" in shown
+    plots = _run([sys.executable, "-m", "dvc", "plots", "show", "--out", str(tmp_path / "plots")], repo)
+    assert (tmp_path / "plots" / "index.html").is_file(), plots
+    assert _ran(_run([sys.executable, "-m", "dvc", "repro"], repo)) == []
+
+
+def test_dvc_repro_runs_only_what_a_change_touches(tmp_path: Path, shared_archive: Path) -> None:
+    repo = _repo(tmp_path, shared_archive)
 
     first = _run([sys.executable, "-m", "dvc", "repro", "sessions"], repo)
     assert _ran(first) == ["ingest", "features", "sessions"], first

@@ -315,6 +315,80 @@ def train_cmd(
     out.print(f"{algo}: MLflow run {result['run_id']}, model {result['model_uri']}")
 
 
+@app.command("backtest")
+def backtest_cmd(
+    model: Annotated[str | None, typer.Option(help="One policy: models:/rltrader@champion, an MLflow run id, a .pt "
+                                              "file or a baseline name. Default: every backtest.models model "
+                                              "(the DVC stage)")] = None,
+    split: Annotated[str | None, typer.Option(help="sessions.splits range (default backtest.split)")] = None,
+    out_dir: Annotated[Path, typer.Option(help="Reports folder")] = Path("reports/backtest"),
+    metrics: Annotated[Path, typer.Option(help="DVC metrics JSON (stage mode)")] = Path("reports/backtest.json"),
+) -> None:
+    """Continuous backtest through the env's execution model, against every baseline, with an HTML report."""
+    from rltrader.evaluate.stage import run_backtest_stage, run_one_backtest
+
+    try:
+        settings = load_settings()
+        if model is not None:
+            one = run_one_backtest(settings, model, split=split, out_dir=out_dir)
+            m = one["metrics"]
+            out.print(f"{one['policy']} over {one['split']}: return {100 * (m['total_return'] or 0):+.3f} %, Sharpe "
+                      f"{m['sharpe_daily_annualized']}, max drawdown {100 * (m['max_drawdown'] or 0):.2f} % → "
+                      f"{one['report']}")
+            return
+        if split is not None:
+            _fail("--split needs --model (the stage runs backtest.eval_splits)")
+        summary = run_backtest_stage(settings, out_dir=out_dir, metrics_path=metrics)
+    except RLTraderError as exc:
+        _fail(str(exc))
+    primary = summary["primary_split"]
+    table = Table("policy", "role", "return %", "Sharpe (daily, ann.)", "max DD %", "trades/day", title=primary)
+    for r in summary["tables"][primary]:
+        table.add_row(str(r["name"]), str(r["role"]), f"{100 * float(r['total_return']):+.3f}",
+                      f"{float(r['sharpe_daily_annualized']):+.3f}", f"{100 * float(r['max_drawdown']):.2f}",
+                      f"{float(r['trades_per_day']):.2f}")
+    out.print(table)
+    for line in summary["verdicts"][primary]:
+        out.print(line)
+
+
+@app.command("promote")
+def promote_cmd(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the decision; change nothing")] = False,
+    rollback: Annotated[bool, typer.Option("--rollback", help="champion ← previous")] = False,
+    summary: Annotated[Path, typer.Option(help="The backtest stage's summary")] = Path("reports/backtest/summary.json"),
+) -> None:
+    """Register the trained models; the challenger becomes MLflow alias `champion` only if every gate passes."""
+    from rltrader import registry
+
+    try:
+        settings = load_settings()
+        decision = (registry.rollback(settings, dry_run=dry_run) if rollback
+                    else registry.promote(settings, dry_run=dry_run, summary_path=summary))
+    except RLTraderError as exc:
+        _fail(str(exc))
+    out.print(decision.summary())
+
+
+@app.command("walk-forward")
+def walk_forward_cmd(
+    algo: Annotated[str | None, typer.Option(help="d3qn, ppo or cnn (default walk_forward.algo)")] = None,
+    max_folds: Annotated[int | None, typer.Option(help="Only the first N folds")] = None,
+    out_dir: Annotated[Path, typer.Option(help="Reports folder")] = Path("reports/walk_forward"),
+) -> None:
+    """Rolling train/test windows: per fold rebuild sessions, train from scratch, backtest with the baselines."""
+    from rltrader.evaluate.walk_forward import run_walk_forward
+
+    try:
+        result = run_walk_forward(load_settings(), algo=algo, out_dir=out_dir, max_folds=max_folds,
+                                  progress=sys.stderr.isatty())
+    except RLTraderError as exc:
+        _fail(str(exc))
+    for line in result["verdicts"]:
+        out.print(line)
+    out.print(f"report: {result['report']}")
+
+
 def main() -> None:
     app()
 

@@ -240,6 +240,48 @@ class BacktestSettings(_Strict):
     """spot_cycle / lowrider: start a new cycle after one closes (the env ends the episode there)."""
     seed: int = 0
     """Seed of the ``random`` baseline."""
+    models: list[str] = Field(default_factory=lambda: ["d3qn", "ppo", "cnn"])
+    """Trained models (``<train.models_dir>/<name>.pt``) the ``backtest`` stage judges against the baselines."""
+    eval_splits: list[str] = Field(default_factory=lambda: ["val", "backtest"])
+    """Splits the ``backtest`` stage runs every policy over, continuously; promotion gates read val and backtest."""
+    bootstrap: int = Field(default=1000, ge=0)
+    """Block-bootstrap resamples (over days) for the Sharpe and return confidence intervals; 0 = off."""
+
+
+class WalkForwardSettings(_Strict):
+    """``rltrader walk-forward``: rolling train/test windows, each fold trained and backtested from scratch."""
+
+    start: str = "2023-02-01"
+    end: str = "2025-12-01"
+    train_days: int = Field(default=365, gt=0)
+    val_days: int = Field(default=30, gt=0)
+    """The last ``val_days`` of each fold's training window are its val split (model selection), embargoed."""
+    test_days: int = Field(default=90, gt=0)
+    step_days: int = Field(default=90, gt=0)
+    expanding: bool = False
+    algo: str = "d3qn"
+
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _str_date(cls, v: Any) -> Any:
+        return v.isoformat() if hasattr(v, "isoformat") else v
+
+
+class PromoteSettings(_Strict):
+    """Gates of ``rltrader promote`` (MLflow registry): the challenger becomes ``champion`` only if all pass."""
+
+    model_name: str = "rltrader"
+    """Registered model name; aliases ``champion`` and ``previous``."""
+    candidates: list[str] = Field(default_factory=lambda: ["d3qn", "ppo"])
+    """Trained models that may be promoted; the challenger is the one with the best val ``metric``."""
+    metric: str = "sharpe_daily_annualized"
+    margin: float = Field(default=0.1, ge=0)
+    """The challenger's ``metric`` must exceed the champion's by this much on val AND on backtest."""
+    max_drawdown: float = Field(default=0.25, gt=0, le=1)
+    """Largest max drawdown (fraction of peak equity) allowed on val and on backtest."""
+    baselines: list[str] = Field(default_factory=lambda: ["flat", "buy_and_hold"])
+    """Must be beaten on ``metric`` and on total return, net of fees, on val and on backtest."""
+    decision_path: Path = Path("reports/promotion.json")
 
 
 class Settings(_Strict):
@@ -252,6 +294,8 @@ class Settings(_Strict):
     env: EnvSettings = Field(default_factory=EnvSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     backtest: BacktestSettings = Field(default_factory=BacktestSettings)
+    walk_forward: WalkForwardSettings = Field(default_factory=WalkForwardSettings)
+    promote: PromoteSettings = Field(default_factory=PromoteSettings)
     d3qn: dict[str, Any] = Field(default_factory=dict)
     """Validated by ``rltrader.agents.d3qn.D3QNConfig`` (typed dataclass)."""
     ppo: dict[str, Any] = Field(default_factory=dict)
@@ -327,3 +371,18 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
 
 # Sections of params.yaml owned by stages that validate them themselves (added by later pipeline stages).
 EXTRA_SECTIONS: set[str] = set()
+
+
+def params_hash(settings: Settings, sections: tuple[str, ...]) -> str:
+    """Short sha256 of the named params sections: two models with the same hash were built with the same knobs
+    (registry tag ``params_hash``). Paths and URLs are included as written; they do not change results."""
+    import hashlib
+    import json
+
+    tree = settings.model_dump(mode="json")
+    blob = json.dumps({k: tree.get(k) for k in sections}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+TRAIN_SECTIONS = ("ingest", "features", "sessions", "execution", "env", "train")
+"""Params that shape a trained model besides its own algorithm section."""

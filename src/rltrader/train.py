@@ -19,7 +19,7 @@ from rltrader.agents.baselines import rule_baselines
 from rltrader.agents.common import config_from_params, mlflow_run
 from rltrader.agents.evaluate import EvalResult, evaluate
 from rltrader.agents.packaging import PolicyModule
-from rltrader.config import Settings
+from rltrader.config import TRAIN_SECTIONS, Settings, params_hash
 from rltrader.dataset.build import git_commit
 from rltrader.dataset.split import SessionSet, load_split
 from rltrader.env import params_from_settings
@@ -141,7 +141,8 @@ def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: 
                                "seed": t.seed, "train_sessions": train.n_sessions, "val_sessions": val.n_sessions})
             mlflow.set_tags({"git_commit": git_commit() or "unknown", "algo": algo,
                              "data_fingerprint": json.dumps(train.meta.get("input_sha256", {}), sort_keys=True),
-                             "dataset_code": json.dumps(train.meta.get("code", {}), sort_keys=True)})
+                             "dataset_code": json.dumps(train.meta.get("code", {}), sort_keys=True),
+                             "params_hash": params_hash(settings, (*TRAIN_SECTIONS, algo))})
         module, history, cfg = _train_algo(algo, settings, train, val, execution, env_params, run, resume, progress,
                                            overrides or {})
         if run_id is None:
@@ -179,6 +180,9 @@ def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: 
                   "val": {k: v for k, v in ours.items() if k != "policy"}, "val_table": rows, "verdict": verdict,
                   "params": module.meta}
         if metrics_path is not None:
+            # the DVC metrics file stays small (what `dvc metrics show` lists); the full val table is the run's
+            # val_comparison.json artifact. run_id / model_uri tell the promote stage which MLflow model this is.
+            slim = {k: result[k] for k in ("algo", "run_id", "model_uri", "val", "verdict")}
             metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            metrics_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+            metrics_path.write_text(json.dumps(slim, indent=2, default=str) + "\n")
     return result

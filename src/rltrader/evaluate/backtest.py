@@ -45,8 +45,18 @@ over the accounts and time (``_run_rows``): ``flat`` always, and without latency
 env would reject anyway (``order_for`` returns 0 for a long while long), so "long when the fast SMA is above the
 slow one, else short" gives the same fills. With latency an order can be in flight, the baseline then looks at
 the filled position and the target form would not (it could cancel a pending flip), so those run bar by bar.
-Everything else (NN policies, random, Lowrider rule) is stepped bar by bar with all accounts together: one
-forward pass per bar over every account still running (one per symbol in the continuous run).
+
+Our networks (``PolicyModule.split``: D3QN, PPO, the CNN classifier) are split where the position state enters:
+the window part (encoder and the embedding's share of the first layer; the classifier's whole P(up)) does not
+depend on fills, so it is computed for every decision position in blocks of ``SPLIT_BLOCK`` rows, one batched
+forward pass each (a CNN encoder's convolutions are shared by the overlapping windows of consecutive bars,
+``packaging.encode_windows``); then ONE numba loop (``_run_split``) runs the accounts through the block with the
+state-dependent rest (``packaging.head_scores``: the state term, the second layer, the head; then the masked
+argmax and the confidence filter) — the same decisions as the module's forward pass, up to float32 rounding order
+(``tests/test_backtest.py`` checks fills, equity and trades against the generic path). Decision positions are
+numbered in the order each account plays them (``q``), so an account only ever moves forward through the blocks.
+Everything else (other networks, ``fast=False``, random, Lowrider rule) is stepped bar by bar with all accounts
+together: one forward pass per bar over every account still running (one per symbol in the continuous run).
 
 Outputs (``BacktestResult``; the column contract of ``rltrader.evaluate.metrics``)
 --------------------------------------------------------------------------------
@@ -92,6 +102,7 @@ from rltrader.agents.baselines import (
     RandomPolicy,
     SMACross,
 )
+from rltrader.agents.packaging import head_scores, head_scratch
 from rltrader.dataset.build import parse_day, standardize  # the sessions stage's date rule and scaling
 from rltrader.dataset.split import SessionSet, read_metadata
 from rltrader.env.core import (
@@ -138,6 +149,8 @@ from rltrader.execution import (
 )
 
 POLICY_NAMES = ("flat", "buy_and_hold", "random", "sma_cross", "lowrider_rule")
+SPLIT_BLOCK = 1024
+"""Decision positions per precomputed block of the split-network path (one batched forward pass)."""
 DAY_US = 86_400_000_000
 EQUITY_FLOOR = 1e-9
 
@@ -398,6 +411,57 @@ def _step_batch(idx: np.ndarray, actions: np.ndarray, confident: np.ndarray, acc
 
 
 @njit(cache=True)
+def _run_split(pre: np.ndarray, q_lo: int, q_hi: int, qbase: np.ndarray, code: int, state_weight: np.ndarray,
+               hidden_weight_t: np.ndarray, hidden_bias: np.ndarray, out_weight: np.ndarray, out_bias: np.ndarray,
+               head_params: np.ndarray, softmax_conf: bool, threshold: float, order: np.ndarray, j0: int,
+               acct: np.ndarray, env: np.ndarray, ptr: np.ndarray, pending: np.ndarray, sess: np.ndarray,
+               bars: np.ndarray, time: np.ndarray, features: np.ndarray, xp: np.ndarray, ep: np.ndarray,
+               ep_last: np.ndarray, next_session: np.ndarray, window: np.ndarray, state: np.ndarray,
+               mask: np.ndarray, out_f: np.ndarray, out_b: np.ndarray, flt: np.ndarray, fs: np.ndarray,
+               base: np.ndarray, chain_next: np.ndarray, eq0: np.ndarray, out_eq: np.ndarray, out_qty: np.ndarray,
+               out_fees: np.ndarray, ev: np.ndarray, n_ev: np.ndarray) -> int:
+    """A split network's decisions for the positions ``[q_lo, q_hi)`` (``pre[q - q_lo]``: position ``q``'s
+    precomputed row; ``q = qbase[session] + t - start``): every account of ``order[j0:]`` run until its next
+    decision lies beyond the block (or it is done), one after the other. Scores, masked argmax and confidence as
+    the generic path (``_confident``). Returns ``len(order)`` when the block is done, the index it stopped at
+    when the event log is nearly full (the caller grows it and resumes), -1 if an account's position went back."""
+    n_actions = mask.shape[1]
+    h1, h2, out = head_scratch(hidden_weight_t, out_weight)
+    sc = np.zeros(n_actions, np.float32)
+    for j in range(j0, order.shape[0]):
+        b = order[j]
+        while fs[FS_DONE, b] == 0.0:
+            q = qbase[ptr[P_SESSION, b]] + ptr[P_T, b] - ptr[P_START, b]
+            if q >= q_hi:
+                break
+            if q < q_lo:
+                return -1
+            if n_ev[0] + 3 > ev.shape[1]:
+                return j
+            head_scores(pre[q - q_lo], state[b], code, state_weight, hidden_weight_t, hidden_bias, out_weight,
+                        out_bias, head_params, h1, h2, out, sc)
+            a, best = 0, -np.inf  # masked argmax, first of equal maxima (numpy's argmax)
+            for k in range(n_actions):
+                if mask[b, k] and sc[k] > best:
+                    a, best = k, sc[k]
+            confident = True
+            if threshold > 0.0:
+                if softmax_conf:  # softmax probability of the chosen action over the valid ones
+                    tot = 0.0
+                    for k in range(n_actions):
+                        if mask[b, k]:
+                            tot += math.exp(sc[k] - best)
+                    confident = 1.0 / tot >= threshold
+                else:  # the value given up by holding instead
+                    confident = sc[a] - sc[0] >= threshold
+            _advance(b, a, confident, acct, env, ptr, pending, sess, bars, time, features, xp, ep, ep_last,
+                     next_session, window, state, mask, out_f, out_b, flt, fs, base, chain_next, eq0, out_eq,
+                     out_qty, out_fees, ev, n_ev)
+    n: int = order.shape[0]
+    return n
+
+
+@njit(cache=True)
 def _round_trips(ev: np.ndarray, n_accounts: int) -> np.ndarray:
     """Round trips from the fill events (sorted by account, then time): a trade opens when the position leaves
     zero and closes when it returns to zero or flips (a flip's fee is split by quantity; its realized PnL belongs
@@ -529,16 +593,18 @@ def _confident(kind: str, scores: np.ndarray, mask: np.ndarray, actions: np.ndar
 
 def backtest_sessions(data: SessionSet, policy: Any, execution: ExecutionParams, env_params: EnvParams,
                       filters: BacktestFilters | None = None, *, chain: bool = False, bar_us: int | None = None,
-                      seed: int = 0) -> BacktestResult:
+                      seed: int = 0, fast: bool = True) -> BacktestResult:
     """Run ``policy`` over every session of ``data`` through the env's step kernel, with ``filters`` (None =
     off: each session is exactly the env's episode, from ``initial_cash``).
 
     ``chain``: one account per symbol plays that symbol's sessions in time order, each starting with the
     previous one's final equity (the continuous backtest; sessions must not overlap in time). Otherwise one
     account per session, all at once; the per-symbol curve then banks each session's PnL (fixed-size trading).
-    ``policy``: a ``PolicyModule`` (scores → masked argmax, one batched forward pass per bar), a baseline name,
-    or any ``agents.evaluate`` policy callable (``bind(env)`` honoured). ``bar_us``: bar width for the close
-    times (inferred from the data when None)."""
+    ``policy``: a ``PolicyModule`` (scores → masked argmax), a baseline name, or any ``agents.evaluate`` policy
+    callable (``bind(env)`` honoured). ``bar_us``: bar width for the close times (inferred from the data when
+    None). ``fast``: run our networks split (``PolicyModule.split``: window part precomputed in blocks, the rest
+    in the numba loop); False steps every ``PolicyModule`` with one batched forward pass per bar (the generic
+    path, which the split one is tested against)."""
     filters = filters or BacktestFilters()
     if data.n_sessions == 0:
         raise DataError("backtest: the session set has no sessions (nothing to trade)")
@@ -557,8 +623,9 @@ def backtest_sessions(data: SessionSet, policy: Any, execution: ExecutionParams,
         same = sym_of_sess[order[1:]] == sym_of_sess[order[:-1]]
         chain_next[order[:-1][same]] = order[1:][same]
         first = order[np.concatenate([[True], ~same])]
+        seq = order  # the sessions in the order the accounts play them
     else:
-        first = np.arange(S)
+        first = seq = np.arange(S)
     B = len(first)
     core = EnvCore(data, execution, env_params, B)
     if module is not None and (module.context != data.context or module.n_features != core.features.shape[1]
@@ -585,10 +652,32 @@ def backtest_sessions(data: SessionSet, policy: Any, execution: ExecutionParams,
     t0 = _time.perf_counter()
 
     decisions = None if module is not None else rule_decisions(policy, view, execution.latency_bars)
-    if decisions is not None:
-        # no observation windows needed: a zero-width feature matrix makes the kernel's window copy free
-        feats0 = np.zeros((core.features.shape[0], 0), np.float32)
-        win0 = np.zeros((B, data.context, 0), np.float32)
+    split = module.split() if module is not None and fast and hasattr(module, "split") else None
+    # paths that need no observation windows: a zero-width feature matrix makes the kernel's window copy free
+    feats0 = np.zeros((core.features.shape[0], 0), np.float32)
+    win0 = np.zeros((B, data.context, 0), np.float32)
+    if split is not None:
+        # positions numbered in the order each account plays its sessions: an account only moves forward
+        qbase = np.zeros(S, np.int64)
+        qbase[seq] = np.cumsum(lengths[seq]) - lengths[seq]
+        q_rows = np.repeat(data.start[seq] - qbase[seq], lengths[seq]) + np.arange(M)
+        for q_lo in range(0, M, SPLIT_BLOCK):
+            q_hi = min(M, q_lo + SPLIT_BLOCK)
+            pre = split.precompute(core.features, q_rows[q_lo:q_hi])
+            j = 0
+            while j < B:
+                j = _run_split(pre, q_lo, q_hi, qbase, split.code, split.state_weight, split.hidden_weight_t,
+                               split.hidden_bias, split.out_weight, split.out_bias, split.head_params,
+                               kind == "logits", float(filters.confidence), accounts, j, core.acct, core.env,
+                               core.ptr, core.pending, core.sess, core.bars, core.time, feats0, core.xp, core.ep,
+                               ep_last, core.next_session, win0, core.state, core.mask, core.out_f, core.out_b, flt,
+                               fs, base, chain_next, eq0, out_eq, out_qty, out_fees, ev, n_ev)
+                if j < 0:
+                    raise RuntimeError("backtest: an account's decision position went back (session order)")
+                if j < B:
+                    ev = np.concatenate([ev, np.zeros_like(ev)], axis=1)
+        path = f"split network: window part precomputed in blocks of {SPLIT_BLOCK}, the rest in one numba loop"
+    elif decisions is not None:
         j = 0
         while j < B:
             j = _run_rows(decisions, accounts, j, core.acct, core.env, core.ptr, core.pending, core.sess, core.bars,
@@ -871,15 +960,17 @@ def backtest_params(settings: Any) -> tuple[ExecutionParams, EnvParams]:
 
 
 def run_backtest(settings: Any, policy: Any, *, split: str | None = None, sessions_dir: Path | None = None,
-                 features_dir: Path | None = None) -> BacktestResult:
+                 features_dir: Path | None = None, data: SessionSet | None = None) -> BacktestResult:
     """Backtest ``policy`` (a ``PolicyModule``, a baseline name, a ``.pt`` path or an MLflow model URI)
-    continuously over ``split`` (default ``backtest.split``) with the settings' execution, env and filters."""
+    continuously over ``split`` (default ``backtest.split``) with the settings' execution, env and filters.
+    ``data``: that split's ``continuous_split``, when the caller runs several policies over it."""
     from rltrader.data.schema import interval_us
 
     bt = settings.backtest
     split = split or bt.split
     execution, env_params = backtest_params(settings)
-    data = continuous_split(settings, split, sessions_dir=sessions_dir, features_dir=features_dir)
+    if data is None:
+        data = continuous_split(settings, split, sessions_dir=sessions_dir, features_dir=features_dir)
     if settings.train.threads > 0 and not (isinstance(policy, str) and policy in POLICY_NAMES):
         import torch
 

@@ -1,0 +1,286 @@
+"""The ``backtest`` stage: every trained model and every rule baseline, run continuously over the val and
+backtest splits through the same execution model, judged on the same data, net of costs.
+
+Why val as well as backtest: promotion (``rltrader.registry``) asks a challenger to beat the champion on both, and
+val is where models were selected, backtest is data no choice has looked at. Both use the continuous run
+(``run_backtest``), not sessions, so the numbers are the ones a trader running the model all day would see.
+
+Outputs, for people and for DVC:
+
+- ``reports/backtest.json`` (DVC metrics): per split and policy the headline metrics (``SUMMARY_KEYS``);
+- ``reports/backtest/<model>/``: each agent's report (``report.html`` self-contained, PNGs, ``metrics.json``);
+- ``reports/backtest/comparison.png``: every policy's equity on the backtest split in one figure;
+- ``reports/backtest/summary.json``: every metric of every policy, the tables and the plain verdicts;
+- MLflow: each agent's backtest metrics (``backtest_*``, ``val_bt_*``) and report go into the run that trained it,
+  so a registered version carries them; baselines go to one ``backtest-baselines`` run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from rich.console import Console
+
+from rltrader.agents.baselines import rule_baselines
+from rltrader.dataset.split import SessionSet
+from rltrader.errors import ConfigError, DataError
+from rltrader.evaluate.backtest import BacktestResult, backtest_params, continuous_split, run_backtest
+from rltrader.evaluate.metrics import comparison_table, compute_metrics
+from rltrader.evaluate.report import log_to_mlflow, plot_symbol_equity, write_backtest_report, write_metrics_json
+
+console = Console(stderr=True)
+
+SUMMARY_KEYS: tuple[str, ...] = (
+    "total_return", "sharpe_daily_annualized", "sharpe_ci_low", "sharpe_ci_high", "deflated_sharpe", "sortino",
+    "max_drawdown", "calmar", "win_rate", "profit_days_pct", "trades_per_day", "exposure", "fees_paid", "n_days",
+    "n_trades",
+)
+"""What ``reports/backtest.json`` keeps per policy (``dvc metrics show`` stays readable); all keys are in
+``summary.json`` and MLflow."""
+
+PROB_BARS = 1440
+"""Bars of the action-probability figure (one day of minutes)."""
+
+
+def baseline_names(mode: str) -> list[str]:
+    return [str(getattr(p, "name", type(p).__name__)) for p in rule_baselines(mode)]
+
+
+def load_trained(settings: Any, name: str, models_dir: Path | None = None) -> Any:
+    """A model the train stage wrote (``<train.models_dir>/<name>.pt``): our own file, so full unpickling is safe."""
+    import torch
+
+    path = Path(models_dir or settings.train.models_dir) / f"{name}.pt"
+    if not path.is_file():
+        raise DataError(f"{path}: no trained model {name!r} (run `rltrader train {name}`, or remove it from "
+                        "backtest.models)")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def train_record(name: str, reports_dir: Path = Path("reports")) -> dict[str, Any] | None:
+    """What ``rltrader train <name>`` wrote to ``reports/train_<name>.json`` (run id, model URI, val summary)."""
+    path = reports_dir / f"train_{name}.json"
+    if not path.is_file():
+        return None
+    try:
+        rec: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); re-run `rltrader train {name}`") from exc
+    return rec
+
+
+def evaluate(settings: Any, policy: Any, data: SessionSet, split: str, *, n_trials: int = 1
+             ) -> tuple[BacktestResult, dict[str, float]]:
+    """One policy continuously over one split's data, and all its metrics."""
+    res = run_backtest(settings, policy, split=split, data=data)
+    metrics = compute_metrics(res.equity, res.trades, initial_cash=res.initial_cash, n_trials=n_trials,
+                              bootstrap=settings.backtest.bootstrap, seed=settings.backtest.seed)
+    metrics["bars_per_second"] = float(res.totals.get("bars", 0)) / max(res.meta.get("run_seconds", 0.0), 1e-9)
+    return res, metrics
+
+
+def bars_frame(data: SessionSet) -> pl.DataFrame:
+    """Candles of a continuous split (open times), for the example-trades figure."""
+    return pl.DataFrame({
+        "time": pl.from_epoch(pl.Series(data.time), time_unit="us").dt.replace_time_zone("UTC"),
+        "open": data.open, "high": data.high, "low": data.low, "close": data.close,
+        "symbol": np.asarray(data.symbols, dtype=object)[data.symbol_id.astype(np.int64)].astype(str),
+    })
+
+
+def action_probabilities(module: Any, data: SessionSet, settings: Any, n_bars: int = PROB_BARS
+                         ) -> tuple[Any, np.ndarray, Sequence[str], np.ndarray]:
+    """Softmax of the model's scores over valid actions, bar by bar, on the first day of the split's longest
+    stretch, while the model trades it (no filters): what it wanted to do, next to the price (seed 000's
+    insight figure)."""
+    from rltrader.env.batch import BatchSessionEnv
+
+    execution, env_params = backtest_params(settings)
+    sid = int(np.argmax(data.end - data.start))
+    env = BatchSessionEnv(data, execution, env_params, num_envs=1, session_schedule=np.array([[sid]]))
+    window, state, mask = env.reset(seed=0)
+    steps = int(min(n_bars, data.end[sid] - data.start[sid]))
+    probs = np.zeros((steps, env_params.n_actions))
+    for i in range(steps):
+        sc = np.where(mask, module.scores(window, state), -np.inf)
+        e = np.exp(sc - sc.max(axis=1, keepdims=True))
+        probs[i] = (e / e.sum(axis=1, keepdims=True))[0]
+        step = env.step(sc.argmax(axis=1))
+        window, state, mask = step.window, step.state, step.mask
+    rows = slice(int(data.start[sid]), int(data.start[sid]) + steps)
+    times = pl.from_epoch(pl.Series(data.time[rows]), time_unit="us").dt.replace_time_zone("UTC")
+    return times, probs, list(env_params.action_names), data.close[rows]
+
+
+def _finite(m: Mapping[str, float]) -> dict[str, float | None]:
+    return {k: (float(v) if isinstance(v, int | float) and math.isfinite(float(v)) else None) for k, v in m.items()}
+
+
+def _log_agent_run(settings: Any, run_id: str | None, name: str, per_split: Mapping[str, Mapping[str, float]],
+                   files: Mapping[str, Path], primary: str) -> str | None:
+    """Backtest metrics and report into the run that trained the model (or a new ``backtest-<name>`` run when
+    that run is not in this tracking store)."""
+    import mlflow
+    from rltrader.agents.common import mlflow_run
+
+    t = settings.train
+    if run_id is not None:
+        try:
+            mlflow.set_tracking_uri(t.tracking_uri)
+            mlflow.get_run(run_id)
+        except Exception:  # the record points at a run of another store: log beside it instead
+            run_id = None
+    with mlflow_run(t.tracking_uri, t.experiment, f"backtest-{name}", t.artifact_root, run_id=run_id) as run:
+        for split, m in per_split.items():
+            prefix = "backtest_" if split == primary else f"{split}_bt_"
+            log_to_mlflow(m, {}, prefix=prefix)
+        images = {k: v for k, v in files.items() if k not in ("html", "metrics")}
+        log_to_mlflow({}, images, html_report=files.get("html"), artifact_dir="backtest")
+        return str(run.info.run_id)
+
+
+def run_backtest_stage(settings: Any, *, models: Sequence[str] | None = None, models_dir: Path | None = None,
+                       out_dir: Path = Path("reports/backtest"), metrics_path: Path | None = Path(
+                           "reports/backtest.json"), reports_dir: Path = Path("reports"),
+                       sessions_dir: Path | None = None, features_dir: Path | None = None,
+                       log_mlflow: bool = True) -> dict[str, Any]:
+    """Judge every trained model (``backtest.models``) against every rule baseline on each ``backtest.eval_splits``
+    split; write the DVC metrics, reports and MLflow records. Returns the summary (also ``summary.json``)."""
+    bt = settings.backtest
+    names = list(models if models is not None else bt.models)
+    primary = bt.split
+    splits = list(dict.fromkeys([*bt.eval_splits, primary]))
+    for split in splits:
+        if split not in settings.sessions.splits:
+            raise ConfigError(f"backtest.eval_splits: {split!r} is not one of sessions.splits "
+                              f"({', '.join(settings.sessions.splits)})")
+    _, env_params = backtest_params(settings)
+    bases = baseline_names(env_params.mode)
+    clash = sorted(set(names) & set(bases))
+    if clash:
+        raise ConfigError(f"backtest.models: {', '.join(clash)} is a baseline name; models are trained model names")
+    agents = {n: load_trained(settings, n, models_dir) for n in names}
+    records = {n: train_record(n, reports_dir) for n in names}
+    # every configuration compared here is a trial: the deflated Sharpe discounts picking the best of them
+    n_trials = max(1, len(agents))
+
+    metrics: dict[str, dict[str, dict[str, float]]] = {}
+    tables: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
+    kept: dict[str, BacktestResult] = {}
+    primary_data: SessionSet | None = None
+    for split in splits:
+        data = continuous_split(settings, split, sessions_dir=sessions_dir, features_dir=features_dir)
+        if split == primary:
+            primary_data = data
+        metrics[split] = {}
+        for name, policy in [*((b, b) for b in bases), *agents.items()]:
+            res, m = evaluate(settings, policy, data, split, n_trials=n_trials if name in agents else 1)
+            metrics[split][name] = m
+            if split == primary:
+                kept[name] = res
+            console.print(f"backtest {split:>8} {name:>13}: return {100 * m['total_return']:+.3f} %  "
+                          f"Sharpe {m['sharpe_daily_annualized']:+.3f}  max DD {100 * m['max_drawdown']:.2f} %  "
+                          f"trades {int(m['n_trades'])}  ({m['bars_per_second']:,.0f} bars/s)")
+        tables[split] = comparison_table(metrics[split], baselines=bases)
+        for line in tables[split][1]:
+            console.print(f"[{split}] {line}")
+    assert primary_data is not None
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curves = pl.concat([kept[n].combined().select("time", "equity").with_columns(pl.lit(n).alias("symbol"))
+                        for n in kept])
+    plot_symbol_equity(curves, out_dir / "comparison.png",
+                       title=f"{primary} split: equity of every policy (net of costs, all symbols together)")
+    bars = bars_frame(primary_data)
+    mlflow_runs: dict[str, str | None] = {}
+    for name, module in agents.items():
+        res = kept[name]
+        other = {f"{s} split: agents vs baselines": tables[s][0] for s in splits if s != primary}
+        files = write_backtest_report(
+            out_dir / name, title=f"{name}: continuous backtest over {primary} {res.meta.get('range')}",
+            equity=res.equity, trades=res.trades, metrics=metrics[primary][name], initial_cash=res.initial_cash,
+            bars=bars, comparison=tables[primary], action_probs=action_probabilities(module, primary_data, settings),
+            tables=other, notes=[
+                f"Each symbol trades its own account of {res.initial_cash / max(1, len(primary_data.symbols)):g} "
+                f"quote; a position is closed at every data gap. Filters: {res.meta.get('filters')}.",
+                f"Deflated Sharpe counts {n_trials} trained model(s) as trials.",
+                "Action probabilities: the unfiltered policy on the first day of the split's longest stretch."])
+        if log_mlflow:
+            rec = records[name] or {}
+            mlflow_runs[name] = _log_agent_run(settings, rec.get("run_id"), name,
+                                               {s: metrics[s][name] for s in splits}, files, primary)
+    if log_mlflow:
+        from rltrader.agents.common import mlflow_run
+
+        t = settings.train
+        with mlflow_run(t.tracking_uri, t.experiment, "backtest-baselines", t.artifact_root) as run:
+            for split in splits:
+                for b in bases:
+                    log_to_mlflow(metrics[split][b], {}, prefix=f"{split}_{b}_")
+            log_to_mlflow({}, {"comparison": out_dir / "comparison.png"}, artifact_dir="backtest")
+            mlflow_runs["baselines"] = str(run.info.run_id)
+
+    summary: dict[str, Any] = {
+        "primary_split": primary, "splits": splits, "baselines": bases, "models": names,
+        "metrics": {s: {n: _finite(m) for n, m in metrics[s].items()} for s in splits},
+        "tables": {s: tables[s][0] for s in splits}, "verdicts": {s: tables[s][1] for s in splits},
+        "train_runs": {n: (records[n] or {}).get("run_id") for n in names},
+        "model_uris": {n: (records[n] or {}).get("model_uri") for n in names},
+        "mlflow_runs": mlflow_runs,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if metrics_path is not None:
+        flat = {f"{s}.{n}.{k}": metrics[s][n].get(k, math.nan) for s in splits for n in metrics[s]
+                for k in SUMMARY_KEYS}
+        nested: dict[str, Any] = {}
+        for key, v in _finite(flat).items():
+            s, n, k = key.split(".", 2)
+            nested.setdefault(s, {}).setdefault(n, {})[k] = v
+        write_metrics_json(metrics_path, nested)
+    return summary
+
+
+def resolve_model_spec(spec: str) -> str:
+    """A bare MLflow run id means that run's logged model (``runs:/<id>/model``); anything else is passed on
+    (baseline name, ``.pt`` file, ``models:/name@alias``, ``runs:/…``)."""
+    s = spec.strip()
+    if len(s) == 32 and all(ch in "0123456789abcdef" for ch in s) and not Path(s).exists():
+        return f"runs:/{s}/model"
+    return s
+
+
+def run_one_backtest(settings: Any, spec: str, *, split: str | None = None, out_dir: Path = Path("reports/backtest"),
+                     sessions_dir: Path | None = None, features_dir: Path | None = None) -> dict[str, Any]:
+    """``rltrader backtest --model SPEC``: one policy (model URI, run id, ``.pt`` file or baseline name) and every
+    baseline on the same split, with a report under ``out_dir/<label>/``."""
+    from rltrader.evaluate.backtest import load_policy
+
+    split = split or settings.backtest.split
+    _, env_params = backtest_params(settings)
+    bases = baseline_names(env_params.mode)
+    target = resolve_model_spec(spec)
+    policy = load_policy(target, env_params.mode, settings.backtest.seed)
+    label = target if target in bases else "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in target)[-60:]
+    data = continuous_split(settings, split, sessions_dir=sessions_dir, features_dir=features_dir)
+    metrics, results = {}, {}
+    for name, pol in [*((b, b) for b in bases if b != target), (label, policy)]:
+        results[name], metrics[name] = evaluate(settings, pol, data, split)
+    rows, verdicts = comparison_table(metrics, baselines=[b for b in bases if b != target])
+    res = results[label]
+    is_model = hasattr(policy, "scores")
+    files = write_backtest_report(
+        out_dir / label, title=f"{spec}: continuous backtest over {split} {res.meta.get('range')}",
+        equity=res.equity, trades=res.trades, metrics=metrics[label], initial_cash=res.initial_cash,
+        bars=bars_frame(data), comparison=(rows, verdicts),
+        action_probs=action_probabilities(policy, data, settings) if is_model else None,
+        notes=[f"Policy: {target}. Filters: {res.meta.get('filters')}."])
+    for line in verdicts:
+        console.print(line)
+    return {"policy": target, "split": split, "metrics": _finite(metrics[label]), "table": rows,
+            "verdicts": verdicts, "report": str(files["html"])}

@@ -1,0 +1,62 @@
+"""The whole pipeline as plain function calls, in ``dvc.yaml``'s order: ingest → features → sessions → train →
+backtest → promote. ``dvc repro`` is the usual way to run it (it skips what did not change); this is the same
+chain for callers without a DVC repo around them — the Prefect ``nightly_retrain`` flow's fallback, and tests.
+Each step is the very function its DVC stage's CLI command calls, writing the same files under ``reports_dir``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from rltrader.config import Settings
+
+console = Console(stderr=True)
+STAGES = ("ingest", "features", "sessions", "train", "backtest", "promote")
+
+
+def run_pipeline(settings: Settings, *, reports_dir: Path = Path("reports"), progress: bool = False,
+                 on_stage: Callable[[str, float], None] | None = None) -> dict[str, Any]:
+    """Run every stage; returns each stage's result and its wall time. ``on_stage(name, seconds)`` is called
+    after each (the flow logs it)."""
+    from rltrader.data.ingest import run_ingest_stage
+    from rltrader.data.store import open_store
+    from rltrader.dataset.build import run_features_stage, run_sessions_stage, write_json
+    from rltrader.evaluate.stage import run_backtest_stage
+    from rltrader.registry import promote
+    from rltrader.train import run_train
+
+    out: dict[str, Any] = {"seconds": {}}
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        result = fn()
+        out["seconds"][name] = round(time.perf_counter() - t0, 2)
+        console.print(f"pipeline: {name} done in {out['seconds'][name]:.1f} s")
+        if on_stage is not None:
+            on_stage(name, out["seconds"][name])
+        return result
+
+    store = open_store(settings.data.store_url, settings.data.dir)
+    try:
+        out["ingest"] = timed("ingest", lambda: run_ingest_stage(settings, store, reports_dir / "ingest.json",
+                                                                 progress=progress))
+        features = timed("features", lambda: run_features_stage(settings, store))
+    finally:
+        store.close()
+    write_json(reports_dir / "features.json", features)
+    out["sessions"] = timed("sessions", lambda: run_sessions_stage(
+        settings, metrics_path=reports_dir / "sessions.json", plot_path=reports_dir / "plots" / "sessions.png"))
+    out["train"] = {algo: timed(f"train@{algo}", lambda a=algo: run_train(   # type: ignore[misc]
+        settings, a, progress=progress, metrics_path=reports_dir / f"train_{a}.json"))
+        for algo in settings.backtest.models}
+    out["backtest"] = timed("backtest", lambda: run_backtest_stage(
+        settings, out_dir=reports_dir / "backtest", metrics_path=reports_dir / "backtest.json",
+        reports_dir=reports_dir))
+    out["promote"] = timed("promote", lambda: promote(
+        settings, summary_path=reports_dir / "backtest" / "summary.json",
+        decision_path=reports_dir / "promotion.json")).as_dict()
+    return out
