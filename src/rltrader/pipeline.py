@@ -56,7 +56,8 @@ def run_pipeline(settings: Settings, *, reports_dir: Path = Path("reports"), pro
     out["backtest"] = timed("backtest", lambda: run_backtest_stage(
         settings, out_dir=reports_dir / "backtest", metrics_path=reports_dir / "backtest.json",
         reports_dir=reports_dir))
-    out["promote"] = timed("promote", lambda: promote(
-        settings, summary_path=reports_dir / "backtest" / "summary.json",
-        decision_path=reports_dir / "promotion.json")).as_dict()
+    decision = timed("promote", lambda: promote(settings, summary_path=reports_dir / "backtest" / "summary.json",
+                                                decision_path=reports_dir / "promotion.json"))
+    console.print(decision.summary())
+    out["promote"] = decision.as_dict()
     return out

@@ -26,11 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from rltrader.errors import ConfigError, DataError, RLTraderError
 
-console = Console(stderr=True)
 CHAMPION, PREVIOUS = "champion", "previous"
 HISTORY_TAG = "champion_history"
 TAG_METRICS = ("total_return", "sharpe_daily_annualized", "sortino", "max_drawdown", "win_rate", "trades_per_day",
@@ -294,7 +291,6 @@ def promote(settings: Any, *, dry_run: bool = False, summary_path: Path = Path("
         for b, bm in bases[s].items():
             decision.numbers[f"{b}_{s}_{cfg.metric}"] = _num(bm, cfg.metric)
     if dry_run:
-        console.print(decision.summary())
         return decision
     if decision.action == "promote":
         history = _history(client, cfg.model_name)
@@ -307,7 +303,6 @@ def promote(settings: Any, *, dry_run: bool = False, summary_path: Path = Path("
         client.set_registered_model_tag(cfg.model_name, HISTORY_TAG, json.dumps(history))
         client.set_model_version_tag(cfg.model_name, ver, "promoted_at", decision.time)
     _record(settings, decision, decision_path)
-    console.print(decision.summary())
     return decision
 
 
@@ -340,7 +335,6 @@ def rollback(settings: Any, *, dry_run: bool = False, decision_path: Path | None
     earlier = history[-2] if len(history) >= 2 else None
     decision.notes.append(f"{PREVIOUS} becomes " + (f"v{earlier}" if earlier else "unset (no earlier champion)"))
     if dry_run:
-        console.print(decision.summary())
         return decision
     client.set_registered_model_alias(name, CHAMPION, prev.version)
     if earlier:
@@ -350,5 +344,4 @@ def rollback(settings: Any, *, dry_run: bool = False, decision_path: Path | None
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
     client.set_model_version_tag(name, champ.version, "rolled_back_at", decision.time)
     _record(settings, decision, decision_path)
-    console.print(decision.summary())
     return decision
