@@ -165,9 +165,7 @@ def register_models(settings: Any, summary: Mapping[str, Any]) -> dict[str, str]
 
     client = _client(settings)
     name = settings.promote.model_name
-    try:
-        client.get_registered_model(name)
-    except Exception:
+    if not _registered(client, name):
         client.create_registered_model(name, description="rltrader trading policies (PolicyModule: flat observation "
                                        "→ action scores). Alias champion = what the trader loads.")
     versions: dict[str, str] = {}
@@ -262,12 +260,12 @@ def promote(settings: Any, *, dry_run: bool = False, summary_path: Path = Path("
     bases = {s: {b: summary["metrics"][s][b] for b in summary["baselines"] if b in summary["metrics"][s]}
              for s in splits}
     if dry_run:
-        found = client.search_model_versions(f"name='{cfg.model_name}' and run_id='{summary['train_runs'][challenger]}'"
-                                             ) if _registered(client, cfg.model_name) else []
+        run_id = summary["train_runs"][challenger]
+        found = client.search_model_versions(f"name='{cfg.model_name}' and run_id='{run_id}'")
         ver = str(found[0].version) if found else "(new)"
     else:
         ver = versions[challenger]
-    champ = _alias(client, cfg.model_name, CHAMPION) if _registered(client, cfg.model_name) else None
+    champ = _alias(client, cfg.model_name, CHAMPION)
     decision = Decision(action="refuse", model_name=cfg.model_name, challenger=challenger, challenger_version=ver,
                         champion_version=None if champ is None else str(champ.version), dry_run=dry_run)
     decision.notes.append(f"challenger = best val {cfg.metric} among {', '.join(candidates)}")
@@ -320,7 +318,7 @@ def rollback(settings: Any, *, dry_run: bool = False, decision_path: Path | None
     """``champion`` back to the version before it (``previous``); ``previous`` moves one further back."""
     client = _client(settings)
     name = settings.promote.model_name
-    champ = _alias(client, name, CHAMPION) if _registered(client, name) else None
+    champ = _alias(client, name, CHAMPION)
     prev = _alias(client, name, PREVIOUS) if champ is not None else None
     if champ is None or prev is None:
         raise PromotionError(f"registered model {name!r}: nothing to roll back to (champion: "

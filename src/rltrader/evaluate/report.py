@@ -265,7 +265,10 @@ def plot_action_probabilities(times: Any, probs: np.ndarray, action_names: Seque
 
 
 # --------------------------------------------------------------------------------------------- metrics outputs
-def _finite_or_none(v: Any) -> Any:
+def finite_or_none(v: Any) -> Any:
+    """JSON has no NaN/inf: undefined numbers become ``null``, in nested dicts too."""
+    if isinstance(v, Mapping):
+        return {k: finite_or_none(x) for k, x in v.items()}
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
@@ -276,7 +279,7 @@ def write_metrics_json(path: Path | str, metrics: Mapping[str, Any]) -> Path:
     writes with ``NaN`` in it."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps({k: _finite_or_none(v) for k, v in metrics.items()}, indent=2, sort_keys=False) + "\n")
+    p.write_text(json.dumps(finite_or_none(metrics), indent=2, sort_keys=False) + "\n")
     return p
 
 

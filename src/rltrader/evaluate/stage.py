@@ -32,7 +32,13 @@ from rltrader.dataset.split import SessionSet
 from rltrader.errors import ConfigError, DataError
 from rltrader.evaluate.backtest import BacktestResult, backtest_params, continuous_split, run_backtest
 from rltrader.evaluate.metrics import comparison_table, compute_metrics
-from rltrader.evaluate.report import log_to_mlflow, plot_symbol_equity, write_backtest_report, write_metrics_json
+from rltrader.evaluate.report import (
+    finite_or_none,
+    log_to_mlflow,
+    plot_symbol_equity,
+    write_backtest_report,
+    write_metrics_json,
+)
 
 console = Console(stderr=True)
 
@@ -116,10 +122,6 @@ def action_probabilities(module: Any, data: SessionSet, settings: Any, n_bars: i
     rows = slice(int(data.start[sid]), int(data.start[sid]) + steps)
     times = pl.from_epoch(pl.Series(data.time[rows]), time_unit="us").dt.replace_time_zone("UTC")
     return times, probs, list(env_params.action_names), data.close[rows]
-
-
-def _finite(m: Mapping[str, float]) -> dict[str, float | None]:
-    return {k: (float(v) if isinstance(v, int | float) and math.isfinite(float(v)) else None) for k, v in m.items()}
 
 
 def _log_agent_run(settings: Any, run_id: str | None, name: str, per_split: Mapping[str, Mapping[str, float]],
@@ -228,7 +230,7 @@ def run_backtest_stage(settings: Any, *, models: Sequence[str] | None = None, mo
 
     summary: dict[str, Any] = {
         "primary_split": primary, "splits": splits, "baselines": bases, "models": names,
-        "metrics": {s: {n: _finite(m) for n, m in metrics[s].items()} for s in splits},
+        "metrics": finite_or_none(metrics),
         "tables": {s: tables[s][0] for s in splits}, "verdicts": {s: tables[s][1] for s in splits},
         "train_runs": {n: (records[n] or {}).get("run_id") for n in names},
         "model_uris": {n: (records[n] or {}).get("model_uri") for n in names},
@@ -236,13 +238,8 @@ def run_backtest_stage(settings: Any, *, models: Sequence[str] | None = None, mo
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if metrics_path is not None:
-        flat = {f"{s}.{n}.{k}": metrics[s][n].get(k, math.nan) for s in splits for n in metrics[s]
-                for k in SUMMARY_KEYS}
-        nested: dict[str, Any] = {}
-        for key, v in _finite(flat).items():
-            s, n, k = key.split(".", 2)
-            nested.setdefault(s, {}).setdefault(n, {})[k] = v
-        write_metrics_json(metrics_path, nested)
+        write_metrics_json(metrics_path, {s: {n: {k: m.get(k, math.nan) for k in SUMMARY_KEYS}
+                                              for n, m in metrics[s].items()} for s in splits})
     return summary
 
 
@@ -282,5 +279,5 @@ def run_one_backtest(settings: Any, spec: str, *, split: str | None = None, out_
         notes=[f"Policy: {target}. Filters: {res.meta.get('filters')}."])
     for line in verdicts:
         console.print(line)
-    return {"policy": target, "split": split, "metrics": _finite(metrics[label]), "table": rows,
+    return {"policy": target, "split": split, "metrics": finite_or_none(metrics[label]), "table": rows,
             "verdicts": verdicts, "report": str(files["html"])}
