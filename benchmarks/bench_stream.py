@@ -46,7 +46,7 @@ PEER = "naive-executemany"
 _SERVER = """
 import asyncio, sys
 from datetime import datetime, UTC
-from rltrader.data.replay import ReplayServer, ReplayClock
+from rltrader.sim import ReplayServer, ReplayClock
 start = datetime(2023, 2, 1, tzinfo=UTC)
 srv = ReplayServer.from_archive(sys.argv[1], "futures-um", sys.argv[2].split(","), start,
                                 datetime(2023, 2, 28, tzinfo=UTC), agg_trades=False,

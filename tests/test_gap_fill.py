@@ -10,7 +10,7 @@ import pytest
 
 from rltrader.data.archive import ArchiveFile, ArchiveSource, load_file
 from rltrader.data.ingest import fill_gaps_from_archive, fill_gaps_from_rest, find_gaps
-from rltrader.data.replay import ReplayServer, run_in_thread
+from rltrader.sim import ReplayServer, run_in_thread
 from rltrader.data.schema import Market
 from rltrader.data.store import Store
 

@@ -17,7 +17,7 @@ from conftest import SHARED_ARCHIVE
 from polars.testing import assert_frame_equal
 
 from rltrader.data.archive import ArchiveSource, load_file
-from rltrader.data.replay import Faults, RateLimit, ReplayClock, ReplayServer, run_in_thread
+from rltrader.sim import Faults, RateLimit, ReplayClock, ReplayServer, run_in_thread
 from rltrader.data.rest import make_async_client, make_client, make_socket_manager
 from rltrader.data.schema import Market
 

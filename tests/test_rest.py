@@ -18,7 +18,7 @@ from conftest import SHARED_ARCHIVE
 from polars.testing import assert_frame_equal
 
 from rltrader.data.archive import ArchiveSource, load_file
-from rltrader.data.replay import RateLimit, ReplayClock, ReplayServer, run_in_thread
+from rltrader.sim import RateLimit, ReplayClock, ReplayServer, run_in_thread
 from rltrader.data.rest import (
     RestError,
     RestPolicy,

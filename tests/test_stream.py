@@ -23,7 +23,7 @@ from polars.testing import assert_frame_equal
 
 from rltrader.config import StreamSettings
 from rltrader.data.archive import ArchiveSource, load_file
-from rltrader.data.replay import ReplayClock, ReplayServer, run_in_thread
+from rltrader.sim import ReplayClock, ReplayServer, run_in_thread
 from rltrader.data.schema import Market
 from rltrader.data.store import Store, open_store
 from rltrader.data.stream import Backoff, StreamStats, stream

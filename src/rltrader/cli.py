@@ -243,7 +243,7 @@ def replay_server_cmd(
     archive_base: ArchiveOpt = None,
 ) -> None:
     """Serve recorded archive data through Binance's REST and websocket protocols on loopback."""
-    from rltrader.data.replay import Faults, ReplayServer, serve_forever
+    from rltrader.sim import Faults, ReplayServer, serve_forever
 
     settings = load_settings()
 

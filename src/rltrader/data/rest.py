@@ -2,7 +2,7 @@
 
 Why through python-binance rather than raw HTTP: the ingester already depends on it for websockets, and using
 the real client against the replay server tests exactly what runs in production. Only the base URLs change
-(see :func:`make_client`), so the same code talks to Binance, its testnet, or :mod:`rltrader.data.replay`.
+(see :func:`make_client`), so the same code talks to Binance, its testnet, or :mod:`rltrader.sim`.
 
 The paging logic is written once as generators that *yield* the next request and *receive* its response; a
 small synchronous driver (``Client``) and an asynchronous one (``AsyncClient``) feed them. So the two
