@@ -352,6 +352,24 @@ def backtest_cmd(
         out.print(line)
 
 
+@app.command("study")
+def study_cmd(
+    metrics: Annotated[Path, typer.Option(help="DVC metrics JSON")] = Path("reports/study.json"),
+    out_dir: Annotated[Path, typer.Option(help="Report folder (HTML, PNGs, summary.json)")] = Path("reports/study"),
+    mlflow: Annotated[bool, typer.Option(help="Log a `study` run to MLflow")] = True,
+) -> None:
+    """Signal study: ridge/XGBoost forecasts of forward returns per horizon, IC with CIs, costs, ablation."""
+    from rltrader.study.stage import run_study_stage
+
+    try:
+        summary = run_study_stage(load_settings(), out_dir=out_dir, metrics_path=metrics, log_mlflow=mlflow)
+    except RLTraderError as exc:
+        _fail(str(exc))
+    for line in summary["verdicts"]:
+        out.print(line, soft_wrap=True)
+    out.print(f"report: {out_dir / 'report.html'}")
+
+
 @app.command("promote")
 def promote_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the decision; change nothing")] = False,

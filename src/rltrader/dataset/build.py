@@ -30,7 +30,7 @@ from rltrader.config import SessionSettings, Settings
 from rltrader.data.ingest import klines_fingerprint
 from rltrader.data.schema import interval_us
 from rltrader.data.store import Store
-from rltrader.dataset.features import compute_features, feature_spec
+from rltrader.dataset.market_features import compute_all_features, full_feature_spec
 from rltrader.dataset.split import META_KEY, SessionSet, read_metadata, write_split
 from rltrader.errors import ConfigError, DataError
 
@@ -116,16 +116,21 @@ def run_features_stage(settings: Settings, store: Store, out_dir: Path | None = 
     """
     cfg, p = settings.ingest, settings.features
     out = out_dir or settings.data.dir / FEATURES_DIR
-    spec = feature_spec(p)
+    spec = full_feature_spec(p, cfg.interval)
     version = code_version()
     summary: dict[str, Any] = {"features": list(spec.names), "warmup": spec.warmup, "symbols": {}}
+    # all symbols first: the market features (features.market) of one symbol read every symbol's bars
+    all_bars: dict[str, pl.DataFrame] = {}
+    for symbol in cfg.symbols:
+        bars = store.read_klines(cfg.market.value, symbol, cfg.interval)
+        if bars.is_empty():
+            raise DataError(f"ingest.symbols: {symbol} has no {cfg.market.value} {cfg.interval} bars in the "
+                            f"store {store.url} (run `rltrader data ingest` or remove it from ingest.symbols)")
+        all_bars[symbol] = bars
+    all_feats = compute_all_features(all_bars, p, cfg.interval)
     with atomic_dir(out) as tmp:
-        for symbol in cfg.symbols:
-            bars = store.read_klines(cfg.market.value, symbol, cfg.interval)
-            if bars.is_empty():
-                raise DataError(f"ingest.symbols: {symbol} has no {cfg.market.value} {cfg.interval} bars in the "
-                                f"store {store.url} (run `rltrader data ingest` or remove it from ingest.symbols)")
-            feats = compute_features(bars, p, cfg.interval)
+        for symbol, bars in all_bars.items():
+            feats = all_feats[symbol]
             meta = {"symbol": symbol, "market": cfg.market.value, "interval": cfg.interval,
                     "features": list(spec.names), "warmup": spec.warmup,
                     "params": p.model_dump(mode="json"), "input_sha256": klines_fingerprint(bars),

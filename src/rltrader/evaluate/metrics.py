@@ -262,6 +262,19 @@ def deflated_sharpe_ratio(returns: np.ndarray, n_trials: int = 1, sharpe_varianc
     return _NORMAL.cdf((sr - sr0) * math.sqrt(t - 1) / math.sqrt(denom))
 
 
+def circular_block_indices(n: int, n_samples: int, seed: int = 0, block: int | None = None) -> np.ndarray:
+    """``(n_samples, n)`` indices into ``n`` days for a circular block bootstrap: blocks of ``block`` consecutive
+    days (default round(√n)) drawn with wrap-around until n are filled. Shared by the Sharpe/return intervals here
+    and the study's IC intervals (``rltrader.study.signal``)."""
+    b = block if block is not None else max(1, round(math.sqrt(n)))
+    b = min(max(1, b), n)
+    n_blocks = -(-n // b)
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, n, size=(n_samples, n_blocks))
+    idx: np.ndarray = ((starts[:, :, None] + np.arange(b)[None, None, :]) % n).reshape(n_samples, n_blocks * b)[:, :n]
+    return idx
+
+
 def block_bootstrap(daily: np.ndarray, n_samples: int, seed: int = 0,
                     block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Circular block bootstrap of daily returns → (annualized Sharpe, total return) per resample.
@@ -274,13 +287,7 @@ def block_bootstrap(daily: np.ndarray, n_samples: int, seed: int = 0,
     n = len(r)
     if n == 0 or n_samples <= 0:
         return np.zeros(0), np.zeros(0)
-    b = block if block is not None else max(1, round(math.sqrt(n)))
-    b = min(max(1, b), n)
-    n_blocks = -(-n // b)
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, n, size=(n_samples, n_blocks))
-    idx = ((starts[:, :, None] + np.arange(b)[None, None, :]) % n).reshape(n_samples, n_blocks * b)[:, :n]
-    s = r[idx]
+    s = r[circular_block_indices(n, n_samples, seed, block)]
     total = np.prod(1.0 + s, axis=1) - 1.0
     if n < 2:
         return np.full(n_samples, 0.0 if r[0] == 0 else _NAN), total
