@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,6 +102,24 @@ class SymbolData:
     quote_dec: int | None
 
 
+@dataclass(frozen=True)
+class SymbolFilters:
+    """A symbol's trading rules as exchangeInfo publishes them and the replay exchange enforces them.
+
+    Tick and step come from the data's own decimals (the archive prints prices and quantities on the
+    exchange's grid), so orders and fills live on the grid the recorded market traded on.
+    """
+
+    price_dec: int
+    qty_dec: int
+    tick: float
+    step: float
+    max_price: float
+    max_qty: float
+    market_max_qty: float
+    min_notional: float
+
+
 def split_symbol(symbol: str) -> tuple[str, str]:
     for q in _QUOTE_ASSETS:
         if symbol.endswith(q) and len(symbol) > len(q):
@@ -126,6 +145,7 @@ class ReplayData:
         syms = sorted(set(klines.get_column("symbol").to_list()) | set(trades.get_column("symbol").to_list()))
         if not syms:
             raise DataError("replay data is empty: no klines and no aggTrades for any symbol")
+        self._filters: dict[str, SymbolFilters] = {}
         self.symbols: dict[str, SymbolData] = {
             s: self._build(s, klines.filter(pl.col("symbol") == s), trades.filter(pl.col("symbol") == s))
             for s in syms
@@ -268,6 +288,32 @@ class ReplayData:
             "open_us", "close_us", "open", "high", "low", "close", "volume", "quote_volume", "trades",
             "taker_buy_volume", "taker_buy_quote_volume",
         )
+
+    def filters(self, symbol: str) -> SymbolFilters:
+        """The symbol's PRICE_FILTER / LOT_SIZE / MARKET_LOT_SIZE / (MIN_)NOTIONAL values (computed once)."""
+        cached = self._filters.get(symbol)
+        if cached is not None:
+            return cached
+        sd = self.symbols[symbol]
+        spot = self.market is Market.SPOT
+        pdec = sd.price_dec if sd.price_dec is not None else 8
+        if spot:
+            # Spot prints filters with 8 decimals whatever the tick; derive tick/step from the data itself.
+            prices = [*sd.o, *sd.h, *sd.l, *sd.c, *sd.p]
+            pdec = decimals_of(pl.Series(prices, dtype=pl.Float64)) or 0
+            qdec = decimals_of(pl.Series(sd.qty if sd.qty else sd.v, dtype=pl.Float64)) or 0
+        else:
+            qdec = sd.qty_dec if sd.qty_dec is not None else 3
+        hi_price = max([*sd.h, *sd.p], default=1.0)
+        max_qty = 10.0 ** (math.ceil(math.log10(max([*sd.v, *sd.qty, 1.0]))) + 1)
+        flt = SymbolFilters(
+            price_dec=pdec, qty_dec=qdec, tick=10.0 ** -pdec, step=10.0 ** -qdec,
+            max_price=10.0 ** (math.ceil(math.log10(max(hi_price, 1e-8))) + 2), max_qty=max_qty,
+            market_max_qty=max_qty if spot else max_qty / 10,
+            min_notional={"BTC": 0.0001, "ETH": 0.001, "BNB": 0.01}.get(split_symbol(symbol)[1], 5.0),
+        )
+        self._filters[symbol] = flt
+        return flt
 
     # -- candle state: REST and the websockets show the same candles ------------------------------------
     def final(self, sd: SymbolData, i: int) -> CandleState:

@@ -59,6 +59,51 @@ class Faults:
 
 
 @dataclass(frozen=True)
+class OrderFaults:
+    """Trading-API misbehaviour, for testing how a trader copes with not knowing whether an order went in.
+
+    Counters apply to the next that many order placements (``POST …/order``) and count down:
+    ``drop_response``: the order is applied, then the connection is closed without an answer.
+    ``server_error``: HTTP 503 with Binance's "Unknown error, please check your request or try again later."
+    ``timeout``: HTTP 408 with ``-1007`` "Timeout waiting for response from backend server. Send status
+    unknown; execution status unknown." For these two, ``applied`` says whether the order went in anyway
+    (Binance: the execution status is unknown and could have been a success).
+    ``rate_limited``: HTTP 429, ``-1015`` too many new orders, with ``Retry-After: retry_after_s``; not applied.
+    ``invisible_ms``: every new order stays invisible to order queries and cancels (``-2013`` Order does not
+    exist / ``-2011`` Unknown order sent.) for this many wall-clock ms after it is placed, as a lagging
+    query replica would leave it.
+    """
+
+    drop_response: int = 0
+    server_error: int = 0
+    timeout: int = 0
+    applied: bool = True
+    rate_limited: int = 0
+    retry_after_s: int = 1
+    invisible_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("drop_response", "server_error", "timeout", "rate_limited", "retry_after_s"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"order fault {name} must be an integer >= 0, not {v!r}")
+        if not isinstance(self.applied, bool):
+            raise ValueError(f"order fault applied must be true or false, not {self.applied!r}")
+        if not self.invisible_ms >= 0:
+            raise ValueError(f"order fault invisible_ms must be >= 0, not {self.invisible_ms!r}")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> OrderFaults:
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown order fault setting(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class RateLimit:
     """Request-weight budget per window; exceeding it answers HTTP 429 with Binance's -1003 error.
 
@@ -82,4 +127,7 @@ class ServerStats:
     stalls: int = 0
     requests: int = 0
     rate_limited: int = 0
+    orders_filled: int = 0
+    orders_rejected: int = 0
+    order_faults: int = 0
 

@@ -8,18 +8,16 @@ unfinished, as Binance does.
 from __future__ import annotations
 
 import json
-import math
 import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping
 from typing import Any
 
-import polars as pl
 from aiohttp import web
 
 from rltrader.data.schema import US_THRESHOLD, Market
 from rltrader.sim.clock import ReplayClock
-from rltrader.sim.data import ReplayData, SymbolData, decimals_of, fmt, split_symbol
+from rltrader.sim.data import ReplayData, SymbolData, fmt, split_symbol
 from rltrader.sim.faults import RateLimit
 
 BINANCE_INTERVALS = {"1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d",
@@ -132,19 +130,9 @@ class MarketRest:
 
     def _symbol_info(self, sd: SymbolData) -> dict[str, Any]:
         base, quote = split_symbol(sd.symbol)
-        pdec = sd.price_dec if sd.price_dec is not None else 8
-        if self._spot:
-            # Spot prints filters with 8 decimals whatever the tick; derive tick/step from the data itself.
-            prices = [*sd.o, *sd.h, *sd.l, *sd.c, *sd.p]
-            pdec = decimals_of(pl.Series(prices, dtype=pl.Float64)) or 0
-            qdec = decimals_of(pl.Series(sd.qty if sd.qty else sd.v, dtype=pl.Float64)) or 0
-        else:
-            qdec = sd.qty_dec if sd.qty_dec is not None else 3
-        tick, step = 10.0 ** -pdec, 10.0 ** -qdec
-        hi_price = max([*sd.h, *sd.p], default=1.0)
-        max_price = 10.0 ** (math.ceil(math.log10(max(hi_price, 1e-8))) + 2)
-        max_qty = 10.0 ** (math.ceil(math.log10(max([*sd.v, *sd.qty, 1.0]))) + 1)
-        min_notional = {"BTC": 0.0001, "ETH": 0.001, "BNB": 0.01}.get(quote, 5.0)
+        flt = self.data.filters(sd.symbol)
+        pdec, qdec, tick, step = flt.price_dec, flt.qty_dec, flt.tick, flt.step
+        max_price, max_qty, min_notional = flt.max_price, flt.max_qty, flt.min_notional
         if self._spot:
 
             def f8(x: float) -> str:
@@ -196,7 +184,7 @@ class MarketRest:
                 {"filterType": "PRICE_FILTER", "minPrice": fp(tick), "maxPrice": fp(max_price),
                  "tickSize": fp(tick)},
                 {"filterType": "LOT_SIZE", "minQty": fq(step), "maxQty": fq(max_qty), "stepSize": fq(step)},
-                {"filterType": "MARKET_LOT_SIZE", "minQty": fq(step), "maxQty": fq(max_qty / 10),
+                {"filterType": "MARKET_LOT_SIZE", "minQty": fq(step), "maxQty": fq(flt.market_max_qty),
                  "stepSize": fq(step)},
                 {"filterType": "MAX_NUM_ORDERS", "limit": 200},
                 {"filterType": "MAX_NUM_ALGO_ORDERS", "limit": 10},

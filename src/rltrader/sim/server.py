@@ -30,7 +30,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -39,10 +39,13 @@ from aiohttp import web
 
 from rltrader.data.schema import Market
 from rltrader.errors import DataError
+from rltrader.execution import ExecutionParams
 from rltrader.sim.clock import ReplayClock
 from rltrader.sim.data import ReplayData
-from rltrader.sim.faults import Faults, RateLimit, ServerStats
+from rltrader.sim.exchange import Exchange
+from rltrader.sim.faults import Faults, OrderFaults, RateLimit, ServerStats
 from rltrader.sim.rest import BinanceError, MarketRest, dumps
+from rltrader.sim.trading_routes import TradingRoutes
 from rltrader.sim.ws import MarketStreams
 
 log = logging.getLogger(__name__)
@@ -55,10 +58,14 @@ class _Weight:
 
 
 
-class ReplayServer(MarketRest, MarketStreams):
+class ReplayServer(MarketRest, MarketStreams, TradingRoutes):
     """The replay server: REST under ``/api/v3`` (spot) or ``/fapi/v1`` (USDⓈ-M), websockets under
     ``/ws/<stream>`` and ``/stream?streams=…`` (also below ``/market/`` and ``/public/`` as python-binance's
     futures sockets use), and a small control API under ``/_replay/``.
+
+    It is also a fake exchange: Binance's SIGNED trading API (:mod:`rltrader.sim.trading_routes`) for the
+    keys in ``api_keys`` (key → secret), market orders filled by the execution kernel with ``execution``
+    (:mod:`rltrader.sim.exchange`; default: Binance's VIP0 fees for the market), ``order_faults`` on demand.
 
     Point python-binance at it with ``API_URL = rest_base_url + "/api"``, ``FUTURES_URL = rest_base_url +
     "/fapi"`` and ``STREAM_URL``/``FSTREAM_URL = ws_base_url`` (see :mod:`rltrader.data.rest`).
@@ -67,7 +74,9 @@ class ReplayServer(MarketRest, MarketStreams):
     def __init__(self, data: ReplayData, start: datetime | int | None = None, *, speed: float = 60.0,
                  host: str = "127.0.0.1", port: int = 0, faults: Faults | None = None,
                  rate_limit: RateLimit | None = None, clock: ReplayClock | None = None,
-                 heartbeat_s: float | None = 20.0) -> None:
+                 heartbeat_s: float | None = 20.0, api_keys: Mapping[str, str] | None = None,
+                 execution: ExecutionParams | None = None, initial_balances: Mapping[str, float] | None = None,
+                 order_faults: OrderFaults | None = None) -> None:
         self.data = data
         self.market = data.market
         if clock is None:
@@ -87,6 +96,8 @@ class ReplayServer(MarketRest, MarketStreams):
         self._tasks: set[asyncio.Task[None]] = set()
         self._spot = self.market is Market.SPOT
         self._update_ms = 2000 if self._spot else 250  # kline stream push interval on the real exchange
+        self.exchange = Exchange(data, clock, execution, api_keys, initial_balances=initial_balances)
+        self.order_faults = order_faults or OrderFaults()
 
     @classmethod
     def from_archive(cls, archive_base: str, market: Market | str, symbols: Sequence[str],
@@ -123,6 +134,13 @@ class ReplayServer(MarketRest, MarketStreams):
         log.info("replay: faults now %s", self.faults)
         return self.faults
 
+    def set_order_faults(self, faults: OrderFaults | None = None, **changes: Any) -> OrderFaults:
+        """Replace the order faults (or change some fields); applies from the next order placement."""
+        base = faults if faults is not None else self.order_faults
+        self.order_faults = replace(base, **changes) if changes else base
+        log.info("replay: order faults now %s", self.order_faults)
+        return self.order_faults
+
     def _app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
         # Both markets' prefixes: AsyncClient.create() pings spot's /api/v3 even for a futures user. On the
@@ -136,6 +154,9 @@ class ReplayServer(MarketRest, MarketStreams):
         for base in ("", "/market", "/public"):
             app.router.add_get(f"{base}/stream", self._ws_combined)
             app.router.add_get(base + "/ws/{streams:.+}", self._ws_raw)
+        self.add_trading_routes(app)
+        app.router.add_get("/_replay/order_faults", self._ctl_get_order_faults)
+        app.router.add_post("/_replay/order_faults", self._ctl_set_order_faults)
         app.router.add_get("/_replay/status", self._ctl_status)
         app.router.add_get("/_replay/faults", self._ctl_get_faults)
         app.router.add_post("/_replay/faults", self._ctl_set_faults)
@@ -241,6 +262,22 @@ class ReplayServer(MarketRest, MarketStreams):
         except (ValueError, TypeError) as exc:
             return web.json_response({"code": -1100, "msg": str(exc)}, status=400, dumps=dumps)
         self.set_faults(faults)
+        return web.json_response(faults.to_dict(), dumps=dumps)
+
+    async def _ctl_get_order_faults(self, request: web.Request) -> web.Response:
+        return web.json_response(self.order_faults.to_dict(), dumps=dumps)
+
+    async def _ctl_set_order_faults(self, request: web.Request) -> web.Response:
+        """Body: a JSON object of OrderFaults fields; ``{"reset": true}`` clears all order faults first."""
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError("body must be a JSON object")
+            base = OrderFaults() if body.pop("reset", False) else self.order_faults
+            faults = OrderFaults.from_mapping({**base.to_dict(), **body})
+        except (ValueError, TypeError) as exc:
+            return web.json_response({"code": -1100, "msg": str(exc)}, status=400, dumps=dumps)
+        self.set_order_faults(faults)
         return web.json_response(faults.to_dict(), dumps=dumps)
 
     async def _ctl_clock(self, request: web.Request) -> web.Response:
@@ -360,6 +397,7 @@ def _status(server: ReplayServer) -> dict[str, Any]:
         "speed": server.clock.speed if not math.isinf(server.clock.speed) else "inf",
         "paused": server.clock.paused,
         "faults": server.faults.to_dict(),
+        "order_faults": server.order_faults.to_dict(),
         "stats": asdict(server.stats),
     }
 
