@@ -359,6 +359,7 @@ def serve_forever(archive_base: str, market: Market | str, symbols: Sequence[str
                   end: datetime | str | None = None, *, speed: float = 60.0, host: str = "127.0.0.1",
                   port: int = 0, days: int = 1, interval: str = "1m", agg_trades: bool = True,
                   faults: Faults | None = None, rate_limit_weight: int | None = None,
+                  api_keys: Mapping[str, str] | None = None, execution: ExecutionParams | None = None,
                   on_ready: Callable[[ReplayServer], None] | None = None) -> None:
     """Run a replay server until SIGINT/SIGTERM (the ``rltrader replay-server`` command).
 
@@ -368,7 +369,8 @@ def serve_forever(archive_base: str, market: Market | str, symbols: Sequence[str
         archive_base, market, [s.upper() for s in symbols], parse_when(start),
         parse_when(end) if end is not None else None, days=days, interval=interval, agg_trades=agg_trades,
         speed=speed, host=host, port=port, faults=faults,
-        rate_limit=RateLimit(rate_limit_weight) if rate_limit_weight else None,
+        rate_limit=RateLimit(rate_limit_weight) if rate_limit_weight else None, api_keys=api_keys,
+        execution=execution,
     )
 
     async def main() -> None:
