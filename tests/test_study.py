@@ -186,7 +186,7 @@ def test_stage_finds_a_planted_leak_and_writes_its_outputs(real: tuple[Settings,
     lead = metrics["test"]["xgboost"][f"h{H}"]
     assert lead["ic"] > 0.5 and lead["ic_lo"] > 0.3 and lead["break_even_bps"] > lead["cost_bps"]
     verdict = next(v for v in summary["verdicts"] if v.startswith(f"h={H} "))
-    assert "test: gross" in verdict and verdict.endswith("EXCEEDS costs")
+    assert "test: gross (= break-even cost)" in verdict and verdict.endswith("EXCEEDS costs")
     # the ablation sees it: dropping the volume group (where the leak sits) costs most of the IC
     ab = summary["ablation"]["ic"][str(H)]
     assert ab["all"] - ab["without_volume"] > 0.3

@@ -271,7 +271,7 @@ class StudySettings(_Strict):
     eval_splits: list[str] = Field(default_factory=lambda: ["val", "test"], min_length=1)
     select_split: str = "val"
     """Where the threshold of the threshold strategy and the best model are chosen (never test/backtest)."""
-    train_stride: int = Field(default=10, ge=1)
+    train_stride: int = Field(default=20, ge=1)
     """Fit on every k-th train bar: neighbouring bars' targets overlap, so little information is lost."""
     eval_stride: int = Field(default=1, ge=1)
     vol_window: int = Field(default=60, ge=2)
@@ -280,7 +280,7 @@ class StudySettings(_Strict):
     """Training targets are clipped to ±this many volatilities (evaluation uses the unclipped ones)."""
     ridge_alpha: float = Field(default=0.1, ge=0)
     """Penalty on the mean squared error of standardised features (1 would halve a lone unit-variance weight)."""
-    xgb_rounds: int = Field(default=150, ge=1)
+    xgb_rounds: int = Field(default=100, ge=1)
     xgb_depth: int = Field(default=4, ge=1)
     xgb_eta: float = Field(default=0.05, gt=0)
     xgb_threads: int = Field(default=1, ge=1)

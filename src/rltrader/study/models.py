@@ -50,7 +50,7 @@ class Ridge:
 class XGB:
     """``xgboost.train`` with squared error on the (clipped) normalised target; ``threads`` CPU threads."""
 
-    rounds: int = 150
+    rounds: int = 100
     depth: int = 4
     eta: float = 0.05
     threads: int = 1

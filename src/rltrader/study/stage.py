@@ -90,8 +90,9 @@ def _verdict(h: int, interval: str, model: str, select: str, chosen: dict[str, f
         row = next(r for r in res[ALL]["thresholds"] if r["k"] == k)
         g, c = row["gross"], row["cost"]
         ok = math.isfinite(g) and g > c
-        parts.append(f"{split}: gross {BPS * g:+.2f} bps/trade vs cost {BPS * c:.2f} bps over {row['trades']} "
-                     f"trades, IC {res[ALL]['ic']:+.4f} [{res[ALL]['ic_lo']:+.4f}, {res[ALL]['ic_hi']:+.4f}] → "
+        parts.append(f"{split}: gross (= break-even cost) {BPS * g:+.2f} bps/trade vs cost {BPS * c:.2f} bps over "
+                     f"{row['trades']} trades, IC {res[ALL]['ic']:+.4f} "
+                     f"[{res[ALL]['ic_lo']:+.4f}, {res[ALL]['ic_hi']:+.4f}] → "
                      f"{'EXCEEDS costs' if ok else 'does NOT exceed costs'}")
     return f"{head}, k={k:g}×cost chosen on {select}: " + "; ".join(parts)
 
