@@ -120,6 +120,12 @@ def test_spec_and_valid_cover_every_new_column() -> None:
     assert not any(n.startswith(("mkt_", "tf")) for n in full_feature_spec(base).names)
 
 
+def test_market_with_too_few_symbols_names_the_parameter() -> None:
+    one = {"A": synthetic_klines("A", "2024-03-01", 100, seed=1)}
+    with pytest.raises(ConfigError, match=r"features\.market"):
+        compute_all_features(one, FeatureSettings(market=True), "1m")
+
+
 def test_bad_timeframe_names_the_parameter() -> None:
     with pytest.raises(ConfigError, match=r"features\.timeframes"):
         full_feature_spec(FeatureSettings(timeframes=["90s"]), "1m")

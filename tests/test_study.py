@@ -22,7 +22,7 @@ from rltrader.data.schema import Market
 from rltrader.dataset.build import run_features_stage
 from rltrader.errors import ConfigError
 from rltrader.study.data import load_rows, round_trip_cost
-from rltrader.study.signal import bootstrap_corr_ci, pearson
+from rltrader.study.signal import bootstrap_corr_ci, bootstrap_mean_ci, pearson
 from rltrader.study.stage import ALL, evaluate_split, run_study_stage
 
 SYMBOLS = ("AVAXUSDT", "FILUSDT")
@@ -160,6 +160,11 @@ def test_bootstrap_interval_separates_signal_from_noise() -> None:
     assert 0 < lo < pearson(f, y) < hi
     lo0, hi0 = bootstrap_corr_ci(rng.permutation(f), y, day, 300)
     assert lo0 < 0 < hi0
+    # a strategy whose average is carried by one lucky day: the day-block interval reaches down to zero
+    pnl = np.zeros(len(day))
+    pnl[day == 7] = 0.01
+    lo_m, hi_m = bootstrap_mean_ci(pnl, day, 300)
+    assert lo_m == 0.0 < pnl.mean() < hi_m
 
 
 @pytest.mark.slow

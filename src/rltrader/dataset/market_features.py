@@ -144,6 +144,10 @@ def compute_all_features(bars_by_symbol: Mapping[str, pl.DataFrame], p: FeatureS
     columns, with ``valid`` re-derived over all of them (same column contract, more feature columns)."""
     spec = full_feature_spec(p, interval)
     extra = [*market_names(p), *timeframe_names(p)]
+    if p.market and len(bars_by_symbol) < p.market_min_symbols:
+        raise ConfigError(f"features.market: the market factor needs at least features.market_min_symbols = "
+                          f"{p.market_min_symbols} symbols, ingest.symbols has {len(bars_by_symbol)} "
+                          f"({', '.join(bars_by_symbol)}); add symbols or set features.market: false")
     market = market_frame(bars_by_symbol, p, interval) if p.market else None
     out: dict[str, pl.DataFrame] = {}
     for symbol, bars in bars_by_symbol.items():

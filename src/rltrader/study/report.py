@@ -86,7 +86,11 @@ def plot_ablation(summary: dict[str, Any], path: Path) -> Path:
     ab = summary["ablation"]
     hs = [str(h) for h in summary["horizons"]]
     groups = list(ab["groups"])
-    delta = np.array([[ab["ic"][h]["all"] - ab["ic"][h].get(f"without_{g}", math.nan) for h in hs] for g in groups])
+    keys = [f"without_{g}" for g in groups]
+    if any("base_only" in ab["ic"][h] for h in hs):
+        groups.append("all additions")
+        keys.append("base_only")
+    delta = np.array([[ab["ic"][h]["all"] - ab["ic"][h].get(k, math.nan) for h in hs] for k in keys])
     fig, ax = plt.subplots(figsize=(1.2 * len(hs) + 3, 0.45 * len(groups) + 1.5))
     lim = float(np.nanmax(np.abs(delta))) if np.isfinite(delta).any() else 1.0
     im = ax.imshow(delta, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
@@ -115,6 +119,8 @@ def _rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                             "mean |f| bps": BPS * a["mean_abs_forecast"], "cost bps": BPS * a["cost"],
                             "k (val)": ch["k"] if ch else math.nan, "trades": row["trades"] if row else 0,
                             "gross = break-even bps": BPS * row["gross"] if row else math.nan,
+                            "gross lo": BPS * row["gross_lo"] if row else math.nan,
+                            "gross hi": BPS * row["gross_hi"] if row else math.nan,
                             "net bps": BPS * row["net"] if row else math.nan})
     return out
 
@@ -144,6 +150,8 @@ def _ablation_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
         for g in ab["groups"]:
             if f"without_{g}" in r:
                 row[g] = r["all"] - r[f"without_{g}"]
+        if "base_only" in r:
+            row["all additions"] = r["all"] - r["base_only"]
         out.append(row)
     return out
 
@@ -159,7 +167,7 @@ def write_study_report(out_dir: Path, summary: dict[str, Any], interval: str) ->
              f"<style>{_CSS}</style></head><body>", f"<h1>{esc(title)}</h1>",
              f'<p class="muted">generated {datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}; rows {summary["rows"]}'
              f' (train every {summary["train_stride"]}th bar); {summary["seconds"]:.0f} s</p>', "<h2>Verdict</h2><ul>"]
-    parts += [f'<li class="{"good" if "EXCEEDS" in v and "NOT" not in v else "bad"}">{esc(v)}</li>'
+    parts += [f'<li class="{"good" if v.endswith("→ EXCEEDS costs") else "bad"}">{esc(v)}</li>'
               for v in summary["verdicts"]]
     parts.append("</ul><h2>How to read the numbers</h2>")
     for note in (
@@ -169,7 +177,7 @@ def write_study_report(out_dir: Path, summary: dict[str, Any], interval: str) ->
         "Threshold strategy: trade in the forecast's direction when |forecast| (in return units) > k × round-trip "
         "cost; k is chosen on the select split (largest total net), then applied unchanged elsewhere. Its gross "
         "mean per trade is the break-even round-trip cost: the edge exists net of costs only where it exceeds the "
-        "cost column.",
+        "cost column, and is called EXCEEDS only when the lower end of its 95 % day-block interval does.",
         "Costs: 2 × taker fee plus both legs' slippage (half spread + square-root impact at the split's median bar "
         "volume for a position of initial_cash × position_size × leverage), from the execution kernel's fill_price.",
         "Trades at neighbouring bars overlap (a position held h bars): gross per trade is an expectation, not a "

@@ -1,14 +1,15 @@
 """What the study measures about a forecast: plain numpy, no model knowledge.
 
 - Information coefficient: Pearson and rank (Spearman, average ranks for ties) correlation of forecast and
-  realised target. Its 95 % interval comes from a circular block bootstrap over DAYS (blocks of ⌈√days⌉ days):
+  realised target. Its 95 % interval comes from a circular block bootstrap over DAYS (blocks of round(√days) days):
   overlapping forward returns and volatility clusters make neighbouring bars far from independent, so an i.i.d.
   interval would be several times too narrow. The rank interval resamples the global ranks (not re-ranked).
 - Hit rate: how often the forecast's sign is the realised return's sign (zeros left out).
 - Deciles: forecast decile → mean realised return, the shape a tradable signal must show (monotone, and the
   outer deciles beyond the cost).
 - Threshold strategy: trade in the forecast's direction when ``|forecast| > k × round-trip cost``; its gross edge
-  per trade is ``mean(sign(f) · r)``, which is also its break-even round-trip cost.
+  per trade is ``mean(sign(f) · r)``, which is also its break-even round-trip cost. Its interval resamples days
+  too: only when the LOWER end clears the cost is the edge more than a few lucky days.
 """
 
 from __future__ import annotations
@@ -85,18 +86,41 @@ def deciles(f: np.ndarray, r: np.ndarray, n: int = 10) -> list[dict[str, float]]
     return out
 
 
+def bootstrap_mean_ci(v: np.ndarray, day: np.ndarray, n_samples: int, seed: int = 0) -> tuple[float, float]:
+    """95 % circular block bootstrap interval of ``mean(v)`` resampling whole days: a handful of lucky days can
+    carry a threshold strategy's average, and this interval shows it."""
+    if n_samples <= 0 or len(v) < 2:
+        return math.nan, math.nan
+    _, d = np.unique(day, return_inverse=True)
+    nd = int(d.max()) + 1
+    total, count = np.bincount(d, weights=v, minlength=nd), np.bincount(d, minlength=nd).astype(np.float64)
+    idx = circular_block_indices(nd, n_samples, seed)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = total[idx].sum(axis=1) / count[idx].sum(axis=1)
+    means = means[np.isfinite(means)]
+    if len(means) == 0:
+        return math.nan, math.nan
+    a = (1 - CI_LEVEL) / 2 * 100
+    lo, hi = np.percentile(means, [a, 100 - a])
+    return float(lo), float(hi)
+
+
 def threshold_table(f_ret: np.ndarray, r: np.ndarray, cost: np.ndarray, day: np.ndarray,
-                    ks: Sequence[float]) -> list[dict[str, float]]:
-    """Per k: trades (|f| > k × cost), trades per day, gross and net mean per trade (fractions of notional)."""
+                    ks: Sequence[float], bootstrap: int = 0, seed: int = 0) -> list[dict[str, float]]:
+    """Per k: trades (|f| > k × cost), trades per day, gross (with its day-block interval) and net mean per trade
+    (fractions of notional)."""
     n_days = max(1, len(np.unique(day)))
     out = []
     for k in ks:
         m = np.abs(f_ret) > k * cost
         n = int(m.sum())
-        gross = float(np.mean(np.sign(f_ret[m]) * r[m])) if n else math.nan
+        pnl = np.sign(f_ret[m]) * r[m]
+        gross = float(np.mean(pnl)) if n else math.nan
+        lo, hi = bootstrap_mean_ci(pnl, day[m], bootstrap, seed) if n else (math.nan, math.nan)
         c = float(cost[m].mean()) if n else float(np.nanmean(cost)) if len(cost) else math.nan
-        out.append({"k": float(k), "trades": n, "trades_per_day": n / n_days, "gross": gross, "cost": c,
-                    "net": gross - c if n else math.nan, "hit_rate": hit_rate(f_ret[m], r[m]) if n else math.nan})
+        out.append({"k": float(k), "trades": n, "trades_per_day": n / n_days, "gross": gross, "gross_lo": lo,
+                    "gross_hi": hi, "cost": c, "net": gross - c if n else math.nan,
+                    "hit_rate": hit_rate(f_ret[m], r[m]) if n else math.nan})
     return out
 
 
@@ -118,4 +142,4 @@ def evaluate_forecast(f: np.ndarray, y: np.ndarray, f_ret: np.ndarray, r: np.nda
             "rank_ic_lo": rlo, "rank_ic_hi": rhi, "hit_rate": hit_rate(f, r),
             "mean_abs_forecast": float(np.mean(np.abs(f_ret))) if len(f_ret) else math.nan,
             "cost": float(np.mean(cost)) if len(cost) else math.nan,
-            "thresholds": threshold_table(f_ret, r, cost, day, ks), "deciles": deciles(f_ret, r)}
+            "thresholds": threshold_table(f_ret, r, cost, day, ks, bootstrap, seed), "deciles": deciles(f_ret, r)}

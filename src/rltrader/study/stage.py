@@ -35,6 +35,8 @@ from rltrader.study.signal import choose_threshold, evaluate_forecast, pearson
 console = Console(stderr=True)
 BPS = 1e4
 ALL = "ALL"
+ADDITION_GROUPS = ("market",)
+"""Feature groups that ``features.market`` / ``features.timeframes`` switch (every ``tf*`` group too)."""
 
 
 def _minutes(h: int, interval: str) -> str:
@@ -88,12 +90,14 @@ def _verdict(h: int, interval: str, model: str, select: str, chosen: dict[str, f
     parts = []
     for split, res in per_split.items():
         row = next(r for r in res[ALL]["thresholds"] if r["k"] == k)
-        g, c = row["gross"], row["cost"]
-        ok = math.isfinite(g) and g > c
-        parts.append(f"{split}: gross (= break-even cost) {BPS * g:+.2f} bps/trade vs cost {BPS * c:.2f} bps over "
-                     f"{row['trades']} trades, IC {res[ALL]['ic']:+.4f} "
-                     f"[{res[ALL]['ic_lo']:+.4f}, {res[ALL]['ic_hi']:+.4f}] → "
-                     f"{'EXCEEDS costs' if ok else 'does NOT exceed costs'}")
+        g, c, lo, hi = row["gross"], row["cost"], row["gross_lo"], row["gross_hi"]
+        if math.isfinite(g) and g > c:
+            word = "EXCEEDS costs" if math.isfinite(lo) and lo > c else "exceeds costs only by luck (CI reaches cost)"
+        else:
+            word = "does NOT exceed costs"
+        parts.append(f"{split}: gross (= break-even cost) {BPS * g:+.2f} [{BPS * lo:+.2f}, {BPS * hi:+.2f}] bps/trade "
+                     f"vs cost {BPS * c:.2f} bps over {row['trades']} trades, IC {res[ALL]['ic']:+.4f} "
+                     f"[{res[ALL]['ic_lo']:+.4f}, {res[ALL]['ic_hi']:+.4f}] → {word}")
     return f"{head}, k={k:g}×cost chosen on {select}: " + "; ".join(parts)
 
 
@@ -173,6 +177,10 @@ def _ablation(rows: StudyRows, st: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"model": st.ablation_model, "split": st.select_split, "groups": {
         g: [rows.names[i] for i in idx] for g, idx in groups.items()}, "ic": {}}
     alt = st.model_copy(update={"seed": st.seed + 1})
+    # the switchable additions (features.market / features.timeframes) together, on the same rows: what turning
+    # them all off would cost (a drop-one ablation understates groups that overlap each other)
+    additions = [g for g in groups if g in ADDITION_GROUPS or g.startswith("tf")]
+    base = np.array([i for i, n in enumerate(rows.names) if feature_group(n) not in additions])
     for h in st.horizons:
         tr, ytr = _train_set(rows, h, st.train_split, st.target_clip)
         full = _split_ic(rows, make_model(st.ablation_model, st).fit(rows.x[tr], ytr), h, st.select_split, None)
@@ -186,6 +194,9 @@ def _ablation(rows: StudyRows, st: Any) -> dict[str, Any]:
                 continue
             m = make_model(st.ablation_model, st).fit(rows.x[tr][:, cols], ytr)
             row[f"without_{g}"] = _split_ic(rows, m, h, st.select_split, cols)
+        if len(additions) > 1:  # with one addition, "without" it is already the base set
+            m = make_model(st.ablation_model, st).fit(rows.x[tr][:, base], ytr)
+            row["base_only"] = _split_ic(rows, m, h, st.select_split, base)
         out["ic"][str(h)] = row
         console.print(f"ablation h={h:>4}: all {full:+.4f}  " + "  ".join(
             f"{g} {full - row[f'without_{g}']:+.4f}" for g in groups if f"without_{g}" in row), soft_wrap=True)
@@ -209,6 +220,8 @@ def headline_metrics(summary: dict[str, Any]) -> dict[str, Any]:
                     "cost_bps": BPS * a["cost"], "k": ch["k"] if ch else math.nan,
                     "trades": row["trades"] if row else 0,
                     "break_even_bps": BPS * row["gross"] if row else math.nan,
+                    "break_even_lo_bps": BPS * row["gross_lo"] if row else math.nan,
+                    "break_even_hi_bps": BPS * row["gross_hi"] if row else math.nan,
                     "net_bps": BPS * row["net"] if row else math.nan,
                 }
     return out
