@@ -41,6 +41,8 @@ app.add_typer(data_app, name="data")
 dataset_app = typer.Typer(help="Session datasets: causal features and train/val/test/backtest sessions.",
                           no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
+api_app = typer.Typer(help="HTTP control API: REST triggers for the Prefect deployments.", no_args_is_help=True)
+app.add_typer(api_app, name="api")
 out = Console()
 err = Console(stderr=True)
 
@@ -423,6 +425,22 @@ def walk_forward_cmd(
     for line in result["verdicts"]:
         out.print(line)
     out.print(f"report: {result['report']}")
+
+
+@api_app.command("serve")
+def api_serve_cmd(
+    host: Annotated[str, typer.Option(help="Address to bind; beyond loopback only with RLTRADER_API_TOKEN set")] = (
+        "127.0.0.1"),
+    port: int = 8080,
+) -> None:
+    """Serve POST /data/collect, /data/backfill, /train/{algo}, /pipeline/run and GET /runs/{id}: each creates a
+    run of the Prefect deployment (served by `python -m flows.deploy`); bearer token from RLTRADER_API_TOKEN."""
+    from rltrader.api.app import serve
+
+    try:
+        serve(host=host, port=port)
+    except RLTraderError as exc:
+        _fail(str(exc))
 
 
 def main() -> None:
