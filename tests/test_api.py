@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -144,6 +145,24 @@ def test_collect_start_conflict_stop_and_restart(client: TestClient) -> None:
     assert asyncio.run(paused()) is False  # start resumed the supervisor schedule the stop had paused
     assert client.post("/data/collect", json={"action": "stop"}, headers=AUTH).json()["cancelled"] == [
         restart.json()["id"]]
+
+    # a run scheduled for later (as the supervisor schedule creates them) is not a stream that is alive now …
+    async def schedule_later() -> str:
+        from prefect.states import Scheduled
+
+        async with get_client() as pc:
+            dep = await pc.read_deployment_by_name(triggers.COLLECT)
+            run = await pc.create_flow_run_from_deployment(
+                dep.id, state=Scheduled(scheduled_time=datetime.now(UTC) + timedelta(hours=1)))
+            return str(run.id)
+
+    later = asyncio.run(schedule_later())
+    now = client.post("/data/collect", json={}, headers=AUTH)
+    assert now.status_code == 202, now.text
+    # … but stop cancels it too, or it would restart the stream in an hour
+    stopped = client.post("/data/collect", json={"action": "stop"}, headers=AUTH).json()["cancelled"]
+    assert sorted(stopped) == sorted([later, now.json()["id"]])
+    assert {client.get(f"/runs/{i}", headers=AUTH).json()["state"] for i in stopped} == {"CANCELLED"}
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ whatever serves the deployments (``python -m flows.deploy``). The handlers only 
 - ``POST /data/collect``: ``start`` (the default) creates an ``ingest-live`` run for the given symbols, refused with
   409 while one is alive (pending, running, or scheduled to start now); it also resumes the deployment's 10-minute
   supervisor schedule if a ``stop`` paused it. ``stop`` pauses that schedule (else it would restart the stream
-  within 10 minutes) and cancels the alive runs.
+  within 10 minutes) and cancels every run that is running or still to come.
 - ``POST /data/backfill``: a ``backfill-archive`` run for a day or a range (default yesterday).
 - ``POST /train/{algo}``: a ``train`` run (queued behind a running one by its concurrency limit).
 - ``POST /pipeline/run``: a ``nightly-retrain`` run now.
@@ -149,8 +149,8 @@ async def create_run(name: str, parameters: dict[str, Any]) -> RunOut:
     return _run_out(run, name)
 
 
-async def alive_runs(client: Any, deployment_id: UUID) -> list[Any]:
-    """Runs of the deployment that are pending, running, or scheduled to start about now."""
+async def alive_runs(client: Any, deployment_id: UUID, *, due_only: bool = True) -> list[Any]:
+    """Runs of the deployment that are pending, running, or scheduled (``due_only``: to start about now)."""
     from prefect.client.schemas.filters import (
         DeploymentFilter,
         DeploymentFilterId,
@@ -165,7 +165,7 @@ async def alive_runs(client: Any, deployment_id: UUID) -> list[Any]:
         flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
             any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]))))
     due = datetime.now(UTC) + DUE_WITHIN
-    return [r for r in runs if r.state.type != StateType.SCHEDULED
+    return [r for r in runs if not due_only or r.state.type != StateType.SCHEDULED
             or (r.expected_start_time is None or r.expected_start_time <= due)]
 
 
@@ -189,7 +189,8 @@ async def collect(body: CollectRequest, request: Request) -> RunOut | CollectSto
     async with _lock(request), get_client() as client:
         try:
             dep = await client.read_deployment_by_name(COLLECT)
-            alive = await alive_runs(client, dep.id)
+            # stop: every run that could still stream, later ones included; start: only what is alive now
+            alive = await alive_runs(client, dep.id, due_only=body.action == "start")
         except (ObjectNotFound, httpx.HTTPError) as exc:
             raise _unavailable(COLLECT, exc) from exc
         if body.action == "stop":
