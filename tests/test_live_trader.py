@@ -1,0 +1,96 @@
+"""The paper trader on a replayed day of real bars gives exactly the backtest's fills and equity."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from rltrader.config import Settings
+from rltrader.data.archive import parse_klines, read_zip_member
+from rltrader.data.parquet_store import ParquetStore
+from rltrader.data.schema import Market
+from rltrader.dataset.build import run_features_stage, run_sessions_stage
+from rltrader.errors import ConfigError
+from rltrader.evaluate.backtest import run_backtest
+from rltrader.live.gateway import PaperBroker
+from rltrader.live.records import Records
+from rltrader.live.trader import bars_from_frame, build_trader
+
+NEAR = "futures/um/monthly/klines/NEARUSDT/1m/NEARUSDT-1m-2023-04.zip"
+DAY0 = datetime(2023, 4, 10, tzinfo=UTC)
+DAY1 = datetime(2023, 4, 11, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def built(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Real NEARUSDT bars (April 2023) through the features and sessions stages; backtest split = one day."""
+    tmp = tmp_path_factory.mktemp("trader")
+    settings = Settings.model_validate({
+        "data": {"dir": str(tmp / "data")},
+        "ingest": {"market": "futures-um", "symbols": ["NEARUSDT"], "interval": "1m"},
+        "sessions": {"context": 30, "length": 10, "stride": 10, "embargo": 60, "volatility_percentile": 0,
+                     "splits": {"train": {"start": "2023-04-01", "end": "2023-04-07"},
+                                "val": {"start": "2023-04-07", "end": "2023-04-08"},
+                                "test": {"start": "2023-04-08", "end": "2023-04-10"},
+                                "backtest": {"start": "2023-04-10", "end": "2023-04-11"}}},
+        "backtest": {"bootstrap": 0},
+    })
+    store = ParquetStore(tmp / "data" / "store")
+    rows = parse_klines(read_zip_member(shared_archive / NEAR), source=NEAR, market=Market.FUTURES_UM,
+                        symbol="NEARUSDT", interval="1m").rows
+    store.write_klines(rows.filter(pl.col("open_time") < DAY1))
+    run_features_stage(settings, store)
+    run_sessions_stage(settings)
+    store.close()
+    return settings
+
+
+def _paper(settings: Settings, model: str, tmp: Path) -> tuple[Records, str]:
+    store = ParquetStore(settings.data.dir / "store")
+    bars = bars_from_frame(store.read_klines("futures-um", "NEARUSDT", "1m"))
+    store.close()
+    records = Records(tmp / "trader.db")
+    trader = build_trader(settings, mode="paper", symbols=["NEARUSDT"], model=model, records=records,
+                          broker=PaperBroker(np.zeros(0)), until_us=int(DAY1.timestamp() * 1e6))
+    trader.gateway.broker.xp = trader.xp  # the broker fills with the trader's execution params
+    t0 = int(DAY0.timestamp() * 1e6)
+    trader.warm_up("NEARUSDT", (b for b in bars if b.time < t0))
+    trader.run_bars(("NEARUSDT", b) for b in bars if b.time >= t0)
+    return records, trader.session_id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["sma_cross", "buy_and_hold"])
+def test_paper_parity_with_backtest(built: Settings, tmp_path: Path, model: str) -> None:
+    bt = run_backtest(built, model, split="backtest")
+    records, sid = _paper(built, model, tmp_path)
+    ref = bt.fills.filter(pl.col("symbol") == "NEARUSDT")
+    ours = records.fills(sid)
+    assert ref.height >= 2 and len(ours) == ref.height, (len(ours), ref.height)
+    ref_t = ref["time"].dt.epoch("us").to_list()
+    for r, o, t in zip(ref.iter_rows(named=True), ours, ref_t, strict=True):
+        assert (o["time"], o["kind"]) == (t, r["kind"])
+        assert o["qty"] == pytest.approx(r["qty"], rel=1e-12) and o["price"] == pytest.approx(r["price"], rel=1e-12)
+        assert o["fee"] == pytest.approx(r["fee"], rel=1e-9, abs=1e-12)
+    eq = bt.equity.filter(pl.col("symbol") == "NEARUSDT")
+    marks = records.marks(sid)
+    bt_eq = dict(zip((eq["time"].dt.epoch("us") - 60_000_000).to_list(), eq["equity"].to_list(), strict=True))
+    ours_eq = {m["bar_time"]: m["equity"] for m in marks if m["bar_time"] in bt_eq}
+    assert len(ours_eq) == len(bt_eq)
+    for t, e in bt_eq.items():
+        assert ours_eq[t] == pytest.approx(e, rel=1e-12), t
+    # every decision was recorded, orders are the fills' orders, and none was sent twice
+    orders = records.orders(sid)
+    assert len({o["client_order_id"] for o in orders}) == len(orders)
+    assert sum(1 for f in ours if f["kind"] == "order") == sum(1 for o in orders if o["status"] == "filled")
+    assert len(records.decisions(sid)) >= 1440 - 1
+
+
+def test_live_mode_refuses(built: Settings, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="journal and risk engine"):
+        build_trader(built, mode="live", symbols=["NEARUSDT"], model="flat", records=Records(tmp_path / "t.db"),
+                     broker=PaperBroker(np.zeros(0)))
