@@ -56,7 +56,6 @@ def _paper(settings: Settings, model: str, tmp: Path) -> tuple[Records, str]:
     records = Records(tmp / "trader.db")
     trader = build_trader(settings, mode="paper", symbols=["NEARUSDT"], model=model, records=records,
                           broker=PaperBroker(np.zeros(0)), until_us=int(DAY1.timestamp() * 1e6))
-    trader.gateway.broker.xp = trader.xp  # the broker fills with the trader's execution params
     t0 = int(DAY0.timestamp() * 1e6)
     trader.warm_up("NEARUSDT", (b for b in bars if b.time < t0))
     trader.run_bars(("NEARUSDT", b) for b in bars if b.time >= t0)
@@ -94,3 +93,38 @@ def test_live_mode_refuses(built: Settings, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="journal and risk engine"):
         build_trader(built, mode="live", symbols=["NEARUSDT"], model="flat", records=Records(tmp_path / "t.db"),
                      broker=PaperBroker(np.zeros(0)))
+
+
+def _assert_same_fills(bt_fills: pl.DataFrame, ours: list[dict[str, object]]) -> None:
+    ref = bt_fills.filter(pl.col("symbol") == "NEARUSDT")
+    assert ref.height >= 2 and len(ours) == ref.height, (len(ours), ref.height)
+    for r, o, t in zip(ref.iter_rows(named=True), ours, ref["time"].dt.epoch("us").to_list(), strict=True):
+        assert (o["time"], o["kind"]) == (t, r["kind"])
+        assert o["qty"] == pytest.approx(r["qty"], rel=1e-12) and o["price"] == pytest.approx(r["price"], rel=1e-12)
+        assert o["fee"] == pytest.approx(r["fee"], rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_paper_run_over_the_replay_server_stream_equals_backtest(built: Settings, shared_archive: Path,
+                                                                 tmp_path: Path) -> None:
+    """`rltrader trade --mode paper` end to end: the replay server streams the day's closed klines (websocket
+    + REST repair) into the store and the trader; fills equal the backtest's on the same bars."""
+    from rltrader.live.runner import run_trader
+    from rltrader.sim import ReplayData, ReplayServer, run_in_thread
+
+    rows = parse_klines(read_zip_member(shared_archive / NEAR), source=NEAR, market=Market.FUTURES_UM,
+                        symbol="NEARUSDT", interval="1m").rows
+    day = rows.filter((pl.col("open_time") >= DAY0) & (pl.col("open_time") < DAY1 + pl.duration(minutes=5)))
+    server = ReplayServer(ReplayData(Market.FUTURES_UM, day), DAY0, speed=0)
+    store = ParquetStore(tmp_path / "store")  # the history before the day; the stream stores the day itself
+    store.write_klines(rows.filter(pl.col("open_time") < DAY0))
+    store.close()
+    settings = built.model_copy(update={
+        "data": built.data.model_copy(update={"store_url": f"parquet://{tmp_path / 'store'}"}),
+        "trader": built.trader.model_copy(update={"symbols": ["NEARUSDT"], "model": "sma_cross",
+                                                  "history_bars": 0, "records_url": str(tmp_path / "t.db")})})
+    with run_in_thread(server) as srv:
+        summary = run_trader(settings, mode="paper", rest_base=srv.rest_base_url, ws_base=srv.ws_base_url,
+                             until=DAY1, max_seconds=240, handle_signals=False, mlflow_summary=False)
+    records = Records(tmp_path / "t.db")
+    _assert_same_fills(run_backtest(built, "sma_cross", split="backtest").fills, records.fills(summary["session_id"]))

@@ -41,6 +41,9 @@ app.add_typer(data_app, name="data")
 dataset_app = typer.Typer(help="Session datasets: causal features and train/val/test/backtest sessions.",
                           no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
+from rltrader.live.cli import trade_app  # noqa: E402  (the trader's commands live with the trader)
+
+app.add_typer(trade_app, name="trade")
 out = Console()
 err = Console(stderr=True)
 

@@ -448,6 +448,8 @@ def build_trader(settings: Any, *, mode: str, symbols: Sequence[str], model: str
     norm = Normalization.from_sessions(Path(sessions_dir or settings.data.dir / "sessions"))
     session_id = new_session_id()
     xp = execution.to_array()
+    if hasattr(broker, "xp"):
+        broker.xp = xp  # the broker fills/books with the same execution params
     gateway = OrderGateway(broker, records, session_id, xp, hooks)
     records.start_session(session_id, mode=mode, model=resolved.uri, model_version=resolved.version,
                           symbols=list(symbols), params={"initial_cash": execution.initial_cash,
