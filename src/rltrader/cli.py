@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -246,19 +247,30 @@ def replay_server_cmd(
     archive_base: ArchiveOpt = None,
 ) -> None:
     """Serve recorded archive data through Binance's REST and websocket protocols on loopback."""
-    from rltrader.sim import Faults, ReplayServer, serve_forever
+    from rltrader.execution import ExecutionParams
+    from rltrader.sim import Faults, ReplayServer, default_params, serve_forever
 
     settings = load_settings()
 
     def ready(srv: ReplayServer) -> None:
         out.print(f"replay server ready: REST {srv.rest_base_url}  websocket {srv.ws_base_url}  "
                   f"(python-binance: API_URL={srv.rest_base_url}/api, STREAM_URL={srv.ws_base_url})")
+        out.print("trading API: " + ("on for the key in BINANCE_API_KEY" if api_keys else
+                                     "off (set BINANCE_API_KEY and BINANCE_API_SECRET to trade)"))
 
     faults = Faults(drop_after=drop_after, stall_after=stall_after, stall_seconds=stall_seconds,
                     malformed_every=malformed_every)
+    # The fake exchange's account: the key pair the clients use (env only, never logged), and the project's
+    # execution model where it is for this market (so paper fills equal the backtest's), else VIP0 fees.
+    key, secret = os.environ.get("BINANCE_API_KEY"), os.environ.get("BINANCE_API_SECRET")
+    api_keys = {key: secret} if key and secret else None
+    execution = ExecutionParams.from_mapping(settings.execution)
+    if (execution.market == "spot") != (Market(market) is Market.SPOT):
+        execution = default_params(Market(market))
     try:
         serve_forever(archive_base or settings.data.archive_base, market, _symbols(symbols), start, end,
-                      speed=speed, host=host, port=port, days=days, faults=faults, on_ready=ready)
+                      speed=speed, host=host, port=port, days=days, faults=faults, api_keys=api_keys,
+                      execution=execution, on_ready=ready)
     except RLTraderError as exc:
         _fail(str(exc))
 
