@@ -128,3 +128,76 @@ def test_paper_run_over_the_replay_server_stream_equals_backtest(built: Settings
                              until=DAY1, max_seconds=240, handle_signals=False, mlflow_summary=False)
     records = Records(tmp_path / "t.db")
     _assert_same_fills(run_backtest(built, "sma_cross", split="backtest").fills, records.fills(summary["session_id"]))
+
+
+@pytest.mark.slow
+def test_testnet_mode_against_the_fake_exchange_equals_backtest(
+        built: Settings, shared_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rltrader trade --mode testnet --rest-base <replay server>`: orders go over Binance's signed API to the
+    replay exchange, which fills them in the execution kernel; the replay clock is stepped a bar at a time, each
+    step waiting for the trader to have handled the bar (lock-step, so wall-clock speed cannot move a fill).
+    Every order fill and every bar's equity equal the backtest's; the last bar's close (the backtest closes at
+    the close price, a live order can only fill at the next open) is checked for side and size."""
+    import threading
+    from datetime import timedelta
+
+    from rltrader.execution import ExecutionParams
+    from rltrader.live.runner import KEY_VARS, run_trader
+    from rltrader.sim import ReplayClock, ReplayData, ReplayServer, run_in_thread
+
+    key, secret = "trader-test-key", "trader-test-secret"
+    for var, val in zip(KEY_VARS, (key, secret), strict=True):
+        monkeypatch.setenv(var, val)
+    settings = built.model_copy(update={
+        "execution": built.execution.model_copy(update={"step_size": 1.0}),  # NEARUSDT futures: whole NEAR
+        "backtest": built.backtest.model_copy(update={"trade_size_quote": 5000.0}),  # below the leverage cap
+        "data": built.data.model_copy(update={"store_url": f"parquet://{tmp_path / 'store'}"}),
+        "trader": built.trader.model_copy(update={"symbols": ["NEARUSDT"], "model": "sma_cross", "history_bars": 0,
+                                                  "records_url": str(tmp_path / "t.db")})})
+    rows = parse_klines(read_zip_member(shared_archive / NEAR), source=NEAR, market=Market.FUTURES_UM,
+                        symbol="NEARUSDT", interval="1m").rows
+    store = ParquetStore(tmp_path / "store")
+    store.write_klines(rows.filter(pl.col("open_time") < DAY0))
+    store.close()
+    day = rows.filter((pl.col("open_time") >= DAY0) & (pl.col("open_time") < DAY1 + pl.duration(minutes=5)))
+    clock = ReplayClock(DAY0, 0.0, paused=True)
+    server = ReplayServer(ReplayData(Market.FUTURES_UM, day), clock=clock, heartbeat_s=None,
+                          api_keys={key: secret}, execution=ExecutionParams.from_mapping(settings.execution))
+    handled: list[int] = []
+    cond = threading.Condition()
+
+    def processed(sym: str, t: int) -> None:
+        with cond:
+            handled.append(t)
+            cond.notify_all()
+
+    result: dict[str, object] = {}
+    with run_in_thread(server) as srv:
+        worker = threading.Thread(target=lambda: result.update(run_trader(
+            settings, mode="testnet", rest_base=srv.rest_base_url, ws_base=srv.ws_base_url, until=DAY1,
+            max_seconds=600, handle_signals=False, mlflow_summary=False, on_processed=processed)))
+        worker.start()
+        for m in range(1, 1441):
+            clock.advance_to(DAY0 + timedelta(minutes=m))
+            want = int((DAY0 + timedelta(minutes=m - 1)).timestamp() * 1e6)
+            with cond:
+                assert cond.wait_for(lambda w=want: bool(handled) and handled[-1] >= w, timeout=60), m
+        clock.advance_to(DAY1 + timedelta(minutes=2))  # the final close order fills at the next open
+        worker.join(120)
+    assert not worker.is_alive()
+    bt = run_backtest(settings, "sma_cross", split="backtest")
+    records = Records(tmp_path / "t.db")
+    sid = str(result["session_id"])
+    ours = records.fills(sid)
+    ref = bt.fills.filter(pl.col("symbol") == "NEARUSDT")
+    _assert_same_fills(ref.filter(pl.col("kind") == "order"), [f for f in ours if f["qty"] and f is not ours[-1]])
+    last_ref, last = ref.row(-1, named=True), ours[-1]
+    assert last_ref["kind"] == "forced_close" and last["qty"] == pytest.approx(last_ref["qty"], rel=1e-12)
+    eq = bt.equity.filter(pl.col("symbol") == "NEARUSDT")
+    bt_eq = dict(zip((eq["time"].dt.epoch("us") - 60_000_000).to_list(), eq["equity"].to_list(), strict=True))
+    marks = {m["bar_time"]: m["equity"] for m in records.marks(sid)}
+    last_bar = max(bt_eq)
+    for t, e in bt_eq.items():
+        if t != last_bar:
+            assert marks[t] == pytest.approx(e, rel=1e-9), t
+    assert all(o["status"] == "filled" for o in records.orders(sid)[:-1])

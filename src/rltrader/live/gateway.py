@@ -24,6 +24,7 @@ Brokers (``Broker``):
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -214,7 +215,7 @@ class BinanceBroker:
     def send(self, req: OrderRequest, acct: np.ndarray) -> str | None:
         side = "BUY" if req.qty > 0 else "SELL"
         args: dict[str, Any] = {"symbol": req.symbol, "side": side, "type": "MARKET",
-                                "quantity": f"{abs(req.qty):.10f}".rstrip("0").rstrip("."),
+                                "quantity": format_qty(abs(req.qty), float(self.xp[XP_STEP])),
                                 "newClientOrderId": req.client_order_id}
         if self.market == "futures":
             if req.closes:
@@ -246,6 +247,15 @@ class BinanceBroker:
                            True)
         self.send(req, acct)
         return self.settle(symbol, bar, acct)
+
+
+def format_qty(q: float, step: float) -> str:
+    """A quantity as the exchange reads it: the step grid's decimals (8 without a step), never an exponent."""
+    import math
+
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) if step > 0 else 8
+    text = f"{q:.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def _executed(resp: dict[str, Any], market: str, xp: np.ndarray) -> tuple[float, float, float]:
@@ -292,8 +302,8 @@ class OrderGateway:
             exchange_id = self.broker.send(req, acct)
         except Exception as exc:
             self.records.update_order(req.client_order_id, "rejected", detail=f"{type(exc).__name__}: {exc}"[:500])
-            log.warning('{"event":"order_rejected","client_order_id":"%s","error":"%s"}', req.client_order_id,
-                        type(exc).__name__)
+            log.warning(json.dumps({"event": "order_rejected", "client_order_id": req.client_order_id,
+                                    "error": type(exc).__name__, "detail": str(exc)[:300]}))
             return False
         self.records.update_order(req.client_order_id, "sent", exchange_order_id=exchange_id)
         return True

@@ -82,8 +82,9 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
                model: str | None = None, rest_base: str | None = None, ws_base: str | None = None,
                until: datetime | None = None, max_seconds: float | None = None,
                stop_event: threading.Event | None = None, handle_signals: bool = True,
-               mlflow_summary: bool = True) -> dict[str, Any]:
-    """Run the trader until stopped (signal, ``stop_event``, ``max_seconds``) or every symbol reached ``until``."""
+               mlflow_summary: bool = True, on_processed: Any = None) -> dict[str, Any]:
+    """Run the trader until stopped (signal, ``stop_event``, ``max_seconds``) or every symbol reached ``until``.
+    ``on_processed(symbol, bar_time)``: called once a closed bar is fully handled (lock-step replays, tests)."""
     from rltrader.data.stream import stream
     from rltrader.live.policy import alias_moved, resolve
 
@@ -131,6 +132,8 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
                 _maybe_reload(trader, settings, alias_moved, resolve)
             if until_us is not None and trader.finished >= set(symbols):
                 stop.set()
+            if on_processed is not None:
+                on_processed(sym, bar.time)
 
         stream_cfg = settings.stream.model_copy(update={"market": market, "symbols": symbols,
                                                         "rest_base": rest_base, "ws_base": ws_base})
