@@ -78,3 +78,48 @@ def test_postgres_same_contract(pg_url: str) -> None:
     _fill_session(r)
     _check(r)
     r.close()
+
+
+def test_cli_status_orders_pnl_json(tmp_path: Path) -> None:
+    """`rltrader trade status|orders|pnl --json` read the records the trader wrote."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from rltrader.cli import app
+
+    r = Records(tmp_path / "t.db")
+    _fill_session(r)
+    r.close()
+    runner = CliRunner()
+    db = str(tmp_path / "t.db")
+    res = runner.invoke(app, ["trade", "orders", "--json", "--records", db])
+    assert res.exit_code == 0, res.output
+    (o,) = json.loads(res.output)
+    assert o["status"] == "filled" and o["client_order_id"] == order_id_for("s1", "AAA", T0)
+    res = runner.invoke(app, ["trade", "status", "--json", "--records", db])
+    assert res.exit_code == 0 and json.loads(res.output)["symbols"]["AAA"]["fills"] == 1
+    res = runner.invoke(app, ["trade", "pnl", "--json", "--records", db])
+    assert res.exit_code == 0 and [x["pnl"] for x in json.loads(res.output)] == [5.0, -15.0, 0.0]
+    res = runner.invoke(app, ["trade", "status", "--records", str(tmp_path / "empty.db")])
+    assert res.exit_code == 1 and "no trading session" in res.output
+
+
+def test_testnet_needs_keys_from_the_environment() -> None:
+    from rltrader.live.runner import KEY_VARS, exchange_client
+
+    with pytest.raises(ConfigError, match="RLTRADER_BINANCE_API_SECRET") as exc:
+        exchange_client("futures", None, env={KEY_VARS[0]: "k"})
+    assert "RLTRADER_BINANCE_API_KEY" not in str(exc.value)  # only the missing one is named
+    client = exchange_client("futures", "http://127.0.0.1:9", env={KEY_VARS[0]: "k", KEY_VARS[1]: "s"})
+    assert client.API_URL == "http://127.0.0.1:9/api"
+
+
+def test_trade_paper_deployment_is_supervised() -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from flows.deploy import deployments
+
+    dep = {d.name: d for d in deployments()}["trade-paper"]
+    assert dep.concurrency_limit == 1 and dep.schedules and dep.parameters == {"mode": "paper"}
