@@ -121,13 +121,23 @@ def test_paper_run_over_the_replay_server_stream_equals_backtest(built: Settings
     store.close()
     settings = built.model_copy(update={
         "data": built.data.model_copy(update={"store_url": f"parquet://{tmp_path / 'store'}"}),
+        "train": built.train.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                                "artifact_root": tmp_path / "artifacts"}),
         "trader": built.trader.model_copy(update={"symbols": ["NEARUSDT"], "model": "sma_cross",
                                                   "history_bars": 0, "records_url": str(tmp_path / "t.db")})})
     with run_in_thread(server) as srv:
         summary = run_trader(settings, mode="paper", rest_base=srv.rest_base_url, ws_base=srv.ws_base_url,
-                             until=DAY1, max_seconds=240, handle_signals=False, mlflow_summary=False)
+                             until=DAY1, max_seconds=240, handle_signals=False)
     records = Records(tmp_path / "t.db")
     _assert_same_fills(run_backtest(built, "sma_cross", split="backtest").fills, records.fills(summary["session_id"]))
+    # the session summary in MLflow: a run named `trade`, tagged, with the final equity
+    import mlflow
+
+    run = mlflow.MlflowClient(settings.train.tracking_uri).get_run(str(summary["mlflow_run_id"]))
+    assert run.info.run_name == "trade" and run.data.tags["mode"] == "paper"
+    assert run.data.tags["session_id"] == summary["session_id"]
+    assert run.data.metrics["equity"] == pytest.approx(float(summary["equity"]))
+    assert records.status(str(summary["session_id"]))["session"]["summary"]["decisions"] == summary["decisions"]
 
 
 @pytest.mark.slow

@@ -57,22 +57,21 @@ def _broker(mode: str, market: str, rest_base: str | None) -> Any:
     return BinanceBroker(exchange_client(market, rest_base), market, xp)
 
 
-def log_summary(settings: Any, summary: dict[str, Any], mode: str) -> str | None:
+def log_summary(settings: Any, summary: dict[str, Any], mode: str) -> str:
     """A run named ``trade`` in the MLflow experiment, tagged with the model version (no keys, no URLs)."""
     import mlflow
-    from rltrader.registry import _client
+    from rltrader.agents.common import mlflow_run
 
-    _client(settings)
-    mlflow.set_experiment(settings.train.experiment)
-    with mlflow.start_run(run_name="trade") as run:
+    t = settings.train
+    with mlflow_run(t.tracking_uri, t.experiment, "trade", t.artifact_root) as run:
         mlflow.set_tags({"mode": mode, "model": summary["model"], "model_version": summary["model_version"] or "",
                          "session_id": summary["session_id"]})
         metrics = {"equity": summary["equity"], "decisions": summary["decisions"]}
         for k in ("latency_ms_p50", "latency_ms_p99"):
             if summary[k] is not None:
                 metrics[k] = summary[k]
-        for sym, s in summary["symbols"].items():
-            metrics.update({f"{sym}.equity": s["equity"], f"{sym}.fills": s["fills"], f"{sym}.fees": s["fees"]})
+        for sym, v in summary["symbols"].items():
+            metrics.update({f"{sym}.equity": v["equity"], f"{sym}.fills": v["fills"], f"{sym}.fees": v["fees"]})
         mlflow.log_metrics(metrics)
         mlflow.log_dict(summary, "trade_summary.json")
         return str(run.info.run_id)
