@@ -49,6 +49,10 @@ def built(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Set
     return settings
 
 
+def _with_latency(settings: Settings, latency: int) -> Settings:
+    return settings.model_copy(update={"execution": settings.execution.model_copy(update={"latency_bars": latency})})
+
+
 def _paper(settings: Settings, model: str, tmp: Path) -> tuple[Records, str]:
     store = ParquetStore(settings.data.dir / "store")
     bars = bars_from_frame(store.read_klines("futures-um", "NEARUSDT", "1m"))
@@ -63,10 +67,11 @@ def _paper(settings: Settings, model: str, tmp: Path) -> tuple[Records, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["sma_cross", "buy_and_hold"])
-def test_paper_parity_with_backtest(built: Settings, tmp_path: Path, model: str) -> None:
-    bt = run_backtest(built, model, split="backtest")
-    records, sid = _paper(built, model, tmp_path)
+@pytest.mark.parametrize(("model", "latency"), [("sma_cross", 0), ("buy_and_hold", 0), ("sma_cross", 2)])
+def test_paper_parity_with_backtest(built: Settings, tmp_path: Path, model: str, latency: int) -> None:
+    settings = _with_latency(built, latency)
+    bt = run_backtest(settings, model, split="backtest")
+    records, sid = _paper(settings, model, tmp_path)
     ref = bt.fills.filter(pl.col("symbol") == "NEARUSDT")
     ours = records.fills(sid)
     assert ref.height >= 2 and len(ours) == ref.height, (len(ours), ref.height)

@@ -64,7 +64,7 @@ from rltrader.execution import (
     reset_account,
 )
 from rltrader.live.features import IncrementalFeatures
-from rltrader.live.gateway import Bar, Fill, OrderGateway
+from rltrader.live.gateway import Bar, Fill, OrderGateway, OrderRequest
 from rltrader.live.records import Records
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,8 @@ class Trader:
             self.views[sym] = _View(book, env_params)
         self.decisions = 0
         self.latencies: list[float] = []
+        self.queued: dict[tuple[str, int], OrderRequest] = {}
+        """Orders held back ``latency_bars`` decisions (the backtest's pending queue), by (symbol, decision no.)."""
 
     # -- input -----------------------------------------------------------------------------------------
     def warm_up(self, symbol: str, bars: Iterable[Bar]) -> int:
@@ -383,10 +385,9 @@ class Trader:
                     self.gateway.submit(req, book.acct)
                     book.pending[0, k % nslot] = 0.0
                 else:
-                    self._queued = getattr(self, "_queued", {})
-                    self._queued[(book.symbol, k + lat)] = req
+                    self.queued[(book.symbol, k + lat)] = req
         if lat > 0:
-            due = getattr(self, "_queued", {}).pop((book.symbol, k), None)
+            due = self.queued.pop((book.symbol, k), None)
             book.pending[0, (k - lat) % nslot] = 0.0
             if due is not None:
                 self.gateway.submit(due, book.acct)
