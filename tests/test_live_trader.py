@@ -16,6 +16,7 @@ from rltrader.data.schema import Market
 from rltrader.dataset.build import run_features_stage, run_sessions_stage
 from rltrader.errors import ConfigError
 from rltrader.evaluate.backtest import run_backtest
+from rltrader.live.features import IncrementalFeatures
 from rltrader.live.gateway import PaperBroker
 from rltrader.live.records import Records
 from rltrader.live.trader import bars_from_frame, build_trader
@@ -216,3 +217,31 @@ def test_testnet_mode_against_the_fake_exchange_equals_backtest(
         if t != last_bar:
             assert marks[t] == pytest.approx(e, rel=1e-9), t
     assert all(o["status"] == "filled" for o in records.orders(sid)[:-1])
+
+
+def test_a_missing_bar_closes_and_takes_no_new_risk_until_the_window_is_whole(built: Settings, tmp_path: Path) -> None:
+    store = ParquetStore(built.data.dir / "store")
+    bars = bars_from_frame(store.read_klines("futures-um", "NEARUSDT", "1m"))
+    store.close()
+    t0 = int(DAY0.timestamp() * 1e6)
+    hole = (t0 + 600 * 60_000_000, t0 + 610 * 60_000_000)  # 10 minutes missing at 10:00
+    records = Records(tmp_path / "t.db")
+    trader = build_trader(built, mode="paper", symbols=["NEARUSDT"], model="sma_cross", records=records,
+                          broker=PaperBroker(np.zeros(0)))
+    trader.warm_up("NEARUSDT", (b for b in bars if b.time < t0))
+    trader.run_bars(("NEARUSDT", b) for b in bars if t0 <= b.time and not hole[0] <= b.time < hole[1])
+    sid = trader.session_id
+    orders = records.orders(sid)
+    first_after = hole[1] + 60_000_000  # the first decision after the gap is for the bar after the first bar back
+    gap_orders = [o for o in orders if o["reason"] == "gap"]
+    assert len(gap_orders) == 1 and gap_orders[0]["bar_time"] == first_after and gap_orders[0]["status"] == "filled"
+    ctx = trader.norm.context
+    quiet = [d for d in records.decisions(sid) if first_after <= d["bar_time"] < first_after + (ctx - 1) * 60_000_000]
+    assert len(quiet) == ctx - 1 and all(d["action_name"] == "hold" and "no new risk" in d["reason"] for d in quiet)
+    assert not [o for o in orders if first_after < o["bar_time"] < first_after + (ctx - 1) * 60_000_000]
+    # the gap restarted the feature windows (as the batch stage's segments): trading resumes after their
+    # warm-up plus a whole context of valid rows
+    resume = min(o["bar_time"] for o in orders if o["bar_time"] > first_after)
+    assert resume >= hole[1] + (IncrementalFeatures(built.features).warmup - 1 + ctx) * 60_000_000
+    fills = records.fills(sid)
+    assert [f["position_after"] for f in fills if f["time"] == first_after] == [0.0]  # flat after the gap
