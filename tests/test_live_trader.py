@@ -245,3 +245,30 @@ def test_a_missing_bar_closes_and_takes_no_new_risk_until_the_window_is_whole(bu
     assert resume >= hole[1] + (IncrementalFeatures(built.features).warmup - 1 + ctx) * 60_000_000
     fills = records.fills(sid)
     assert [f["position_after"] for f in fills if f["time"] == first_after] == [0.0]  # flat after the gap
+
+
+@pytest.mark.slow
+def test_paper_parity_with_backtest_for_a_network(built: Settings, tmp_path: Path) -> None:
+    """A D3QN-shaped network (the deployable PolicyModule, as a .pt file): the trader's per-bar forward pass on its
+    incremental, standardised features trades exactly as the backtest's batched path on the batch features."""
+    import torch
+
+    from rltrader.agents.networks import DuelingQNet, NetConfig
+    from rltrader.agents.packaging import PolicyModule
+    from rltrader.env.core import N_STATE
+    from rltrader.live.trader import Normalization
+
+    norm = Normalization.from_sessions(built.data.dir / "sessions")
+    torch.manual_seed(3)
+    net = DuelingQNet(len(norm.names), norm.context, N_STATE, 4, NetConfig(encoder="cnn", channels=16, hidden=32))
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)  # decisive scores: an untrained net must still trade (and not tie)
+    module = PolicyModule(net.eval(), "q_values", norm.context, len(norm.names), N_STATE, 4,
+                          {"algo": "d3qn", "feature_names": list(norm.names), "mode": "futures_session"})
+    path = tmp_path / "tiny.pt"
+    torch.save(module, path)
+    bt = run_backtest(built, str(path), split="backtest")
+    records, sid = _paper(built, str(path), tmp_path)
+    _assert_same_fills(bt.fills, records.fills(sid))
+    scores = [d["scores"] for d in records.decisions(sid) if d["scores"] is not None]
+    assert len(scores) > 1000 and all(len(s) == 4 for s in scores)  # every decision recorded its action scores
