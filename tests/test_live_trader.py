@@ -272,3 +272,47 @@ def test_paper_parity_with_backtest_for_a_network(built: Settings, tmp_path: Pat
     _assert_same_fills(bt.fills, records.fills(sid))
     scores = [d["scores"] for d in records.decisions(sid) if d["scores"] is not None]
     assert len(scores) > 1000 and all(len(s) == 4 for s in scores)  # every decision recorded its action scores
+
+
+@pytest.mark.slow
+def test_champion_alias_is_pinned_and_reloaded_only_when_following(built: Settings, tmp_path: Path) -> None:
+    import torch
+
+    import mlflow
+    from rltrader.agents.common import mlflow_run
+    from rltrader.agents.networks import DuelingQNet, NetConfig
+    from rltrader.agents.packaging import PolicyModule
+    from rltrader.env.core import N_STATE
+    from rltrader.live.policy import alias_moved, resolve
+    from rltrader.live.runner import _maybe_reload
+    from rltrader.live.trader import Normalization
+
+    settings = built.model_copy(update={"train": built.train.model_copy(update={
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifact_root": tmp_path / "artifacts"})})
+    t = settings.train
+    norm = Normalization.from_sessions(built.data.dir / "sessions")
+    client = mlflow.MlflowClient(t.tracking_uri, registry_uri=t.tracking_uri)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        net = DuelingQNet(len(norm.names), norm.context, N_STATE, 4, NetConfig(encoder="cnn", channels=8, hidden=16))
+        module = PolicyModule(net.eval(), "q_values", norm.context, len(norm.names), N_STATE, 4,
+                              {"algo": "d3qn", "feature_names": list(norm.names), "mode": "futures_session"})
+        with mlflow_run(t.tracking_uri, t.experiment, f"train-{seed}", t.artifact_root):
+            info = mlflow.pytorch.log_model(module, name="model", serialization_format="pickle",
+                                            pip_requirements=["torch"])
+        mlflow.set_registry_uri(t.tracking_uri)
+        mlflow.register_model(info.model_uri, "rltrader")
+    client.set_registered_model_alias("rltrader", "champion", "1")
+    records = Records(tmp_path / "t.db")
+    trader = build_trader(settings, mode="paper", symbols=["NEARUSDT"], model="models:/rltrader@champion",
+                          records=records, broker=PaperBroker(np.zeros(0)))
+    assert trader.model_version == "1" and trader.policy_name == "models:/rltrader/1"
+    assert alias_moved(settings, trader.resolved) is None  # type: ignore[attr-defined]
+    client.set_registered_model_alias("rltrader", "champion", "2")
+    assert trader.model_version == "1"  # pinned: promotion does not change a running trader by itself
+    assert alias_moved(settings, trader.resolved) == "2"  # type: ignore[attr-defined]
+    _maybe_reload(trader, settings, alias_moved, resolve)  # what trader.follow_champion does between bars
+    assert trader.model_version == "2" and trader.module is not None
+    assert records.status(trader.session_id)["session"]["model_version"] == "2"
+    with pytest.raises(ConfigError, match="no version of 'nothing' has the alias 'champion'"):
+        resolve(settings, "models:/nothing@champion", "futures_session")

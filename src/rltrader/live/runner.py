@@ -155,14 +155,14 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
 
 def _maybe_reload(trader: Trader, settings: Any, alias_moved: Any, resolve: Any) -> None:
     """``trader.follow_champion``: between bars, load the alias's new version and record the switch."""
-    current = trader.resolved  # type: ignore[attr-defined]
+    current = trader.resolved
     version = alias_moved(settings, current)
     if version is None:
         return
     new = resolve(settings, current.spec, trader.env_params.mode)
     trader.policy, trader.model_version, trader.policy_name = new.policy, new.version, new.uri
     trader.module = new.policy if getattr(new.policy, "kind", None) is not None else None
-    trader.resolved = new  # type: ignore[attr-defined]
+    trader.resolved = new
     trader.records.set_model_version(trader.session_id, new.version, new.uri)
     _event("model_reloaded", model=new.uri, version=new.version, previous=current.version)
 

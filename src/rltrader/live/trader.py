@@ -255,6 +255,8 @@ class Trader:
             self.views[sym] = _View(book, env_params)
         self.decisions = 0
         self.latencies: list[float] = []
+        self.resolved: Any = None
+        """The ``live.policy.ResolvedModel`` this trader runs (set by ``build_trader``; None for a bare policy)."""
         self.queued: dict[tuple[str, int], OrderRequest] = {}
         """Orders held back ``latency_bars`` decisions (the backtest's pending queue), by (symbol, decision no.)."""
 
@@ -460,5 +462,5 @@ def build_trader(settings: Any, *, mode: str, symbols: Sequence[str], model: str
                     execution=execution, env_params=env_params, norm=norm, feature_settings=settings.features,
                     symbols=symbols, gateway=gateway, records=records, session_id=session_id,
                     repeat_cycles=bt.repeat_cycles, until_us=until_us, interval=settings.ingest.interval)
-    trader.resolved = resolved  # type: ignore[attr-defined]
+    trader.resolved = resolved
     return trader
