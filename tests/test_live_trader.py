@@ -307,10 +307,10 @@ def test_champion_alias_is_pinned_and_reloaded_only_when_following(built: Settin
     trader = build_trader(settings, mode="paper", symbols=["NEARUSDT"], model="models:/rltrader@champion",
                           records=records, broker=PaperBroker(np.zeros(0)))
     assert trader.model_version == "1" and trader.policy_name == "models:/rltrader/1"
-    assert alias_moved(settings, trader.resolved) is None  # type: ignore[attr-defined]
+    assert alias_moved(settings, trader.resolved) is None
     client.set_registered_model_alias("rltrader", "champion", "2")
     assert trader.model_version == "1"  # pinned: promotion does not change a running trader by itself
-    assert alias_moved(settings, trader.resolved) == "2"  # type: ignore[attr-defined]
+    assert alias_moved(settings, trader.resolved) == "2"
     _maybe_reload(trader, settings, alias_moved, resolve)  # what trader.follow_champion does between bars
     assert trader.model_version == "2" and trader.module is not None
     assert records.status(trader.session_id)["session"]["model_version"] == "2"
