@@ -61,6 +61,8 @@ def make_module(n_features: int, context: int, n_actions: int) -> Any:
 
     torch.manual_seed(0)
     net = DuelingQNet(n_features, context, N_STATE, n_actions, NetConfig(encoder="cnn", channels=64, hidden=256))
+    for p in net.advantage.parameters():
+        torch.nn.init.normal_(p, std=0.3)  # decisive action scores: an untrained net must trade to be measured
     return PolicyModule(net.eval(), "q_values", context, n_features, N_STATE, n_actions, {"algo": "d3qn"})
 
 
