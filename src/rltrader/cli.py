@@ -44,6 +44,9 @@ dataset_app = typer.Typer(help="Session datasets: causal features and train/val/
 app.add_typer(dataset_app, name="dataset")
 api_app = typer.Typer(help="HTTP control API: REST triggers for the Prefect deployments.", no_args_is_help=True)
 app.add_typer(api_app, name="api")
+from rltrader.live.cli import trade_app  # noqa: E402  (the trader's commands live with the trader)
+
+app.add_typer(trade_app, name="trade")
 out = Console()
 err = Console(stderr=True)
 

@@ -25,7 +25,7 @@ ALIASES = {
     "RLTRADER_DATA_DIR": ("data", "dir"),
 }
 # Variables with the prefix that are not parameters (read elsewhere, e.g. by the test harness).
-NOT_PARAMS = {"RLTRADER_PG_BIN", "RLTRADER_PARAMS"}
+NOT_PARAMS = {"RLTRADER_PG_BIN", "RLTRADER_PARAMS", "RLTRADER_BINANCE_API_KEY", "RLTRADER_BINANCE_API_SECRET"}
 
 
 class _Strict(BaseModel):
@@ -332,6 +332,33 @@ class PromoteSettings(_Strict):
     decision_path: Path = Path("reports/promotion.json")
 
 
+class TraderSettings(_Strict):
+    """``rltrader trade`` (``rltrader.live``): execution, env, sizing and filters are the backtest's sections."""
+
+    mode: Literal["paper", "testnet", "live"] = "paper"
+    market: Market = Market.FUTURES_UM
+    """Market data and orders: futures-um (USDⓈ-M) or spot; must match ``execution.market``."""
+    symbols: list[str] = Field(default_factory=lambda: ["NEARUSDT"])
+    model: str = "models:/rltrader@champion"
+    """Registry alias (pinned to its version at start), MLflow run id / URI, ``.pt`` file or baseline name."""
+    follow_champion: bool = False
+    """Reload (between bars, recorded) when the alias moves; false: only an explicit restart changes the model."""
+    records_url: str | None = None
+    """null → ``<data.dir>/trader.db`` (SQLite, WAL); ``postgresql://…`` for PostgreSQL."""
+    rest_base: str | None = None
+    """null → Binance (testnet: python-binance's testnet URLs); ``http://127.0.0.1:PORT`` for the replay server."""
+    ws_base: str | None = None
+    history_bars: int = Field(default=2880, ge=0)
+    """Stored bars before the start that warm the incremental features up (EWMs converge in a few hundred)."""
+    flatten_on_stop: bool = False
+    """Close every position when the run ends (a replay to a known end does, as the backtest's last bar)."""
+
+    @field_validator("symbols", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [s.strip().upper() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+
 class Settings(_Strict):
     data: DataSettings = Field(default_factory=DataSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
@@ -345,6 +372,7 @@ class Settings(_Strict):
     walk_forward: WalkForwardSettings = Field(default_factory=WalkForwardSettings)
     study: StudySettings = Field(default_factory=StudySettings)
     promote: PromoteSettings = Field(default_factory=PromoteSettings)
+    trader: TraderSettings = Field(default_factory=TraderSettings)
     d3qn: dict[str, Any] = Field(default_factory=dict)
     """Validated by ``rltrader.agents.d3qn.D3QNConfig`` (typed dataclass)."""
     ppo: dict[str, Any] = Field(default_factory=dict)
