@@ -33,8 +33,10 @@ from rltrader.data.store import Store
 from rltrader.dataset.features import compute_features, feature_spec
 from rltrader.dataset.split import META_KEY, SessionSet, read_metadata, write_split
 from rltrader.errors import ConfigError, DataError
+from rltrader.integrity import reading
 
 FEATURES_DIR = "features"
+FEATURES_HINT = "re-run `rltrader dataset features` (`dvc repro features`)"
 SESSIONS_DIR = "sessions"
 
 
@@ -144,7 +146,8 @@ def read_features(features_dir: Path, symbol: str) -> tuple[pl.DataFrame, dict[s
     path = features_dir / f"{symbol}.parquet"
     if not path.exists():
         raise DataError(f"{path}: no features for {symbol} (run `rltrader dataset features`)")
-    return pl.read_parquet(path), read_metadata(path)
+    with reading(path, "features file", FEATURES_HINT):
+        return pl.read_parquet(path), read_metadata(path)
 
 
 # ---------------------------------------------------------------------------------------------- sessions stage
