@@ -33,7 +33,7 @@ from rltrader.data.schema import (
     QUARANTINE_SCHEMA,
 )
 from rltrader.data.store import NULLABLE, NULLABLE_BARS, SeriesStats, WriteResult, check_required, trade_bars_frame
-from rltrader.integrity import STORE_REPAIR_HINT, aggregate_files, read_parquet, scan_or_name
+from rltrader.integrity import STORE_REPAIR_HINT, aggregate_files, read_parquet, scan_or_name, write_parquet
 
 
 def _month_key(ts: datetime) -> str:
@@ -41,8 +41,9 @@ def _month_key(ts: datetime) -> str:
 
 
 def write_month_file(df: pl.DataFrame, path: Path) -> None:
-    """How a month file is written (by every write and by ``rltrader data verify --repair``, byte for byte)."""
-    df.write_parquet(path, compression="zstd", statistics=True)
+    """How a month file is written (by every write and by ``rltrader data verify --repair``, byte for byte):
+    zstd, statistics, and a CRC per page so a flipped byte is caught by a checked read (``verify``, merges)."""
+    write_parquet(df, path)
 
 
 class ParquetStore:
@@ -99,7 +100,7 @@ class ParquetStore:
                     target = self._series_dir(table, **parts) / f"month={values['_month']}" / "data.parquet"
                     new = part.drop("_month")
                     if target.exists():
-                        old = read_parquet(target, "store month file", STORE_REPAIR_HINT)
+                        old = read_parquet(target, "store month file", STORE_REPAIR_HINT).cast(schema)  # type: ignore[arg-type]
                         new = new.join(old.select(list(key)), on=list(key), how="anti")
                         if new.is_empty():
                             continue

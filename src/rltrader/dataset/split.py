@@ -108,7 +108,7 @@ def write_split(set_: SessionSet, directory: Path, split: str, metadata: dict[st
     rows = pa.table(cols).replace_schema_metadata(meta)
     # uncompressed, no dictionary for floats: reading back is a straight copy into the feature matrix
     pq.write_table(rows, directory / "rows.parquet", compression="none", use_dictionary=["symbol"],
-                   row_group_size=1 << 20)
+                   row_group_size=1 << 20, write_page_checksum=True)  # a CRC per page: flipped bytes are refused
     index = pa.table({
         "session": pa.array(np.arange(set_.n_sessions, dtype=np.int64)),
         "symbol": pa.array([set_.symbols[int(set_.symbol_id[s])] for s in set_.start], pa.string()),
@@ -117,7 +117,7 @@ def write_split(set_: SessionSet, directory: Path, split: str, metadata: dict[st
         "end": pa.array(set_.end.astype(np.int64)),
         "time_start": pa.array(set_.time[set_.start].astype(np.int64)).cast(pa.timestamp("us", "UTC")),
     }).replace_schema_metadata(meta)
-    pq.write_table(index, directory / "index.parquet")
+    pq.write_table(index, directory / "index.parquet", write_page_checksum=True)
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -140,7 +140,7 @@ def load_split(sessions_dir: Path | str, split: str) -> SessionSet:
     hint = "re-run `rltrader dataset sessions` (`dvc repro sessions`)"
     with reading(rows_path, "sessions file", hint):
         names: list[str] = meta["features"]
-        rows = pq.read_table(rows_path, memory_map=True)
+        rows = pq.read_table(rows_path, memory_map=True, page_checksum_verification=True)
         features = np.empty((rows.num_rows, len(names)), dtype=np.float32)
         for j, name in enumerate(names):
             features[:, j] = rows.column(name).to_numpy()
