@@ -159,8 +159,11 @@ def write_torch(path: Path, obj: Any, origin: dict[str, Any] | None = None) -> s
     return digest
 
 
+_ORIGIN_LABELS = {"mlflow_run": "MLflow run", "dvc_stage": "DVC stage", "stage": "written by"}
+
+
 def _origin_text(origin: dict[str, Any]) -> str:
-    parts = [f"{k.replace('_', ' ')} {v}" for k, v in origin.items() if v]
+    parts = [f"{_ORIGIN_LABELS.get(k, k.replace('_', ' '))} {v}" for k, v in origin.items() if v]
     return f" (from {', '.join(parts)})" if parts else ""
 
 
