@@ -153,7 +153,7 @@ def _pg_rule_sql(interval: str) -> list[tuple[str, str]]:
     optional = " OR ".join(nonfinite(c) for c in ("quote_volume", "taker_buy_volume", "taker_buy_quote_volume"))
     return [
         (f"({required}) OR ({optional})", "non-finite number"),
-        (f"(extract(epoch FROM open_time) * 1000000)::bigint % {step} <> 0", f"open_time not aligned to {interval}"),
+        (f"(extract(epoch FROM open_time) * 1000000)::bigint %% {step} <> 0", f"open_time not aligned to {interval}"),
         (f"close_time <= open_time OR close_time >= open_time + interval '{secs} seconds'",
          f"close_time not inside the {interval} candle"),
         ("high < low", "high < low"),
