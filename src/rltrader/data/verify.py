@@ -37,7 +37,7 @@ from rltrader.data.store import Store
 from rltrader.errors import DataError, NotInArchiveError
 from rltrader.integrity import check_parquet_file, read_parquet
 
-FAULT_ENV = "RLTRADER_REPAIR_KILL_AT"
+FAULT_ENV = "_RLTRADER_TEST_REPAIR_KILL_AT"  # not RLTRADER_*: those are parameters
 """Tests only: a repair step name (``staged``, ``aside``, ``deleted``, ``loaded``) at which the process SIGKILLs
 itself, to prove the repair is atomic."""
 
