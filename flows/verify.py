@@ -18,7 +18,6 @@ from rltrader.data.store import open_store
 from rltrader.data.verify import Scope, verify_store
 from rltrader.errors import DataError
 
-
 FAIL_ON = ("unreadable", "invalid", "differs")
 """Statuses that fail the run. ``missing rows`` does not: days not stored yet are the backfill's reported gaps
 (e.g. a store started mid-month), not damage."""
