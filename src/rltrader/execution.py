@@ -97,7 +97,7 @@ class EventLog(NamedTuple):
         return cls(np.zeros((N_EV, capacity)), np.zeros(N_CUR, np.int64))
 
     @property
-    def count(self) -> int:
+    def n_events(self) -> int:
         return int(self.cursor[CUR_N])
 
     def free(self) -> int:
@@ -107,14 +107,14 @@ class EventLog(NamedTuple):
         """A log with the same events and at least ``min_free`` free slots (the buffer doubles)."""
         if self.free() >= min_free:
             return self
-        cap = max(2 * self.data.shape[1], self.count + min_free)
+        cap = max(2 * self.data.shape[1], self.n_events + min_free)
         data = np.zeros((N_EV, cap))
-        data[:, :self.count] = self.data[:, :self.count]
+        data[:, :self.n_events] = self.data[:, :self.n_events]
         return EventLog(data, self.cursor)
 
     def events(self) -> np.ndarray:
         """The written events, ``(N_EV, count)``."""
-        return np.asarray(self.data[:, :self.count])
+        return np.asarray(self.data[:, :self.n_events])
 
 
 @dataclass(frozen=True)
