@@ -64,6 +64,8 @@ Outputs (``BacktestResult``; the column contract of ``rltrader.evaluate.metrics`
 - ``stretches``: one row per account: symbol, first/last traded bar, bars, final equity, return, fills,
   liquidations, fees, blocked decisions.
 - ``totals``: initial/final capital, return, fills, trades, fees, funding, slippage, liquidations, bars.
+- ``events``: the execution kernel's events as booked, ``(execution.N_EV, n)`` (``EV_TAG`` = stretch), funding
+  payments included: ``fills`` and ``trades`` are views of them.
 """
 
 from __future__ import annotations
