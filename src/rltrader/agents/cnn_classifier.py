@@ -16,11 +16,11 @@ import torch
 from rich.progress import Progress
 from torch.nn import functional as F
 
-from rltrader.agents.baselines import HOLD, LONG, SHORT
 from rltrader.agents.common import check_finite, pick_device, seed_everything
 from rltrader.agents.networks import Classifier, NetConfig
 from rltrader.dataset.split import SessionSet
 from rltrader.env.core import N_STATE
+from rltrader.env.modes import FuturesAction, SpotAction
 from rltrader.errors import ConfigError
 
 
@@ -146,13 +146,13 @@ class ClassifierActions(torch.nn.Module):
         p = torch.softmax(self.net(windows, torch.zeros_like(state)), dim=1)[:, 1]
         side = state[:, 0]
         up, down = p >= self.threshold, p <= 1 - self.threshold
-        n_actions = 4 if self.mode == "futures_session" else 3
+        n_actions = len(FuturesAction) if self.mode == "futures_session" else len(SpotAction)
         scores = torch.full((len(p), n_actions), -1.0, device=p.device)
-        scores[:, HOLD] = 0.0
+        scores[:, FuturesAction.HOLD] = 0.0
         if self.mode == "futures_session":
-            scores[:, LONG] = torch.where(up & (side <= 0), 1.0, -1.0)
-            scores[:, SHORT] = torch.where(down & (side >= 0), 1.0, -1.0)
+            scores[:, FuturesAction.LONG] = torch.where(up & (side <= 0), 1.0, -1.0)
+            scores[:, FuturesAction.SHORT] = torch.where(down & (side >= 0), 1.0, -1.0)
         else:
-            scores[:, 1] = torch.where(up & (side == 0), 1.0, -1.0)
-            scores[:, 2] = torch.where(down & (side > 0), 1.0, -1.0)
+            scores[:, SpotAction.BUY] = torch.where(up & (side == 0), 1.0, -1.0)
+            scores[:, SpotAction.SELL] = torch.where(down & (side > 0), 1.0, -1.0)
         return scores

@@ -48,11 +48,11 @@ def plot_action_scores(module: PolicyModule, data: SessionSet, execution: Execut
     window, state, mask = env.reset(seed=0)
     names = env_params.action_names
     probs, acts = [], []
+    from rltrader.evaluate.backtest.decisions import masked_softmax  # the backtest's own (one implementation)
+
     for _ in range(data.length):
-        sc = np.where(mask, module.scores(window, state), -np.inf)
-        e = np.exp(sc - sc.max(axis=1, keepdims=True))
-        probs.append(e / e.sum(axis=1, keepdims=True))
-        a = sc.argmax(axis=1)
+        p, a = masked_softmax(module.scores(window, state), mask)
+        probs.append(p)
         acts.append(a)
         env.step(a)
     p, a = np.stack(probs, axis=1), np.stack(acts, axis=1)  # (n, length, A), (n, length)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from enum import IntEnum
 from typing import Any, Literal
 
 import numpy as np
@@ -46,8 +47,31 @@ MODES = ("futures_session", "spot_cycle", "lowrider")
 REWARDS = ("log_return", "pnl", "diff_sharpe")
 MODE_FUTURES, MODE_SPOT, MODE_LOWRIDER = 0, 1, 2
 REWARD_LOG, REWARD_PNL, REWARD_DSR = 0, 1, 2
-FUTURES_ACTIONS = ("hold", "long", "short", "close")
-SPOT_ACTIONS = ("hold", "buy", "sell")
+
+
+class FuturesAction(IntEnum):
+    """``futures_session`` action indices (the policy's output; the env's ``order_for``)."""
+
+    HOLD = 0
+    LONG = 1
+    SHORT = 2
+    CLOSE = 3
+
+
+class SpotAction(IntEnum):
+    """``spot_cycle`` action indices. Lowrider's action ``k`` buys ``lot_multipliers[k]`` lots (0 = hold)."""
+
+    HOLD = 0
+    BUY = 1
+    SELL = 2
+
+
+# plain ints of the enums for numba kernels (an IntEnum member is not a compile-time int constant there)
+HOLD = int(FuturesAction.HOLD)
+LONG, SHORT, CLOSE = int(FuturesAction.LONG), int(FuturesAction.SHORT), int(FuturesAction.CLOSE)
+BUY, SELL = int(SpotAction.BUY), int(SpotAction.SELL)
+FUTURES_ACTIONS = tuple(a.name.lower() for a in FuturesAction)
+SPOT_ACTIONS = tuple(a.name.lower() for a in SpotAction)
 
 # --- env parameters packed for the kernels; lot multipliers follow from EP_MULTS on ----------------------------
 (EP_MODE, EP_REWARD, EP_SIZE, EP_FORCE_CLOSE, EP_HOLD_PEN, EP_FLIP_PEN, EP_TRADE_PEN, EP_DD_PEN, EP_DSR_ETA,
@@ -139,7 +163,13 @@ class EnvParams:
 
     @property
     def n_actions(self) -> int:
-        return {"futures_session": 4, "spot_cycle": 3}.get(self.mode, len(self.lot_multipliers))
+        return {"futures_session": len(FuturesAction), "spot_cycle": len(SpotAction)}.get(
+            self.mode, len(self.lot_multipliers))
+
+    @property
+    def close_action(self) -> int:
+        """The action that closes the position (futures: close, spot: sell); -1 for lowrider (it sells by rule)."""
+        return {"futures_session": CLOSE, "spot_cycle": SELL}.get(self.mode, -1)
 
     @property
     def action_names(self) -> tuple[str, ...]:
@@ -186,13 +216,13 @@ def order_for(a: int, committed: float, ref: float, acct: np.ndarray, env: np.nd
     mode = int(ep[EP_MODE])
     step = xp[XP_STEP]
     dq = 0.0
-    if a == 0:
+    if a == HOLD:
         return 0.0
     if mode == MODE_FUTURES:
-        if a == 3:
+        if a == CLOSE:
             dq = -committed
         else:
-            side = 1.0 if a == 1 else -1.0
+            side = 1.0 if a == LONG else -1.0
             if committed * side > 0.0:
                 return 0.0
             target = round_qty(ep[EP_SIZE] * max_position(acct[EQUITY, b], ref, xp), step)
@@ -200,11 +230,11 @@ def order_for(a: int, committed: float, ref: float, acct: np.ndarray, env: np.nd
                 return 0.0
             dq = side * target - committed
     elif mode == MODE_SPOT:
-        if a == 1:
+        if a == BUY:
             if committed != 0.0 or env[E_N_BUYS, b] > 0.0:  # one cycle: no second buy
                 return 0.0
             dq = round_qty(ep[EP_SIZE] * acct[CASH, b] / (ref * (1.0 + xp[XP_TAKER])), step)
-        elif a == 2:
+        elif a == SELL:
             dq = -committed if committed > 0.0 else 0.0
     else:
         if (committed == 0.0 and env[E_N_BUYS, b] > 0.0) or take_profit_due(acct, b, ref, xp, ep):
@@ -233,8 +263,8 @@ def lowrider_rule(last_close: np.ndarray, qty: np.ndarray, avg_entry: np.ndarray
     nb = n_buys.astype(np.int64)
     want = schedule[np.minimum(nb, len(schedule) - 1)]
     trigger = (qty == 0) | (last_close <= avg_entry * (1.0 - params.rule_drop_step * np.maximum(nb, 1)))
-    actions = np.where(trigger, want, 0)
+    actions = np.where(trigger, want, HOLD)
     idx = np.arange(mask.shape[1])
     allowed = mask & (idx[None, :] <= actions[:, None])  # valid actions no larger than the scheduled one
-    return np.asarray(np.where(allowed.any(axis=1), mask.shape[1] - 1 - np.argmax(allowed[:, ::-1], axis=1), 0),
+    return np.asarray(np.where(allowed.any(axis=1), mask.shape[1] - 1 - np.argmax(allowed[:, ::-1], axis=1), HOLD),
                       dtype=np.int64)

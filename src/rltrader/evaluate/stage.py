@@ -30,7 +30,13 @@ from rich.console import Console
 from rltrader.agents.baselines import rule_baselines
 from rltrader.dataset.split import SessionSet
 from rltrader.errors import ConfigError, DataError
-from rltrader.evaluate.backtest import BacktestResult, backtest_params, continuous_split, run_backtest
+from rltrader.evaluate.backtest import (
+    BacktestResult,
+    backtest_params,
+    continuous_split,
+    masked_softmax,
+    run_backtest,
+)
 from rltrader.evaluate.metrics import comparison_table, compute_metrics
 from rltrader.evaluate.report import (
     finite_or_none,
@@ -114,10 +120,9 @@ def action_probabilities(module: Any, data: SessionSet, settings: Any, n_bars: i
     steps = int(min(n_bars, data.end[sid] - data.start[sid]))
     probs = np.zeros((steps, env_params.n_actions))
     for i in range(steps):
-        sc = np.where(mask, module.scores(window, state), -np.inf)
-        e = np.exp(sc - sc.max(axis=1, keepdims=True))
-        probs[i] = (e / e.sum(axis=1, keepdims=True))[0]
-        step = env.step(sc.argmax(axis=1))
+        p, greedy = masked_softmax(module.scores(window, state), mask)
+        probs[i] = p[0]
+        step = env.step(greedy)
         window, state, mask = step.window, step.state, step.mask
     rows = slice(int(data.start[sid]), int(data.start[sid]) + steps)
     times = pl.from_epoch(pl.Series(data.time[rows]), time_unit="us").dt.replace_time_zone("UTC")
