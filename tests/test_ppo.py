@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rltrader.agents import ppo
-from rltrader.agents.common import TrainingError, config_from_params
+from rltrader.agents.common import TrainingError
+from rltrader.agents.configs import config_from_params
 from rltrader.agents.evaluate import evaluate
 from rltrader.agents.networks import ActorCritic, NetConfig
 from rltrader.agents.ppo import (

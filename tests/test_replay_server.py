@@ -17,9 +17,9 @@ from conftest import SHARED_ARCHIVE
 from polars.testing import assert_frame_equal
 
 from rltrader.data.archive import ArchiveSource, load_file
-from rltrader.sim import Faults, RateLimit, ReplayClock, ReplayServer, run_in_thread
 from rltrader.data.rest import make_async_client, make_client, make_socket_manager
 from rltrader.data.schema import Market
+from rltrader.sim import Faults, RateLimit, ReplayClock, ReplayServer, run_in_thread
 
 ARCHIVE = SHARED_ARCHIVE  # conftest: the real data must be there; tests fail rather than skip
 

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 from numba import njit
+from pydantic import ConfigDict
 
 from rltrader.errors import ConfigError
 
@@ -58,6 +59,8 @@ FUNDING_PERIOD_US = 8 * 3600 * 1_000_000
 @dataclass(frozen=True)
 class ExecutionParams:
     """Market, fees, costs and exchange filters (``params.yaml: execution``). Defaults: Binance USDⓈ-M futures."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # params.yaml validation: unknown keys are errors
 
     market: Literal["spot", "futures"] = "futures"
     taker_fee: float = 0.0005
@@ -103,12 +106,6 @@ class ExecutionParams:
                 raise bad(name, "must be ≥ 0")
         if not self.initial_cash > 0:
             raise bad("initial_cash", "must be > 0")
-
-    @classmethod
-    def from_mapping(cls, values: Any) -> ExecutionParams:
-        """From ``Settings.execution`` (a pydantic model) or a plain dict."""
-        data = values.model_dump() if hasattr(values, "model_dump") else dict(values)
-        return cls(**data)
 
     def to_array(self) -> np.ndarray:
         xp = np.zeros(N_XP)

@@ -116,33 +116,3 @@ def mlflow_run(tracking_uri: str, experiment: str, run_name: str, artifact_root:
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
                           run_name=None if run_id else run_name) as run:
         yield run
-
-
-def config_from_params(cls: type[Any], section: str, values: dict[str, Any] | None) -> Any:
-    """A typed dataclass config from a params.yaml section; an unknown key or a wrong type names the key."""
-    import dataclasses
-
-    from rltrader.errors import ConfigError
-
-    values = dict(values or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key, value in values.items():
-        if key not in fields:
-            raise ConfigError(f"params.yaml: {section}.{key}: unknown key (known: {', '.join(fields)})")
-        default = getattr(cls(), key) if all(f.default is not dataclasses.MISSING
-                                             or f.default_factory is not dataclasses.MISSING
-                                             for f in fields.values()) else None
-        if default is not None and not isinstance(default, bool) and isinstance(default, (int, float)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"params.yaml: {section}.{key}: expected a number, got {value!r}")
-            if isinstance(default, int) and not isinstance(default, bool) and float(value) != int(value):
-                raise ConfigError(f"params.yaml: {section}.{key}: expected an integer, got {value!r}")
-            values[key] = type(default)(value)
-        elif isinstance(default, bool) and not isinstance(value, bool):
-            raise ConfigError(f"params.yaml: {section}.{key}: expected true/false, got {value!r}")
-        elif isinstance(default, tuple) and isinstance(value, list):
-            values[key] = tuple(value)
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"params.yaml: {section}: {exc}") from exc

@@ -1,4 +1,4 @@
-"""Networks shared by the agents: a window encoder (seed 002's CNN or a TCN) plus heads.
+"""Networks shared by the agents: a window encoder (a small CNN or a TCN) plus heads.
 
 Every network takes the observation as the envs produce it: ``windows`` (B, context, F) float32 — the last
 ``context`` closed bars of features — and ``state`` (B, S) — position and account features. The encoder turns
@@ -7,22 +7,13 @@ the window into a vector, the state is appended, an MLP trunk mixes them, and a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rltrader.agents.configs import NetConfig
 
-@dataclass(frozen=True)
-class NetConfig:
-    encoder: str = "tcn"
-    """``cnn`` (seed 002) or ``tcn`` (dilated causal convolutions, seed 000's PPO)."""
-    channels: int = 64
-    hidden: int = 256
-    tcn_levels: int = 4
-    kernel: int = 3
-    dropout: float = 0.0
+__all__ = ["NetConfig"]  # re-exported: the networks' configuration lives with the agent configs
 
 
 class CNNEncoder(nn.Module):

@@ -23,11 +23,10 @@ bit-identical (on CPU, fixed seed) to an unbroken one.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +39,15 @@ from rltrader.agents.common import (
     TrainingError,
     check_finite,
     check_params_finite,
-    config_from_params,
     decision_rows,
     env_state,
     load_env_state,
     pick_device,
     seed_everything,
 )
+from rltrader.agents.configs import PPOConfig as PPOConfig  # re-exported
 from rltrader.agents.evaluate import Policy, evaluate
-from rltrader.agents.networks import ActorCritic, NetConfig, masked_logits
+from rltrader.agents.networks import ActorCritic, masked_logits
 from rltrader.dataset.split import SessionSet
 from rltrader.env.batch import BatchSessionEnv
 from rltrader.env.modes import EnvParams
@@ -56,119 +55,6 @@ from rltrader.errors import ConfigError
 from rltrader.execution import ExecutionParams
 
 CHECKPOINT_NAME = "ppo.pt"
-ENCODERS = ("cnn", "tcn")
-
-
-@dataclass(frozen=True)
-class PPOConfig:
-    """PPO hyperparameters (``params.yaml: ppo``; ``net`` may be given as a mapping)."""
-
-    total_steps: int = 1_000_000
-    """Env steps summed over the envs; the run does ``total_steps // (num_envs * rollout_steps)`` updates."""
-    num_envs: int = 64
-    rollout_steps: int = 128
-    """Steps per env per rollout: the batch is ``num_envs * rollout_steps`` transitions."""
-    lr: float = 3e-4
-    anneal_lr: bool = True
-    """Linearly anneal the learning rate to 0 over the run."""
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    update_epochs: int = 4
-    minibatches: int = 4
-    """Minibatches per epoch; must divide the batch."""
-    clip_coef: float = 0.2
-    clip_vloss: bool = True
-    ent_coef: float = 0.01
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
-    target_kl: float | None = None
-    """Stop the update's epochs early once the approximate KL exceeds this (None: never)."""
-    normalize_advantages: bool = True
-    reward_scale: float = 100.0
-    """Rewards are multiplied by this for learning only (log returns per bar are ~1e-3; ×100 = percent)."""
-    net: NetConfig = field(default_factory=NetConfig)
-    eval_every: int = 50_000
-    """Evaluate greedily on the validation split every this many env steps (and after the last update)."""
-    eval_max_sessions: int = 0
-    """Validation sessions per evaluation (0: all)."""
-    checkpoint_every: int = 100_000
-    """Checkpoint every this many env steps (at update boundaries) and after the last update."""
-    device: str = "auto"
-    compile: bool = False
-    """``torch.compile`` the network for the forward passes (the state dict stays the plain module's)."""
-    seed: int = 0
-    threads: int = 0
-    """CPU threads for torch (``torch.set_num_threads``); 0 leaves torch's default. Small networks on a shared
-    CPU often run fastest with 1."""
-
-    def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"ppo.{name}: {why} (got {getattr(self, name)!r})")
-
-        net: Any = self.net
-        if isinstance(net, dict):
-            net = config_from_params(NetConfig, "ppo.net", net)
-            object.__setattr__(self, "net", net)
-        if not isinstance(net, NetConfig):
-            raise bad("net", "must be a mapping of network settings")
-        if net.encoder not in ENCODERS:
-            raise ConfigError(f"ppo.net.encoder: unknown encoder {net.encoder!r} (expected one of "
-                              f"{', '.join(ENCODERS)})")
-        for key in ("channels", "hidden", "tcn_levels", "kernel"):
-            if not getattr(net, key) >= 1:
-                raise ConfigError(f"ppo.net.{key}: must be ≥ 1 (got {getattr(net, key)!r})")
-        if not 0 <= net.dropout < 1:
-            raise ConfigError(f"ppo.net.dropout: must be in [0, 1) (got {net.dropout!r})")
-        for name in ("num_envs", "rollout_steps", "update_epochs", "minibatches", "eval_every", "checkpoint_every"):
-            if not getattr(self, name) >= 1:
-                raise bad(name, "must be ≥ 1")
-        if not self.threads >= 0:
-            raise bad("threads", "must be ≥ 0 (0: torch's default)")
-        if not self.eval_max_sessions >= 0:
-            raise bad("eval_max_sessions", "must be ≥ 0 (0: all sessions)")
-        for name in ("lr", "clip_coef", "max_grad_norm", "reward_scale"):
-            v = getattr(self, name)
-            if not (v > 0 and math.isfinite(v)):
-                raise bad(name, "must be a finite number > 0")
-        for name in ("ent_coef", "vf_coef"):
-            v = getattr(self, name)
-            if not (v >= 0 and math.isfinite(v)):
-                raise bad(name, "must be a finite number ≥ 0")
-        if not 0 < self.gamma <= 1:
-            raise bad("gamma", "must be in (0, 1]")
-        if not 0 <= self.gae_lambda <= 1:
-            raise bad("gae_lambda", "must be in [0, 1]")
-        kl = self.target_kl
-        if kl is not None and (isinstance(kl, bool) or not isinstance(kl, (int, float)) or not kl > 0):
-            raise bad("target_kl", "must be > 0 or null")
-        if self.batch_size % self.minibatches:
-            raise bad("minibatches", f"must divide the batch num_envs × rollout_steps = {self.batch_size}")
-        if self.total_steps < self.batch_size:
-            raise bad("total_steps", f"must be ≥ one batch, num_envs × rollout_steps = {self.batch_size}")
-        if not isinstance(self.device, str) or not (self.device == "auto"
-                                                    or self.device.split(":")[0] in ("cpu", "cuda", "mps")):
-            raise bad("device", "must be auto, cpu, cuda[:n] or mps")
-
-    @property
-    def batch_size(self) -> int:
-        return self.num_envs * self.rollout_steps
-
-    @property
-    def minibatch_size(self) -> int:
-        return self.batch_size // self.minibatches
-
-    @property
-    def num_updates(self) -> int:
-        return self.total_steps // self.batch_size
-
-    @classmethod
-    def from_params(cls, values: dict[str, Any] | None) -> PPOConfig:
-        """From params.yaml's ``ppo:`` section; an unknown or mistyped key raises ``ConfigError`` naming it."""
-        cfg: PPOConfig = config_from_params(cls, "ppo", values)
-        return cfg
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass

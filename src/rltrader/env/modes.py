@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 from numba import njit
+from pydantic import ConfigDict
 
 from rltrader.errors import ConfigError
 from rltrader.execution import (
@@ -61,6 +62,8 @@ N_ENV_FIELDS = 5
 @dataclass(frozen=True)
 class EnvParams:
     """Mode, reward and penalties (``params.yaml: env``). Context and session length come from the dataset."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # params.yaml validation: unknown keys are errors
 
     mode: Literal["futures_session", "spot_cycle", "lowrider"] = "futures_session"
     reward: Literal["log_return", "pnl", "diff_sharpe"] = "log_return"
@@ -127,15 +130,6 @@ class EnvParams:
             raise bad("rule_schedule", f"must be non-empty action indices in [1, {len(m) - 1}]")
         if not self.leak_scale > 0:
             raise bad("leak_scale", "must be > 0")
-
-    @classmethod
-    def from_mapping(cls, values: Any) -> EnvParams:
-        """From ``Settings.env`` (a pydantic model) or a plain dict."""
-        data = values.model_dump() if hasattr(values, "model_dump") else dict(values)
-        for key in ("lot_multipliers", "rule_schedule"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**data)
 
     @property
     def n_actions(self) -> int:

@@ -128,6 +128,7 @@ from rltrader.env.modes import (
     lowrider_rule,
 )
 from rltrader.errors import ConfigError, DataError
+from rltrader.evaluate.filters import F_CLOSE_ACTION, F_COOLDOWN, F_MAX_DAY, F_REPEAT, F_SL, F_TP, BacktestFilters
 from rltrader.execution import (
     AVG_ENTRY,
     CASH,
@@ -154,9 +155,7 @@ SPLIT_BLOCK = 1024
 DAY_US = 86_400_000_000
 EQUITY_FLOOR = 1e-9
 
-# --- filter parameters (float vector) and per-account filter state (rows of a (N_FS, B) array) -----------------
-F_COOLDOWN, F_MAX_DAY, F_SL, F_TP, F_REPEAT, F_CLOSE_ACTION = range(6)
-N_F = 6
+# --- per-account filter state (rows of a (N_FS, B) array); the filter parameters are in evaluate.filters -----
 (FS_LAST_FILL, FS_DAY, FS_COUNT, FS_FEES_CARRY, FS_DONE, FS_REASON, FS_BLOCKED, FS_C_FUNDING, FS_C_SLIP,
  FS_C_FILLS, FS_C_LIQ) = range(11)
 N_FS = 11
@@ -172,44 +171,6 @@ REASON_NAMES = ("signal", "stop_loss", "take_profit", "liquidation", "end_of_dat
 (TR_ACCT, TR_ENTRY_ROW, TR_EXIT_ROW, TR_SIDE, TR_QTY, TR_ENTRY_PX, TR_EXIT_PX, TR_REALIZED, TR_FEES, TR_FUNDING,
  TR_REASON) = range(11)
 N_TR = 11
-
-
-@dataclass(frozen=True)
-class BacktestFilters:
-    """Signal/execution filters between the policy and the env (``params.yaml: backtest``); 0 = off."""
-
-    confidence: float = 0.0
-    cooldown_bars: int = 0
-    max_trades_per_day: int = 0
-    stop_loss: float = 0.0
-    take_profit: float = 0.0
-    repeat_cycles: bool = False
-    """spot_cycle / lowrider: start a new cycle after one closes. Off here so that ``backtest_sessions`` with
-    default filters is exactly the env's episode; ``run_backtest`` takes it from the settings (default on)."""
-
-    def __post_init__(self) -> None:
-        for name in ("confidence", "cooldown_bars", "max_trades_per_day", "stop_loss", "take_profit"):
-            v = getattr(self, name)
-            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
-                raise ConfigError(f"backtest.{name}: must be a finite number ≥ 0 (got {v!r})")
-        if self.stop_loss >= 1:
-            raise ConfigError(f"backtest.stop_loss: must be a fraction below 1 (got {self.stop_loss!r})")
-
-    @classmethod
-    def from_settings(cls, s: Any) -> BacktestFilters:
-        return cls(confidence=s.confidence, cooldown_bars=s.cooldown_bars, max_trades_per_day=s.max_trades_per_day,
-                   stop_loss=s.stop_loss, take_profit=s.take_profit, repeat_cycles=s.repeat_cycles)
-
-    def to_array(self, mode: str) -> np.ndarray:
-        close_action = {"futures_session": 3, "spot_cycle": 2}.get(mode, -1)
-        if close_action < 0 and (self.stop_loss > 0 or self.take_profit > 0):
-            raise ConfigError("backtest.stop_loss / backtest.take_profit: lowrider has no close action (it sells "
-                              "automatically at env.profit_target); set them to 0 in lowrider mode")
-        f = np.zeros(N_F)
-        f[F_COOLDOWN], f[F_MAX_DAY] = self.cooldown_bars, self.max_trades_per_day
-        f[F_SL], f[F_TP], f[F_REPEAT], f[F_CLOSE_ACTION] = (self.stop_loss, self.take_profit,
-                                                            float(self.repeat_cycles), close_action)
-        return f
 
 
 @dataclass
@@ -605,7 +566,7 @@ def backtest_sessions(data: SessionSet, policy: Any, execution: ExecutionParams,
     None). ``fast``: run our networks split (``PolicyModule.split``: window part precomputed in blocks, the rest
     in the numba loop); False steps every ``PolicyModule`` with one batched forward pass per bar (the generic
     path, which the split one is tested against)."""
-    filters = filters or BacktestFilters()
+    filters = filters or BacktestFilters(repeat_cycles=False)  # exactly the env's episodes
     if data.n_sessions == 0:
         raise DataError("backtest: the session set has no sessions (nothing to trade)")
     if chain and not env_params.force_close:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ def fold_settings(settings: Settings, fold: tuple[date, date, date, date], out: 
     return settings.model_copy(update={
         "sessions": settings.sessions.model_copy(update={"splits": splits}),
         "train": settings.train.model_copy(update={"models_dir": out / "models", "checkpoint_dir": out / "ckpt"}),
-        "backtest": settings.backtest.model_copy(update={"split": "backtest"}),
+        "backtest": replace(settings.backtest, split="backtest"),
     })
 
 
