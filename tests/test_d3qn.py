@@ -141,7 +141,7 @@ def test_beats_random_on_a_zigzag_market() -> None:
     agent = evaluate(greedy_policy(build_q_net(res.spec, res.best_state)), val, xp, ep).mean_return
     assert agent == pytest.approx(res.best_val["mean_return"])
     assert agent > rand + 0.8 * (best - rand), (agent, best, rand)
-    assert [h["step"] for h in res.history if "val_mean_return" in h] == [3_200.0, 6_400.0, 9_600.0]
+    assert [h["step"] for h in res.history if "val/mean_return" in h] == [3_200.0, 6_400.0, 9_600.0]
 
 
 # --- resume -----------------------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_resume_after_a_kill_ends_bit_identical(tmp_path: Path, monkeypatch: pyt
     assert resumed.best_val == whole.best_val and resumed.best_step == whole.best_step
 
     def learning(h: list[dict[str, float]]) -> list[tuple[float, ...]]:
-        return [(r["step"], r.get("loss", 0.0), r.get("val_mean_return", 0.0)) for r in h]
+        return [(r["step"], r.get("loss", 0.0), r.get("val/mean_return", 0.0)) for r in h]
 
     assert learning(resumed.history) == learning(whole.history)
     # a finished run resumed again does nothing more
@@ -218,7 +218,7 @@ def test_metrics_go_to_mlflow_in_batches(monkeypatch: pytest.MonkeyPatch) -> Non
     train_d3qn(data, val, cfg, ExecutionParams(), EnvParams(), run=object(), progress=True)
     keys = set().union(*(m for m, _ in calls))
     assert {"loss", "td_abs", "q_mean", "epsilon", "beta", "action_hold", "action_long", "action_short",
-            "action_close", "episode_pnl", "sps", "val_mean_return", "val_win_rate", "val_session_sharpe",
+            "action_close", "episode_pnl", "sps", "val/mean_return", "val/win_rate", "val/session_sharpe",
             "sps_total"} <= keys
     steps = [s for _, s in calls]
     assert steps == sorted(steps) and len(calls) < 60  # batched, not one call per update

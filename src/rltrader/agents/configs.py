@@ -129,6 +129,9 @@ class D3QNConfig:
     compile: bool = False
     """``torch.compile`` the online net (GPU runs; off by default)."""
     seed: int = 0
+    threads: int = 0
+    """CPU threads for torch (``torch.set_num_threads``); 0 leaves torch's default (the train stage sets
+    ``train.threads``)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "net", net_config("d3qn", self.net, _default_net()))
@@ -139,7 +142,7 @@ class D3QNConfig:
         for key in ("total_steps", "num_envs", "n_step", "batch_size", "buffer_size", "target_sync", "log_every"):
             if not getattr(self, key) >= 1:
                 raise bad(key, "must be ≥ 1")
-        for key in ("learning_starts", "eps_decay_steps", "eval_every", "eval_sessions", "checkpoint_every"):
+        for key in ("learning_starts", "eps_decay_steps", "eval_every", "eval_sessions", "checkpoint_every", "threads"):
             if not getattr(self, key) >= 0:
                 raise bad(key, "must be ≥ 0")
         for key in ("lr", "replay_ratio", "reward_scale", "grad_clip"):

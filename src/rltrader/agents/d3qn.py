@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +36,18 @@ from torch.nn import functional as F
 from rltrader.agents.common import (
     ObsGather,
     TrainingError,
+    TrainingProgress,
     check_finite,
     check_params_finite,
     decision_rows,
     env_state,
+    load_checkpoint,
     load_env_state,
+    masked_greedy_policy,
     pick_device,
+    save_checkpoint,
     seed_everything,
+    set_threads,
 )
 from rltrader.agents.configs import D3QNConfig
 from rltrader.agents.evaluate import Policy, evaluate
@@ -123,16 +127,8 @@ def greedy_policy(net: nn.Module, device: torch.device | str | None = None) -> P
     """The argmax of the masked Q-values, as an ``evaluate()`` policy (numpy in, numpy out)."""
     if device is not None:
         net.to(device)
-
-    def policy(windows: np.ndarray, state: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        was_training = net.training
-        net.eval()
-        try:
-            return q_values(net, windows, state, mask).argmax(dim=1).cpu().numpy()
-        finally:
-            net.train(was_training)
-
-    return policy
+    return masked_greedy_policy(net, net, lambda mask: check_action_shape(net, mask.shape[1]),
+                                next(net.parameters()).device)
 
 
 def random_valid_actions(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -223,19 +219,6 @@ def load_replay_state(rb: PrioritizedReplay, state: dict[str, Any]) -> None:
     rb.tree.tree[...] = state["tree"]
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic write: a temp file in the same folder, then rename over the old checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)  # our own file
-    return payload
-
-
 @dataclass
 class _Counters:
     """Loop state that changes every step (checkpointed as is)."""
@@ -273,6 +256,7 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
     """
     rng = seed_everything(cfg.seed)
     device = pick_device(cfg.device)
+    set_threads(cfg.threads)
     env = BatchSessionEnv(train, execution, env_params, num_envs=cfg.num_envs)
     env.reset(seed=cfg.seed)
     context, n_features = env.observation_shape
@@ -301,7 +285,7 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
         optimizer.load_state_dict(ck["optimizer"])
         load_replay_state(replay, ck["replay"])
         load_env_state(env, ck["env"])
-        rng.bit_generator.state = ck["rng"]
+        rng.bit_generator.state = ck["np_rng"] if "np_rng" in ck else ck["rng"]  # "rng": older checkpoints
         torch.set_rng_state(ck["torch_rng"])
         c = ck["counters"]
         best_state: dict[str, torch.Tensor] = ck["best_state"]
@@ -318,7 +302,7 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
         save_checkpoint(ckpt_path, {
             "config": dataclasses.asdict(cfg), "spec": spec, "online": online.state_dict(),
             "target": target.state_dict(), "optimizer": optimizer.state_dict(), "replay": replay_state(replay),
-            "env": env_state(env), "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+            "env": env_state(env), "np_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
             "counters": c, "best_state": best_state})
 
     def run_eval() -> None:
@@ -328,7 +312,7 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
         res = evaluate(greedy_policy(online), val, execution, env_params,
                        max_sessions=cfg.eval_sessions or None)
         summary = res.summary()
-        row = {"step": float(c.step), **{f"val_{k}": v for k, v in summary.items()}}
+        row = {"step": float(c.step), **{f"val/{k}": v for k, v in summary.items()}}
         c.history.append(row)
         if summary["mean_return"] > c.best_return:
             c.best_return, c.best_step, c.best_val = summary["mean_return"], c.step, summary
@@ -357,16 +341,12 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
             mlflow.log_metrics({k: v for k, v in row.items() if k != "step" and math.isfinite(v)}, step=c.step)
         c.stats, c.action_counts, c.episode_returns, c.vec_steps = {}, [0] * env.n_actions, [], 0
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("d3qn"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeRemainingColumn(), disable=not progress)
+    bar = TrainingProgress("d3qn", cfg.total_steps, c.step, enabled=progress)
     initial = execution.initial_cash
     updates_per_vec = cfg.updates_per_vector_step
     t0, step0 = time.perf_counter(), c.step
     t_log, step_log = t0, c.step
-    with bar:
-        task = bar.add_task("train", total=cfg.total_steps, completed=c.step, info="")
+    try:
         while c.step < cfg.total_steps:
             # 1. act in every env (ε-greedy over valid actions) and store the transition by decision row
             core = env.core
@@ -407,14 +387,16 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
                 sps = (c.step - step_log) / max(now - t_log, 1e-9)
                 t_log, step_log = now, c.step
                 flush_logs(sps)
-                bar.update(task, info=f"ε {eps:.2f}  {sps:,.0f} steps/s  loss {c.history[-1].get('loss', 0):.4f}")
+                bar.update(info=f"ε {eps:.2f}  {sps:,.0f} steps/s  loss {c.history[-1].get('loss', 0):.4f}")
             if cfg.eval_every and c.step // cfg.eval_every > c.last_eval // cfg.eval_every:
                 c.last_eval = c.step
                 run_eval()
             if cfg.checkpoint_every and c.step // cfg.checkpoint_every > c.last_ckpt // cfg.checkpoint_every:
                 c.last_ckpt = c.step
                 checkpoint()
-            bar.update(task, completed=c.step)
+            bar.update(completed=c.step)
+    finally:
+        bar.close()
     elapsed = time.perf_counter() - t0
     check_params_finite(c.step, online)
     if val is not None and c.last_eval != c.step:

@@ -16,8 +16,9 @@ from rltrader.env.batch import BatchSessionEnv
 from rltrader.env.modes import EnvParams
 from rltrader.execution import ExecutionParams
 
-_CURVES = ("val_mean_return", "episode_pnl", "loss", "td_error", "q_mean", "policy_loss", "value_loss", "entropy",
-           "approx_kl", "epsilon", "val_accuracy")
+_CURVES = ("val/mean_return", "episode_pnl", "episode/return_mean", "loss", "td_abs", "q_mean", "loss/policy",
+           "loss/value", "loss/entropy", "ppo/approx_kl", "epsilon", "val_accuracy")
+"""History keys plotted when present: D3QN's and PPO's (both log val as ``val/…``) and the classifier's."""
 
 
 def plot_learning_curve(history: list[dict[str, float]], path: Path, title: str) -> None:

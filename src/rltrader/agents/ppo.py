@@ -24,7 +24,6 @@ bit-identical (on CPU, fixed seed) to an unbroken one.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +36,18 @@ from torch import nn
 from rltrader.agents.common import (
     ObsGather,
     TrainingError,
+    TrainingProgress,
     check_finite,
     check_params_finite,
     decision_rows,
     env_state,
+    load_checkpoint,
     load_env_state,
+    masked_greedy_policy,
     pick_device,
+    save_checkpoint,
     seed_everything,
+    set_threads,
 )
 from rltrader.agents.configs import PPOConfig as PPOConfig  # re-exported
 from rltrader.agents.evaluate import Policy, evaluate
@@ -125,34 +129,10 @@ def greedy_policy(net: ActorCritic, device: torch.device | str | None = None) ->
     """The deterministic policy for evaluation: argmax of the masked logits."""
     dev = torch.device(device) if device is not None else _device_of(net)
     n_actions = net.policy.out_features
-
-    @torch.no_grad()
-    def policy(windows: np.ndarray, state: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        check_mask(mask, n_actions)
-        was_training = net.training
-        net.eval()
-        logits, _ = net(torch.as_tensor(windows, device=dev), torch.as_tensor(state, device=dev))
-        net.train(was_training)
-        m = torch.as_tensor(mask, device=dev)
-        return np.asarray(masked_logits(logits, m).argmax(dim=1).cpu().numpy(), dtype=np.int64)
-
-    return policy
+    return masked_greedy_policy(net, lambda w, s: net(w, s)[0], lambda mask: check_mask(mask, n_actions), dev)
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomically: written to a temporary file next to ``path`` and renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
-    return payload
 
 
 def _crossed(before: int, after: int, every: int) -> bool:
@@ -174,8 +154,7 @@ def train_ppo(train: SessionSet, val: SessionSet | None, cfg: PPOConfig, executi
     if resume and checkpoint_dir is None:
         raise ConfigError("ppo: resume needs a checkpoint directory")
     device = pick_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     np_rng = seed_everything(cfg.seed)
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
@@ -241,7 +220,7 @@ def train_ppo(train: SessionSet, val: SessionSet | None, cfg: PPOConfig, executi
             "best_val": best_val, "best_state": best_state,
             "obs": {"rows": next_rows.cpu(), "state": next_state.cpu(), "mask": next_mask.cpu()}})
 
-    bar = _ProgressBar(cfg.num_updates, update, enabled=progress)
+    bar = TrainingProgress("ppo", cfg.num_updates, update, enabled=progress)
     start_time, start_step = time.perf_counter(), global_step
     initial_cash = execution.initial_cash
     try:
@@ -378,7 +357,7 @@ def train_ppo(train: SessionSet, val: SessionSet | None, cfg: PPOConfig, executi
 
                 mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=global_step,
                                    run_id=run.info.run_id)
-            bar.advance(metrics)
+            bar.update(advance=1, info=_progress_info(metrics))
             if ckpt_path is not None and (_crossed(step_before, global_step, cfg.checkpoint_every) or last_update):
                 checkpoint()
             if stop_after is not None and global_step >= stop_after and not last_update:
@@ -396,30 +375,11 @@ def train_ppo(train: SessionSet, val: SessionSet | None, cfg: PPOConfig, executi
                      global_step=global_step, updates=update, completed=update >= cfg.num_updates)
 
 
-class _ProgressBar:
-    """A rich progress bar over updates showing the latest key metrics (a no-op when disabled)."""
-
-    def __init__(self, total: int, done: int, enabled: bool) -> None:
-        self.progress: Any = None
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("[bold]PPO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                 TextColumn("{task.fields[info]}"))
-        self.progress.start()
-        self.task = self.progress.add_task("ppo", total=total, completed=done, info="")
-
-    def advance(self, m: dict[str, float]) -> None:
-        if self.progress is None:
-            return
-        info = f"sps {m['perf/sps']:.0f} kl {m['ppo/approx_kl']:.4f} ent {m['loss/entropy']:.3f}"
-        if "episode/return_mean" in m:
-            info += f" ep {m['episode/return_mean']:+.4f}"
-        if "val/mean_return" in m:
-            info += f" val {m['val/mean_return']:+.4f}"
-        self.progress.update(self.task, advance=1, info=info)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+def _progress_info(m: dict[str, float]) -> str:
+    """The progress bar's line: speed, KL, entropy, and the latest episode and val returns."""
+    info = f"sps {m['perf/sps']:.0f} kl {m['ppo/approx_kl']:.4f} ent {m['loss/entropy']:.3f}"
+    if "episode/return_mean" in m:
+        info += f" ep {m['episode/return_mean']:+.4f}"
+    if "val/mean_return" in m:
+        info += f" val {m['val/mean_return']:+.4f}"
+    return info
