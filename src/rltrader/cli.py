@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rltrader.agents import ALGORITHMS
 from rltrader.config import Settings, load_settings
 from rltrader.data.ingest import (
     archive_source,
@@ -299,7 +300,7 @@ def sessions_cmd(
 
 @app.command("train")
 def train_cmd(
-    algo: Annotated[str, typer.Argument(help="d3qn, ppo or cnn (the supervised baseline)")],
+    algo: Annotated[str, typer.Argument(help=f"{', '.join(ALGORITHMS)} (cnn: the supervised baseline)")],
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint (same MLflow run)")] = False,
     metrics: Annotated[Path | None, typer.Option(help="Metrics JSON (default reports/train_<algo>.json)")] = None,
 ) -> None:
@@ -372,7 +373,7 @@ def promote_cmd(
 
 @app.command("walk-forward")
 def walk_forward_cmd(
-    algo: Annotated[str | None, typer.Option(help="d3qn, ppo or cnn (default walk_forward.algo)")] = None,
+    algo: Annotated[str | None, typer.Option(help=f"{', '.join(ALGORITHMS)} (default walk_forward.algo)")] = None,
     max_folds: Annotated[int | None, typer.Option(help="Only the first N folds")] = None,
     out_dir: Annotated[Path, typer.Option(help="Reports folder")] = Path("reports/walk_forward"),
 ) -> None:

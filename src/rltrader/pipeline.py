@@ -16,6 +16,9 @@ from rltrader.config import Settings
 
 console = Console(stderr=True)
 STAGES = ("ingest", "features", "sessions", "train", "backtest", "promote")
+"""The stages in order; ``dvc.yaml`` declares the same ones (``tests/test_structure.py`` checks both). ``train``
+runs once per trained model (``backtest.models``, by default every algorithm of ``rltrader.agents.ALGORITHMS``,
+as dvc.yaml's ``train`` foreach)."""
 
 
 def run_pipeline(settings: Settings, *, reports_dir: Path = Path("reports"), progress: bool = False,

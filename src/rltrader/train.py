@@ -15,6 +15,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from rltrader.agents import ALGORITHMS
 from rltrader.agents.baselines import rule_baselines
 from rltrader.agents.common import mlflow_run
 from rltrader.agents.configs import config_from_params
@@ -29,7 +30,6 @@ from rltrader.env.modes import EnvParams
 from rltrader.errors import ConfigError
 from rltrader.execution import ExecutionParams
 
-ALGOS = ("d3qn", "ppo", "cnn")
 console = Console(stderr=True)
 
 
@@ -116,15 +116,15 @@ def _train_algo(algo: str, settings: Settings, train: SessionSet, val: SessionSe
         actions = ClassifierActions(cres.net, ccfg.threshold, env_params.mode)
         module = PolicyModule(actions, "classifier", train.context, train.n_features, N_STATE, n_actions, meta)
         return module, cres.history, ccfg
-    raise ConfigError(f"train: unknown algorithm {algo!r} (one of {', '.join(ALGOS)})")
+    raise ConfigError(f"train: unknown algorithm {algo!r} (one of {', '.join(ALGORITHMS)})")
 
 
 def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: bool = True,
               sessions_dir: Path | None = None, metrics_path: Path | None = None,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``algo`` on train, select on val, compare with baselines on val, log to MLflow, save the model."""
-    if algo not in ALGOS:
-        raise ConfigError(f"train: unknown algorithm {algo!r} (one of {', '.join(ALGOS)})")
+    if algo not in ALGORITHMS:
+        raise ConfigError(f"train: unknown algorithm {algo!r} (one of {', '.join(ALGORITHMS)})")
     import mlflow
 
     sdir = sessions_dir or settings.data.dir / "sessions"
