@@ -131,7 +131,7 @@ class TrunkExtractor(BaseFeaturesExtractor):
 
     def __init__(self, observation_space: gym.spaces.Box, context: int, n_features: int, net: dict[str, Any]
                  ) -> None:
-        trunk = Trunk(n_features, context, N_STATE, NetConfig(**net))
+        trunk = Trunk(n_features, N_STATE, NetConfig(**net))
         super().__init__(observation_space, trunk.out_dim)
         assert observation_space.shape == (context * n_features + N_STATE,), observation_space.shape
         self.trunk, self.context, self.n_features = trunk, context, n_features

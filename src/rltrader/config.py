@@ -317,9 +317,8 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         tree = loaded
-    # params.yaml also carries sections for later pipeline stages; only the known ones are validated here
     known = {k: v for k, v in tree.items() if k in Settings.model_fields}
-    unknown_sections = [k for k in tree if k not in Settings.model_fields and k not in EXTRA_SECTIONS]
+    unknown_sections = [k for k in tree if k not in Settings.model_fields]
     if unknown_sections:
         raise ConfigError(f"{p}: {unknown_sections[0]}: unknown section")
     origin: dict[tuple[str, ...], str] = {}
@@ -334,10 +333,6 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
         msg = str(exc).removeprefix("params.yaml: ")
         key = tuple(msg.split(":", 1)[0].split("."))
         raise ConfigError(f"{origin.get(key[:2], origin.get(key[:1], str(p)))}: {msg}") from exc
-
-
-# Sections of params.yaml owned by stages that validate them themselves (added by later pipeline stages).
-EXTRA_SECTIONS: set[str] = set()
 
 
 def params_hash(settings: Settings, sections: tuple[str, ...]) -> str:

@@ -133,9 +133,6 @@ class Accounts:
     def __len__(self) -> int:
         return int(self.state.shape[1])
 
-    def field(self, name: str) -> np.ndarray:
-        return np.asarray(self.state[FIELD_NAMES.index(name)])
-
     @property
     def cash(self) -> np.ndarray:
         return np.asarray(self.state[CASH])
@@ -162,9 +159,6 @@ class Accounts:
 
     def unrealized_pnl(self, mark: np.ndarray) -> np.ndarray:
         return np.asarray(self.state[QTY] * (mark - self.state[AVG_ENTRY]))
-
-    def snapshot(self, b: int) -> dict[str, float]:
-        return {name: float(self.state[i, b]) for i, name in enumerate(FIELD_NAMES)}
 
 
 # --- scalar helpers (inline-able into any kernel) -------------------------------------------------------------
@@ -336,17 +330,3 @@ def reset_account(acct: np.ndarray, b: int, initial_cash: float) -> None:
 def reset_accounts(acct: np.ndarray, idx: np.ndarray, initial_cash: float) -> None:
     for j in range(idx.shape[0]):
         reset_account(acct, idx[j], initial_cash)
-
-
-@njit(cache=True)
-def execute_orders(acct: np.ndarray, orders: np.ndarray, rows: np.ndarray, time: np.ndarray, bars: np.ndarray,
-                   xp: np.ndarray, filled: np.ndarray) -> None:
-    """Process bar ``rows[b]`` for every account ``b`` with its order ``orders[b]`` (``process_bar`` per account).
-
-    ``bars`` is the ``(5, N)`` stack of open, high, low, close, volume. For callers outside the envs (live
-    trader, tests); the envs call ``process_bar`` inline from their own step kernel.
-    """
-    for b in range(orders.shape[0]):
-        r = rows[b]
-        filled[b] = process_bar(acct, b, orders[b], time[r], bars[0, r], bars[1, r], bars[2, r], bars[3, r],
-                                bars[4, r], xp)

@@ -20,11 +20,6 @@ LONG, SHORT, CLOSE = 1, 2, 3  # futures_session
 BUY, SELL = 1, 2  # spot_cycle
 
 
-def _first_valid(mask: np.ndarray, preferred: int) -> np.ndarray:
-    """``preferred`` where the mask allows it, else hold."""
-    return np.where(mask[:, preferred], preferred, HOLD)
-
-
 class Flat:
     """Never trades: the zero line every agent must clear net of fees."""
 
