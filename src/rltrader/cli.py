@@ -268,7 +268,8 @@ def features_cmd(
     store: StoreOpt = None,
 ) -> None:
     """The DVC `features` stage: per-symbol feature tables under <data.dir>/features."""
-    from rltrader.dataset.build import run_features_stage, write_json
+    from rltrader.dataset.build import run_features_stage
+    from rltrader.utils import write_json
 
     with _context(store) as (settings, st):
         summary = run_features_stage(settings, st)

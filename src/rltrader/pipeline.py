@@ -27,10 +27,11 @@ def run_pipeline(settings: Settings, *, reports_dir: Path = Path("reports"), pro
     after each (the flow logs it)."""
     from rltrader.data.ingest import run_ingest_stage
     from rltrader.data.store import open_store
-    from rltrader.dataset.build import run_features_stage, run_sessions_stage, write_json
+    from rltrader.dataset.build import run_features_stage, run_sessions_stage
     from rltrader.evaluate.stage import run_backtest_stage
     from rltrader.registry import promote
     from rltrader.train import run_train
+    from rltrader.utils import write_json
 
     out: dict[str, Any] = {"seconds": {}}
 

@@ -22,13 +22,13 @@ from rltrader.agents.configs import config_from_params
 from rltrader.agents.evaluate import EvalResult, evaluate
 from rltrader.agents.packaging import PolicyModule
 from rltrader.config import TRAIN_SECTIONS, Settings, params_hash
-from rltrader.dataset.build import git_commit
 from rltrader.dataset.split import SessionSet, load_split
 from rltrader.env import params_from_settings
 from rltrader.env.core import N_STATE
 from rltrader.env.modes import EnvParams
 from rltrader.errors import ConfigError
 from rltrader.execution import ExecutionParams
+from rltrader.utils import git_commit
 
 console = Console(stderr=True)
 

@@ -103,7 +103,7 @@ from rltrader.agents.baselines import (
     SMACross,
 )
 from rltrader.agents.packaging import head_scores, head_scratch
-from rltrader.dataset.build import parse_day, standardize  # the sessions stage's date rule and scaling
+from rltrader.dataset.build import standardize  # the sessions stage's scaling
 from rltrader.dataset.split import SessionSet, read_metadata
 from rltrader.env.core import (
     O_FILLED,
@@ -148,6 +148,7 @@ from rltrader.execution import (
     fill_price,
     mark_to_market,
 )
+from rltrader.utils import parse_day  # the sessions stage's date rule
 
 POLICY_NAMES = ("flat", "buy_and_hold", "random", "sma_cross", "lowrider_rule")
 SPLIT_BLOCK = 1024
