@@ -125,7 +125,8 @@ class SplitRange(_Strict):
 
 
 class SessionSettings(_Strict):
-    """Trading sessions: ``context`` bars of features, then ``length`` bars to trade (seed 002: 30/10 demo)."""
+    """Trading sessions: ``context`` bars of features, then ``length`` bars to trade (the D3QN reference
+    design's demo: 30/10)."""
 
     context: int = 30
     length: int = 10

@@ -1,4 +1,4 @@
-"""D3QN (seed 002): dueling double DQN with prioritized n-step replay over B vectorized session envs.
+"""D3QN (the D3QN reference design): dueling double DQN with prioritized n-step replay over B vectorized session envs.
 
 One file, read top to bottom (CleanRL style):
 

@@ -96,7 +96,7 @@ class Trunk(nn.Module):
 
 
 class DuelingQNet(nn.Module):
-    """Q(s, a) = V(s) + A(s, a) - mean_a A(s, a) (the dueling head of seed 002's D3QN)."""
+    """Q(s, a) = V(s) + A(s, a) - mean_a A(s, a) (the dueling head of the D3QN reference design)."""
 
     def __init__(self, n_features: int, context: int, n_state: int, n_actions: int, cfg: NetConfig) -> None:
         super().__init__()

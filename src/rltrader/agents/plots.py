@@ -1,4 +1,5 @@
-"""Training insights as PNG (seed 000): learning curves and the agent's action scores over sessions."""
+"""Training insights as PNG (as in the PPO reference design): learning curves and the agent's action scores
+over sessions."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PPO with a TCN encoder over the batch session env (seed 000's agent), written to read like CleanRL's ppo.py.
+"""PPO with a TCN encoder over the batch session env (the PPO reference design), written to read like CleanRL's ppo.py.
 
 One update:
 

@@ -3,16 +3,16 @@
 Action 0 is *hold* in every mode, so a masked-out agent always has a valid action and "do nothing" has the
 same index everywhere.
 
-- ``futures_session`` (seed 002): hold / long / short / close. One position at a time; long while short
-  flips (close + open in one order). Long/short size the position at ``position_size`` × the leverage cap.
-- ``spot_cycle`` (seed 000): hold / buy / sell, long only, one cycle: a buy of ``position_size`` × cash, then
-  a sell of everything; the episode ends when the sell fills.
-- ``lowrider`` (seed 000, DCA): action ``k`` buys ``lot_multipliers[k] × base_lot`` (quote) at market, as long
-  as the cycle's cost basis stays within the budget cap ``initial_cash / reluctance``. Selling is automatic, not
-  an action: once the last close values the position, net of the exit taker fee, at ``profit_target`` above its
-  cost (average entry plus the fees paid), the whole position is sold at the next fill bar's open and the episode
-  ends when that fills. The agent therefore only decides *how much to buy when*; the rule-based Lowrider
-  (``lowrider_rule``) is the same mode driven by a fixed lot schedule.
+- ``futures_session`` (the D3QN reference design): hold / long / short / close. One position at a time; long
+  while short flips (close + open in one order). Long/short size the position at ``position_size`` × the leverage cap.
+- ``spot_cycle`` (the PPO reference design): hold / buy / sell, long only, one cycle: a buy of ``position_size``
+  × cash, then a sell of everything; the episode ends when the sell fills.
+- ``lowrider`` (the PPO reference design's DCA mode): action ``k`` buys ``lot_multipliers[k] × base_lot``
+  (quote) at market, as long as the cycle's cost basis stays within the budget cap ``initial_cash / reluctance``.
+  Selling is automatic, not an action: once the last close values the position, net of the exit taker fee, at
+  ``profit_target`` above its cost (average entry plus the fees paid), the whole position is sold at the next fill
+  bar's open and the episode ends when that fills. The agent therefore only decides *how much to buy when*; the
+  rule-based Lowrider (``lowrider_rule``) is the same mode driven by a fixed lot schedule.
 
 Orders are decided on the last closed bar (price reference ``close[t-1]``) and filled by the execution model
 (``rltrader.execution``) at bar ``t + latency``'s open; sizes here are the orders *sent*, the fill may clip them

@@ -104,7 +104,7 @@ def bars_frame(data: SessionSet) -> pl.DataFrame:
 def action_probabilities(module: Any, data: SessionSet, settings: Settings, n_bars: int = PROB_BARS
                          ) -> tuple[Any, np.ndarray, Sequence[str], np.ndarray]:
     """Softmax of the model's scores over valid actions, bar by bar, on the first day of the split's longest
-    stretch, while the model trades it (no filters): what it wanted to do, next to the price (seed 000's
+    stretch, while the model trades it (no filters): what it wanted to do, next to the price (the PPO reference design's
     insight figure)."""
     from rltrader.env.batch import BatchSessionEnv
 
