@@ -96,6 +96,7 @@ def zigzag_sessions(n_symbols: int = 4, bars: int = 400, half: int = 4, step: fl
 # --- learning ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_learns_the_planted_leak() -> None:
     """The leak feature (last column; its newest row = scaled log return of the very bar the order fills in,
     ``env.core.leak_column``) makes "long if it is > 0 else short" optimal. Costs are cut to a 1 bp taker fee
@@ -123,6 +124,7 @@ def test_learns_the_planted_leak() -> None:
     assert {"loss", "td_abs", "q_mean", "epsilon", "beta", "action_long", "episode_pnl", "sps"} <= set(last)
 
 
+@pytest.mark.slow
 def test_beats_random_on_a_zigzag_market() -> None:
     """Square-wave prices (4 bars up, 4 down) under the default Binance cost model: the optimal policy reads
     the window (long when its row -4 fell) and flips every 4 bars; random trading loses the fees. D3QN, selected
@@ -161,6 +163,7 @@ def _tiny() -> tuple[SessionSet, SessionSet, D3QNConfig]:
     return data, val, cfg
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_ends_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data, val, cfg = _tiny()
     xp, ep = ExecutionParams(), EnvParams()
@@ -209,6 +212,7 @@ def test_resume_refuses_a_checkpoint_of_another_mode(tmp_path: Path) -> None:
                    checkpoint_dir=tmp_path, resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_metrics_go_to_mlflow_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
 
