@@ -179,8 +179,8 @@ def test_promotion_rollback_and_records(trained: tuple[Settings, Path]) -> None:
     assert sorted(r.data.tags["decision"] for r in runs) == ["keep", "promote", "promote", "refuse", "rollback"]
 
 
-def test_missing_summary_names_the_file(trained: tuple[Settings, Path], tmp_path: Path) -> None:
-    settings, _ = trained
+def test_missing_summary_names_the_file(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)  # no trained models needed: the summary is read first
     with pytest.raises(DataError, match=r"nope\.json: no backtest summary"):
         registry.promote(settings, summary_path=tmp_path / "nope.json")
 
