@@ -46,6 +46,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from numba import njit
+from pydantic import ConfigDict
 
 from rltrader.errors import ConfigError
 
@@ -121,6 +122,8 @@ class EventLog(NamedTuple):
 class ExecutionParams:
     """Market, fees, costs and exchange filters (``params.yaml: execution``). Defaults: Binance USDⓈ-M futures."""
 
+    __pydantic_config__ = ConfigDict(extra="forbid")  # params.yaml validation: unknown keys are errors
+
     market: Literal["spot", "futures"] = "futures"
     taker_fee: float = 0.0005
     maker_fee: float = 0.0002
@@ -166,12 +169,6 @@ class ExecutionParams:
         if not self.initial_cash > 0:
             raise bad("initial_cash", "must be > 0")
 
-    @classmethod
-    def from_mapping(cls, values: Any) -> ExecutionParams:
-        """From ``Settings.execution`` (a pydantic model) or a plain dict."""
-        data = values.model_dump() if hasattr(values, "model_dump") else dict(values)
-        return cls(**data)
-
     def to_array(self) -> np.ndarray:
         xp = np.zeros(N_XP)
         xp[XP_SPOT] = 1.0 if self.market == "spot" else 0.0
@@ -197,9 +194,6 @@ class Accounts:
 
     def __len__(self) -> int:
         return int(self.state.shape[1])
-
-    def field(self, name: str) -> np.ndarray:
-        return np.asarray(self.state[FIELD_NAMES.index(name)])
 
     @property
     def cash(self) -> np.ndarray:
@@ -227,9 +221,6 @@ class Accounts:
 
     def unrealized_pnl(self, mark: np.ndarray) -> np.ndarray:
         return np.asarray(self.state[QTY] * (mark - self.state[AVG_ENTRY]))
-
-    def snapshot(self, b: int) -> dict[str, float]:
-        return {name: float(self.state[i, b]) for i, name in enumerate(FIELD_NAMES)}
 
 
 # --- scalar helpers (inline-able into any kernel) -------------------------------------------------------------
@@ -452,17 +443,3 @@ def reset_account(acct: np.ndarray, b: int, initial_cash: float) -> None:
 def reset_accounts(acct: np.ndarray, idx: np.ndarray, initial_cash: float) -> None:
     for j in range(idx.shape[0]):
         reset_account(acct, idx[j], initial_cash)
-
-
-@njit(cache=True)
-def execute_orders(acct: np.ndarray, orders: np.ndarray, rows: np.ndarray, time: np.ndarray, bars: np.ndarray,
-                   xp: np.ndarray, filled: np.ndarray) -> None:
-    """Process bar ``rows[b]`` for every account ``b`` with its order ``orders[b]`` (``process_bar`` per account).
-
-    ``bars`` is the ``(5, N)`` stack of open, high, low, close, volume. For callers outside the envs (live
-    trader, tests); the envs call ``process_bar`` inline from their own step kernel.
-    """
-    for b in range(orders.shape[0]):
-        r = rows[b]
-        filled[b] = process_bar(acct, b, orders[b], time[r], bars[0, r], bars[1, r], bars[2, r], bars[3, r],
-                                bars[4, r], xp)

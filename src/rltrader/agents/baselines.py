@@ -22,11 +22,6 @@ SMALLEST_LOT = 1
 """Lowrider: action 1 buys ``lot_multipliers[1]`` lots (the first non-hold lot)."""
 
 
-def _first_valid(mask: np.ndarray, preferred: int) -> np.ndarray:
-    """``preferred`` where the mask allows it, else hold."""
-    return np.where(mask[:, preferred], preferred, HOLD)
-
-
 class Flat:
     """Never trades: the zero line every agent must clear net of fees."""
 

@@ -1,4 +1,5 @@
-"""Training insights as PNG (seed 000): learning curves and the agent's action scores over sessions."""
+"""Training insights as PNG (as in the PPO reference design): learning curves and the agent's action scores
+over sessions."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from rltrader.env.batch import BatchSessionEnv
 from rltrader.env.modes import EnvParams
 from rltrader.execution import ExecutionParams
 
-_CURVES = ("val_mean_return", "episode_pnl", "loss", "td_error", "q_mean", "policy_loss", "value_loss", "entropy",
-           "approx_kl", "epsilon", "val_accuracy")
+_CURVES = ("val/mean_return", "episode_pnl", "episode/return_mean", "loss", "td_abs", "q_mean", "loss/policy",
+           "loss/value", "loss/entropy", "ppo/approx_kl", "epsilon", "val_accuracy")
+"""History keys plotted when present: D3QN's and PPO's (both log val as ``val/…``) and the classifier's."""
 
 
 def plot_learning_curve(history: list[dict[str, float]], path: Path, title: str) -> None:

@@ -3,16 +3,16 @@
 Action 0 is *hold* in every mode, so a masked-out agent always has a valid action and "do nothing" has the
 same index everywhere.
 
-- ``futures_session`` (seed 002): hold / long / short / close. One position at a time; long while short
-  flips (close + open in one order). Long/short size the position at ``position_size`` × the leverage cap.
-- ``spot_cycle`` (seed 000): hold / buy / sell, long only, one cycle: a buy of ``position_size`` × cash, then
-  a sell of everything; the episode ends when the sell fills.
-- ``lowrider`` (seed 000, DCA): action ``k`` buys ``lot_multipliers[k] × base_lot`` (quote) at market, as long
-  as the cycle's cost basis stays within the budget cap ``initial_cash / reluctance``. Selling is automatic, not
-  an action: once the last close values the position, net of the exit taker fee, at ``profit_target`` above its
-  cost (average entry plus the fees paid), the whole position is sold at the next fill bar's open and the episode
-  ends when that fills. The agent therefore only decides *how much to buy when*; the rule-based Lowrider
-  (``lowrider_rule``) is the same mode driven by a fixed lot schedule.
+- ``futures_session`` (the D3QN reference design): hold / long / short / close. One position at a time; long
+  while short flips (close + open in one order). Long/short size the position at ``position_size`` × the leverage cap.
+- ``spot_cycle`` (the PPO reference design): hold / buy / sell, long only, one cycle: a buy of ``position_size``
+  × cash, then a sell of everything; the episode ends when the sell fills.
+- ``lowrider`` (the PPO reference design's DCA mode): action ``k`` buys ``lot_multipliers[k] × base_lot``
+  (quote) at market, as long as the cycle's cost basis stays within the budget cap ``initial_cash / reluctance``.
+  Selling is automatic, not an action: once the last close values the position, net of the exit taker fee, at
+  ``profit_target`` above its cost (average entry plus the fees paid), the whole position is sold at the next fill
+  bar's open and the episode ends when that fills. The agent therefore only decides *how much to buy when*; the
+  rule-based Lowrider (``lowrider_rule``) is the same mode driven by a fixed lot schedule.
 
 Orders are decided on the last closed bar (price reference ``close[t-1]``) and filled by the execution model
 (``rltrader.execution``) at bar ``t + latency``'s open; sizes here are the orders *sent*, the fill may clip them
@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 from numba import njit
+from pydantic import ConfigDict
 
 from rltrader.errors import ConfigError
 from rltrader.execution import (
@@ -85,6 +86,8 @@ N_ENV_FIELDS = 5
 @dataclass(frozen=True)
 class EnvParams:
     """Mode, reward and penalties (``params.yaml: env``). Context and session length come from the dataset."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # params.yaml validation: unknown keys are errors
 
     mode: Literal["futures_session", "spot_cycle", "lowrider"] = "futures_session"
     reward: Literal["log_return", "pnl", "diff_sharpe"] = "log_return"
@@ -151,15 +154,6 @@ class EnvParams:
             raise bad("rule_schedule", f"must be non-empty action indices in [1, {len(m) - 1}]")
         if not self.leak_scale > 0:
             raise bad("leak_scale", "must be > 0")
-
-    @classmethod
-    def from_mapping(cls, values: Any) -> EnvParams:
-        """From ``Settings.env`` (a pydantic model) or a plain dict."""
-        data = values.model_dump() if hasattr(values, "model_dump") else dict(values)
-        for key in ("lot_multipliers", "rule_schedule"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**data)
 
     @property
     def n_actions(self) -> int:

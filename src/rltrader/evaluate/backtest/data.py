@@ -9,12 +9,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from rltrader.dataset.build import parse_day, standardize  # the sessions stage's date rule and scaling
+from rltrader.dataset.build import standardize  # the sessions stage's scaling
 from rltrader.dataset.split import SessionSet, read_metadata
 from rltrader.env.modes import EnvParams
 from rltrader.errors import ConfigError, DataError
 from rltrader.execution import ExecutionParams
 from rltrader.integrity import read_parquet
+from rltrader.utils import parse_day  # the sessions stage's date rule
 
 
 def continuous_split(settings: Any, split: str = "backtest", *, sessions_dir: Path | None = None,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,55 +26,18 @@ from numba import njit
 
 from rltrader.agents.baselines import BuyAndHold, Flat, LowriderRule, RandomPolicy, SMACross
 from rltrader.env.core import P_T, EnvArrays, EnvCore
-from rltrader.env.modes import BUY, HOLD, LONG, SELL, SHORT, EnvParams, lowrider_rule
+from rltrader.env.modes import BUY, HOLD, LONG, SELL, SHORT, lowrider_rule
 from rltrader.errors import ConfigError
+from rltrader.evaluate.filters import F_CLOSE_ACTION, F_COOLDOWN, F_MAX_DAY, F_SL, F_TP
+from rltrader.evaluate.filters import BacktestFilters as BacktestFilters  # re-exported
 from rltrader.execution import AVG_ENTRY, QTY, REASON_SIGNAL, REASON_SL, REASON_TP
 
 POLICY_NAMES = ("flat", "buy_and_hold", "random", "sma_cross", "lowrider_rule")
 DAY_US = 86_400_000_000
 
 # --- filter parameters (float vector) and per-account filter state (rows of a (N_FS, B) array) -----------------
-F_COOLDOWN, F_MAX_DAY, F_SL, F_TP, F_CLOSE_ACTION = range(5)
-N_F = 5
 FS_LAST_FILL, FS_DAY, FS_COUNT, FS_BLOCKED = range(4)
 N_FS = 4
-
-
-@dataclass(frozen=True)
-class BacktestFilters:
-    """Signal/execution filters between the policy and the env (``params.yaml: backtest``); 0 = off."""
-
-    confidence: float = 0.0
-    cooldown_bars: int = 0
-    max_trades_per_day: int = 0
-    stop_loss: float = 0.0
-    take_profit: float = 0.0
-    repeat_cycles: bool = False
-    """spot_cycle / lowrider: start a new cycle after one closes. Off here so that ``backtest_sessions`` with
-    default filters is exactly the env's episode; ``run_backtest`` takes it from the settings (default on)."""
-
-    def __post_init__(self) -> None:
-        for name in ("confidence", "cooldown_bars", "max_trades_per_day", "stop_loss", "take_profit"):
-            v = getattr(self, name)
-            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
-                raise ConfigError(f"backtest.{name}: must be a finite number ≥ 0 (got {v!r})")
-        if self.stop_loss >= 1:
-            raise ConfigError(f"backtest.stop_loss: must be a fraction below 1 (got {self.stop_loss!r})")
-
-    @classmethod
-    def from_settings(cls, s: Any) -> BacktestFilters:
-        return cls(confidence=s.confidence, cooldown_bars=s.cooldown_bars, max_trades_per_day=s.max_trades_per_day,
-                   stop_loss=s.stop_loss, take_profit=s.take_profit, repeat_cycles=s.repeat_cycles)
-
-    def to_array(self, mode: str) -> np.ndarray:
-        close_action = EnvParams(mode=mode).close_action  # type: ignore[arg-type]
-        if close_action < 0 and (self.stop_loss > 0 or self.take_profit > 0):
-            raise ConfigError("backtest.stop_loss / backtest.take_profit: lowrider has no close action (it sells "
-                              "automatically at env.profit_target); set them to 0 in lowrider mode")
-        f = np.zeros(N_F)
-        f[F_COOLDOWN], f[F_MAX_DAY] = self.cooldown_bars, self.max_trades_per_day
-        f[F_SL], f[F_TP], f[F_CLOSE_ACTION] = self.stop_loss, self.take_profit, close_action
-        return f
 
 
 class FilterArrays(NamedTuple):

@@ -156,7 +156,7 @@ def backtest_sessions(data: SessionSet, policy: Any, execution: ExecutionParams,
     None). ``fast``: run our networks split (``PolicyModule.split``: window part precomputed in blocks, the rest
     in the numba loop); False steps every ``PolicyModule`` with one batched forward pass per bar (the generic
     path, which the split one is tested against)."""
-    filters = filters or BacktestFilters()
+    filters = filters or BacktestFilters(repeat_cycles=False)  # exactly the env's episodes
     if data.n_sessions == 0:
         raise DataError("backtest: the session set has no sessions (nothing to trade)")
     if chain and not env_params.force_close:
