@@ -140,12 +140,11 @@ class Notifier:
                 continue
             batch = [first]
             deadline = time.monotonic() + self.batch_s
-            while len(batch) < 50 and not self._stop.is_set():
+            while len(batch) < 50:
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(self.q.get(timeout=left))
+                try:  # closing: take what is queued without waiting for more
+                    batch.append(self.q.get_nowait() if self._stop.is_set() or left <= 0 else
+                                 self.q.get(timeout=left))
                 except queue.Empty:
                     break
             wait = self.min_interval_s - (time.monotonic() - last)

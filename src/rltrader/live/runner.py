@@ -89,7 +89,7 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
     --api-port``). ``notifier``: a :class:`rltrader.live.notify.Notifier` (default: from the environment, if set)."""
     from rltrader.data.stream import stream
     from rltrader.live.control import Controller
-    from rltrader.live.notify import Notifier, confidence
+    from rltrader.live.notify import Notifier
     from rltrader.live.policy import alias_moved, resolve
 
     cfg = settings.trader
@@ -139,11 +139,7 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
             bar = Bar(int(row[3]), float(row[4]), float(row[5]), float(row[6]), float(row[7]), float(row[8]),
                       float(row[11]), float(row[12]))
             last_bar[sym] = bar
-            decision = trader.on_bar(sym, bar)
-            if notifier is not None and decision is not None and decision.target is not None:
-                notifier.signal(sym, trader.action_names[decision.action], bar.close,
-                                confidence(decision.scores, decision.action), decision.bar_time)
-            controller.on_bar(sym, bar)  # operator commands, between bars
+            step(trader, controller, notifier, sym, bar)
             if cfg.follow_champion and bar.time // 60_000_000 != state["minute"]:
                 state["minute"] = bar.time // 60_000_000
                 _maybe_reload(trader, settings, alias_moved, resolve)
@@ -173,6 +169,20 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
         summary["mlflow_run_id"] = log_summary(settings, summary, mode)
     records.close()
     return summary
+
+
+def step(trader: Trader, controller: Any, notifier: Any, symbol: str, bar: Bar) -> Any:
+    """One closed bar: the trader's decision, its signal to the notifier (a queue put, never a wait), then the
+    operator commands queued since the last bar. The runner's per-bar body; tests drive it directly."""
+    from rltrader.live.notify import confidence
+
+    decision = trader.on_bar(symbol, bar)
+    if notifier is not None and decision is not None and decision.target is not None:
+        notifier.signal(symbol, trader.action_names[decision.action], bar.close,
+                        confidence(decision.scores, decision.action), decision.bar_time)
+    if controller is not None:
+        controller.on_bar(symbol, bar)
+    return decision
 
 
 def reload_model(trader: Trader, settings: Any) -> str:
