@@ -130,6 +130,8 @@ def _get(url: str, token: str | None = TOKEN) -> tuple[int, bytes]:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+    except urllib.error.URLError:
+        return 0, b""  # not listening (yet)
 
 
 def _post(url: str, token: str | None = TOKEN, body: dict[str, Any] | None = None) -> int:

@@ -50,7 +50,8 @@ def confidence(scores: Sequence[float] | Any, action: int) -> float | None:
 
 @dataclass
 class TradeTracker:
-    """Turns fills into closed trades: a trade opens when a position leaves flat and closes when it returns."""
+    """Turns fills into closed trades: a trade opens when a position leaves flat and closes when it returns to flat
+    or flips (a flip opens the next one at the same fill)."""
 
     open_: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -64,9 +65,12 @@ class TradeTracker:
                                       "side": 1.0 if qty > 0 else -1.0}
         t["pnl"] += realized
         t["fees"] += fee
-        if position_after != 0.0:
-            return None
+        if position_after * t["side"] > 0.0:
+            return None  # still open (added to or partly reduced)
         del self.open_[symbol]
+        if position_after != 0.0:  # flipped through flat: this fill also opens the next trade
+            self.open_[symbol] = {"opened": float(time_us), "pnl": 0.0, "fees": 0.0, "entry": price,
+                                  "side": 1.0 if position_after > 0 else -1.0}
         return {"type": "trade", "symbol": symbol, "side": "long" if t["side"] > 0 else "short",
                 "entry": t["entry"], "exit": price, "pnl": t["pnl"], "fees": t["fees"],
                 "net": t["pnl"] - t["fees"], "holding_s": (time_us - t["opened"]) / 1e6}
