@@ -257,23 +257,24 @@ def test_page_shows_fills_and_its_halt_button_halts_the_trader(live: Live) -> No
         assert page.locator("#price path.fill").count() >= 2  # fill markers on the price chart
         assert page.locator("#positions td").first.inner_text() == "NEARUSDT"
         page.click("#halt")
-        page.wait_for_function("document.getElementById('msg').textContent.includes('halt queued')")
+        page.wait_for_function("document.getElementById('msg').textContent.includes('state HALTED')")
         assert asked == ["prompt"]  # the token came from sessionStorage
-        live.advance(1)  # the trader applies the command between bars
         page.wait_for_function("document.getElementById('state').textContent === 'HALTED'", timeout=30_000)
+        halted = control.state_of(rec)
+        assert halted["state"] == "HALTED" and halted["reason"] == "operator: halt (live page)"
         live.advance(300)
         page.wait_for_timeout(2500)  # one more poll: the page shows the blocked orders
         (REPO / "docs").mkdir(exist_ok=True)
         page.screenshot(path=str(REPO / "docs" / "trader-page.png"))
         browser.close()
-    cmd = next(c for c in control.recent(rec) if c["command"] == "halt")
-    assert cmd["reason"] == "live page" and cmd["applied_bar"] is not None
-    after = [o for o in rec.orders() if o["bar_time"] > cmd["applied_bar"] + 60_000_000]
-    assert after, "the trader kept deciding while halted"
-    assert all(o["status"] == "blocked" and o["detail"].startswith("HALTED") for o in after)
-    assert not [f for f in rec.fills() if f["time"] > cmd["applied_bar"] + 60_000_000 and f["kind"] == "order"]
-    decided = [d for d in rec.decisions() if d["bar_time"] > cmd["applied_bar"]]
-    assert len(decided) >= 299
+    orders = rec.orders()
+    before = {o["client_order_id"] for o in orders if o["written_at"] <= halted["updated_at"]}
+    after = [o for o in orders if o["written_at"] > halted["updated_at"]]
+    assert len(after) >= 1, "the trader kept deciding while halted"
+    assert all(o["status"] == "blocked" and o["detail"] == "HALTED: operator: halt (live page)" for o in after)
+    late = [f for f in rec.fills() if f["written_at"] > halted["updated_at"] and f["kind"] == "order"]
+    assert all(f["client_order_id"] in before for f in late) and len(late) <= 1  # at most the one already sent
+    assert len([d for d in rec.decisions() if d["written_at"] > halted["updated_at"]]) >= 299
     # metrics: state, orders by result, rejects by reason
     code, text = _get(f"{live.api}/metrics")
     assert code == 200
@@ -293,7 +294,7 @@ def test_page_shows_fills_and_its_halt_button_halts_the_trader(live: Live) -> No
 
 def test_requests_without_or_with_a_wrong_token_get_401_and_change_nothing(live: Live) -> None:
     rec = live.records()
-    before = (control.recent(rec, 1000), control.current_state(rec)["state"])
+    before = (control.recent(rec, 1000), control.state_of(rec))
     for token in (None, "wrong-token"):
         for cmd in control.COMMANDS:
             assert _post(f"{live.api}/{cmd}", token, {"reason": "intruder"}) == 401
@@ -302,7 +303,7 @@ def test_requests_without_or_with_a_wrong_token_get_401_and_change_nothing(live:
     assert _get(f"{live.api}/health", None)[0] == 200
     assert _get(f"{live.api}/live", None)[0] == 200  # the page itself holds no data
     live.advance(1)
-    assert (control.recent(rec, 1000), control.current_state(rec)["state"]) == before
+    assert (control.recent(rec, 1000), control.state_of(rec)) == before
 
 
 @pytest.mark.slow

@@ -92,9 +92,11 @@ class CommandIn(BaseModel):
 class CommandOut(BaseModel):
     id: int
     command: str
-    reason: str
     issued_at: float
-    note: str = "applied by the running trader between bars; see /status"
+    taken_at: float | None = Field(description="state changes: at once; flatten/reload/reconcile: by the running "
+                                               "trader between bars (null until then)")
+    result: str | None
+    state: str = Field(description="the state after the command was written")
 
 
 class Pnl(BaseModel):
@@ -108,7 +110,7 @@ def _session(rec: Records) -> str | None:
 
 
 def _status(rec: Records) -> Status:
-    st = control.current_state(rec)
+    st = control.state_of(rec)
     sid = _session(rec)
     base = {"state": st["state"], "state_reason": st["reason"], "pending_commands": control.pending(rec)}
     if sid is None:
@@ -189,17 +191,19 @@ def pnl(rec: RecordsDep) -> Pnl:
 def _command(name: str) -> Any:
     def handler(rec: RecordsDep, body: Annotated[CommandIn | None, Body()] = None) -> CommandOut:
         row = control.issue(rec, name, body.reason if body is not None else "")
-        return CommandOut(id=int(row["id"]), command=row["command"], reason=row["reason"],
-                          issued_at=float(row["issued_at"]))
+        return CommandOut(id=int(row["id"]), command=row["command"], issued_at=float(row["issued_at"]),
+                          taken_at=row["taken_at"], result=row["result"], state=control.state_of(rec)["state"])
 
     handler.__name__ = f"{name}_command"
-    handler.__doc__ = f"Queue `{name}` for the trader (the same as `rltrader trade {name}`)."
+    handler.__doc__ = (f"`{name}`, the same as `rltrader trade {name}`: "
+                       + ("queued, taken by the running trader between bars." if name in control.QUEUED else
+                          "the state changes at once (checked before every order)."))
     return handler
 
 
 for _name in control.COMMANDS:
     router.add_api_route(f"/{_name}", _command(_name), methods=["POST"], response_model=CommandOut,
-                         status_code=status.HTTP_202_ACCEPTED, summary=f"{_name} (applied between bars)")
+                         status_code=status.HTTP_202_ACCEPTED, summary=f"{_name}")
 
 
 # -- metrics ---------------------------------------------------------------------------------------------
@@ -210,7 +214,7 @@ def metrics_text(rec: Records) -> bytes:
 
     class _Collector:
         def collect(self) -> Any:
-            st = control.current_state(rec)
+            st = control.state_of(rec)
             g = GaugeMetricFamily("rltrader_state", "1 for the trader's current state", labels=["state"])
             for s in control.STATES:
                 g.add_metric([s], 1.0 if st["state"] == s else 0.0)

@@ -134,8 +134,7 @@ def _control(command: str, reason: str, records: str | None) -> None:
         row = control.issue(_records(records), command, reason)
     except RLTraderError as exc:
         _fail(str(exc))
-    out.print(f"{command} queued (#{row['id']}): the running trader applies it between bars; see `rltrader trade "
-              "status`", highlight=False)
+    out.print(f"{command} (#{row['id']}): {row['result']}", highlight=False)
 
 
 ReasonOpt = Annotated[str, typer.Option(help="Why (recorded with the command)")]
@@ -155,7 +154,7 @@ def resume_cmd(reason: ReasonOpt = "", records: RecordsOpt = None) -> None:
 
 @trade_app.command("flatten")
 def flatten_cmd(reason: ReasonOpt = "", records: RecordsOpt = None) -> None:
-    """Close every position at the last bar, then HALTED."""
+    """Queued: the running trader closes every position at its next bar, then REDUCING until `resume`."""
     _control("flatten", reason, records)
 
 
@@ -179,11 +178,11 @@ def reduce_cmd(reason: ReasonOpt = "", records: RecordsOpt = None) -> None:
 
 @trade_app.command("reload")
 def reload_cmd(reason: ReasonOpt = "", records: RecordsOpt = None) -> None:
-    """Re-resolve the model (the `champion` alias) between bars."""
+    """Queued: the running trader re-resolves its model (the `champion` alias) between bars."""
     _control("reload", reason, records)
 
 
 @trade_app.command("reconcile")
 def reconcile_cmd(reason: ReasonOpt = "", records: RecordsOpt = None) -> None:
-    """Compare the trader's positions with its recorded fills (result in the command's row)."""
+    """Queued: the running trader compares its positions with its recorded fills (result in the command's row)."""
     _control("reconcile", reason, records)
