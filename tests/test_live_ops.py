@@ -406,3 +406,59 @@ def test_a_hanging_notifier_does_not_hold_up_the_bar_loop(built: Settings, tmp_p
     halted_at = day[900].time
     late = [o for o in orders_ref if o["bar_time"] > halted_at + 60_000_000]
     assert late and all(o["status"] == "blocked" for o in late)
+
+
+@pytest.mark.slow
+def test_stop_flatten_reconcile_reload_and_resume_between_bars(built: Settings, tmp_path: Path) -> None:
+    """Driven bar by bar through the runner's step: `stop` lets only position-reducing orders out (sma_cross
+    only flips, so none), `flatten`
+    closes the position at the next bar and leaves REDUCING, `reconcile` finds the book and the fills agreeing,
+    `reload` of a baseline reports it unchanged, `resume` trades again."""
+    from rltrader.execution import QTY
+    from rltrader.live.control import Controller
+    from rltrader.live.runner import reload_model, step
+
+    store = ParquetStore(built.data.dir / "store")
+    bars = bars_from_frame(store.read_klines("futures-um", "NEARUSDT", "1m"))
+    store.close()
+    t0 = int(DAY0.timestamp() * 1e6)
+    day = [b for b in bars if b.time >= t0]
+    records = Records(tmp_path / "t.db")
+    trader = build_trader(built, mode="paper", symbols=["NEARUSDT"], model="sma_cross", records=records,
+                          broker=PaperBroker(np.zeros(0)), until_us=int(DAY1.timestamp() * 1e6))
+    ctl = Controller(trader, reload=lambda: reload_model(trader, built))
+    trader.warm_up("NEARUSDT", (b for b in bars if b.time < t0))
+    book = trader.books["NEARUSDT"]
+    marks: dict[int, float] = {}
+    for i, b in enumerate(day[:1200]):
+        if i == 200:
+            control.stop(records, "test")
+            stopped_at = control.state_of(records)["updated_at"]
+        if i == 600:
+            control.flatten(records, "test")
+        if i == 601:
+            assert book.acct[QTY, 0] == 0.0 and control.state_of(records)["state"] == "REDUCING"
+            control.reconcile(records)
+            control.reload(records)
+        if i == 700:
+            control.resume(records, "test")
+            resumed_at = control.state_of(records)["updated_at"]
+        step(trader, ctl, None, "NEARUSDT", b)
+        marks[b.time] = float(book.acct[QTY, 0])
+    orders = records.orders()
+    during = [o for o in orders if stopped_at < o["written_at"] < resumed_at]
+    blocked = [o for o in during if o["status"] == "blocked"]
+    assert len(blocked) == len(during) > 0  # sma_cross only flips long <-> short: no order reduces, none went out
+    assert {o["detail"].split(" (order")[0] for o in blocked} == {"REDUCING: operator: stop (test)",
+                                                                 "REDUCING: operator: flatten"}
+    held = [marks[b.time] for b in day[202:600]]  # from the fill of the order sent just before the stop
+    assert held[0] != 0.0 and len(set(held)) == 1  # no new entries: the position was held until the flatten
+    flat = [f for f in records.fills() if f["time"] == day[600].time]
+    assert len(flat) == 1 and flat[0]["position_after"] == 0.0 and flat[0]["qty"] == -held[0]
+    results = {c["command"]: c["result"] for c in control.recent(records)}
+    assert results["flatten"].startswith("flattened NEARUSDT")
+    assert results["reconcile"].startswith("consistent")
+    assert results["reload"].startswith("reload: unchanged (sma_cross")
+    assert not control.pending(records)
+    after = [o for o in orders if o["written_at"] > resumed_at]
+    assert any(o["status"] == "filled" for o in after)  # trading again after resume
