@@ -33,8 +33,10 @@ from rltrader.data.store import Store
 from rltrader.dataset.market_features import compute_all_features, full_feature_spec
 from rltrader.dataset.split import META_KEY, SessionSet, read_metadata, write_split
 from rltrader.errors import ConfigError, DataError
+from rltrader.integrity import read_parquet, reading
 
 FEATURES_DIR = "features"
+FEATURES_HINT = "re-run `rltrader dataset features` (`dvc repro features`)"
 SESSIONS_DIR = "sessions"
 
 
@@ -137,7 +139,7 @@ def run_features_stage(settings: Settings, store: Store, out_dir: Path | None = 
                     "code": version}
             table = feats.to_arrow()
             table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-            pq.write_table(table, tmp / f"{symbol}.parquet", compression="zstd")
+            pq.write_table(table, tmp / f"{symbol}.parquet", compression="zstd", write_page_checksum=True)
             summary["symbols"][symbol] = {"rows": feats.height, "valid": int(feats["valid"].sum()),
                                           "segments": int(feats["segment"].n_unique()),
                                           "start": str(feats["open_time"][0]), "end": str(feats["open_time"][-1]),
@@ -149,7 +151,8 @@ def read_features(features_dir: Path, symbol: str) -> tuple[pl.DataFrame, dict[s
     path = features_dir / f"{symbol}.parquet"
     if not path.exists():
         raise DataError(f"{path}: no features for {symbol} (run `rltrader dataset features`)")
-    return pl.read_parquet(path), read_metadata(path)
+    with reading(path, "features file", FEATURES_HINT):
+        return read_parquet(path, "features file", FEATURES_HINT), read_metadata(path)
 
 
 # ---------------------------------------------------------------------------------------------- sessions stage
