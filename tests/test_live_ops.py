@@ -403,6 +403,8 @@ def test_a_hanging_notifier_does_not_hold_up_the_bar_loop(built: Settings, tmp_p
         [(o["bar_time"], o["qty"], o["status"]) for o in orders_ref]
     assert [(f["time"], f["qty"], f["price"]) for f in fills_hung] == [(f["time"], f["qty"], f["price"])
                                                                        for f in fills_ref]
+    res = CliRunner().invoke(app, ["trade", "status", "--records", str(tmp_path / "ref.db")], terminal_width=200)
+    assert res.exit_code == 0 and "state HALTED (operator: halt (cli))" in res.output, res.output
     halted_at = day[900].time
     late = [o for o in orders_ref if o["bar_time"] > halted_at + 60_000_000]
     assert late and all(o["status"] == "blocked" for o in late)

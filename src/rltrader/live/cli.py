@@ -81,8 +81,12 @@ def status_cmd(records: RecordsOpt = None, session: SessionOpt = None,
     if as_json:
         out.print_json(json.dumps(st, default=str))
         return
+    from rltrader.live.control import state_of
+
     s = st["session"]
+    state = state_of(_records(records))
     out.print(f"session {s['session_id']} ({s['mode']}) model {s['model']} version {s['model_version']}")
+    out.print(f"state {state['state']} ({state['reason']})", highlight=False)
     table = Table("symbol", "equity", "position", "orders", "fills", "fees")
     for sym, v in sorted(st["symbols"].items()):
         table.add_row(sym, f"{v.get('equity', 0):.4f}", f"{v.get('position', 0):g}", str(v.get("orders", 0)),
