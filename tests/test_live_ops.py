@@ -264,8 +264,11 @@ def test_page_shows_fills_and_its_halt_button_halts_the_trader(live: Live) -> No
         assert halted["state"] == "HALTED" and halted["reason"] == "operator: halt (live page)"
         live.advance(300)
         page.wait_for_timeout(2500)  # one more poll: the page shows the blocked orders
-        (REPO / "docs").mkdir(exist_ok=True)
-        page.screenshot(path=str(REPO / "docs" / "trader-page.png"))
+        shot = page.screenshot(full_page=False)
+        assert shot.startswith(b"\x89PNG") and len(shot) > 20_000
+        if os.environ.get("UPDATE_DOCS_SCREENSHOTS"):  # the README's picture: docs/trader-page.png
+            (REPO / "docs").mkdir(exist_ok=True)
+            (REPO / "docs" / "trader-page.png").write_bytes(shot)
         browser.close()
     orders = rec.orders()
     before = {o["client_order_id"] for o in orders if o["written_at"] <= halted["updated_at"]}
