@@ -2,7 +2,9 @@
 
 ``flow.serve`` needs no work pool: this process polls the Prefect API (``PREFECT_API_URL``, or a local
 ``prefect server start``) and runs scheduled flows itself. ``backfill-archive`` runs daily at 00:30 UTC,
-``nightly-retrain`` (backfill → ``dvc repro`` → promote) at 02:00 UTC, one at a time;
+``nightly-retrain`` (backfill → ``dvc repro`` → promote) at 02:00 UTC, one at a time; ``train`` has no schedule
+(started from the UI or the control API, ``rltrader api serve``) and queues runs so two trainings never share the
+CPUs;
 ``ingest-live`` is started every 10 minutes with a concurrency limit of 1 that cancels the new run while one is
 active — so the stream is (re)started within 10 minutes whenever no run is alive (crash beyond its retries,
 host restart) and never runs twice.
@@ -18,6 +20,7 @@ from prefect.schedules import Cron
 
 from flows.ingest import backfill_archive, ingest_live
 from flows.retrain import nightly_retrain
+from flows.train import train
 
 BACKFILL_CRON = "30 0 * * *"
 RETRAIN_CRON = "0 2 * * *"
@@ -38,6 +41,11 @@ def deployments() -> list[Any]:
             "nightly-retrain", schedules=[Cron(RETRAIN_CRON, timezone="UTC")], tags=["train", "registry"],
             concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
             description="Backfill the latest data, rebuild via dvc repro, promote a champion only through the gates",
+        ),
+        train.to_deployment(
+            "train", tags=["train"],
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+            description="Train one algorithm (rltrader train <algo>) on the current sessions; runs queue up",
         ),
     ]
 

@@ -42,12 +42,13 @@ def ingest_live(
 
 @task(retries=3, retry_delay_seconds=120)
 def backfill_day(day: str, market: str, symbols: list[str], interval: str, store_url: str | None,
-                 archive_base: str | None) -> dict[str, object]:
-    """Fetch, checksum-verify and upsert one day of archive klines; returns the ingest report (gaps included)."""
+                 archive_base: str | None, through: str | None = None) -> dict[str, object]:
+    """Fetch, checksum-verify and upsert one day (or ``day`` … ``through``) of archive klines; returns the ingest
+    report (gaps included)."""
     settings = load_settings()
     store = open_store(store_url or settings.data.store_url, settings.data.dir)
     try:
-        report = backfill(store, archive_source(settings, archive_base), Market(market), symbols, day, day,
+        report = backfill(store, archive_source(settings, archive_base), Market(market), symbols, day, through or day,
                           interval=interval, progress=False)
         return report.as_dict()
     finally:
@@ -67,8 +68,10 @@ def backfill_archive(
     interval: str = "1m",
     store_url: str | None = None,
     archive_base: str | None = None,
+    through: str | None = None,
 ) -> dict[str, object]:
-    """Load yesterday's (or ``day``'s) daily archive files for the streamed symbols and report gaps.
+    """Load yesterday's (or ``day``'s, or ``day`` … ``through``'s: months as monthly files, the rest as daily ones)
+    archive files for the streamed symbols and report gaps.
 
     Scheduled at 00:30 UTC. Binance publishes daily files some time after midnight; a file not there yet
     fails the task, and the task and flow retries try again later.
@@ -77,10 +80,11 @@ def backfill_archive(
     day = day or yesterday()
     market = market or settings.stream.market.value
     symbols = [s.upper() for s in (symbols or settings.stream.symbols)]
-    report = backfill_day(day, market, symbols, interval, store_url, archive_base)
+    report = backfill_day(day, market, symbols, interval, store_url, archive_base, through)
     gaps = report["gaps"]  # backfill re-scans the day's stored candles after writing
     logger = get_run_logger()
     if gaps:
         logger.warning("backfill-archive %s: %d gap(s) remain: %s", day, len(gaps), gaps)
     logger.info("backfill-archive %s %s %s: %s", day, market, ",".join(symbols), report)
-    return {"day": day, "market": market, "symbols": symbols, "report": report, "gaps": gaps}
+    return {"day": day, "through": through or day, "market": market, "symbols": symbols, "report": report,
+            "gaps": gaps}

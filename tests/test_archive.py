@@ -61,6 +61,16 @@ def test_plan_prefers_monthly_and_fills_with_daily(shared_archive: Path, tmp_pat
     copy_archive_file(shared_archive, tmp_path, FIL_SEP)
     plan = src.plan(Market.FUTURES_UM, "klines", "FILUSDT", "1m", date(2023, 9, 1), date(2023, 9, 2))
     assert [f.freq for f in plan] == ["daily", "daily"]
+    # …but when a day the range needs has no daily file, the monthly one covers the partial month
+    plan = src.plan(Market.FUTURES_UM, "klines", "FILUSDT", "1m", date(2023, 9, 2), date(2023, 9, 4))
+    assert [(f.freq, f.period) for f in plan] == [("monthly", "2023-09")]
+
+
+def test_plan_partial_month_from_monthly_only(shared_archive: Path) -> None:
+    """A mirror holding only the monthly file still serves a single day of that month."""
+    src = ArchiveSource(str(shared_archive))
+    plan = src.plan(Market.FUTURES_UM, "klines", "NEARUSDT", "1m", date(2025, 4, 10), date(2025, 4, 11))
+    assert [(f.freq, f.period) for f in plan] == [("monthly", "2025-04")]
 
 
 def test_file_url_and_folder_are_the_same_archive(shared_archive: Path) -> None:

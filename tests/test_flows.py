@@ -26,8 +26,8 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from flows.deploy import BACKFILL_CRON, deployments  # noqa: E402
 from flows.ingest import backfill_archive, ingest_live, yesterday  # noqa: E402
 from rltrader.data.parquet_store import ParquetStore  # noqa: E402
-from rltrader.sim import ReplayClock, ReplayServer, run_in_thread  # noqa: E402
 from rltrader.data.schema import Market  # noqa: E402
+from rltrader.sim import ReplayClock, ReplayServer, run_in_thread  # noqa: E402
 
 ARCHIVE = SHARED_ARCHIVE  # conftest: the real data must be there; tests fail rather than skip
 

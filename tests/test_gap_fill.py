@@ -10,9 +10,9 @@ import pytest
 
 from rltrader.data.archive import ArchiveFile, ArchiveSource, load_file
 from rltrader.data.ingest import fill_gaps_from_archive, fill_gaps_from_rest, find_gaps
-from rltrader.sim import ReplayServer, run_in_thread
 from rltrader.data.schema import Market
 from rltrader.data.store import Store
+from rltrader.sim import ReplayServer, run_in_thread
 
 HOLE = (datetime(2020, 1, 2, 5, tzinfo=UTC), datetime(2020, 1, 2, 7, 30, tzinfo=UTC))
 

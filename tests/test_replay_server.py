@@ -17,9 +17,9 @@ from conftest import SHARED_ARCHIVE
 from polars.testing import assert_frame_equal
 
 from rltrader.data.archive import ArchiveSource, load_file
-from rltrader.sim import Faults, RateLimit, ReplayClock, ReplayServer, run_in_thread
 from rltrader.data.rest import make_async_client, make_client, make_socket_manager
 from rltrader.data.schema import Market
+from rltrader.sim import Faults, RateLimit, ReplayClock, ReplayServer, run_in_thread
 
 ARCHIVE = SHARED_ARCHIVE  # conftest: the real data must be there; tests fail rather than skip
 
@@ -460,3 +460,31 @@ def test_async_client_create_pings_the_replay() -> None:
                 await client.close_connection()
 
     assert asyncio.run(run()) >= 2  # ping + time
+
+
+def test_partial_month_replays_from_the_monthly_file() -> None:
+    """One day of a month the archive holds only as a monthly file (NEARUSDT futures, April 2025) replays.
+
+    The replay holds exactly the whole days asked for, cut from the monthly file, and REST serves them.
+    """
+    start = datetime(2025, 4, 10, tzinfo=UTC)
+    month = archive_rows(Market.FUTURES_UM, "klines", "NEARUSDT", date(2025, 4, 1), date(2025, 4, 30))
+    expected = month.filter((pl.col("open_time") >= start) & (pl.col("open_time") < start + timedelta(days=2)))
+    assert expected.height == 2 * 1440
+    clock = ReplayClock(start + timedelta(days=3), 0.0, paused=True)
+    srv_obj = ReplayServer.from_archive(str(ARCHIVE), Market.FUTURES_UM, ["NEARUSDT"], start, days=1,
+                                        clock=clock, heartbeat_s=None)
+    with run_in_thread(srv_obj) as srv:
+        client = make_client(Market.FUTURES_UM, srv.rest_base_url)
+        before = client.futures_klines(symbol="NEARUSDT", interval="1m", endTime=ms(start) - 1, limit=10)
+        assert before == []  # nothing of April 9 or earlier came along with the month
+        rows: list[list[Any]] = []
+        cursor = ms(start)
+        while True:
+            page = client.futures_klines(symbol="NEARUSDT", interval="1m", startTime=cursor, limit=1500)
+            if not page:
+                break
+            rows += page
+            cursor = page[-1][0] + 60_000
+    assert [r[0] for r in rows] == [ms(t) for t in expected.get_column("open_time")]
+    assert [float(r[4]) for r in rows] == expected.get_column("close").to_list()

@@ -18,7 +18,6 @@ from conftest import SHARED_ARCHIVE
 from polars.testing import assert_frame_equal
 
 from rltrader.data.archive import ArchiveSource, load_file
-from rltrader.sim import RateLimit, ReplayClock, ReplayServer, run_in_thread
 from rltrader.data.rest import (
     RestError,
     RestPolicy,
@@ -30,6 +29,7 @@ from rltrader.data.rest import (
     make_client,
 )
 from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, Market
+from rltrader.sim import RateLimit, ReplayClock, ReplayServer, run_in_thread
 
 ARCHIVE = SHARED_ARCHIVE  # conftest: the real data must be there; tests fail rather than skip
 

@@ -23,10 +23,10 @@ from polars.testing import assert_frame_equal
 
 from rltrader.config import StreamSettings
 from rltrader.data.archive import ArchiveSource, load_file
-from rltrader.sim import ReplayClock, ReplayServer, run_in_thread
 from rltrader.data.schema import Market
 from rltrader.data.store import Store, open_store
 from rltrader.data.stream import Backoff, StreamStats, stream
+from rltrader.sim import ReplayClock, ReplayServer, run_in_thread
 from rltrader.testing import TempPostgres
 
 ARCHIVE = SHARED_ARCHIVE  # missing data fails the session (conftest), it is never silently skipped

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +42,8 @@ app.add_typer(data_app, name="data")
 dataset_app = typer.Typer(help="Session datasets: causal features and train/val/test/backtest sessions.",
                           no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
+api_app = typer.Typer(help="HTTP control API: REST triggers for the Prefect deployments.", no_args_is_help=True)
+app.add_typer(api_app, name="api")
 out = Console()
 err = Console(stderr=True)
 
@@ -202,6 +205,42 @@ def quarantine_cmd(limit: int = 50, store: StoreOpt = None) -> None:
         out.print(f"{q.height} quarantined row(s)")
 
 
+@data_app.command("sql")
+def sql_cmd(
+    query: Annotated[str, typer.Argument(help="One SELECT (views: klines, agg_trades, bars; over Parquet also "
+                                         "features, sessions_<split>); '-' reads it from stdin")],
+    as_json: Annotated[bool, typer.Option("--json", help="Rows as a JSON list of objects on stdout")] = False,
+    csv_path: Annotated[Path | None, typer.Option("--csv", help="Write the rows to this CSV file")] = None,
+    max_rows: Annotated[int, typer.Option(help="Rows shown in the table (JSON/CSV get all)")] = 100,
+    store: StoreOpt = None,
+) -> None:
+    """Read-only SQL over the store: DuckDB over Parquet, or the PostgreSQL store itself (same views)."""
+    from rltrader.data.sql import run_sql
+
+    if query == "-":
+        query = sys.stdin.read()
+    try:
+        settings = load_settings()
+        result = run_sql(query, store or settings.data.store_url, settings.data.dir)
+    except (RLTraderError, ValueError) as exc:
+        _fail(str(exc))
+    if csv_path is not None:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        csv_path.write_text(result.to_csv())
+    if as_json:
+        print(result.to_json())
+        return
+    if csv_path is not None:
+        err.print(f"{len(result.rows)} row(s) → {csv_path}")
+        return
+    table = Table(*result.columns)
+    for row in result.rows[:max_rows]:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    out.print(table)
+    more = f" (first {max_rows} shown)" if len(result.rows) > max_rows else ""
+    out.print(f"{len(result.rows)} row(s){more} ({result.engine})")
+
+
 @data_app.command("stream")
 def stream_cmd(
     market: Annotated[Market | None, typer.Option("--market", help="spot or futures-um (default: params)")] = None,
@@ -243,19 +282,30 @@ def replay_server_cmd(
     archive_base: ArchiveOpt = None,
 ) -> None:
     """Serve recorded archive data through Binance's REST and websocket protocols on loopback."""
-    from rltrader.sim import Faults, ReplayServer, serve_forever
+    from rltrader.execution import ExecutionParams
+    from rltrader.sim import Faults, ReplayServer, default_params, serve_forever
 
     settings = load_settings()
 
     def ready(srv: ReplayServer) -> None:
         out.print(f"replay server ready: REST {srv.rest_base_url}  websocket {srv.ws_base_url}  "
                   f"(python-binance: API_URL={srv.rest_base_url}/api, STREAM_URL={srv.ws_base_url})")
+        out.print("trading API: " + ("on for the key in BINANCE_API_KEY" if api_keys else
+                                     "off (set BINANCE_API_KEY and BINANCE_API_SECRET to trade)"))
 
     faults = Faults(drop_after=drop_after, stall_after=stall_after, stall_seconds=stall_seconds,
                     malformed_every=malformed_every)
+    # The fake exchange's account: the key pair the clients use (env only, never logged), and the project's
+    # execution model where it is for this market (so paper fills equal the backtest's), else VIP0 fees.
+    key, secret = os.environ.get("BINANCE_API_KEY"), os.environ.get("BINANCE_API_SECRET")
+    api_keys = {key: secret} if key and secret else None
+    execution = ExecutionParams.from_mapping(settings.execution)
+    if (execution.market == "spot") != (Market(market) is Market.SPOT):
+        execution = default_params(Market(market))
     try:
         serve_forever(archive_base or settings.data.archive_base, market, _symbols(symbols), start, end,
-                      speed=speed, host=host, port=port, days=days, faults=faults, on_ready=ready)
+                      speed=speed, host=host, port=port, days=days, faults=faults, api_keys=api_keys,
+                      execution=execution, on_ready=ready)
     except RLTraderError as exc:
         _fail(str(exc))
 
@@ -387,6 +437,22 @@ def walk_forward_cmd(
     for line in result["verdicts"]:
         out.print(line)
     out.print(f"report: {result['report']}")
+
+
+@api_app.command("serve")
+def api_serve_cmd(
+    host: Annotated[str, typer.Option(help="Address to bind; beyond loopback only with RLTRADER_API_TOKEN set")] = (
+        "127.0.0.1"),
+    port: int = 8080,
+) -> None:
+    """Serve POST /data/collect, /data/backfill, /train/{algo}, /pipeline/run and GET /runs/{id}: each creates a
+    run of the Prefect deployment (served by `python -m flows.deploy`); bearer token from RLTRADER_API_TOKEN."""
+    from rltrader.api.app import serve
+
+    try:
+        serve(host=host, port=port)
+    except RLTraderError as exc:
+        _fail(str(exc))
 
 
 @app.command("tune")

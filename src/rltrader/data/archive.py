@@ -143,9 +143,10 @@ class ArchiveSource:
     ) -> list[ArchiveFile]:
         """Files covering the inclusive date range: monthly where published and fully inside, else daily.
 
-        A month only partly inside the range still uses the monthly file when the range covers all of its
-        published days would be wasteful to reason about, so partial months go daily; rows outside the range
-        are cut by the caller anyway. Missing daily files are not an error here: gaps are reported later.
+        A month only partly inside the range is read from its daily files when every day the range needs is
+        published (less to download than the month); when some are missing but the monthly file exists, that
+        file is used instead (archives and mirrors often hold only the monthly files). Either way the caller
+        cuts the rows outside the range. Missing daily files are not an error here: gaps are reported later.
         Raises NotInArchiveError when nothing at all exists (typically an unknown symbol).
         """
         if end < start:
@@ -158,12 +159,20 @@ class ArchiveSource:
             if whole and self.exists(monthly):
                 files.append(monthly)
                 continue
+            days: list[ArchiveFile] = []
+            complete = True
             d = max(first, start)
             while d <= min(last, end):
                 daily = ArchiveFile(market, kind, symbol, interval, "daily", d.isoformat())
                 if self.exists(daily):
-                    files.append(daily)
+                    days.append(daily)
+                else:
+                    complete = False
                 d += timedelta(days=1)
+            if not whole and not complete and self.exists(monthly):
+                files.append(monthly)
+            else:
+                files += days
         if not files:
             what = f"{kind} {interval or ''}".strip()
             raise NotInArchiveError(
