@@ -235,3 +235,47 @@ def daily_series(equity: pl.DataFrame, initial_cash: float) -> pl.DataFrame:
     curve = combined_equity(equity)
     days = curve.select(pl.col("time").dt.date().alias("day")).unique(maintain_order=True).sort("day")
     return days.with_columns(pl.Series("ret", daily_returns(curve, initial_cash), dtype=pl.Float64))
+
+
+# ------------------------------------------------------------------------------------------- the backtest stage
+SIGNIFICANCE_BENCHMARKS = ("flat", "buy_and_hold")
+"""The baselines an agent's SPA / reality-check p-values are computed against."""
+
+
+def significance(equity: pl.DataFrame, trades: pl.DataFrame, initial_cash: float,
+                 benchmarks: Mapping[str, tuple[pl.DataFrame, float]], *, reps: int, seed: int = 0
+                 ) -> dict[str, float]:
+    """An agent's p-values for the backtest report: SPA and reality check against each benchmark's daily returns
+    (joined on the day) and the random-entry null of its trades; ``reps`` bootstrap replications / null draws."""
+    a = daily_series(equity, initial_cash)
+    out: dict[str, float] = {}
+    for name, (b_equity, b_cash) in benchmarks.items():
+        j = a.join(daily_series(b_equity, b_cash), on="day", how="inner", suffix="_b")
+        spa = spa_test(j["ret"].to_numpy(), j["ret_b"].to_numpy(), reps=reps, seed=seed)
+        out[f"spa_pvalue_vs_{name}"] = spa["spa_pvalue"]
+        out[f"reality_check_pvalue_vs_{name}"] = spa["reality_check_pvalue"]
+    out["random_entry_pvalue"] = random_entry_null(equity, trades, draws=reps, seed=seed)["random_entry_pvalue"]
+    return out
+
+
+def counted_trials(settings: Any) -> dict[str, int]:
+    """:func:`trials_run` for the settings' tuning storage and MLflow experiment."""
+    from rltrader.tune.storage import storage_url
+
+    url = storage_url(settings.tune.storage, settings.data.dir)
+    return trials_run(storage=url, tracking_uri=settings.train.tracking_uri, experiment=settings.train.experiment)
+
+
+def tuning_record(settings: Any, name: str) -> dict[str, float]:
+    """What ``rltrader tune <name>`` reported for this model (``<tune.out_dir>/<name>/summary.json``): the PBO of
+    its study and how many of its trials finished; empty when the model was not tuned."""
+    import json
+
+    path = Path(settings.tune.out_dir) / name / "summary.json"
+    if not path.is_file():
+        return {}
+    rec = json.loads(path.read_text())
+    pbo = (rec.get("pbo") or {}).get("pbo")
+    states = rec.get("trial_states") or {}
+    return {"pbo": float(pbo) if pbo is not None else _NAN,
+            "tune_trials": float(states.get("complete", 0) + states.get("pruned", 0))}
