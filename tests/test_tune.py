@@ -161,3 +161,30 @@ def test_sigkilled_worker_trial_is_failed_and_retried(built: Path, tmp_path: Pat
     assert retries[0].params == by_number[killed].params  # the same trial again, not a new draw
     assert sum(t.state in FINISHED for t in trials) == 6
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
+@pytest.mark.slow
+def test_tune_d3qn_trains_each_walk_forward_fold(built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two tiny d3qn trials: each trains from scratch in both expanding folds inside train+val (never past val's
+    end), each fold run is tagged as the trial's (so it is not counted twice), and the winner lands in
+    params.tuned.yaml under d3qn."""
+    import mlflow
+
+    monkeypatch.setenv("RLTRADER_PARAMS", str(tmp_path / "params.yaml"))
+    s = tiny(built, tmp_path, fold_days=1, val_days=1, pruner="none")
+    d = s.model_dump(mode="json")
+    d["train"].update({"checkpoint_dir": str(tmp_path / "ckpt"), "models_dir": str(tmp_path / "models"),
+                       "val_sessions": 50})
+    d["d3qn"] = {"total_steps": 300, "num_envs": 8, "learning_starts": 100, "batch_size": 16, "buffer_size": 1000,
+                 "eval_every": 300, "eval_sessions": 20, "checkpoint_every": 300, "net": {"channels": 4, "hidden": 8}}
+    settings = Settings.model_validate(d)
+    out = run_tune(settings, "d3qn", trials=2, storage=f"sqlite:///{tmp_path}/optuna.db")
+    study = optuna.load_study(study_name="d3qn", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert len(study.get_trials()) == 2 and out["trials_counted"] == 2
+    for t in study.get_trials():
+        folds = t.user_attrs["folds"]
+        assert [(f["start"], f["end"]) for f in folds] == [("2024-01-06", "2024-01-07"), ("2024-01-07", "2024-01-08")]
+        runs = [mlflow.tracking.MlflowClient(settings.train.tracking_uri).get_run(f["run_id"]) for f in folds]
+        assert {r.data.tags["rltrader.tune_trial"] for r in runs} == {f"d3qn/{t.number}"}
+        assert {r.data.params["d3qn.lr"] for r in runs} == {str(t.params["lr"])}  # the trial's value was trained
+    assert yaml.safe_load((tmp_path / "params.tuned.yaml").read_text())["d3qn"] == study.best_params
