@@ -8,7 +8,7 @@ CPUs; ``tune`` runs a study and ``tune-worker`` is one worker of it (serve it on
 trials: ``tune`` with ``fan_out="deployment"`` starts runs of it);
 ``ingest-live`` is started every 10 minutes with a concurrency limit of 1 that cancels the new run while one is
 active — so the stream is (re)started within 10 minutes whenever no run is alive (crash beyond its retries,
-host restart) and never runs twice.
+host restart) and never runs twice. ``trade-paper`` supervises the paper trader the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from prefect.schedules import Cron
 
 from flows.ingest import backfill_archive, ingest_live
 from flows.retrain import nightly_retrain
+from flows.trade import trade
 from flows.train import train
 from flows.tune import tune, tune_worker
 
@@ -38,6 +39,11 @@ def deployments() -> list[Any]:
             "ingest-live", interval=600, tags=["ingest", "live"],
             concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
             description="Supervised websocket ingester (restarted if not running)",
+        ),
+        trade.to_deployment(
+            "trade-paper", interval=600, tags=["trade", "paper"], parameters={"mode": "paper"},
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+            description="Supervised paper trader on the champion (restarted if not running, never two at once)",
         ),
         nightly_retrain.to_deployment(
             "nightly-retrain", schedules=[Cron(RETRAIN_CRON, timezone="UTC")], tags=["train", "registry"],

@@ -27,6 +27,7 @@ TINY = {
                             "val": {"start": "2023-02-15", "end": "2023-02-21"},
                             "test": {"start": "2023-02-21", "end": "2023-02-25"},
                             "backtest": {"start": "2023-02-25", "end": "2023-03-01"}}},
+    "study": {"horizons": [1, 15], "xgb_rounds": 10, "bootstrap": 50, "ablation_model": "ridge"},
 }
 
 
@@ -80,15 +81,16 @@ def test_whole_pipeline_on_tiny_params(tmp_path: Path, shared_archive: Path) -> 
     repo = _repo(tmp_path, shared_archive, {**TINY_TRAIN, "train": {"val_sessions": 100},
                                             "backtest": {"bootstrap": 200}})
     first = _run([sys.executable, "-m", "dvc", "repro"], repo)
-    assert sorted(_ran(first)) == sorted(["ingest", "features", "sessions", "train@d3qn", "train@ppo", "train@cnn",
-                                          "backtest", "promote"]), first
+    assert sorted(_ran(first)) == sorted(["ingest", "features", "sessions", "study", "train@d3qn", "train@ppo",
+                                          "train@cnn", "backtest", "promote"]), first
+    assert (repo / "reports" / "study" / "report.html").is_file()
     decision = json.loads((repo / "reports" / "promotion.json").read_text())
     assert decision["action"] in ("promote", "refuse") and decision["gates"]
     assert decision["challenger"] in ("d3qn", "ppo")
     for algo in ("d3qn", "ppo", "cnn"):
         assert (repo / "reports" / "backtest" / algo / "report.html").is_file()
     shown = _run([sys.executable, "-m", "dvc", "metrics", "show"], repo)
-    assert "reports/backtest.json" in shown and "reports/promotion.json" in shown
+    assert "reports/backtest.json" in shown and "reports/promotion.json" in shown and "reports/study.json" in shown
     plots = _run([sys.executable, "-m", "dvc", "plots", "show", "--out", str(tmp_path / "plots")], repo)
     assert (tmp_path / "plots" / "index.html").is_file(), plots
     assert _ran(_run([sys.executable, "-m", "dvc", "repro"], repo)) == []

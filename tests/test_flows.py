@@ -61,6 +61,27 @@ def test_backfill_archive_loads_yesterday_and_reports_gaps(prefect_harness: None
     assert stored.get_column("open_time").min() == datetime(2020, 1, 2, tzinfo=UTC)
 
 
+def test_backfill_archive_fails_when_a_stored_month_differs_from_the_archive(prefect_harness: None,
+                                                                             workdir: Path) -> None:
+    """The verify task after the backfill fails the run, naming the month, when stored rows were altered."""
+    import polars as pl
+
+    from rltrader.data.parquet_store import write_month_file
+    from rltrader.errors import DataError
+
+    store_url = f"parquet://{workdir / 'store'}"
+    backfill_archive(day="2020-01-01", market="spot", symbols=["BTCUSDT"], store_url=store_url,
+                     archive_base=str(ARCHIVE))  # clean: verify passes (2020-01-02/03 not stored: not a failure)
+    f = (workdir / "store" / "klines" / "market=spot" / "symbol=BTCUSDT" / "interval=1m" / "month=2020-01"
+         / "data.parquet")
+    df = pl.read_parquet(f)
+    write_month_file(df.with_columns(pl.when(pl.int_range(pl.len()) == 100).then(pl.col("volume") * 2)
+                                     .otherwise(pl.col("volume")).alias("volume")), f)
+    with pytest.raises(DataError, match=r"spot BTCUSDT 1m 2020-01 differs \(1 row"):
+        backfill_archive.with_options(retries=0)(day="2020-01-02", market="spot", symbols=["BTCUSDT"],
+                                                 store_url=store_url, archive_base=str(ARCHIVE))
+
+
 def test_ingest_live_bounded_run_against_replay(prefect_harness: None, workdir: Path) -> None:
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     srv = ReplayServer.from_archive(str(ARCHIVE), Market.SPOT, ["BTCUSDT"], t0, t0, clock=ReplayClock(t0, 0.0),

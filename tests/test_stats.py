@@ -13,7 +13,7 @@ import polars as pl
 from rltrader.env.modes import EnvParams
 from rltrader.env.synthetic import synthetic_sessions
 from rltrader.evaluate.backtest import backtest_sessions
-from rltrader.evaluate.metrics import DAYS_PER_YEAR, _ci, block_bootstrap
+from rltrader.evaluate.metrics import DAYS_PER_YEAR, _ci, block_bootstrap, circular_block_indices
 from rltrader.evaluate.stats import daily_series, pbo_cscv, random_entry_null, spa_test, trials_run
 from rltrader.execution import ExecutionParams
 
@@ -50,6 +50,10 @@ def test_arch_block_bootstrap_draws_the_same_resamples_as_the_old_code() -> None
             np.testing.assert_array_equal(new_tot, old_tot)
             np.testing.assert_array_equal(new_sh, old_sh)
             assert (_ci(new_sh) == _ci(old_sh) and _ci(new_tot) == _ci(old_tot)) or n == 2  # n=2: all-NaN CI
+            b = max(1, round(math.sqrt(n)))
+            starts = np.random.default_rng(seed).integers(0, n, size=(200, -(-n // b)))
+            old_idx = ((starts[:, :, None] + np.arange(b)) % n).reshape(200, -1)[:, :n]
+            np.testing.assert_array_equal(circular_block_indices(n, 200, seed), old_idx)
 
 
 # ------------------------------------------------------------------------------------------------------------ PBO

@@ -44,6 +44,9 @@ dataset_app = typer.Typer(help="Session datasets: causal features and train/val/
 app.add_typer(dataset_app, name="dataset")
 api_app = typer.Typer(help="HTTP control API: REST triggers for the Prefect deployments.", no_args_is_help=True)
 app.add_typer(api_app, name="api")
+from rltrader.live.cli import trade_app  # noqa: E402  (the trader's commands live with the trader)
+
+app.add_typer(trade_app, name="trade")
 out = Console()
 err = Console(stderr=True)
 
@@ -54,7 +57,12 @@ ArchiveOpt = Annotated[str | None, typer.Option("--archive-base", help="Archive 
 MarketOpt = Annotated[Market, typer.Option("--market", help="spot or futures-um")]
 
 
+_VERBOSE = False  # -v: an error also shows its traceback (for a bug report); otherwise one line
+
+
 def _fail(msg: str) -> NoReturn:
+    if _VERBOSE and sys.exc_info()[0] is not None:
+        err.print_exception()
     err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
@@ -80,6 +88,8 @@ def _symbols(text: str) -> list[str]:
 
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    global _VERBOSE
+    _VERBOSE = verbose
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -194,6 +204,50 @@ def stats_cmd(as_json: Annotated[bool, typer.Option("--json")] = False, store: S
         for s in stats:
             table.add_row(*(str(s[k]) for k in ["kind", "market", "symbol", "interval", "rows", "first", "last"]))
         out.print(table)
+        for s in stats:  # unreadable month files are left out of the counts above, and named here
+            for path in s["broken"]:  # type: ignore[attr-defined]
+                err.print(f"[red]broken:[/red] {path}: unreadable (not counted); `rltrader data verify "
+                          "--archive --repair` reloads it from the archive", highlight=False, soft_wrap=True)
+
+
+@data_app.command("verify")
+def verify_cmd(
+    market: Annotated[Market | None, typer.Option("--market", help="spot or futures-um (default: all)")] = None,
+    symbols: Annotated[str | None, typer.Option(help="Comma-separated (default: all stored)")] = None,
+    interval: Annotated[str | None, typer.Option(help="Kline interval (default: all)")] = None,
+    start: Annotated[str | None, typer.Option(help="YYYY-MM[-DD]: first month checked")] = None,
+    end: Annotated[str | None, typer.Option(help="YYYY-MM[-DD]: last month checked")] = None,
+    archive: Annotated[bool, typer.Option("--archive", help="Compare each month with the CHECKSUM-verified "
+                                          "archive files (row count + content fingerprint)")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Rebuild failing months from the archive (implies "
+                                         "--archive); stored rows the archive lacks are kept")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    store: StoreOpt = None,
+    archive_base: ArchiveOpt = None,
+) -> None:
+    """Check every stored klines month: readable, canonical schema, unique rows on the grid inside the month,
+    OHLC invariants; optionally equal to the archive; --repair rebuilds the failing ones. Exit 1 if any fails."""
+    from rltrader.data.verify import Scope, verify_store
+
+    with _context(store) as (settings, st):
+        scope = Scope.of(market.value if market else None, _symbols(symbols or ""), interval, start, end)
+        source = archive_source(settings, archive_base) if archive or repair else None
+        report = verify_store(st, scope, source, repair=repair)
+    if as_json:
+        out.print_json(json.dumps(report.as_dict(), default=str))
+    else:
+        table = Table("market", "symbol", "interval", "month", "status", "rows", "archive", "detail")
+        for m in report.months:
+            colour = "red" if m.failed else "green" if m.status == "ok" else "yellow"
+            table.add_row(m.market, m.symbol, m.interval, m.month, f"[{colour}]{m.status}[/{colour}]",
+                          str(m.rows) if m.rows is not None else "-",
+                          str(m.archive_rows) if m.archive_rows is not None else "-", m.detail)
+        out.print(table)
+        out.print(report.summary(), highlight=False)
+    if report.failed:
+        _fail(f"{len(report.failed)} stored month(s) are wrong: " + "; ".join(
+            f"{m.label} {m.status}" + (f" ({m.path})" if m.status == "unreadable" else "") for m in report.failed)
+            + ("" if repair else " (`rltrader data verify --archive --repair` rebuilds them from the archive)"))
 
 
 @data_app.command("quarantine")
@@ -400,6 +454,24 @@ def backtest_cmd(
     out.print(table)
     for line in summary["verdicts"][primary]:
         out.print(line)
+
+
+@app.command("study")
+def study_cmd(
+    metrics: Annotated[Path, typer.Option(help="DVC metrics JSON")] = Path("reports/study.json"),
+    out_dir: Annotated[Path, typer.Option(help="Report folder (HTML, PNGs, summary.json)")] = Path("reports/study"),
+    mlflow: Annotated[bool, typer.Option(help="Log a `study` run to MLflow")] = True,
+) -> None:
+    """Signal study: ridge/XGBoost forecasts of forward returns per horizon, IC with CIs, costs, ablation."""
+    from rltrader.study.stage import run_study_stage
+
+    try:
+        summary = run_study_stage(load_settings(), out_dir=out_dir, metrics_path=metrics, log_mlflow=mlflow)
+    except RLTraderError as exc:
+        _fail(str(exc))
+    for line in summary["verdicts"]:
+        out.print(line, soft_wrap=True)
+    out.print(f"report: {out_dir / 'report.html'}")
 
 
 @app.command("promote")

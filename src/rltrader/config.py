@@ -25,7 +25,7 @@ ALIASES = {
     "RLTRADER_DATA_DIR": ("data", "dir"),
 }
 # Variables with the prefix that are not parameters (read elsewhere, e.g. by the test harness).
-NOT_PARAMS = {"RLTRADER_PG_BIN", "RLTRADER_PARAMS"}
+NOT_PARAMS = {"RLTRADER_PG_BIN", "RLTRADER_PARAMS", "RLTRADER_BINANCE_API_KEY", "RLTRADER_BINANCE_API_SECRET"}
 
 
 class _Strict(BaseModel):
@@ -91,6 +91,15 @@ class FeatureSettings(_Strict):
     volatility: list[int] = Field(default_factory=lambda: [15, 60])
     zscore_window: int = 240
     """Trailing window of the volume and trade-count z-scores."""
+    market: bool = False
+    """Market-wide features (``rltrader.dataset.market_features``): the equal-weighted return of all
+    ``ingest.symbols`` (a market factor), each symbol's return residual to it and the market's volatility."""
+    market_min_symbols: int = Field(default=2, ge=1)
+    """The market factor is defined at a bar only when at least this many symbols have that bar."""
+    timeframes: list[str] = Field(default_factory=list)
+    """Higher timeframes (e.g. ``[15m, 1h, 4h]``) whose CLOSED bars give extra features; empty = none."""
+    tf_lookback: int = Field(default=24, ge=2)
+    """Higher-timeframe bars in the multi-bar return, volatility and rolling high/low features (24 × 4h = 4 days)."""
 
     @field_validator("return_horizons", "ema", "volatility")
     @classmethod
@@ -248,6 +257,45 @@ class BacktestSettings(_Strict):
     """Block-bootstrap resamples (over days) for the Sharpe and return confidence intervals; 0 = off."""
 
 
+class StudySettings(_Strict):
+    """``rltrader study`` (``rltrader.study``): supervised forecasters of volatility-normalised forward returns,
+    fitted on one split and judged on others, to measure where (if anywhere) a signal beats the costs."""
+
+    symbols: list[str] | None = None
+    """None = ``ingest.symbols``; the forecasters are fitted on all of them pooled and judged per symbol too."""
+    horizons: list[int] = Field(default_factory=lambda: [1, 5, 15, 60, 240])
+    """Forward horizons in bars (fill to fill: entry at the open after the decision, exit ``h`` bars later)."""
+    models: list[Literal["ridge", "xgboost"]] = Field(
+        default_factory=lambda: ["ridge", "xgboost"], min_length=1)  # type: ignore[arg-type]
+    train_split: str = "train"
+    eval_splits: list[str] = Field(default_factory=lambda: ["val", "test"], min_length=1)
+    select_split: str = "val"
+    """Where the threshold of the threshold strategy and the best model are chosen (never test/backtest)."""
+    train_stride: int = Field(default=20, ge=1)
+    """Fit on every k-th train bar: neighbouring bars' targets overlap, so little information is lost."""
+    eval_stride: int = Field(default=1, ge=1)
+    vol_window: int = Field(default=60, ge=2)
+    """Bars of the trailing volatility the targets are normalised by."""
+    target_clip: float = Field(default=5.0, gt=0)
+    """Training targets are clipped to ±this many volatilities (evaluation uses the unclipped ones)."""
+    ridge_alpha: float = Field(default=0.1, ge=0)
+    """Penalty on the mean squared error of standardised features (1 would halve a lone unit-variance weight)."""
+    xgb_rounds: int = Field(default=100, ge=1)
+    xgb_depth: int = Field(default=4, ge=1)
+    xgb_eta: float = Field(default=0.05, gt=0)
+    xgb_threads: int = Field(default=1, ge=1)
+    ablation: bool = True
+    """Refit without each feature group and report the change of the select split's IC."""
+    ablation_model: Literal["ridge", "xgboost"] = "xgboost"
+    thresholds: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0], min_length=1)
+    """Threshold strategy: trade when |forecast| > k × round-trip cost, for each k."""
+    min_trades: int = Field(default=30, ge=1)
+    """A threshold with fewer trades on the select split is not chosen."""
+    bootstrap: int = Field(default=500, ge=0)
+    """Block-bootstrap resamples (blocks of days) for the IC confidence intervals; 0 = off."""
+    seed: int = 0
+
+
 class WalkForwardSettings(_Strict):
     """``rltrader walk-forward``: rolling train/test windows, each fold trained and backtested from scratch."""
 
@@ -308,6 +356,33 @@ class PromoteSettings(_Strict):
     decision_path: Path = Path("reports/promotion.json")
 
 
+class TraderSettings(_Strict):
+    """``rltrader trade`` (``rltrader.live``): execution, env, sizing and filters are the backtest's sections."""
+
+    mode: Literal["paper", "testnet", "live"] = "paper"
+    market: Market = Market.FUTURES_UM
+    """Market data and orders: futures-um (USDⓈ-M) or spot; must match ``execution.market``."""
+    symbols: list[str] = Field(default_factory=lambda: ["NEARUSDT"])
+    model: str = "models:/rltrader@champion"
+    """Registry alias (pinned to its version at start), MLflow run id / URI, ``.pt`` file or baseline name."""
+    follow_champion: bool = False
+    """Reload (between bars, recorded) when the alias moves; false: only an explicit restart changes the model."""
+    records_url: str | None = None
+    """null → ``<data.dir>/trader.db`` (SQLite, WAL); ``postgresql://…`` for PostgreSQL."""
+    rest_base: str | None = None
+    """null → Binance (testnet: python-binance's testnet URLs); ``http://127.0.0.1:PORT`` for the replay server."""
+    ws_base: str | None = None
+    history_bars: int = Field(default=2880, ge=0)
+    """Stored bars before the start that warm the incremental features up (EWMs converge in a few hundred)."""
+    flatten_on_stop: bool = False
+    """Close every position when the run ends (a replay to a known end does, as the backtest's last bar)."""
+
+    @field_validator("symbols", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [s.strip().upper() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+
 class Settings(_Strict):
     data: DataSettings = Field(default_factory=DataSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
@@ -319,8 +394,10 @@ class Settings(_Strict):
     train: TrainSettings = Field(default_factory=TrainSettings)
     backtest: BacktestSettings = Field(default_factory=BacktestSettings)
     walk_forward: WalkForwardSettings = Field(default_factory=WalkForwardSettings)
+    study: StudySettings = Field(default_factory=StudySettings)
     promote: PromoteSettings = Field(default_factory=PromoteSettings)
     tune: TuneSettings = Field(default_factory=TuneSettings)
+    trader: TraderSettings = Field(default_factory=TraderSettings)
     d3qn: dict[str, Any] = Field(default_factory=dict)
     """Validated by ``rltrader.agents.d3qn.D3QNConfig`` (typed dataclass)."""
     ppo: dict[str, Any] = Field(default_factory=dict)

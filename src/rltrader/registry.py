@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rltrader.errors import ConfigError, DataError, RLTraderError
+from rltrader.integrity import read_json
 
 CHAMPION, PREVIOUS = "champion", "previous"
 HISTORY_TAG = "champion_history"
@@ -190,14 +191,13 @@ def register_models(settings: Any, summary: Mapping[str, Any]) -> dict[str, str]
 def _champion_metrics(settings: Any, champion: Any, splits: Sequence[str], primary: str,
                       sessions_dir: Path | None, features_dir: Path | None) -> tuple[dict[str, dict[str, Any]], str]:
     """The champion on the challenger's data (re-run), or its recorded tags when it no longer fits the data."""
-    import mlflow.pytorch
-
+    from rltrader.agents.packaging import load_mlflow_policy
     from rltrader.evaluate.backtest import continuous_split
     from rltrader.evaluate.stage import evaluate
 
     name = settings.promote.model_name
     try:
-        module = mlflow.pytorch.load_model(f"models:/{name}@{CHAMPION}", map_location="cpu")
+        module = load_mlflow_policy(f"models:/{name}@{CHAMPION}")  # a corrupt champion: DataError → tags
         out = {}
         for split in splits:
             data = continuous_split(settings, split, sessions_dir=sessions_dir, features_dir=features_dir)
@@ -241,7 +241,7 @@ def promote(settings: Any, *, dry_run: bool = False, summary_path: Path = Path("
     """Register the backtest stage's models, pick the challenger, apply the gates, move the aliases."""
     if not summary_path.is_file():
         raise DataError(f"{summary_path}: no backtest summary (run `rltrader backtest` first)")
-    summary = json.loads(summary_path.read_text())
+    summary = read_json(summary_path, "backtest summary", "re-run `rltrader backtest`")
     cfg = settings.promote
     splits = [s for s in ("val", summary["primary_split"]) if s in summary["splits"]]
     if len(splits) < 2:

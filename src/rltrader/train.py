@@ -18,7 +18,7 @@ from rich.table import Table
 from rltrader.agents.baselines import rule_baselines
 from rltrader.agents.common import config_from_params, mlflow_run
 from rltrader.agents.evaluate import EvalResult, evaluate
-from rltrader.agents.packaging import PolicyModule
+from rltrader.agents.packaging import PolicyModule, save_policy, stamp_weights
 from rltrader.config import TRAIN_SECTIONS, Settings, params_hash
 from rltrader.dataset.build import git_commit
 from rltrader.dataset.split import SessionSet, load_split
@@ -148,6 +148,8 @@ def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: 
         if run_id is None:
             mlflow.log_params({k: v for k, v in _flat(f"{algo}.", cfg).items()})
         module.eval()
+        module.meta["mlflow_run_id"] = run.info.run_id
+        stamp_weights(module)  # the weights' hash travels in the pickled module: checked wherever it is loaded
         rows = compare_on_split(algo, module.policy(), val, execution, env_params,
                                 max_sessions=t.val_sessions, seed=t.seed)
         verdict = print_table(f"val split: {algo} vs baselines", rows, algo)
@@ -175,7 +177,7 @@ def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: 
                       "n_actions": module.n_actions, **{k: v for k, v in module.meta.items()
                                                        if k in ("algo", "mode", "action_names", "feature_names")}})
         t.models_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(module, t.models_dir / f"{algo}.pt")
+        save_policy(module, t.models_dir / f"{algo}.pt", {"mlflow_run": run.info.run_id, "dvc_stage": f"train@{algo}"})
         result = {"algo": algo, "run_id": run.info.run_id, "model_uri": info.model_uri,
                   "val": {k: v for k, v in ours.items() if k != "policy"}, "val_table": rows, "verdict": verdict,
                   "params": module.meta}

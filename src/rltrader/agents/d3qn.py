@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +54,7 @@ from rltrader.env.core import N_STATE
 from rltrader.env.modes import EnvParams
 from rltrader.errors import ConfigError
 from rltrader.execution import ExecutionParams
+from rltrader.integrity import load_checkpoint_file, write_torch
 
 CHECKPOINT_NAME = "d3qn.pt"
 ENCODERS = ("cnn", "tcn")
@@ -342,15 +342,11 @@ def load_replay_state(rb: PrioritizedReplay, state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Atomic write: a temp file in the same folder, then rename over the old checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_torch(path, payload)  # the payload's sha256 is embedded: load_checkpoint refuses a damaged file
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)  # our own file
-    return payload
+    return load_checkpoint_file(path)  # type: ignore[no-any-return]
 
 
 @dataclass

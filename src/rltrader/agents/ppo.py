@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ from rltrader.env.batch import BatchSessionEnv
 from rltrader.env.modes import EnvParams
 from rltrader.errors import ConfigError
 from rltrader.execution import ExecutionParams
+from rltrader.integrity import load_checkpoint_file, write_torch
 
 CHECKPOINT_NAME = "ppo.pt"
 ENCODERS = ("cnn", "tcn")
@@ -258,15 +258,11 @@ def greedy_policy(net: ActorCritic, device: torch.device | str | None = None) ->
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Atomically: written to a temporary file next to ``path`` and renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_torch(path, payload)  # the payload's sha256 is embedded: load_checkpoint refuses a damaged file
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
-    return payload
+    return load_checkpoint_file(path)  # type: ignore[no-any-return]
 
 
 def _crossed(before: int, after: int, every: int) -> bool:

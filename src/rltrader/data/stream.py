@@ -198,7 +198,10 @@ class StreamIngester:
         max_pending_rows: int = 500_000,
         event_clock: Callable[[float], float] | None = None,
         stats: StreamStats | None = None,
+        on_kline: Callable[[tuple[Any, ...]], None] | None = None,
     ) -> None:
+        """``on_kline``: called with every accepted closed kline row (``KLINE_SCHEMA`` order, times in µs), live
+        or REST-repaired, in open-time order per symbol and exactly once — the trader's closed-bar hook."""
         if not symbols:
             raise ValueError("no symbols to stream")
         if flush_seconds <= 0 or stale_seconds <= 0 or metrics_seconds <= 0:
@@ -225,6 +228,7 @@ class StreamIngester:
         self.max_pending_rows = max_pending_rows
         self.event_clock = event_clock
         self.stats = stats if stats is not None else StreamStats()
+        self.on_kline = on_kline
         self.streams = [f"{s.lower()}@{k}" for s in self.symbols for k in ("aggTrade", f"kline_{kline_interval}")]
         self._state: dict[str, _SymbolState] = {}
         self._trades: list[tuple[Any, ...]] = []
@@ -522,6 +526,8 @@ class StreamIngester:
         st.last_kline_us = open_us
         self._klines.append(row)
         self._events.append(e_us / 1e6)
+        if self.on_kline is not None:
+            self.on_kline(row)
         return _OK
 
     def _after_batch(self) -> None:
@@ -550,6 +556,8 @@ class StreamIngester:
                     self._klines.append(row)
                     st.last_kline_us = row[3]
                     n_k += 1
+                    if self.on_kline is not None:
+                        self.on_kline(row)
         if trades and (st.last_trade_id is not None or self.since is not None):
             if st.last_trade_id is not None:
                 df = await fetch_agg_trades_async(self._client, self.market, sym, from_id=st.last_trade_id + 1,

@@ -30,11 +30,13 @@ from rltrader.config import SessionSettings, Settings
 from rltrader.data.ingest import klines_fingerprint
 from rltrader.data.schema import interval_us
 from rltrader.data.store import Store
-from rltrader.dataset.features import compute_features, feature_spec
+from rltrader.dataset.market_features import compute_all_features, full_feature_spec
 from rltrader.dataset.split import META_KEY, SessionSet, read_metadata, write_split
 from rltrader.errors import ConfigError, DataError
+from rltrader.integrity import read_parquet, reading
 
 FEATURES_DIR = "features"
+FEATURES_HINT = "re-run `rltrader dataset features` (`dvc repro features`)"
 SESSIONS_DIR = "sessions"
 
 
@@ -116,23 +118,28 @@ def run_features_stage(settings: Settings, store: Store, out_dir: Path | None = 
     """
     cfg, p = settings.ingest, settings.features
     out = out_dir or settings.data.dir / FEATURES_DIR
-    spec = feature_spec(p)
+    spec = full_feature_spec(p, cfg.interval)
     version = code_version()
     summary: dict[str, Any] = {"features": list(spec.names), "warmup": spec.warmup, "symbols": {}}
+    # all symbols first: the market features (features.market) of one symbol read every symbol's bars
+    all_bars: dict[str, pl.DataFrame] = {}
+    for symbol in cfg.symbols:
+        bars = store.read_klines(cfg.market.value, symbol, cfg.interval)
+        if bars.is_empty():
+            raise DataError(f"ingest.symbols: {symbol} has no {cfg.market.value} {cfg.interval} bars in the "
+                            f"store {store.url} (run `rltrader data ingest` or remove it from ingest.symbols)")
+        all_bars[symbol] = bars
+    all_feats = compute_all_features(all_bars, p, cfg.interval)
     with atomic_dir(out) as tmp:
-        for symbol in cfg.symbols:
-            bars = store.read_klines(cfg.market.value, symbol, cfg.interval)
-            if bars.is_empty():
-                raise DataError(f"ingest.symbols: {symbol} has no {cfg.market.value} {cfg.interval} bars in the "
-                                f"store {store.url} (run `rltrader data ingest` or remove it from ingest.symbols)")
-            feats = compute_features(bars, p, cfg.interval)
+        for symbol, bars in all_bars.items():
+            feats = all_feats[symbol]
             meta = {"symbol": symbol, "market": cfg.market.value, "interval": cfg.interval,
                     "features": list(spec.names), "warmup": spec.warmup,
                     "params": p.model_dump(mode="json"), "input_sha256": klines_fingerprint(bars),
                     "code": version}
             table = feats.to_arrow()
             table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-            pq.write_table(table, tmp / f"{symbol}.parquet", compression="zstd")
+            pq.write_table(table, tmp / f"{symbol}.parquet", compression="zstd", write_page_checksum=True)
             summary["symbols"][symbol] = {"rows": feats.height, "valid": int(feats["valid"].sum()),
                                           "segments": int(feats["segment"].n_unique()),
                                           "start": str(feats["open_time"][0]), "end": str(feats["open_time"][-1]),
@@ -144,7 +151,8 @@ def read_features(features_dir: Path, symbol: str) -> tuple[pl.DataFrame, dict[s
     path = features_dir / f"{symbol}.parquet"
     if not path.exists():
         raise DataError(f"{path}: no features for {symbol} (run `rltrader dataset features`)")
-    return pl.read_parquet(path), read_metadata(path)
+    with reading(path, "features file", FEATURES_HINT):
+        return read_parquet(path, "features file", FEATURES_HINT), read_metadata(path)
 
 
 # ---------------------------------------------------------------------------------------------- sessions stage

@@ -147,6 +147,7 @@ from rltrader.execution import (
     fill_price,
     mark_to_market,
 )
+from rltrader.integrity import read_parquet
 
 POLICY_NAMES = ("flat", "buy_and_hold", "random", "sma_cross", "lowrider_rule")
 SPLIT_BLOCK = 1024
@@ -545,13 +546,13 @@ def load_policy(spec: str, mode: str, seed: int = 0) -> Any:
     if spec.endswith(".pt") or Path(spec).is_file():
         if not Path(spec).is_file():
             raise ConfigError(f"backtest.policy: model file {spec} does not exist")
-        import torch
+        from rltrader.agents.packaging import load_policy_file
 
-        return torch.load(spec, map_location="cpu", weights_only=False)  # our own trained model file
+        return load_policy_file(spec)  # hash-checked; a corrupt file is one error line naming it
     if spec.startswith(("models:/", "runs:/", "file:", "mlflow-artifacts:")):
-        import mlflow.pytorch
+        from rltrader.agents.packaging import load_mlflow_policy
 
-        return mlflow.pytorch.load_model(spec, map_location="cpu")
+        return load_mlflow_policy(spec)
     return make_policy(spec, mode, seed)  # raises with the list of names
 
 
@@ -901,8 +902,8 @@ def continuous_split(settings: Any, split: str = "backtest", *, sessions_dir: Pa
         path = fdir / f"{sym}.parquet"
         if not path.exists():
             raise DataError(f"{path}: no features for {sym} (run `rltrader dataset features`)")
-        f = pl.read_parquet(path).filter((pl.col("open_time").dt.epoch("us") >= lo)
-                                         & (pl.col("open_time").dt.epoch("us") < hi))
+        f = read_parquet(path, "features file", "re-run `rltrader dataset features`")
+        f = f.filter((pl.col("open_time").dt.epoch("us") >= lo) & (pl.col("open_time").dt.epoch("us") < hi))
         if f.is_empty():
             continue
         valid = f["valid"].to_numpy()

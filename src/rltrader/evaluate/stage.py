@@ -62,13 +62,13 @@ def baseline_names(mode: str) -> list[str]:
 
 def load_trained(settings: Any, name: str, models_dir: Path | None = None) -> Any:
     """A model the train stage wrote (``<train.models_dir>/<name>.pt``): our own file, so full unpickling is safe."""
-    import torch
+    from rltrader.agents.packaging import load_policy_file
 
     path = Path(models_dir or settings.train.models_dir) / f"{name}.pt"
     if not path.is_file():
         raise DataError(f"{path}: no trained model {name!r} (run `rltrader train {name}`, or remove it from "
                         "backtest.models)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_policy_file(path, {"dvc_stage": f"train@{name}"})
 
 
 def train_record(name: str, reports_dir: Path = Path("reports")) -> dict[str, Any] | None:

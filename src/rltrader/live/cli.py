@@ -1,0 +1,123 @@
+"""``rltrader trade …``: run the trader, and query its records (``status``, ``orders``, ``decisions``, ``pnl``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rltrader.config import load_settings
+from rltrader.errors import RLTraderError
+
+trade_app = typer.Typer(help="The live trader: paper (kernel fills) or testnet (exchange fills); its records.")
+out = Console()
+err = Console(stderr=True)
+RecordsOpt = Annotated[str | None, typer.Option("--records", help="Records DB (default trader.records_url or "
+                                                "<data.dir>/trader.db)")]
+SessionOpt = Annotated[str | None, typer.Option("--session", help="Session id (default: the latest)")]
+
+
+def _fail(msg: str) -> NoReturn:
+    err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _records(url: str | None) -> Any:
+    from rltrader.live.records import open_records
+
+    settings = load_settings()
+    return open_records(url or settings.trader.records_url, settings.data.dir)
+
+
+@trade_app.callback(invoke_without_command=True)
+def trade_cmd(
+    ctx: typer.Context,
+    mode: Annotated[str | None, typer.Option(help="paper | testnet | live (refused) (default trader.mode)")] = None,
+    symbols: Annotated[str | None, typer.Option(help="Comma-separated, e.g. NEARUSDT,FILUSDT")] = None,
+    model: Annotated[str | None, typer.Option(help="models:/rltrader@champion (default), a run id, a .pt file or a "
+                                              "baseline name (sma_cross, …)")] = None,
+    rest_base: Annotated[str | None, typer.Option(help="REST root of a Binance-compatible server (replay)")] = None,
+    ws_base: Annotated[str | None, typer.Option(help="Websocket root of the same")] = None,
+    until: Annotated[str | None, typer.Option(help="Stop at this bar open time (ISO, UTC), flat, as a backtest's "
+                                              "range end")] = None,
+    duration: Annotated[float | None, typer.Option(help="Stop after N seconds")] = None,
+    no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="Skip the MLflow session summary")] = False,
+) -> None:
+    """Trade the model on closed 1m bars (no subcommand), or query the records (subcommands)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rltrader.live.runner import run_trader
+
+    logging.getLogger("rltrader").setLevel(logging.INFO)
+    logging.getLogger("binance.ws").setLevel(logging.CRITICAL)
+    try:
+        settings = load_settings()
+        end = datetime.fromisoformat(until.replace("Z", "+00:00")) if until else None
+        summary = run_trader(settings, mode=mode, symbols=symbols.split(",") if symbols else None, model=model,
+                             rest_base=rest_base, ws_base=ws_base, until=end, max_seconds=duration,
+                             mlflow_summary=not no_mlflow)
+    except (RLTraderError, ValueError) as exc:
+        _fail(str(exc))
+    out.print_json(json.dumps(summary, default=str))
+
+
+@trade_app.command("status")
+def status_cmd(records: RecordsOpt = None, session: SessionOpt = None,
+               as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The session (model, version, mode) and per symbol its equity, position, orders and fills."""
+    try:
+        st = _records(records).status(session)
+    except RLTraderError as exc:
+        _fail(str(exc))
+    if as_json:
+        out.print_json(json.dumps(st, default=str))
+        return
+    s = st["session"]
+    out.print(f"session {s['session_id']} ({s['mode']}) model {s['model']} version {s['model_version']}")
+    table = Table("symbol", "equity", "position", "orders", "fills", "fees")
+    for sym, v in sorted(st["symbols"].items()):
+        table.add_row(sym, f"{v.get('equity', 0):.4f}", f"{v.get('position', 0):g}", str(v.get("orders", 0)),
+                      str(v.get("fills", 0)), f"{v.get('fees') or 0:.4f}")
+    out.print(table)
+
+
+@trade_app.command("orders")
+def orders_cmd(records: RecordsOpt = None, session: SessionOpt = None, limit: int = 50,
+               as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The session's orders (newest last), with their status."""
+    try:
+        rows = _records(records).orders(session, limit=limit)
+    except RLTraderError as exc:
+        _fail(str(exc))
+    if as_json:
+        out.print_json(json.dumps(rows, default=str))
+        return
+    table = Table("bar", "symbol", "qty", "ref price", "status", "reason", "client order id")
+    for r in rows:
+        table.add_row(datetime.fromtimestamp(r["bar_time"] / 1e6, UTC).isoformat(), r["symbol"], f"{r['qty']:g}",
+                      f"{r['ref_price']:g}", r["status"], r["reason"], r["client_order_id"])
+    out.print(table)
+
+
+@trade_app.command("pnl")
+def pnl_cmd(records: RecordsOpt = None, session: SessionOpt = None,
+            as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Daily PnL per symbol (UTC days)."""
+    try:
+        rows = _records(records).daily_pnl(session)
+    except RLTraderError as exc:
+        _fail(str(exc))
+    if as_json:
+        out.print_json(json.dumps(rows, default=str))
+        return
+    table = Table("day", "symbol", "equity", "pnl", "fills", "fees")
+    for r in rows:
+        table.add_row(r["day"], r["symbol"], f"{r['equity']:.4f}", f"{r['pnl']:+.4f}", str(r["fills"]),
+                      f"{r['fees']:.4f}")
+    out.print(table)
+

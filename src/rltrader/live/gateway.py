@@ -1,0 +1,321 @@
+"""The order path: target position → order delta → exchange filters → pre-send hooks → record → broker.
+
+Why targets and not orders: a trader that restarts, or recomputes a bar's decision, must not send the same order
+twice. It decides where the position should be (``target``); the order is ``target − committed position``
+(filled plus in flight), rounded by the exchange filters exactly as the execution kernel rounds
+(``execution.round_qty`` onto the step grid unless the order closes to flat; below ``min_notional`` it is not
+sent unless it closes to flat). The order's client id is derived from (session, symbol, bar), and the records
+refuse a second order with the same id, so a recomputed bar sends nothing new.
+
+Every request passes the ``pre_send`` hooks in order before it is recorded and sent; a hook returns None to let
+it through or a reason string to block it (the block is recorded as the order's status). The next trader issue
+puts the write-ahead journal and the risk engine here.
+
+Brokers (``Broker``):
+
+- ``PaperBroker``: the order fills in the execution kernel at the open of the bar it is due in, with that bar's
+  volume (impact), then liquidation over the bar and the mark at its close: ``execution.process_bar``, the very
+  function the envs and the backtest call, on the trader's own account array. ``kernel_bar`` is the one adapter
+  between the trader and the kernel (where a kernel-side fill event log will plug in).
+- ``BinanceBroker``: market orders through python-binance's ``Client`` (spot ``/api/v3/order``, USDⓈ-M futures
+  ``/fapi/v1/order``); the exchange's fills are booked into the same account array with
+  ``execution.apply_fill`` (bookkeeping of a given fill, no fill model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from rltrader.execution import (
+    AVG_ENTRY,
+    CASH,
+    FEES,
+    FUNDING,
+    INSURANCE,
+    N_LIQUIDATIONS,
+    QTY,
+    REALIZED,
+    SLIPPAGE,
+    XP_MIN_NOTIONAL,
+    XP_STEP,
+    XP_TAKER,
+    apply_fill,
+    close_position,
+    fill_price,
+    mark_to_market,
+    process_bar,
+    round_qty,
+)
+from rltrader.live.records import Records, order_id_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One closed 1m candle (times: open time, µs UTC)."""
+
+    time: int
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+    trades: float = 0.0
+    taker_buy_volume: float = 0.0
+
+
+@dataclass(frozen=True)
+class OrderRequest:
+    symbol: str
+    bar_time: int
+    """Open time of the bar the order is for (it is sent at that bar's open)."""
+    client_order_id: str
+    qty: float
+    """Signed: > 0 buys, < 0 sells."""
+    ref_price: float
+    """The last close the order was sized on."""
+    reason: str
+    closes: bool
+    """Brings the position to exactly flat (exempt from the step grid and min notional)."""
+
+
+@dataclass(frozen=True)
+class Fill:
+    symbol: str
+    time: int
+    kind: str
+    """order | liquidation | forced_close"""
+    qty: float
+    price: float
+    fee: float
+    slippage: float
+    realized: float
+    position_after: float
+    client_order_id: str | None = None
+
+
+PreSendHook = Callable[[OrderRequest], str | None]
+
+
+def order_delta(target: float, committed: float, ref: float, xp: np.ndarray) -> tuple[float, bool]:
+    """``target − committed`` rounded as the kernel rounds; (0, …) when the exchange would refuse it."""
+    dq = target - committed
+    closes = target == 0.0
+    if dq == 0.0:
+        return 0.0, closes
+    if not closes:
+        dq = float(round_qty(dq, xp[XP_STEP]))
+        if dq != 0.0 and abs(dq) * ref < xp[XP_MIN_NOTIONAL]:
+            return 0.0, closes
+    return dq, closes
+
+
+def kernel_bar(acct: np.ndarray, symbol: str, dq: float, bar: Bar, xp: np.ndarray,
+               client_order_id: str | None) -> list[Fill]:
+    """One bar of the paper account through the execution kernel (``process_bar``: funding, the order's fill
+    at the open, liquidation, mark), and the fill events read off the account's deltas."""
+    before = acct[:, 0].copy()
+    filled = process_bar(acct, 0, dq, bar.time, bar.open, bar.high, bar.low, bar.close, bar.volume, xp)
+    fills: list[Fill] = []
+    nl = acct[N_LIQUIDATIONS, 0] - before[N_LIQUIDATIONS]
+    if filled != 0.0:
+        px = fill_price(bar.open, 1.0 if filled > 0 else -1.0, abs(filled), bar.volume, xp)
+        fee = abs(filled) * px * xp[XP_TAKER]
+        q0 = before[QTY]
+        real = 0.0
+        if q0 != 0.0 and (filled > 0.0) != (q0 > 0.0):
+            real = min(abs(filled), abs(q0)) * (px - before[AVG_ENTRY]) * (1.0 if q0 > 0.0 else -1.0)
+        fills.append(Fill(symbol, bar.time, "order", filled, px, fee, abs(filled) * abs(px - bar.open), real,
+                          q0 + filled, client_order_id))
+    if nl > 0.0:
+        q_mid = before[QTY] + filled
+        dq_l = -q_mid
+        o_cost = sum(f.qty * f.price + f.fee for f in fills)
+        d_cash = (acct[CASH, 0] - before[CASH]) - (acct[INSURANCE, 0] - before[INSURANCE]) + (
+            acct[FUNDING, 0] - before[FUNDING])
+        denom = dq_l * (1.0 + (1.0 if dq_l > 0.0 else -1.0) * xp[XP_TAKER])
+        px_l = -(d_cash + o_cost) / denom if denom != 0.0 else 0.0
+        fee_o = sum(f.fee for f in fills)
+        real_o = sum(f.realized for f in fills)
+        fills.append(Fill(symbol, bar.time, "liquidation", dq_l, px_l, acct[FEES, 0] - before[FEES] - fee_o, 0.0,
+                          acct[REALIZED, 0] - before[REALIZED] - real_o, 0.0, None))
+    return fills
+
+
+def kernel_close(acct: np.ndarray, symbol: str, bar: Bar, xp: np.ndarray) -> list[Fill]:
+    """Market-close the paper position at the bar's close (a forced close), through the kernel."""
+    q = acct[QTY, 0]
+    if q == 0.0:
+        return []
+    f0, r0, s0 = acct[FEES, 0], acct[REALIZED, 0], acct[SLIPPAGE, 0]
+    px = fill_price(bar.close, -1.0 if q > 0.0 else 1.0, abs(q), bar.volume, xp)
+    close_position(acct, 0, bar.close, bar.volume, xp)
+    mark_to_market(acct, 0, bar.close)
+    return [Fill(symbol, bar.time, "forced_close", -q, px, acct[FEES, 0] - f0, acct[SLIPPAGE, 0] - s0,
+                 acct[REALIZED, 0] - r0, 0.0, None)]
+
+
+class Broker(Protocol):
+    """Where orders go. ``send`` at the bar's open; ``settle`` once the bar has closed (fills, mark)."""
+
+    name: str
+
+    def send(self, req: OrderRequest, acct: np.ndarray) -> str | None:
+        """Send the order; returns the exchange's order id (None for paper)."""
+
+    def settle(self, symbol: str, bar: Bar, acct: np.ndarray) -> list[Fill]:
+        """The bar has closed: book what filled in it into ``acct`` and mark it at the close."""
+
+    def flatten(self, symbol: str, bar: Bar, acct: np.ndarray) -> list[Fill]:
+        """Close the whole position (end of the run / a data gap)."""
+
+
+class PaperBroker:
+    """Fills in the execution kernel, exactly as the backtest does (no keys, no exchange)."""
+
+    name = "paper"
+
+    def __init__(self, xp: np.ndarray) -> None:
+        self.xp = xp
+        self.due: dict[str, tuple[float, str | None]] = {}
+
+    def send(self, req: OrderRequest, acct: np.ndarray) -> str | None:
+        self.due[req.symbol] = (req.qty, req.client_order_id)
+        return None
+
+    def settle(self, symbol: str, bar: Bar, acct: np.ndarray) -> list[Fill]:
+        dq, cid = self.due.pop(symbol, (0.0, None))
+        return kernel_bar(acct, symbol, dq, bar, self.xp, cid)
+
+    def flatten(self, symbol: str, bar: Bar, acct: np.ndarray) -> list[Fill]:
+        self.due.pop(symbol, None)
+        return kernel_close(acct, symbol, bar, self.xp)
+
+
+class BinanceBroker:
+    """Market orders on Binance (testnet by default) or a Binance-compatible server through python-binance.
+
+    Keys come from the caller (the trader reads them from environment variables and never logs them). Fills
+    reported by the exchange are booked with ``execution.apply_fill``; the account is marked at each close.
+    """
+
+    name = "exchange"
+
+    def __init__(self, client: Any, market: str, xp: np.ndarray) -> None:
+        self.client, self.market, self.xp = client, market, xp
+        self.pending: dict[str, list[Fill]] = {}
+
+    def send(self, req: OrderRequest, acct: np.ndarray) -> str | None:
+        side = "BUY" if req.qty > 0 else "SELL"
+        args: dict[str, Any] = {"symbol": req.symbol, "side": side, "type": "MARKET",
+                                "quantity": format_qty(abs(req.qty), float(self.xp[XP_STEP])),
+                                "newClientOrderId": req.client_order_id}
+        if self.market == "futures":
+            if req.closes:
+                args["reduceOnly"] = "true"
+            resp = self.client.futures_create_order(**args, newOrderRespType="RESULT")
+        else:
+            resp = self.client.create_order(**args, newOrderRespType="FULL")
+        qty, notional, fee = _executed(resp, self.market, self.xp)
+        if qty != 0.0:
+            signed = qty if req.qty > 0 else -qty
+            px = notional / qty
+            q0 = float(acct[QTY, 0])
+            r0 = float(acct[REALIZED, 0])
+            apply_fill(acct, 0, signed, px, fee / (qty * px) if qty * px > 0 else 0.0, px)
+            self.pending.setdefault(req.symbol, []).append(Fill(
+                req.symbol, req.bar_time, "order", signed, px, fee, abs(signed) * abs(px - req.ref_price),
+                float(acct[REALIZED, 0]) - r0, q0 + signed, req.client_order_id))
+        return str(resp.get("orderId", ""))
+
+    def settle(self, symbol: str, bar: Bar, acct: np.ndarray) -> list[Fill]:
+        mark_to_market(acct, 0, bar.close)
+        return self.pending.pop(symbol, [])
+
+    def flatten(self, symbol: str, bar: Bar, acct: np.ndarray) -> list[Fill]:
+        q = float(acct[QTY, 0])
+        if q == 0.0:
+            return []
+        req = OrderRequest(symbol, bar.time, order_id_for("flatten", symbol, bar.time), -q, bar.close, "flatten",
+                           True)
+        self.send(req, acct)
+        return self.settle(symbol, bar, acct)
+
+
+def format_qty(q: float, step: float) -> str:
+    """A quantity as the exchange reads it: the step grid's decimals (8 without a step), never an exponent."""
+    import math
+
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) if step > 0 else 8
+    text = f"{q:.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _executed(resp: dict[str, Any], market: str, xp: np.ndarray) -> tuple[float, float, float]:
+    """(filled qty, quote notional, fee in quote) of an order response (spot FULL fills / futures RESULT)."""
+    qty = float(resp.get("executedQty", 0.0))
+    notional = float(resp.get("cummulativeQuoteQty", resp.get("cumQuote", 0.0)))
+    fills = resp.get("fills") or []
+    if fills:
+        fee = sum(float(f["commission"]) * (float(f["price"]) if f.get("commissionAsset") != "USDT" else 1.0)
+                  for f in fills)
+    else:  # futures RESULT responses carry no commission: the fee schedule's taker rate
+        fee = notional * float(xp[XP_TAKER])
+    return qty, notional, fee
+
+
+class OrderGateway:
+    """Targets → orders, through the filters and the pre-send hooks, recorded before they are sent."""
+
+    def __init__(self, broker: Any, records: Records, session_id: str, xp: np.ndarray,
+                 hooks: Sequence[PreSendHook] = ()) -> None:
+        self.broker, self.records, self.session_id, self.xp = broker, records, session_id, xp
+        self.hooks = list(hooks)
+
+    def order_for_target(self, symbol: str, bar_time: int, target: float, committed: float, ref: float,
+                         reason: str) -> OrderRequest | None:
+        dq, closes = order_delta(target, committed, ref, self.xp)
+        if dq == 0.0:
+            return None
+        return OrderRequest(symbol, bar_time, order_id_for(self.session_id, symbol, bar_time), dq, ref, reason,
+                            closes)
+
+    def submit(self, req: OrderRequest, acct: np.ndarray) -> bool:
+        """Hooks, record, send. False when blocked or already recorded (a recomputed bar)."""
+        if not self.records.record_order(self.session_id, req.symbol, req.bar_time, req.client_order_id, req.qty,
+                                         req.ref_price, req.reason):
+            log.info('{"event":"order_exists","client_order_id":"%s"}', req.client_order_id)
+            return False
+        for hook in self.hooks:
+            why = hook(req)
+            if why is not None:
+                self.records.update_order(req.client_order_id, "blocked", detail=why)
+                return False
+        try:
+            exchange_id = self.broker.send(req, acct)
+        except Exception as exc:
+            self.records.update_order(req.client_order_id, "rejected", detail=f"{type(exc).__name__}: {exc}"[:500])
+            log.warning(json.dumps({"event": "order_rejected", "client_order_id": req.client_order_id,
+                                    "error": type(exc).__name__, "detail": str(exc)[:300]}))
+            return False
+        self.records.update_order(req.client_order_id, "sent", exchange_order_id=exchange_id)
+        return True
+
+    def record_fills(self, fills: Sequence[Fill]) -> None:
+        with self.records.transaction():
+            for f in fills:
+                self.records.record_fill(self.session_id, f.symbol, f.client_order_id, f.time, f.kind, f.qty, f.price,
+                                         f.fee, f.slippage, f.realized, f.position_after)
+                if f.client_order_id is not None and f.kind == "order":
+                    self.records.update_order(f.client_order_id, "filled")
+
+
+__all__ = ["Bar", "BinanceBroker", "Broker", "Fill", "OrderGateway", "OrderRequest", "PaperBroker", "kernel_bar",
+           "kernel_close", "order_delta"]

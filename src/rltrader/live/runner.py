@@ -1,0 +1,168 @@
+"""``rltrader trade``: the trader wired to the market-data stream, the records, a broker and MLflow.
+
+Market data is the websocket ingester (:mod:`rltrader.data.stream`) with its REST hole repair, storing every
+closed kline as ``rltrader data stream`` does; its ``on_kline`` hook hands each accepted closed kline (live or
+repaired, exactly once, in order) to ``Trader.on_bar``. Before streaming, the last ``trader.history_bars`` stored
+bars warm the incremental features up.
+
+Keys (testnet) come only from ``RLTRADER_BINANCE_API_KEY`` / ``RLTRADER_BINANCE_API_SECRET``; they are passed to
+python-binance's ``Client`` and nowhere else (not logged, not recorded, not sent to MLflow). Testnet URLs are
+python-binance's own (``Client(testnet=True)``); ``trader.rest_base`` points the order path at a
+Binance-compatible server instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from rltrader.data.schema import Market
+from rltrader.data.store import open_store
+from rltrader.errors import ConfigError
+from rltrader.live.gateway import Bar, BinanceBroker, PaperBroker
+from rltrader.live.records import open_records
+from rltrader.live.trader import Trader, _event, bars_from_frame, build_trader
+
+log = logging.getLogger(__name__)
+KEY_VARS = ("RLTRADER_BINANCE_API_KEY", "RLTRADER_BINANCE_API_SECRET")
+
+
+def exchange_client(market: str, rest_base: str | None, env: dict[str, str] | None = None) -> Any:
+    """python-binance ``Client`` with the trading keys: testnet, or ``rest_base`` (a Binance-compatible server)."""
+    env = dict(os.environ if env is None else env)
+    missing = [v for v in KEY_VARS if not env.get(v)]
+    if missing:
+        raise ConfigError(f"trade --mode testnet: set {' and '.join(missing)} (the exchange API keys; they are read "
+                          "from the environment only)")
+    from binance.client import Client
+
+    from rltrader.data.rest import _with_base
+
+    key, secret = env[KEY_VARS[0]], env[KEY_VARS[1]]
+    if rest_base is not None:
+        return _with_base(Client, rest_base)(key, secret, ping=False)
+    return Client(key, secret, testnet=True, ping=False)
+
+
+def _broker(mode: str, market: str, rest_base: str | None) -> Any:
+    xp = np.zeros(0)  # set by the trader from the execution params
+    if mode == "paper":
+        return PaperBroker(xp)
+    return BinanceBroker(exchange_client(market, rest_base), market, xp)
+
+
+def log_summary(settings: Any, summary: dict[str, Any], mode: str) -> str:
+    """A run named ``trade`` in the MLflow experiment, tagged with the model version (no keys, no URLs)."""
+    import mlflow
+    from rltrader.agents.common import mlflow_run
+
+    t = settings.train
+    with mlflow_run(t.tracking_uri, t.experiment, "trade", t.artifact_root) as run:
+        mlflow.set_tags({"mode": mode, "model": summary["model"], "model_version": summary["model_version"] or "",
+                         "session_id": summary["session_id"]})
+        metrics = {"equity": summary["equity"], "decisions": summary["decisions"]}
+        for k in ("latency_ms_p50", "latency_ms_p99"):
+            if summary[k] is not None:
+                metrics[k] = summary[k]
+        for sym, v in summary["symbols"].items():
+            metrics.update({f"{sym}.equity": v["equity"], f"{sym}.fills": v["fills"], f"{sym}.fees": v["fees"]})
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict(summary, "trade_summary.json")
+        return str(run.info.run_id)
+
+
+def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str] | None = None,
+               model: str | None = None, rest_base: str | None = None, ws_base: str | None = None,
+               until: datetime | None = None, max_seconds: float | None = None,
+               stop_event: threading.Event | None = None, handle_signals: bool = True,
+               mlflow_summary: bool = True, on_processed: Any = None) -> dict[str, Any]:
+    """Run the trader until stopped (signal, ``stop_event``, ``max_seconds``) or every symbol reached ``until``.
+    ``on_processed(symbol, bar_time)``: called once a closed bar is fully handled (lock-step replays, tests)."""
+    from rltrader.data.stream import stream
+    from rltrader.live.policy import alias_moved, resolve
+
+    cfg = settings.trader
+    mode = mode or cfg.mode
+    symbols = [s.strip().upper() for s in (symbols or cfg.symbols)]
+    model = model or cfg.model
+    rest_base = rest_base if rest_base is not None else cfg.rest_base
+    ws_base = ws_base if ws_base is not None else cfg.ws_base
+    market = Market(cfg.market)
+    want = "spot" if market is Market.SPOT else "futures"
+    if settings.execution.market != want:
+        raise ConfigError(f"trader.market {market.value} trades execution.market {want!r}; params say "
+                          f"{settings.execution.market!r}")
+    if mode == "live":
+        raise ConfigError("trade --mode live: live trading needs the journal and risk engine (next trader issue); "
+                          "use --mode paper or --mode testnet")
+    broker = _broker(mode, want, rest_base)
+    records = open_records(cfg.records_url, settings.data.dir)
+    until_us = None if until is None else int(until.timestamp() * 1_000_000)
+    trader = build_trader(settings, mode=mode, symbols=symbols, model=model, records=records, broker=broker,
+                          until_us=until_us)
+    store = open_store(settings.data.store_url, settings.data.dir)
+    stop = stop_event or threading.Event()
+    try:
+        for sym in symbols:
+            hist = store.read_klines(market.value, sym, settings.ingest.interval)
+            if cfg.history_bars and hist.height > cfg.history_bars:
+                hist = hist.sort("open_time").tail(cfg.history_bars)
+            n = trader.warm_up(sym, bars_from_frame(hist))
+            _event("trader_warm_up", symbol=sym, bars=n)
+        last_bar: dict[str, Bar] = {}
+        state = {"minute": 0}
+
+        def on_kline(row: tuple[Any, ...]) -> None:
+            sym = row[1]
+            if sym not in trader.books:
+                return
+            bar = Bar(int(row[3]), float(row[4]), float(row[5]), float(row[6]), float(row[7]), float(row[8]),
+                      float(row[11]), float(row[12]))
+            last_bar[sym] = bar
+            trader.on_bar(sym, bar)
+            if cfg.follow_champion and bar.time // 60_000_000 != state["minute"]:
+                state["minute"] = bar.time // 60_000_000
+                _maybe_reload(trader, settings, alias_moved, resolve)
+            if until_us is not None and trader.finished >= set(symbols):
+                stop.set()
+            if on_processed is not None:
+                on_processed(sym, bar.time)
+
+        stream_cfg = settings.stream.model_copy(update={"market": market, "symbols": symbols,
+                                                        "rest_base": rest_base, "ws_base": ws_base})
+        stream(stream_cfg, store, stop_event=stop, max_seconds=max_seconds, handle_signals=handle_signals,
+               on_kline=on_kline)
+        if cfg.flatten_on_stop:
+            for sym, bar in last_bar.items():
+                if sym not in trader.finished:
+                    trader._flatten(sym, bar, "stop")
+    finally:
+        store.close()
+    summary = trader.summary()
+    summary.update(mode=mode, symbols_traded=symbols)
+    records.end_session(trader.session_id, summary)
+    if mlflow_summary:
+        summary["mlflow_run_id"] = log_summary(settings, summary, mode)
+    records.close()
+    return summary
+
+
+def _maybe_reload(trader: Trader, settings: Any, alias_moved: Any, resolve: Any) -> None:
+    """``trader.follow_champion``: between bars, load the alias's new version and record the switch."""
+    current = trader.resolved
+    version = alias_moved(settings, current)
+    if version is None:
+        return
+    new = resolve(settings, current.spec, trader.env_params.mode)
+    trader.policy, trader.model_version, trader.policy_name = new.policy, new.version, new.uri
+    trader.module = new.policy if getattr(new.policy, "kind", None) is not None else None
+    trader.resolved = new
+    trader.records.set_model_version(trader.session_id, new.version, new.uri)
+    _event("model_reloaded", model=new.uri, version=new.version, previous=current.version)
+

@@ -1,0 +1,466 @@
+"""The trader: on every CLOSED 1m bar, settle the bar, then decide the next one and send its order.
+
+Per symbol and closed bar ``r`` (open time ``T``), in this order (the env's step, split at the bar boundary):
+
+1. features: the incremental feature row of bar ``r`` (``live.features``), standardised with the train split's
+   statistics (``dataset.build.standardize``, the backtest's scaling) into the symbol's window buffer;
+2. settle: the broker books what filled in bar ``r`` (paper: the execution kernel's ``process_bar`` with the
+   order due in ``r``; exchange: the fills it reported) and marks the account at ``close[r]``; the spot/Lowrider
+   cycle bookkeeping of the backtest (a new cycle once a sell filled);
+3. decide bar ``r + 1``: the observation (window of the last ``context`` rows, the position state and the
+   action mask) is written by the env's own ``_observe``; the policy's masked argmax (or rule) picks an action;
+   the action becomes a target position through the env's ``order_for`` (the backtest's sizing and exchange
+   filters); the order = target − committed position goes through the ``OrderGateway`` — sent now (the next
+   bar's open) with ``latency_bars = 0``, or held ``latency_bars`` bars as the backtest's pending queue does.
+
+No new risk (decision recorded as hold, with the reason) when the window is not ``context`` consecutive valid
+rows: warm-up, a NaN feature, or a missing bar. A missing bar ends the stretch (as a gap ends a backtest stretch)
+and the open position is closed at the next bar's open; a backtest closes it at the gap's last close, which a
+live trader only learns about afterwards. With ``until`` set (a replay, a session with a known end) the last
+bar's position is closed at its close (``forced_close``), as the backtest closes a stretch at the range's end,
+and the state's ``time_left`` is the backtest's; without, ``time_left`` is computed against a far horizon.
+
+``Trader.run_bars`` drives the loop from stored or replayed bars (tests, benchmark); ``live.runner`` connects it
+to the websocket ingester's closed klines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rltrader.dataset.build import standardize
+from rltrader.dataset.split import read_metadata
+from rltrader.env.core import N_PTR, N_STATE, P_END, P_START, P_T, _observe
+from rltrader.env.modes import (
+    E_N_BUYS,
+    E_PEAK,
+    E_PREV_EQUITY,
+    MODE_FUTURES,
+    MODE_LOWRIDER,
+    N_ENV_FIELDS,
+    EnvParams,
+    order_for,
+    take_profit_due,
+)
+from rltrader.errors import ConfigError, DataError
+from rltrader.execution import (
+    AVG_ENTRY,
+    EQUITY,
+    FEES,
+    N_FIELDS,
+    N_FILLS,
+    QTY,
+    XP_CASH,
+    ExecutionParams,
+    reset_account,
+)
+from rltrader.live.features import IncrementalFeatures
+from rltrader.live.gateway import Bar, Fill, OrderGateway, OrderRequest
+from rltrader.live.records import Records
+
+log = logging.getLogger(__name__)
+FAR = 1 << 60
+"""``P_END`` when the run has no known end (``time_left`` ≈ 1)."""
+EQUITY_FLOOR = 1e-9
+
+
+def _event(name: str, **fields: Any) -> None:
+    if log.isEnabledFor(logging.INFO):
+        log.info(json.dumps({"event": name, **fields}, default=str, separators=(",", ":")))
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """The train split's feature statistics (the sessions stage's metadata), as the backtest reads them."""
+
+    names: tuple[str, ...]
+    mean: np.ndarray
+    std: np.ndarray
+    clip: float
+    context: int
+
+    @classmethod
+    def from_sessions(cls, sessions_dir: Path) -> Normalization:
+        path = Path(sessions_dir) / "train" / "rows.parquet"
+        if not path.exists():
+            raise DataError(f"{path}: the train split is needed for the feature standardisation "
+                            "(run `rltrader dataset sessions`)")
+        meta = read_metadata(path)
+        names = tuple(meta["features"])
+        norm = meta["normalization"]
+        return cls(names, np.array([norm[n][0] for n in names]), np.array([norm[n][1] for n in names]),
+                   float(meta["params"]["sessions"]["clip"]), int(meta["context"]))
+
+
+class _View:
+    """What rule baselines' ``bind`` reads of an env (context, bars, pointers, params), over one symbol's book."""
+
+    def __init__(self, book: SymbolBook, params: EnvParams) -> None:
+        self.core = self
+        self.data = self
+        self.book, self.params = book, params
+        self.context = book.context
+        self.n_actions = book.mask.shape[1]
+        self.num_envs = 1
+
+    @property
+    def bars(self) -> np.ndarray:
+        return self.book.bars
+
+    @property
+    def ptr(self) -> np.ndarray:
+        return self.book.ptr
+
+    def rule_actions(self) -> np.ndarray:
+        from rltrader.env.modes import lowrider_rule
+
+        b = self.book
+        t = int(b.ptr[P_T, 0])
+        return lowrider_rule(b.bars[3, t - 1:t], b.acct[QTY], b.acct[AVG_ENTRY], b.env[E_N_BUYS], b.mask,
+                             self.params)
+
+
+@dataclass
+class SymbolBook:
+    """One symbol's live state: bar/feature buffers (compacted when full), the account and the env's fields."""
+
+    symbol: str
+    context: int
+    n_features: int
+    n_actions: int
+    latency: int
+    initial_cash: float
+    capacity: int = 4096
+    bars: np.ndarray = field(init=False)
+    time: np.ndarray = field(init=False)
+    feats: np.ndarray = field(init=False)
+    n: int = 0
+    run: int = 0
+    """Consecutive valid, contiguous rows ending at the last one (the current stretch's length)."""
+    last_time: int | None = None
+    acct: np.ndarray = field(init=False)
+    env: np.ndarray = field(init=False)
+    ptr: np.ndarray = field(init=False)
+    pending: np.ndarray = field(init=False)
+    k: int = 0
+    fees_carry: float = 0.0
+    decided: int | None = None
+    """Open time of the bar the last decision was for."""
+
+    def __post_init__(self) -> None:
+        self.bars = np.zeros((5, self.capacity))
+        self.time = np.zeros(self.capacity, np.int64)
+        self.feats = np.zeros((self.capacity, self.n_features), np.float32)
+        self.acct = np.zeros((N_FIELDS, 1))
+        reset_account(self.acct, 0, self.initial_cash)
+        self.env = np.zeros((N_ENV_FIELDS, 1))
+        self.env[E_PREV_EQUITY, 0] = self.env[E_PEAK, 0] = self.initial_cash
+        self.ptr = np.zeros((N_PTR, 1), np.int64)
+        self.pending = np.zeros((1, self.latency + 1))
+        self.window = np.zeros((1, self.context, self.n_features), np.float32)
+        self.state = np.zeros((1, N_STATE), np.float32)
+        self.mask = np.zeros((1, self.n_actions), np.bool_)
+
+    def append(self, bar: Bar, row: np.ndarray | None) -> None:
+        """Add a closed bar (``row`` None: its features are not valid); keeps the last rows when full."""
+        if self.n == self.capacity:
+            keep = self.context + 1
+            s = self.n - keep
+            self.bars[:, :keep] = self.bars[:, s:self.n]
+            self.time[:keep] = self.time[s:self.n]
+            self.feats[:keep] = self.feats[s:self.n]
+            self.n = keep
+            for p in (P_T, P_START, P_END):
+                if self.ptr[p, 0] < FAR // 2:
+                    self.ptr[p, 0] -= s
+        i = self.n
+        self.bars[:, i] = (bar.open, bar.high, bar.low, bar.close, bar.volume)
+        self.time[i] = bar.time
+        contiguous = self.last_time is not None and bar.time - self.last_time == 60_000_000
+        self.feats[i] = np.nan if row is None else row
+        self.run = 0 if row is None else (self.run + 1 if contiguous else 1)
+        self.last_time = bar.time
+        self.n = i + 1
+
+    def committed(self) -> float:
+        return float(self.acct[QTY, 0] + self.pending[0].sum())
+
+    @property
+    def equity(self) -> float:
+        return float(self.acct[EQUITY, 0])
+
+    @property
+    def fees(self) -> float:
+        return float(self.acct[FEES, 0] + self.fees_carry)
+
+
+@dataclass
+class Decision:
+    symbol: str
+    bar_time: int
+    action: int
+    scores: np.ndarray | None
+    target: float | None
+    reason: str
+
+
+class Trader:
+    """The decision loop over closed bars for a set of symbols; see the module docstring."""
+
+    def __init__(self, *, policy: Any, policy_name: str, model_version: str | None, execution: ExecutionParams,
+                 env_params: EnvParams, norm: Normalization, feature_settings: Any, symbols: Sequence[str],
+                 gateway: OrderGateway, records: Records, session_id: str, repeat_cycles: bool = True,
+                 until_us: int | None = None, interval: str = "1m") -> None:
+        self.policy, self.policy_name, self.model_version = policy, policy_name, model_version
+        self.execution, self.env_params, self.norm = execution, env_params, norm
+        self.xp = execution.to_array()
+        self.ep = env_params.to_array(execution.initial_cash)
+        self.gateway, self.records, self.session_id = gateway, records, session_id
+        self.repeat_cycles, self.until_us = repeat_cycles, until_us
+        self.module = policy if getattr(policy, "kind", None) is not None and hasattr(policy, "scores") else None
+        self.features: dict[str, IncrementalFeatures] = {}
+        self.books: dict[str, SymbolBook] = {}
+        self.views: dict[str, _View] = {}
+        self.finished: set[str] = set()
+        self.action_names = env_params.action_names
+        fe = IncrementalFeatures(feature_settings, interval)
+        cols = [fe.names.index(n) for n in norm.names if n in fe.names]
+        if len(cols) != len(norm.names):
+            missing = [n for n in norm.names if n not in fe.names]
+            raise ConfigError(f"trader: the model's features {missing} are not produced by the features settings")
+        self.cols = np.asarray(cols)
+        if self.module is not None:
+            names = tuple(getattr(self.module, "meta", {}).get("feature_names", norm.names))
+            if names != norm.names or self.module.context != norm.context:
+                raise ConfigError("trader: the model was trained on other features or context than the sessions "
+                                  f"metadata describes ({len(names)} vs {len(norm.names)} features, context "
+                                  f"{self.module.context} vs {norm.context})")
+            if self.module.n_actions != env_params.n_actions:
+                raise ConfigError(f"trader: the model has {self.module.n_actions} actions, env.mode "
+                                  f"{env_params.mode} has {env_params.n_actions}")
+        for sym in symbols:
+            self.features[sym] = IncrementalFeatures(feature_settings, interval)
+            book = SymbolBook(sym, norm.context, len(norm.names), env_params.n_actions, execution.latency_bars,
+                              execution.initial_cash)
+            self.books[sym] = book
+            self.views[sym] = _View(book, env_params)
+        self.decisions = 0
+        self.latencies: list[float] = []
+        self.resolved: Any = None
+        """The ``live.policy.ResolvedModel`` this trader runs (set by ``build_trader``; None for a bare policy)."""
+        self.queued: dict[tuple[str, int], OrderRequest] = {}
+        """Orders held back ``latency_bars`` decisions (the backtest's pending queue), by (symbol, decision no.)."""
+
+    # -- input -----------------------------------------------------------------------------------------
+    def warm_up(self, symbol: str, bars: Iterable[Bar]) -> int:
+        """Feed history (before the run) into the feature state only: no decisions, no trading."""
+        fe = self.features[symbol]
+        n = 0
+        for b in bars:
+            fe.update(b.time, b.open, b.high, b.low, b.close, b.volume, b.trades, b.taker_buy_volume)
+            n += 1
+        return n
+
+    def on_bar(self, symbol: str, bar: Bar) -> Decision | None:
+        """A closed bar of ``symbol``: settle it, then decide (and send) the next bar's order."""
+        t0 = time.perf_counter()
+        if symbol in self.finished:
+            return None
+        book = self.books[symbol]
+        gap = book.last_time is not None and bar.time - book.last_time != 60_000_000
+        raw, ok = self.features[symbol].update(bar.time, bar.open, bar.high, bar.low, bar.close, bar.volume,
+                                               bar.trades, bar.taker_buy_volume)
+        row = standardize(raw[self.cols][None, :], self.norm.mean, self.norm.std, self.norm.clip)[0] if ok else None
+        book.append(bar, row)
+        # settle bar r (paper: the kernel fills the order due in it), then the cycle bookkeeping
+        fills = self.gateway.broker.settle(symbol, bar, book.acct)
+        self._book_fills(book, fills)
+        self.records.record_mark(self.session_id, symbol, bar.time, book.equity, float(book.acct[QTY, 0]), bar.close)
+        if self.until_us is not None and bar.time + 60_000_000 >= self.until_us:
+            self._flatten(symbol, bar, "end_of_data")
+            self.finished.add(symbol)
+            return None
+        if gap or row is None:
+            _event("no_new_risk", symbol=symbol, bar=bar.time, reason="missing bar" if gap else "invalid features")
+            if book.committed() != 0.0:
+                self._send_target(book, bar.time + 60_000_000, 0.0, bar.close, "gap" if gap else "invalid_features")
+        decision = self._decide(book, bar)
+        self.latencies.append(time.perf_counter() - t0)
+        return decision
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _book_fills(self, book: SymbolBook, fills: list[Fill]) -> None:
+        if not fills:
+            return
+        self.gateway.record_fills(fills)
+        if any(f.kind == "order" and f.qty > 0 for f in fills):
+            book.env[E_N_BUYS, 0] += 1.0
+        mode = int(self.ep[0])
+        if (mode != MODE_FUTURES and book.env[E_N_BUYS, 0] > 0 and book.acct[QTY, 0] == 0.0
+                and not book.pending[0].any() and self.repeat_cycles
+                and book.acct[EQUITY, 0] > EQUITY_FLOOR * self.xp[XP_CASH]):
+            book.env[E_N_BUYS, 0] = 0.0  # a new cycle (the backtest's repeat_cycles)
+            book.fees_carry += float(book.acct[FEES, 0])
+            book.acct[FEES, 0] = 0.0
+
+    def _flatten(self, symbol: str, bar: Bar, reason: str) -> None:
+        book = self.books[symbol]
+        fills = self.gateway.broker.flatten(symbol, bar, book.acct)
+        book.pending[:] = 0.0
+        if fills:
+            self.gateway.record_fills(fills)
+            self.records.record_mark(self.session_id, symbol, bar.time, book.equity, float(book.acct[QTY, 0]),
+                                     bar.close)
+        _event("flattened", symbol=symbol, bar=bar.time, reason=reason, fills=len(fills))
+
+    def _send_target(self, book: SymbolBook, bar_time: int, target: float, ref: float, reason: str) -> None:
+        req = self.gateway.order_for_target(book.symbol, bar_time, target, book.committed(), ref, reason)
+        if req is not None:
+            self.gateway.submit(req, book.acct)
+
+    def _decide(self, book: SymbolBook, bar: Bar) -> Decision:
+        """Decision for the bar after ``bar`` (sent at its open); hold with a reason when not allowed."""
+        nxt = bar.time + 60_000_000
+        ctx = book.context
+        lat = book.latency
+        nslot = lat + 1
+        if book.run < ctx:
+            reason = "warm-up" if book.run > 0 else "invalid features"
+            self.records.record_decision(self.session_id, book.symbol, nxt, 0, "hold", None, None,
+                                         float(book.acct[QTY, 0]), f"no new risk: {reason}", self.model_version)
+            return Decision(book.symbol, nxt, 0, None, None, reason)
+        t = book.n  # the next bar's row
+        if book.run == ctx:  # a new stretch starts here (the backtest's fresh account, equity carried)
+            book.ptr[P_START, 0] = t
+            if book.acct[QTY, 0] == 0.0 and not book.pending[0].any():
+                book.env[E_N_BUYS, 0] = 0.0
+            book.ptr[P_END, 0] = (t + (self.until_us - nxt) // 60_000_000) if self.until_us is not None else FAR
+        book.ptr[P_T, 0] = t
+        _observe(0, book.acct, book.env, book.ptr, book.pending, book.bars[3], book.feats, self.xp, self.ep,
+                 book.window, book.state, book.mask)
+        scores = None
+        if self.module is not None:
+            scores = self.module.scores(book.window, book.state)[0]
+            a = int(np.where(book.mask[0], scores, -np.inf).argmax())
+        else:
+            bind = getattr(self.policy, "bind", None)
+            if bind is not None:
+                bind(self.views[book.symbol])
+            a = int(np.asarray(self.policy(book.window, book.state, book.mask))[0])
+        if a < 0 or a >= book.n_actions:
+            a = 0
+        # the env's order for this action (``_step_one``): Lowrider's automatic take-profit, else order_for
+        ref = float(book.bars[3, t - 1])
+        committed = book.committed()
+        dq = 0.0
+        reason = "signal"
+        if t + lat < book.ptr[P_END, 0] and book.acct[EQUITY, 0] > EQUITY_FLOOR * self.xp[XP_CASH]:
+            if (int(self.ep[0]) == MODE_LOWRIDER and committed > 0.0
+                    and take_profit_due(book.acct, 0, ref, self.xp, self.ep)):
+                dq, reason = -committed, "take_profit"
+            elif 0 < a < book.n_actions:
+                dq = float(order_for(a, committed, ref, book.acct, book.env, 0, self.xp, self.ep))
+        target = committed + dq if dq != 0.0 else None
+        if dq != 0.0 and -dq == committed:
+            target = 0.0
+        fresh = self.records.record_decision(self.session_id, book.symbol, nxt, a, self.action_names[a],
+                                             None if scores is None else scores.tolist(), target,
+                                             float(book.acct[QTY, 0]), reason, self.model_version)
+        self.decisions += 1
+        # the backtest's pending queue: this bar's order goes out ``latency`` bars later
+        k = book.k
+        book.pending[0, k % nslot] = 0.0
+        if fresh and target is not None:
+            req = self.gateway.order_for_target(book.symbol, nxt, target, committed, ref, reason)
+            if req is not None:
+                book.pending[0, k % nslot] = req.qty
+                if lat == 0:
+                    self.gateway.submit(req, book.acct)
+                    book.pending[0, k % nslot] = 0.0
+                else:
+                    self.queued[(book.symbol, k + lat)] = req
+        if lat > 0:
+            due = self.queued.pop((book.symbol, k), None)
+            book.pending[0, (k - lat) % nslot] = 0.0
+            if due is not None:
+                self.gateway.submit(due, book.acct)
+        book.k = k + 1
+        book.decided = nxt
+        return Decision(book.symbol, nxt, a, scores, target, reason)
+
+    def run_bars(self, bars: Iterable[tuple[str, Bar]]) -> None:
+        """Drive the loop from an ordered stream of (symbol, closed bar)."""
+        for sym, bar in bars:
+            self.on_bar(sym, bar)
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.asarray(self.latencies) * 1e3
+        per = {s: {"equity": b.equity, "position": float(b.acct[QTY, 0]), "fees": b.fees,
+                   "fills": int(b.acct[N_FILLS, 0])} for s, b in self.books.items()}
+        return {"session_id": self.session_id, "model": self.policy_name, "model_version": self.model_version,
+                "decisions": self.decisions, "symbols": per,
+                "equity": float(sum(b.equity for b in self.books.values())),
+                "latency_ms_p50": float(np.quantile(lat, 0.5)) if lat.size else None,
+                "latency_ms_p99": float(np.quantile(lat, 0.99)) if lat.size else None}
+
+
+def new_session_id() -> str:
+    return time.strftime("%Y%m%d%H%M%S", time.gmtime()) + uuid.uuid4().hex[:6]
+
+
+def bars_from_frame(df: Any) -> list[Bar]:
+    """Closed bars from a klines frame (the store's schema), in open-time order."""
+    d = df.sort("open_time")
+    t = d["open_time"].dt.epoch("us").to_numpy()
+    cols = [d[c].to_numpy().astype(np.float64) for c in ("open", "high", "low", "close", "volume", "trades",
+                                                           "taker_buy_volume")]
+    return [Bar(int(t[i]), *(float(c[i]) for c in cols)) for i in range(len(t))]
+
+
+def build_trader(settings: Any, *, mode: str, symbols: Sequence[str], model: str, records: Records,
+                 broker: Any, until_us: int | None = None, sessions_dir: Path | None = None,
+                 hooks: Sequence[Any] = ()) -> Trader:
+    """A trader with the backtest's execution/env params and filters (``evaluate.backtest.backtest_params``),
+    the sessions metadata's standardisation, the resolved (pinned) policy and a new recorded session."""
+    from rltrader.evaluate.backtest import backtest_params
+    from rltrader.live.policy import resolve
+
+    if mode not in ("paper", "testnet"):
+        raise ConfigError(f"trade --mode {mode}: live trading needs the journal and risk engine (next trader "
+                          "issue); use --mode paper or --mode testnet")
+    bt = settings.backtest
+    active = {k: getattr(bt, k) for k in ("confidence", "cooldown_bars", "max_trades_per_day", "stop_loss",
+                                          "take_profit") if getattr(bt, k)}
+    if active:
+        raise ConfigError(f"trader: backtest filters {sorted(active)} are not applied by the trader yet; set them "
+                          "to 0 (the trader must trade exactly what the backtest of the same params trades)")
+    execution, env_params = backtest_params(settings)
+    resolved = resolve(settings, model, env_params.mode, bt.seed)
+    meta_mode = getattr(resolved.policy, "meta", {}).get("mode")
+    if meta_mode is not None and meta_mode != env_params.mode:
+        raise ConfigError(f"trader: the model was trained for env.mode {meta_mode!r}, params say {env_params.mode!r}")
+    norm = Normalization.from_sessions(Path(sessions_dir or settings.data.dir / "sessions"))
+    session_id = new_session_id()
+    xp = execution.to_array()
+    if hasattr(broker, "xp"):
+        broker.xp = xp  # the broker fills/books with the same execution params
+    gateway = OrderGateway(broker, records, session_id, xp, hooks)
+    records.start_session(session_id, mode=mode, model=resolved.uri, model_version=resolved.version,
+                          symbols=list(symbols), params={"initial_cash": execution.initial_cash,
+                                                         "execution": execution.as_dict(),
+                                                         "env": env_params.as_dict(), "model_spec": model})
+    trader = Trader(policy=resolved.policy, policy_name=resolved.uri, model_version=resolved.version,
+                    execution=execution, env_params=env_params, norm=norm, feature_settings=settings.features,
+                    symbols=symbols, gateway=gateway, records=records, session_id=session_id,
+                    repeat_cycles=bt.repeat_cycles, until_us=until_us, interval=settings.ingest.interval)
+    trader.resolved = resolved
+    return trader
