@@ -188,3 +188,22 @@ def test_tune_d3qn_trains_each_walk_forward_fold(built: Path, tmp_path: Path, mo
         assert {r.data.tags["rltrader.tune_trial"] for r in runs} == {f"d3qn/{t.number}"}
         assert {r.data.params["d3qn.lr"] for r in runs} == {str(t.params["lr"])}  # the trial's value was trained
     assert yaml.safe_load((tmp_path / "params.tuned.yaml").read_text())["d3qn"] == study.best_params
+
+
+@pytest.mark.slow
+def test_tune_xgb_forecaster_on_val_folds(built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The study's XGBoost forecaster: each fold fits on everything before its val window and is scored on the
+    window as a cost-aware threshold strategy; the winner goes to params.tuned.yaml's study section."""
+    monkeypatch.setenv("RLTRADER_PARAMS", str(tmp_path / "params.yaml"))
+    d = tiny(built, tmp_path, pruner="none").model_dump(mode="json")
+    d["study"] = {"horizons": [1, 5], "train_stride": 2, "vol_window": 10}
+    settings = Settings.model_validate(d)
+    out = run_tune(settings, "xgb", trials=3, storage=f"sqlite:///{tmp_path}/optuna.db")
+    study = optuna.load_study(study_name="xgb", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert len(study.get_trials()) == 3 and set(out["best_params"]) == {"xgb_rounds", "xgb_depth", "xgb_eta"}
+    folds = study.best_trial.user_attrs["folds"]
+    assert [(f["start"], f["end"]) for f in folds] == [("2024-01-06", "2024-01-07"), ("2024-01-07", "2024-01-08")]
+    assert all(f["n_trades"] >= 0 for f in folds) and len(study.best_trial.user_attrs["daily"]) == 2
+    assert yaml.safe_load((tmp_path / "params.tuned.yaml").read_text()) == {"study": study.best_params}
+    assert load_settings(env={"RLTRADER_PARAMS": str(tmp_path / "params.yaml")}).study.xgb_depth == \
+        study.best_params["xgb_depth"]

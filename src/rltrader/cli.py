@@ -529,7 +529,8 @@ def api_serve_cmd(
 
 @app.command("tune")
 def tune_cmd(
-    kind: Annotated[str, typer.Argument(help="d3qn, ppo or filters (the backtest filters of tune.model)")],
+    kind: Annotated[str, typer.Argument(help="d3qn, ppo, xgb (the study's forecaster) or filters (the backtest "
+                                        "filters of tune.model)")],
     trials: Annotated[int | None, typer.Option(help="Finished trials the study must hold (default tune.trials)")
                       ] = None,
     workers: Annotated[int, typer.Option(help="Worker processes on this machine")] = 1,

@@ -34,8 +34,9 @@ import optuna
 from rltrader.config import Settings, SplitRange
 from rltrader.errors import ConfigError
 
-KINDS = ("d3qn", "ppo", "filters")
-"""What ``rltrader tune`` can tune. (No XGBoost forecaster exists in the code yet, so there is no ``xgb``.)"""
+KINDS = ("d3qn", "ppo", "xgb", "filters")
+"""What ``rltrader tune`` can tune: the two agents, the study's XGBoost forecaster (``tune/forecast.py``) and a trained
+model's backtest filters."""
 
 # name → (type, low, high, log) ; nested keys with dots (``net.hidden``)
 Space = dict[str, tuple[str, float, float, bool]]

@@ -50,12 +50,12 @@ def tuned_params_path() -> Path:
 
 def write_tuned_params(kind: str, params: dict[str, Any], note: str, path: Path | None = None) -> Path:
     """Merge the best values into ``params.tuned.yaml`` (other sections, e.g. an earlier ``tune d3qn``, stay):
-    ``d3qn``/``ppo`` → that section, ``filters`` → ``backtest``."""
+    ``d3qn``/``ppo`` → that section, ``filters`` → ``backtest``, ``xgb`` → ``study``."""
     path = path or tuned_params_path()
     current: dict[str, Any] = {}
     if path.is_file():
         current = yaml.safe_load(path.read_text()) or {}
-    section = "backtest" if kind == "filters" else kind
+    section = {"filters": "backtest", "xgb": "study"}.get(kind, kind)
     current[section] = {**current.get(section, {}), **nest(params)}
     path.write_text(f"# Written by `rltrader tune`; overlaid on params.yaml by rltrader and read by the DVC train "
                     f"stages.\n# {note}\n" + yaml.safe_dump(current, sort_keys=True))

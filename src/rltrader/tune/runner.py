@@ -55,6 +55,10 @@ def make_pruner(name: str, folds: int) -> optuna.pruners.BasePruner:
 def make_objective(settings: Settings, kind: str, study: str) -> Objective:
     if kind == "filters":
         return FiltersObjective(settings)
+    if kind == "xgb":
+        from rltrader.tune.forecast import XGBObjective
+
+        return XGBObjective(settings)
     if kind in ("d3qn", "ppo"):
         return TrainObjective(settings, kind, study_dir(settings, study), on_run=_tag_fold_run(settings, study))
     raise ConfigError(f"tune: unknown kind {kind!r} (one of {', '.join(KINDS)})")
