@@ -207,3 +207,15 @@ def test_tune_xgb_forecaster_on_val_folds(built: Path, tmp_path: Path, monkeypat
     assert yaml.safe_load((tmp_path / "params.tuned.yaml").read_text()) == {"study": study.best_params}
     assert load_settings(env={"RLTRADER_PARAMS": str(tmp_path / "params.yaml")}).study.xgb_depth == \
         study.best_params["xgb_depth"]
+
+
+def test_cli_tune_errors_name_the_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from rltrader.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["tune", "nope"])
+    assert res.exit_code == 1 and "unknown kind 'nope'" in res.output
+    res = CliRunner().invoke(app, ["tune", "filters", "--storage", "mongodb://x"])
+    assert res.exit_code == 1 and "tune.storage" in res.output
