@@ -19,6 +19,7 @@ Every fold reuses the stage functions (``run_sessions_stage``, ``run_train``, ``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import itertools
 import math
@@ -80,6 +81,13 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     for k, v in top.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def replaced(section: Any, **changes: Any) -> Any:
+    """A settings section with ``changes``: pydantic models copy, dataclass sections are replaced."""
+    if dataclasses.is_dataclass(section) and not isinstance(section, type):
+        return dataclasses.replace(section, **changes)
+    return section.model_copy(update=changes)
 
 
 def _day(text: str) -> date:
@@ -224,8 +232,8 @@ class TrainObjective(Objective):
         self.on_run = on_run
         t = settings.tune
         self.base = settings.model_copy(update={
-            "walk_forward": settings.walk_forward.model_copy(update={"val_days": t.val_days}),
-            "backtest": settings.backtest.model_copy(update={"bootstrap": 0})})
+            "walk_forward": replaced(settings.walk_forward, val_days=t.val_days),
+            "backtest": replaced(settings.backtest, bootstrap=0)})
 
     def sessions(self, k: int, fs: Settings) -> Path:
         """Fold ``k``'s sessions, built once per study (a file lock keeps two local workers from racing)."""
