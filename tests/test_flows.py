@@ -29,7 +29,9 @@ from rltrader.data.parquet_store import ParquetStore  # noqa: E402
 from rltrader.data.schema import Market  # noqa: E402
 from rltrader.sim import ReplayClock, ReplayServer, run_in_thread  # noqa: E402
 
-ARCHIVE = SHARED_ARCHIVE  # conftest: the real data must be there; tests fail rather than skip
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_archive")]  # Prefect flows on the real shared data
+
+ARCHIVE = SHARED_ARCHIVE  # missing data fails these tests (shared_archive fixture), they never skip
 
 
 @pytest.fixture(scope="session")

@@ -23,10 +23,11 @@ from rltrader.agents.packaging import PolicyModule, load_policy_file, save_polic
 from rltrader.config import load_settings
 from rltrader.data.ingest import run_ingest_stage
 from rltrader.data.store import open_store
-from rltrader.dataset.build import run_features_stage, write_json
+from rltrader.dataset.build import run_features_stage
 from rltrader.env.core import N_STATE
 from rltrader.errors import DataError
 from rltrader.integrity import load_torch, sidecar_path, write_torch
+from rltrader.utils import write_json
 
 AVAX_FEB = "futures/um/monthly/klines/AVAXUSDT/1m/AVAXUSDT-1m-2023-02.zip"
 AVAX_SEP = "futures/um/monthly/klines/AVAXUSDT/1m/AVAXUSDT-1m-2023-09.zip"

@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rltrader.agents import ALGORITHMS
 from rltrader.config import Settings, load_settings
 from rltrader.data.ingest import (
     archive_source,
@@ -336,7 +337,6 @@ def replay_server_cmd(
     archive_base: ArchiveOpt = None,
 ) -> None:
     """Serve recorded archive data through Binance's REST and websocket protocols on loopback."""
-    from rltrader.execution import ExecutionParams
     from rltrader.sim import Faults, ReplayServer, default_params, serve_forever
 
     settings = load_settings()
@@ -353,7 +353,7 @@ def replay_server_cmd(
     # execution model where it is for this market (so paper fills equal the backtest's), else VIP0 fees.
     key, secret = os.environ.get("BINANCE_API_KEY"), os.environ.get("BINANCE_API_SECRET")
     api_keys = {key: secret} if key and secret else None
-    execution = ExecutionParams.from_mapping(settings.execution)
+    execution = settings.execution
     if (execution.market == "spot") != (Market(market) is Market.SPOT):
         execution = default_params(Market(market))
     try:
@@ -371,7 +371,8 @@ def features_cmd(
     store: StoreOpt = None,
 ) -> None:
     """The DVC `features` stage: per-symbol feature tables under <data.dir>/features."""
-    from rltrader.dataset.build import run_features_stage, write_json
+    from rltrader.dataset.build import run_features_stage
+    from rltrader.utils import write_json
 
     with _context(store) as (settings, st):
         summary = run_features_stage(settings, st)
@@ -403,7 +404,7 @@ def sessions_cmd(
 
 @app.command("train")
 def train_cmd(
-    algo: Annotated[str, typer.Argument(help="d3qn, ppo or cnn (the supervised baseline)")],
+    algo: Annotated[str, typer.Argument(help=f"{', '.join(ALGORITHMS)} (cnn: the supervised baseline)")],
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint (same MLflow run)")] = False,
     metrics: Annotated[Path | None, typer.Option(help="Metrics JSON (default reports/train_<algo>.json)")] = None,
 ) -> None:
@@ -494,7 +495,7 @@ def promote_cmd(
 
 @app.command("walk-forward")
 def walk_forward_cmd(
-    algo: Annotated[str | None, typer.Option(help="d3qn, ppo or cnn (default walk_forward.algo)")] = None,
+    algo: Annotated[str | None, typer.Option(help=f"{', '.join(ALGORITHMS)} (default walk_forward.algo)")] = None,
     max_folds: Annotated[int | None, typer.Option(help="Only the first N folds")] = None,
     out_dir: Annotated[Path, typer.Option(help="Reports folder")] = Path("reports/walk_forward"),
 ) -> None:

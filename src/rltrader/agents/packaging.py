@@ -26,6 +26,7 @@ from numba import njit
 from torch import nn
 
 from rltrader.agents.networks import ActorCritic, Classifier, CNNEncoder, DuelingQNet, Trunk
+from rltrader.env.modes import BUY, HOLD, LONG, SELL, SHORT, FuturesAction, SpotAction
 from rltrader.errors import DataError
 from rltrader.integrity import load_torch, write_sidecar
 
@@ -94,7 +95,7 @@ class PolicyModule(nn.Module):
             return None
         if classifier is not None:  # it feeds the classifier zero state: all of it is precomputable
             futures = classifier.mode == "futures_session"
-            if self.n_actions != (4 if futures else 3):
+            if self.n_actions != (len(FuturesAction) if futures else len(SpotAction)):
                 return None
             mlp, cls_head, n_state = trunk.mlp, classifier.net.head, self.n_state
 
@@ -325,13 +326,13 @@ def head_scores(pre: np.ndarray, state: np.ndarray, code: int, state_weight: np.
         p, side = pre[0], state[0]
         up, down = p >= head_params[0], p <= head_params[1]
         scores[:] = -1.0
-        scores[0] = 0.0
+        scores[HOLD] = 0.0
         if head_params[2] > 0.0:  # futures: long / short
-            scores[1] = 1.0 if up and side <= 0.0 else -1.0
-            scores[2] = 1.0 if down and side >= 0.0 else -1.0
+            scores[LONG] = 1.0 if up and side <= 0.0 else -1.0
+            scores[SHORT] = 1.0 if down and side >= 0.0 else -1.0
         else:  # spot: buy / sell
-            scores[1] = 1.0 if up and side == 0.0 else -1.0
-            scores[2] = 1.0 if down and side > 0.0 else -1.0
+            scores[BUY] = 1.0 if up and side == 0.0 else -1.0
+            scores[SELL] = 1.0 if down and side > 0.0 else -1.0
         return
     n1, n2 = hidden_weight_t.shape
     for i in range(n1):  # h1 = relu(pre + W_s·s)
