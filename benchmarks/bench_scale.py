@@ -174,7 +174,8 @@ def _stage(stage: str, settings: Settings, store: ParquetStore, symbols: list[st
     after = _mem()
     key = "hwm" if reset else "maxrss"
     print(json.dumps({"stage": stage, "seconds": dt, "peak_mb": after[key] - before["rss"],
-                      "rss_before_mb": before["rss"], "peak_reset": reset, "rows": len(symbols) * bars, "symbols": len(symbols), **extra}),
+                      "rss_before_mb": before["rss"], "peak_reset": reset, "rows": len(symbols) * bars,
+                      "symbols": len(symbols), **extra}),
           flush=True)
 
 
