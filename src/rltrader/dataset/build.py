@@ -137,7 +137,9 @@ def run_features_stage(settings: Settings, store: Store, out_dir: Path | None = 
                     "code": version}
             table = feats.to_arrow()
             table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-            pq.write_table(table, tmp / f"{symbol}.parquet", compression="zstd")
+            # no dictionary pages: float features are almost all distinct, so pyarrow's dictionary attempt only
+            # costs time (2-3x the write) and bytes (~8 % larger files); the values are the same either way
+            pq.write_table(table, tmp / f"{symbol}.parquet", compression="zstd", use_dictionary=False)
             summary["symbols"][symbol] = {"rows": feats.height, "valid": int(feats["valid"].sum()),
                                           "segments": int(feats["segment"].n_unique()),
                                           "start": str(feats["open_time"][0]), "end": str(feats["open_time"][-1]),
