@@ -299,9 +299,10 @@ def compute_features(bars: pl.DataFrame, p: FeatureSettings, interval: str) -> p
     spec = feature_spec(p)
     cal = calendar_exprs()
     windowed = spec.names[:-len(cal)]
-    df = (bars.lazy().select("open_time", "open", "high", "low", "close", "volume", "trades", "taker_buy_volume")
-          .sort("open_time").with_columns(segments(pl.col("open_time"), interval).alias(SEGMENT))
-          .collect(engine=ENGINE))
+    lf = bars.lazy().select("open_time", "open", "high", "low", "close", "volume", "trades", "taker_buy_volume")
+    if not bars["open_time"].is_sorted():  # stores return sorted bars: skip the sort's copy then
+        lf = lf.sort("open_time")
+    df = lf.with_columns(segments(pl.col("open_time"), interval).alias(SEGMENT)).collect(engine=ENGINE)
     stages = _feature_stages(p)
     seg = df[SEGMENT]
     n_seg = int(seg[-1]) if df.height else 0
