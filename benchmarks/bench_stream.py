@@ -29,9 +29,7 @@ The machine is shared: absolute rates move between runs; ours and the peer run i
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -42,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import _harness as h
 import numpy as np
 import orjson
 import psycopg
@@ -268,12 +267,10 @@ def run_bare(sender: Sender, n_messages: int) -> dict[str, float]:
 # -- driver ------------------------------------------------------------------------------------------------------
 def emit(metric: str, value: float, unit: str, peer_value: float, higher_is_better: bool = True,
          ceiling: float | None = None, **extra: Any) -> None:
-    ratio = (value / peer_value if higher_is_better else peer_value / value) if value and peer_value else None
-    line = {"metric": metric, "value": round(value, 4), "unit": unit, "peer": PEER,
-            "peer_value": round(peer_value, 4), "ratio": None if ratio is None else round(ratio, 3)}
     if ceiling is not None:
-        line["ceiling"] = round(ceiling, 1)
-    print(json.dumps({**line, **extra}), flush=True)
+        extra = {"ceiling": round(ceiling, 1), **extra}
+    h.emit(h.line(metric, value, unit, PEER, peer_value, digits=4,
+                  ratio_value=h.ratio(value, peer_value, higher_is_better=higher_is_better, digits=3), **extra))
 
 
 def rate(r: dict[str, float]) -> float:
@@ -284,13 +281,11 @@ def capacity(r: dict[str, float]) -> float:
     return r["msgs"] / r["cpu"] if r["cpu"] else 0.0
 
 
-def log(msg: str) -> None:
-    print(f"[bench_stream] {msg}", file=sys.stderr, flush=True)
+log = h.logger("bench_stream")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small runs, under a minute in all")
+    ap = h.parser(__doc__, "small runs, under a minute in all")
     args = ap.parse_args()
     load0 = os.getloadavg()[0]
     n_fast = 20_000 if args.quick else 200_000

@@ -278,6 +278,8 @@ class OrderGateway:
                  hooks: Sequence[PreSendHook] = ()) -> None:
         self.broker, self.records, self.session_id, self.xp = broker, records, session_id, xp
         self.hooks = list(hooks)
+        self.fill_listeners: list[Callable[[Sequence[Fill]], None]] = []
+        """Called with each batch of recorded fills (the notifier); must not block."""
 
     def order_for_target(self, symbol: str, bar_time: int, target: float, committed: float, ref: float,
                          reason: str) -> OrderRequest | None:
@@ -315,6 +317,8 @@ class OrderGateway:
                                          f.fee, f.slippage, f.realized, f.position_after)
                 if f.client_order_id is not None and f.kind == "order":
                     self.records.update_order(f.client_order_id, "filled")
+        for listener in self.fill_listeners:
+            listener(fills)
 
 
 __all__ = ["Bar", "BinanceBroker", "Broker", "Fill", "OrderGateway", "OrderRequest", "PaperBroker", "kernel_bar",
