@@ -25,10 +25,13 @@ import math
 from collections.abc import Mapping, Sequence
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
+
+if TYPE_CHECKING:  # typing only: the settings module imports nothing from here
+    from rltrader.config import Settings
 
 _NAN = float("nan")
 
@@ -258,7 +261,7 @@ def significance(equity: pl.DataFrame, trades: pl.DataFrame, initial_cash: float
     return out
 
 
-def counted_trials(settings: Any) -> dict[str, int]:
+def counted_trials(settings: Settings) -> dict[str, int]:
     """:func:`trials_run` for the settings' tuning storage and MLflow experiment."""
     from rltrader.tune.storage import storage_url
 
@@ -266,7 +269,7 @@ def counted_trials(settings: Any) -> dict[str, int]:
     return trials_run(storage=url, tracking_uri=settings.train.tracking_uri, experiment=settings.train.experiment)
 
 
-def tuning_record(settings: Any, name: str) -> dict[str, float]:
+def tuning_record(settings: Settings, name: str) -> dict[str, float]:
     """What ``rltrader tune <name>`` reported for this model (``<tune.out_dir>/<name>/summary.json``): the PBO of
     its study and how many of its trials finished; empty when the model was not tuned."""
     import json
