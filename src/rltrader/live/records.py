@@ -55,6 +55,13 @@ CREATE TABLE IF NOT EXISTS fills (
 CREATE TABLE IF NOT EXISTS marks (
     session_id TEXT NOT NULL, symbol TEXT NOT NULL, bar_time BIGINT NOT NULL, equity DOUBLE PRECISION NOT NULL,
     position DOUBLE PRECISION NOT NULL, price DOUBLE PRECISION NOT NULL, PRIMARY KEY (session_id, symbol, bar_time));
+CREATE TABLE IF NOT EXISTS risk_kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at DOUBLE PRECISION NOT NULL);
+CREATE TABLE IF NOT EXISTS risk_events (
+    id {serial}, at DOUBLE PRECISION NOT NULL, state_from TEXT NOT NULL, state_to TEXT NOT NULL,
+    reason TEXT NOT NULL, numbers TEXT);
+CREATE TABLE IF NOT EXISTS commands (
+    id {serial}, command TEXT NOT NULL, issued_at DOUBLE PRECISION NOT NULL, taken_at DOUBLE PRECISION,
+    result TEXT);
 CREATE INDEX IF NOT EXISTS orders_session ON orders (session_id, symbol, bar_time);
 CREATE INDEX IF NOT EXISTS fills_session ON fills (session_id, symbol, time);
 """
@@ -69,7 +76,7 @@ def order_id_for(session_id: str, symbol: str, bar_time_us: int, seq: int = 0) -
 class Records:
     """Writes and queries of one records database (thread-safe: one connection behind a lock)."""
 
-    def __init__(self, url: str | Path) -> None:
+    def __init__(self, url: str | Path, *, durable: bool = True) -> None:
         text = str(url)
         self.url = text
         self.postgres = text.startswith(("postgresql://", "postgres://"))
@@ -85,7 +92,7 @@ class Records:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self.conn.execute("PRAGMA busy_timeout=5000")
             serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
         for stmt in _SCHEMA.format(serial=serial).split(";"):
@@ -170,10 +177,57 @@ class Records:
             return bool(cur.rowcount)
 
     def update_order(self, client_order_id: str, status: str, *, exchange_order_id: str | None = None,
-                     detail: str | None = None) -> None:
+                     detail: str | None = None, qty: float | None = None) -> None:
         self._exec("UPDATE orders SET status = ?, exchange_order_id = COALESCE(?, exchange_order_id),"
-                   " detail = COALESCE(?, detail), updated_at = ? WHERE client_order_id = ?",
-                   (status, exchange_order_id, detail, time.time(), client_order_id))
+                   " detail = COALESCE(?, detail), qty = COALESCE(?, qty), updated_at = ? WHERE client_order_id = ?",
+                   (status, exchange_order_id, detail, None if qty is None else float(qty), time.time(),
+                    client_order_id))
+
+    # -- the risk engine's persisted state and the operator's commands --------------------------------------
+    def kv_get(self, key: str) -> Any:
+        rows = self._query("SELECT value FROM risk_kv WHERE key = ?", (key,))
+        return json.loads(rows[0]["value"]) if rows else None
+
+    def kv_set(self, key: str, value: Any) -> None:
+        self._exec("INSERT INTO risk_kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+                   " value = excluded.value, updated_at = excluded.updated_at",
+                   (key, json.dumps(value, default=str), time.time()))
+
+    def record_risk_event(self, state_from: str, state_to: str, reason: str, numbers: dict[str, Any]) -> None:
+        self._exec("INSERT INTO risk_events (at, state_from, state_to, reason, numbers) VALUES (?, ?, ?, ?, ?)",
+                   (time.time(), state_from, state_to, reason, json.dumps(numbers, default=str)))
+
+    def risk_events(self) -> list[dict[str, Any]]:
+        rows = self._query("SELECT * FROM risk_events ORDER BY id")
+        for r in rows:
+            r["numbers"] = json.loads(r["numbers"]) if r["numbers"] else {}
+        return rows
+
+    def issue_command(self, command: str) -> int:
+        with self._lock:
+            cur = self.conn.execute(self._sql("INSERT INTO commands (command, issued_at) VALUES (?, ?) RETURNING id"),
+                                    (command, time.time()))
+            return int(cur.fetchone()[0])
+
+    def pending_commands(self) -> list[dict[str, Any]]:
+        return self._query("SELECT * FROM commands WHERE taken_at IS NULL ORDER BY id")
+
+    def take_command(self, command_id: int, result: str) -> None:
+        self._exec("UPDATE commands SET taken_at = ?, result = ? WHERE id = ?", (time.time(), result, command_id))
+
+    def open_orders(self) -> list[dict[str, Any]]:
+        """Every journaled order whose outcome is not known (``new``: intent written, maybe sent; ``unknown``:
+        sent, no answer): recovery resolves each against the exchange before trading."""
+        return self._query("SELECT * FROM orders WHERE status IN ('new', 'unknown') ORDER BY id")
+
+    def order(self, client_order_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM orders WHERE client_order_id = ?", (client_order_id,))
+        return rows[0] if rows else None
+
+    def journal_positions(self) -> dict[str, float]:
+        """Per symbol, the position the journal's fills add up to over every session (the exchange account's)."""
+        rows = self._query("SELECT symbol, SUM(qty) AS q FROM fills GROUP BY symbol")
+        return {r["symbol"]: float(r["q"] or 0.0) for r in rows}
 
     def record_fill(self, session_id: str, symbol: str, client_order_id: str | None, time_us: int, kind: str,
                     qty: float, price: float, fee: float, slippage: float, realized: float,
