@@ -37,7 +37,7 @@ def _records(url: str | None) -> Any:
 @trade_app.callback(invoke_without_command=True)
 def trade_cmd(
     ctx: typer.Context,
-    mode: Annotated[str | None, typer.Option(help="paper | testnet | live (refused) (default trader.mode)")] = None,
+    mode: Annotated[str | None, typer.Option(help="paper | testnet | live (default trader.mode)")] = None,
     symbols: Annotated[str | None, typer.Option(help="Comma-separated, e.g. NEARUSDT,FILUSDT")] = None,
     model: Annotated[str | None, typer.Option(help="models:/rltrader@champion (default), a run id, a .pt file or a "
                                               "baseline name (sma_cross, …)")] = None,
@@ -47,6 +47,8 @@ def trade_cmd(
                                               "range end")] = None,
     duration: Annotated[float | None, typer.Option(help="Stop after N seconds")] = None,
     no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="Skip the MLflow session summary")] = False,
+    real_money: Annotated[bool, typer.Option("--i-understand-this-trades-real-money",
+                                             help="Needed (with the keys in the env) by --mode live")] = False,
 ) -> None:
     """Trade the model on closed 1m bars (no subcommand), or query the records (subcommands)."""
     if ctx.invoked_subcommand is not None:
@@ -60,7 +62,7 @@ def trade_cmd(
         end = datetime.fromisoformat(until.replace("Z", "+00:00")) if until else None
         summary = run_trader(settings, mode=mode, symbols=symbols.split(",") if symbols else None, model=model,
                              rest_base=rest_base, ws_base=ws_base, until=end, max_seconds=duration,
-                             mlflow_summary=not no_mlflow)
+                             mlflow_summary=not no_mlflow, confirm_live=real_money)
     except (RLTraderError, ValueError) as exc:
         _fail(str(exc))
     out.print_json(json.dumps(summary, default=str))
@@ -121,3 +123,35 @@ def pnl_cmd(records: RecordsOpt = None, session: SessionOpt = None,
                       f"{r['fees']:.4f}")
     out.print(table)
 
+
+
+@trade_app.command("halt")
+def halt_cmd(records: RecordsOpt = None,
+             reason: Annotated[str, typer.Option(help="Recorded with the transition")] = "operator") -> None:
+    """Kill switch: HALTED at once (a running trader sends nothing more; persists until `resume`)."""
+    from rltrader.live.risk import halt, state_of
+
+    rec = _records(records)
+    halt(rec, f"operator: rltrader trade halt ({reason})")
+    out.print_json(json.dumps(state_of(rec), default=str))
+
+
+@trade_app.command("resume")
+def resume_cmd(records: RecordsOpt = None) -> None:
+    """Leave HALTED / REDUCING: back to ACTIVE (a failed reconciliation halts again at the next start)."""
+    from rltrader.live.risk import resume, state_of
+
+    rec = _records(records)
+    resume(rec)
+    out.print_json(json.dumps(state_of(rec), default=str))
+
+
+@trade_app.command("flatten")
+def flatten_cmd(records: RecordsOpt = None) -> None:
+    """Close every position through the risk engine: queued for the running trader (taken between bars, or at
+    the next start), which is REDUCING from then on until `resume`."""
+    from rltrader.live.risk import request_flatten
+
+    rec = _records(records)
+    cid = request_flatten(rec)
+    out.print_json(json.dumps({"command": "flatten", "id": cid, "pending": len(rec.pending_commands())}))

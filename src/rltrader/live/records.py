@@ -11,8 +11,10 @@ designed for that already:
   key (``order_id_for``), so re-running a bar's decision finds the order already recorded and sends nothing;
 - times are integer microseconds UTC (bar open times) plus the wall clock of the write.
 
-Backends: SQLite (default ``<data.dir>/trader.db``, WAL journal, ``synchronous=NORMAL``: a commit is a WAL
-append, ~tens of µs, which keeps the record write inside the trader's per-bar budget) or PostgreSQL
+Backends: SQLite (default ``<data.dir>/trader.db``, WAL journal, ``synchronous=FULL``: each commit is fsynced
+before the call returns, so an order's intent is on disk before its request leaves — the write-ahead journal a
+SIGKILL or a power cut cannot outrun; ``durable=False`` gives ``NORMAL``, a WAL append without the fsync, for
+throwaway runs) or PostgreSQL
 (``trader.records_url: postgresql://…``, e.g. the same server as the market data store). Same SQL, only the
 parameter style and the auto-increment type differ.
 """
@@ -81,6 +83,7 @@ class Records:
         self.url = text
         self.postgres = text.startswith(("postgresql://", "postgres://"))
         self._lock = threading.RLock()  # re-entrant: writes inside ``transaction``
+        self._depth = 0
         self.conn: Any
         if self.postgres:
             import psycopg
@@ -115,19 +118,31 @@ class Records:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """Several writes committed together (a fill and its order's status change)."""
+        """Several writes committed together (a fill and its order's status change); nested uses join the
+        outermost transaction."""
         with self._lock:
-            if self.postgres:
-                with self.conn.transaction():
-                    yield
-            else:
-                self.conn.execute("BEGIN")
+            if self._depth:
+                self._depth += 1
                 try:
                     yield
-                except BaseException:
-                    self.conn.execute("ROLLBACK")
-                    raise
-                self.conn.execute("COMMIT")
+                finally:
+                    self._depth -= 1
+                return
+            self._depth = 1
+            try:
+                if self.postgres:
+                    with self.conn.transaction():
+                        yield
+                else:
+                    self.conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield
+                    except BaseException:
+                        self.conn.execute("ROLLBACK")
+                        raise
+                    self.conn.execute("COMMIT")
+            finally:
+                self._depth = 0
 
     def close(self) -> None:
         with self._lock:
@@ -137,7 +152,7 @@ class Records:
     def start_session(self, session_id: str, *, mode: str, model: str, model_version: str | None,
                       symbols: Sequence[str], params: dict[str, Any]) -> None:
         self._exec("INSERT INTO trade_sessions (session_id, mode, model, model_version, symbols, params, started_at)"
-                   " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (session_id) DO NOTHING",
                    (session_id, mode, model, model_version, ",".join(symbols), json.dumps(params, default=str),
                     time.time()))
 
@@ -215,18 +230,25 @@ class Records:
     def take_command(self, command_id: int, result: str) -> None:
         self._exec("UPDATE commands SET taken_at = ?, result = ? WHERE id = ?", (time.time(), result, command_id))
 
-    def open_orders(self) -> list[dict[str, Any]]:
-        """Every journaled order whose outcome is not known (``new``: intent written, maybe sent; ``unknown``:
-        sent, no answer): recovery resolves each against the exchange before trading."""
-        return self._query("SELECT * FROM orders WHERE status IN ('new', 'unknown') ORDER BY id")
+    def open_orders(self, modes: Sequence[str] = ("testnet", "live")) -> list[dict[str, Any]]:
+        """Every journaled order (of sessions in ``modes``) whose outcome is not known: ``new`` (intent written,
+        maybe sent), ``unknown`` (sent, no answer), ``sent`` (accepted, no fill yet). Recovery resolves each
+        against the exchange before trading."""
+        marks = ", ".join("?" for _ in modes)
+        return self._query("SELECT o.* FROM orders o JOIN trade_sessions s ON o.session_id = s.session_id"
+                           f" WHERE o.status IN ('new', 'unknown', 'sent') AND s.mode IN ({marks}) ORDER BY o.id",
+                           tuple(modes))
 
     def order(self, client_order_id: str) -> dict[str, Any] | None:
         rows = self._query("SELECT * FROM orders WHERE client_order_id = ?", (client_order_id,))
         return rows[0] if rows else None
 
-    def journal_positions(self) -> dict[str, float]:
-        """Per symbol, the position the journal's fills add up to over every session (the exchange account's)."""
-        rows = self._query("SELECT symbol, SUM(qty) AS q FROM fills GROUP BY symbol")
+    def journal_positions(self, modes: Sequence[str] = ("testnet", "live")) -> dict[str, float]:
+        """Per symbol, the position the journal's fills add up to over every session in ``modes`` (the exchange
+        account's position, when this trader is the account's only user)."""
+        marks = ", ".join("?" for _ in modes)
+        rows = self._query("SELECT f.symbol, SUM(f.qty) AS q FROM fills f JOIN trade_sessions s ON"
+                           f" f.session_id = s.session_id WHERE s.mode IN ({marks}) GROUP BY f.symbol", tuple(modes))
         return {r["symbol"]: float(r["q"] or 0.0) for r in rows}
 
     def record_fill(self, session_id: str, symbol: str, client_order_id: str | None, time_us: int, kind: str,
@@ -245,6 +267,13 @@ class Records:
                    (session_id, symbol, int(bar_time), float(equity), float(position), float(price)))
 
     # -- queries ------------------------------------------------------------------------------------------
+    def unfinished_session(self, mode: str, symbols: Sequence[str]) -> str | None:
+        """The latest session of ``mode`` on these symbols that never ended (its trader was killed): a restart
+        resumes it, so its bars keep their client order ids and a recomputed bar sends nothing new."""
+        rows = self._query("SELECT session_id FROM trade_sessions WHERE mode = ? AND symbols = ? AND ended_at IS NULL"
+                           " ORDER BY started_at DESC LIMIT 1", (mode, ",".join(symbols)))
+        return str(rows[0]["session_id"]) if rows else None
+
     def latest_session(self) -> str | None:
         rows = self._query("SELECT session_id FROM trade_sessions ORDER BY started_at DESC LIMIT 1")
         return str(rows[0]["session_id"]) if rows else None

@@ -92,9 +92,10 @@ def state_of(records: Records) -> dict[str, Any]:
 
 
 def set_state(records: Records, new: RiskState, reason: str, **numbers: Any) -> bool:
-    """Persist a transition (and log it, with its numbers); False when already in that state."""
+    """Persist a transition (and log it, with its numbers); False when already in that state for that reason
+    (a new reason for the same state — a failed reconciliation after the start's own halt — is recorded)."""
     old = state_of(records)
-    if old["state"] == new.value:
+    if old["state"] == new.value and old.get("reason") == reason:
         return False
     records.kv_set(STATE_KEY, {"state": new.value, "reason": reason, "numbers": numbers})
     records.record_risk_event(old["state"], new.value, reason, numbers)

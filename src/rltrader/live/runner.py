@@ -33,12 +33,28 @@ log = logging.getLogger(__name__)
 KEY_VARS = ("RLTRADER_BINANCE_API_KEY", "RLTRADER_BINANCE_API_SECRET")
 
 
-def exchange_client(market: str, rest_base: str | None, env: dict[str, str] | None = None) -> Any:
-    """python-binance ``Client`` with the trading keys: testnet, or ``rest_base`` (a Binance-compatible server)."""
+LIVE_FLAG = "--i-understand-this-trades-real-money"
+
+
+def live_gate(mode: str, confirmed: bool, env: dict[str, str] | None = None) -> None:
+    """``--mode live`` needs both the explicit flag and the keys; one message naming everything missing."""
+    if mode != "live":
+        return
+    env = dict(os.environ if env is None else env)
+    missing = ([] if confirmed else [LIVE_FLAG]) + [f"${v}" for v in KEY_VARS if not env.get(v)]
+    if missing:
+        raise ConfigError(f"trade --mode live trades real money and needs: {', '.join(missing)} (missing). "
+                          "Try --mode paper, then --mode testnet, first.")
+
+
+def exchange_client(market: str, rest_base: str | None, env: dict[str, str] | None = None, *,
+                    mode: str = "testnet") -> Any:
+    """python-binance ``Client`` with the trading keys: testnet, live (Binance itself), or ``rest_base`` (a
+    Binance-compatible server)."""
     env = dict(os.environ if env is None else env)
     missing = [v for v in KEY_VARS if not env.get(v)]
     if missing:
-        raise ConfigError(f"trade --mode testnet: set {' and '.join(missing)} (the exchange API keys; they are read "
+        raise ConfigError(f"trade --mode {mode}: set {' and '.join(missing)} (the exchange API keys; they are read "
                           "from the environment only)")
     from binance.client import Client
 
@@ -47,14 +63,30 @@ def exchange_client(market: str, rest_base: str | None, env: dict[str, str] | No
     key, secret = env[KEY_VARS[0]], env[KEY_VARS[1]]
     if rest_base is not None:
         return _with_base(Client, rest_base)(key, secret, ping=False)
-    return Client(key, secret, testnet=True, ping=False)
+    return Client(key, secret, testnet=mode != "live", ping=False)
 
 
-def _broker(mode: str, market: str, rest_base: str | None) -> Any:
+def _broker(mode: str, market: str, rest_base: str | None, grace_s: float = 2.0) -> Any:
     xp = np.zeros(0)  # set by the trader from the execution params
     if mode == "paper":
         return PaperBroker(xp)
-    return BinanceBroker(exchange_client(market, rest_base), market, xp)
+    return BinanceBroker(exchange_client(market, rest_base, mode=mode), market, xp, grace_s=grace_s)
+
+
+def start_exchange_trader(settings: Any, trader: Trader, broker: BinanceBroker, symbols: Sequence[str]) -> Any:
+    """testnet/live start: account settings checked (refused otherwise), then recovery; the trader starts
+    from the exchange's positions and stays HALTED unless recovery passed (see ``live.recovery``)."""
+    from rltrader.live.recovery import check_account_settings, recover
+
+    risk = settings.risk
+    check_account_settings(broker.client, broker.market, symbols, risk.leverage, risk.margin_type)
+    for sym in symbols:
+        broker.accounts[sym] = trader.books[sym].acct
+    rec = recover(trader.records, broker, trader.gateway, symbols, tolerance=risk.position_tolerance)
+    for sym, (q, entry) in rec.positions.items():
+        if sym in trader.books:
+            trader.seed_position(sym, q, entry)
+    return rec
 
 
 def log_summary(settings: Any, summary: dict[str, Any], mode: str) -> str:
@@ -81,7 +113,8 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
                model: str | None = None, rest_base: str | None = None, ws_base: str | None = None,
                until: datetime | None = None, max_seconds: float | None = None,
                stop_event: threading.Event | None = None, handle_signals: bool = True,
-               mlflow_summary: bool = True, on_processed: Any = None) -> dict[str, Any]:
+               mlflow_summary: bool = True, on_processed: Any = None, confirm_live: bool = False,
+               grace_s: float = 2.0) -> dict[str, Any]:
     """Run the trader until stopped (signal, ``stop_event``, ``max_seconds``) or every symbol reached ``until``.
     ``on_processed(symbol, bar_time)``: called once a closed bar is fully handled (lock-step replays, tests)."""
     from rltrader.data.stream import stream
@@ -98,14 +131,17 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
     if settings.execution.market != want:
         raise ConfigError(f"trader.market {market.value} trades execution.market {want!r}; params say "
                           f"{settings.execution.market!r}")
-    if mode == "live":
-        raise ConfigError("trade --mode live: live trading needs the journal and risk engine (next trader issue); "
-                          "use --mode paper or --mode testnet")
-    broker = _broker(mode, want, rest_base)
+    live_gate(mode, confirm_live)
+    broker = _broker(mode, want, rest_base, grace_s)
     records = open_records(cfg.records_url, settings.data.dir)
     until_us = None if until is None else int(until.timestamp() * 1_000_000)
+    resume_id = records.unfinished_session(mode, symbols) if mode != "paper" else None
     trader = build_trader(settings, mode=mode, symbols=symbols, model=model, records=records, broker=broker,
-                          until_us=until_us)
+                          until_us=until_us, session_id=resume_id)
+    if resume_id is not None:
+        _event("session_resumed", session_id=resume_id)
+    if isinstance(broker, BinanceBroker):
+        start_exchange_trader(settings, trader, broker, symbols)
     store = open_store(settings.data.store_url, settings.data.dir)
     stop = stop_event or threading.Event()
     try:
@@ -138,6 +174,7 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
                                                         "rest_base": rest_base, "ws_base": ws_base})
         stream(stream_cfg, store, stop_event=stop, max_seconds=max_seconds, handle_signals=handle_signals,
                on_kline=on_kline)
+        trader.stopping = stop.is_set() and until_us is None  # SIGTERM / stop: no new orders from here on
         if cfg.flatten_on_stop:
             for sym, bar in last_bar.items():
                 if sym not in trader.finished:
