@@ -70,7 +70,7 @@ def test_unknown_outcomes_end_in_exactly_one_fill(fx: tuple[ReplayServer, Client
     """Whatever the answer (none, 5xx, -1007, 429; with the order applied or not, visible at once or only
     after a delay), the order is resolved by its client id and filled exactly once; the journal says so."""
     srv, client, records = fx
-    broker, gw, acct = _gateway(client, records)
+    _broker, gw, acct = _gateway(client, records)
     srv.set_order_faults(**fault)
     req = OrderRequest(SYM, BAR, order_id_for("s1", SYM, BAR), 0.01, 20_000.0, "signal", False)
     assert gw.submit(req, acct)
@@ -87,15 +87,15 @@ def test_grace_period_is_what_keeps_an_invisible_order_from_being_sent_twice(
     """The point of the grace period: with none, a dropped answer for an order that queries cannot see yet
     reads as absent and is resent — Binance accepts the reused id of a FILLED order, and it fills twice."""
     srv, client, records = fx
-    broker, gw, acct = _gateway(client, records, grace_s=0.0)
+    _broker, gw, acct = _gateway(client, records, grace_s=0.0)
     srv.set_order_faults(drop_response=1, invisible_ms=500.0)
     gw.submit(OrderRequest(SYM, BAR, order_id_for("s1", SYM, BAR), 0.01, 20_000.0, "signal", False), acct)
     assert _position(client) == pytest.approx(0.02)  # the duplicate the grace period prevents (test above)
 
 
 def test_recovery_resolves_intents_and_halts_on_a_mismatch(fx: tuple[ReplayServer, Client, Records]) -> None:
-    srv, client, records = fx
-    broker, gw, acct = _gateway(client, records, grace_s=0.2)
+    _srv, client, records = fx
+    broker, gw, _acct = _gateway(client, records, grace_s=0.2)
     # a: intent journaled, killed before the request left → absent
     a = order_id_for("s1", SYM, BAR)
     records.record_order("s1", SYM, BAR, a, 0.01, 20_000.0, "signal")

@@ -438,8 +438,13 @@ class OrderGateway:
         """Hooks, record, send. False when blocked or already recorded (a recomputed bar)."""
         if not self.records.record_order(self.session_id, req.symbol, req.bar_time, req.client_order_id, req.qty,
                                          req.ref_price, req.reason):
-            log.info('{"event":"order_exists","client_order_id":"%s"}', req.client_order_id)
-            return False
+            known = self.records.order(req.client_order_id)
+            if known is None or known["status"] != "absent":
+                log.info('{"event":"order_exists","client_order_id":"%s"}', req.client_order_id)
+                return False
+            # recovery proved it absent (the process died before the request left): the recomputed bar sends
+            # it now, under the same id
+            self.records.update_order(req.client_order_id, "new", detail="resent: proven absent", qty=req.qty)
         for hook in self.hooks:
             verdict = hook(req)
             if isinstance(verdict, Reduced):

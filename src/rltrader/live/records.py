@@ -248,7 +248,9 @@ class Records:
         account's position, when this trader is the account's only user)."""
         marks = ", ".join("?" for _ in modes)
         rows = self._query("SELECT f.symbol, SUM(f.qty) AS q FROM fills f JOIN trade_sessions s ON"
-                           f" f.session_id = s.session_id WHERE s.mode IN ({marks}) GROUP BY f.symbol", tuple(modes))
+                           f" f.session_id = s.session_id WHERE s.mode IN ({marks}) AND f.kind <> 'seed'"
+                           " GROUP BY f.symbol",
+                           tuple(modes))
         return {r["symbol"]: float(r["q"] or 0.0) for r in rows}
 
     def record_fill(self, session_id: str, symbol: str, client_order_id: str | None, time_us: int, kind: str,

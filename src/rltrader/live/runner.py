@@ -25,8 +25,10 @@ import numpy as np
 from rltrader.data.schema import Market
 from rltrader.data.store import open_store
 from rltrader.errors import ConfigError
+from rltrader.execution import QTY
 from rltrader.live.gateway import Bar, BinanceBroker, PaperBroker
 from rltrader.live.records import open_records
+from rltrader.live.risk import RiskState, set_state
 from rltrader.live.trader import Trader, _event, bars_from_frame, build_trader
 
 log = logging.getLogger(__name__)
@@ -84,8 +86,14 @@ def start_exchange_trader(settings: Any, trader: Trader, broker: BinanceBroker, 
         broker.accounts[sym] = trader.books[sym].acct
     rec = recover(trader.records, broker, trader.gateway, symbols, tolerance=risk.position_tolerance)
     for sym, (q, entry) in rec.positions.items():
-        if sym in trader.books:
+        if sym not in trader.books:
+            continue
+        if not trader.restore_from_journal(sym):  # a new session: start from the exchange's position
             trader.seed_position(sym, q, entry)
+        mine = float(trader.books[sym].acct[QTY, 0])
+        if abs(mine - q) > risk.position_tolerance:
+            set_state(trader.records, RiskState.HALTED,
+                      f"{sym}: session account {mine:g} differs from the exchange position {q:g}")
     return rec
 
 

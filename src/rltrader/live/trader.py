@@ -276,6 +276,39 @@ class Trader:
             n += 1
         return n
 
+    def warm_up_book(self, symbol: str, bars: Iterable[Bar]) -> int:
+        """A restarted trader: bars it had already handled go into the features *and* the symbol's window (no
+        settling, no decisions), so the next bar is decided on the same window as an uninterrupted run's."""
+        fe, book = self.features[symbol], self.books[symbol]
+        n = 0
+        for b in bars:
+            raw, ok = fe.update(b.time, b.open, b.high, b.low, b.close, b.volume, b.trades, b.taker_buy_volume)
+            row = standardize(raw[self.cols][None, :], self.norm.mean, self.norm.std, self.norm.clip)[0] if ok else None
+            book.append(b, row)
+            self.last_bars[symbol] = b
+            if book.run == book.context:  # where _decide would start the stretch
+                nxt = b.time + 60_000_000
+                book.ptr[P_START, 0] = book.n
+                book.ptr[P_END, 0] = (book.n + (self.until_us - nxt) // 60_000_000) if self.until_us is not None \
+                    else FAR
+            n += 1
+        return n
+
+    def restore_from_journal(self, symbol: str) -> int:
+        """A resumed session's account: its journaled fills booked again in order (``execution.apply_fill``),
+        so cash, position, entry, fees and realized PnL — hence the sizing — are the uninterrupted run's."""
+        from rltrader.execution import apply_fill
+
+        acct = self.books[symbol].acct
+        fills = [f for f in self.records.fills(self.session_id) if f["symbol"] == symbol]
+        for f in fills:
+            q, px = float(f["qty"]), float(f["price"])
+            if q != 0.0 and px > 0.0:
+                apply_fill(acct, 0, q, px, float(f["fee"]) / (abs(q) * px), px)
+        if fills:
+            _event("account_restored", symbol=symbol, fills=len(fills), position=float(acct[QTY, 0]))
+        return len(fills)
+
     def on_bar(self, symbol: str, bar: Bar) -> Decision | None:
         """A closed bar of ``symbol``: settle it, then decide (and send) the next bar's order."""
         t0 = time.perf_counter()
@@ -356,6 +389,10 @@ class Trader:
         acct[QTY, 0] = qty
         acct[AVG_ENTRY, 0] = entry
         acct[CASH, 0] -= qty * entry
+        # journaled as a fill of kind "seed" (not an exchange fill: the journal's positions leave it out), so a
+        # restart of this session restores it with the rest
+        t = self.last_bars[symbol].time if symbol in self.last_bars else 0
+        self.records.record_fill(self.session_id, symbol, None, t, "seed", qty, entry, 0.0, 0.0, 0.0, qty)
         _event("position_seeded", symbol=symbol, qty=qty, entry=entry)
 
     def take_commands(self) -> list[str]:
@@ -437,7 +474,8 @@ class Trader:
         # the backtest's pending queue: this bar's order goes out ``latency`` bars later
         k = book.k
         book.pending[0, k % nslot] = 0.0
-        if fresh and target is not None and not self.stopping:
+        del fresh  # a recomputed bar (a restart) re-derives the same order and client id: the journal dedupes it
+        if target is not None and not self.stopping:
             req = self.gateway.order_for_target(book.symbol, nxt, target, committed, ref, reason)
             if req is not None:
                 book.pending[0, k % nslot] = req.qty
