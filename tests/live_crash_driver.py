@@ -13,7 +13,9 @@ Exit codes: 0 done (the window's end reached, flat), 3 recovery left the trader 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -37,7 +39,10 @@ def main(settings_path: str, db: str, rest: str, start_iso: str, end_iso: str) -
     settings = Settings.model_validate_json(Path(settings_path).read_text())
     start = int(datetime.fromisoformat(start_iso).timestamp() * 1e6)
     end = int(datetime.fromisoformat(end_iso).timestamp() * 1e6)
+    bar_sleep = float(os.environ.get("CRASH_DRIVER_BAR_SLEEP", "0"))
     records = Records(db)
+    if any(s["ended_at"] is not None for s in records.sessions()):
+        return 0  # the window was finished (a kill that landed after the end changes nothing)
     broker = BinanceBroker(make_client(Market.FUTURES_UM, rest), "futures", np.zeros(0), grace_s=0.4)
     sid = records.unfinished_session("testnet", [SYM])
     trader = build_trader(settings, mode="testnet", symbols=[SYM], model="sma_cross", records=records,
@@ -61,6 +66,7 @@ def main(settings_path: str, db: str, rest: str, start_iso: str, end_iso: str) -
         requests.post(f"{rest}/_replay/clock", json={"advance_to": str((b.time + 60_000_000) // 1000)},
                       timeout=30).raise_for_status()
         trader.on_bar(SYM, b)
+        time.sleep(bar_sleep)  # spreads the bars over a few seconds, so random kills land among them
     records.end_session(trader.session_id, trader.summary())
     return 0
 

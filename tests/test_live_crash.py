@@ -38,7 +38,7 @@ from rltrader.sim import ReplayClock, ReplayData, ReplayServer, run_in_thread
 NEAR = "futures/um/monthly/klines/NEARUSDT/1m/NEARUSDT-1m-2023-04.zip"
 DAY0 = datetime(2023, 4, 10, tzinfo=UTC)
 DAY1 = datetime(2023, 4, 11, tzinfo=UTC)
-W0, W1 = DAY0 + timedelta(hours=8), DAY0 + timedelta(hours=12)  # 240 replayed bars
+W0, W1 = DAY0 + timedelta(hours=8), DAY0 + timedelta(hours=14)  # 360 replayed bars
 KEY, SECRET = "crash-key", "crash-secret"
 DRIVER = Path(__file__).with_name("live_crash_driver.py")
 MIN_KILLS = 20
@@ -84,7 +84,8 @@ def _env(kill_at: str | None) -> dict[str, str]:
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[1] / "src")
     env.update(PYTHONPATH=os.pathsep.join([src, str(DRIVER.parent), env.get("PYTHONPATH", "")]),
-               BINANCE_API_KEY=KEY, BINANCE_API_SECRET=SECRET, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1")
+               BINANCE_API_KEY=KEY, BINANCE_API_SECRET=SECRET, CRASH_DRIVER_BAR_SLEEP="0.015",
+               MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1")
     env.pop(KILL_VAR, None)
     if kill_at:
         env[KILL_VAR] = kill_at
@@ -150,14 +151,12 @@ def test_sigkilled_trader_never_duplicates_and_reconciles_exactly(setup: tuple[P
             kill_at: str | None = None
             how = "none"
             if len(kills) < MIN_KILLS:
-                how = rng.choice(["after_intent", "after_post", "during_reconcile", "random", "random"])
-                if how in ("after_intent", "after_post"):
-                    kill_at = f"{how}:{rng.randint(1, 2)}"
-                elif how == "during_reconcile":
-                    kill_at = f"during_reconcile:{rng.randint(1, 2)}"
+                how = rng.choice(["after_intent", "after_post", "during_reconcile", "random"])
+                if how != "random":
+                    kill_at = f"{how}:1"
             p = _start(settings_path, db, srv, kill_at)
             if how == "random":
-                time.sleep(rng.uniform(2.0, 6.0))  # the start takes ~2-4 s on a busy box: before, in, or after it
+                time.sleep(rng.uniform(1.0, 6.0))  # the start takes ~2-4 s on a busy box: in it, or in the bars
                 if p.poll() is None:
                     p.send_signal(signal.SIGKILL)
             _, err = p.communicate(timeout=600)

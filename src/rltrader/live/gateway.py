@@ -7,9 +7,11 @@ twice. It decides where the position should be (``target``); the order is ``targ
 sent unless it closes to flat). The order's client id is derived from (session, symbol, bar), and the records
 refuse a second order with the same id, so a recomputed bar sends nothing new.
 
-Every request passes the ``pre_send`` hooks in order before it is recorded and sent; a hook returns None to let
-it through or a reason string to block it (the block is recorded as the order's status). The next trader issue
-puts the write-ahead journal and the risk engine here.
+Every request is recorded, then passes the ``pre_send`` hooks in order, then is sent; a hook returns None to let
+it through, a reason string to block it (the block is recorded as the order's status), or ``Reduced`` to send a
+smaller / reduce-only order instead (the reason goes into the record). The risk engine (``live.risk``) is such a
+hook. The record is the write-ahead journal's intent: committed (fsynced) before the request leaves, so a
+process killed at any instant leaves an intent that recovery (``live.recovery``) resolves by its client id.
 
 Brokers (``Broker``):
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -169,6 +170,13 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
             bar = Bar(int(row[3]), float(row[4]), float(row[5]), float(row[6]), float(row[7]), float(row[8]),
                       float(row[11]), float(row[12]))
             last_bar[sym] = bar
+            # a bar that arrives long after its close is a REST repair catching up: decided, but no new risk
+            # (on Binance's clock only; a replay's bars are old by construction)
+            stale_s = settings.risk.stale_after_s
+            if rest_base is None and stale_s > 0 and time.time() - (bar.time / 1e6 + 60.0) > stale_s:
+                trader.catching_up.add(sym)
+            else:
+                trader.catching_up.discard(sym)
             trader.on_bar(sym, bar)
             if cfg.follow_champion and bar.time // 60_000_000 != state["minute"]:
                 state["minute"] = bar.time // 60_000_000

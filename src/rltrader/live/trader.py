@@ -264,6 +264,8 @@ class Trader:
         self.stopping = False
         """SIGTERM / stop: no new orders from here on (the journal is flushed by each commit already)."""
         self.last_bars: dict[str, Bar] = {}
+        self.catching_up: set[str] = set()
+        """Symbols whose current bar arrived long after its close (a REST repair catching up): no new risk."""
         """Orders held back ``latency_bars`` decisions (the backtest's pending queue), by (symbol, decision no.)."""
 
     # -- input -----------------------------------------------------------------------------------------
@@ -323,7 +325,7 @@ class Trader:
         book.append(bar, row)
         self.last_bars[symbol] = bar
         if self.risk is not None:
-            self.risk.on_bar(symbol, valid=row is not None)
+            self.risk.on_bar(symbol, valid=row is not None, repairing=symbol in self.catching_up)
         # settle bar r (paper: the kernel fills the order due in it), then the cycle bookkeeping
         fills = self.gateway.broker.settle(symbol, bar, book.acct)
         self._book_fills(book, fills)
