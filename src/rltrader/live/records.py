@@ -357,6 +357,7 @@ class Records:
         return {"session": sess, "symbols": per}
 
 
-def open_records(url: str | Path | None, data_dir: Path) -> Records:
-    """``trader.records_url`` (null → ``<data.dir>/trader.db``)."""
-    return Records(url if url else data_dir / "trader.db")
+def open_records(url: str | Path | None, data_dir: Path, *, durable: bool = True) -> Records:
+    """``trader.records_url`` (null → ``<data.dir>/trader.db``); ``durable``: fsync every commit (the exchange
+    modes' write-ahead journal; paper fills nothing outside the process and may skip the fsync)."""
+    return Records(url if url else data_dir / "trader.db", durable=durable)

@@ -142,7 +142,7 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
                           f"{settings.execution.market!r}")
     live_gate(mode, confirm_live)
     broker = _broker(mode, want, rest_base, grace_s)
-    records = open_records(cfg.records_url, settings.data.dir)
+    records = open_records(cfg.records_url, settings.data.dir, durable=mode != "paper")
     until_us = None if until is None else int(until.timestamp() * 1_000_000)
     resume_id = records.unfinished_session(mode, symbols) if mode != "paper" else None
     trader = build_trader(settings, mode=mode, symbols=symbols, model=model, records=records, broker=broker,
