@@ -16,14 +16,13 @@ once before timing) and backtesting.py's standard ``SmaCross`` strategy (``posit
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import _harness as h
 import numpy as np
 import polars as pl
 
@@ -35,10 +34,7 @@ FAST, SLOW, CONTEXT, FEE = 5, 20, 30, 0.0005
 
 
 def emit(metric: str, value: float, unit: str, peer: str | None, peer_value: float | None) -> None:
-    ratio = value / peer_value if peer_value else None
-    print(json.dumps({"metric": metric, "value": round(value, 1), "unit": unit, "peer": peer,
-                      "peer_value": None if peer_value is None else round(peer_value, 1),
-                      "ratio": None if ratio is None else round(ratio, 2)}), flush=True)
+    h.emit(h.line(metric, value, unit, peer, peer_value, digits=1, ratio_value=h.ratio(value, peer_value)))
 
 
 def load_bars(features_dir: Path, min_bars: int) -> tuple[SessionSet, str]:
@@ -211,8 +207,7 @@ def agent(quick: bool) -> tuple[float, float, str] | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap = h.parser(__doc__)
     ap.add_argument("--features-dir", default="data/features")
     args = ap.parse_args()
     data, source = load_bars(Path(args.features_dir), 1_000_000)

@@ -65,16 +65,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import _harness as h
 import numpy as np
 import pandas as pd
 import polars as pl
 import ta
 
-REPO = Path(__file__).resolve().parent.parent
-try:
-    import rltrader  # noqa: F401
-except ImportError:  # running from a checkout without an installed package
-    sys.path.insert(0, str(REPO / "src"))
+REPO = h.REPO  # _harness put src/ on the path when the package is not installed
 
 from rltrader.config import FeatureSettings, Settings, load_settings  # noqa: E402
 from rltrader.data.archive import ArchiveFile, parse_klines, read_zip_member  # noqa: E402
@@ -95,8 +92,7 @@ CHECK_TOL = 1e-3
 PEER_TA = "ta 0.11 over pandas, per gap-free segment"
 
 
-def log(msg: str) -> None:
-    print(f"[bench_dataset] {msg}", file=sys.stderr, flush=True)
+log = h.logger("bench_dataset")
 
 
 # -- the data set ------------------------------------------------------------------------------------------
@@ -355,28 +351,17 @@ class Figure:
 
     @property
     def ratio(self) -> float | None:
-        if self.value is None or self.peer_value is None or self.value == 0 or self.peer_value == 0:
-            return None
-        r = self.value / self.peer_value if self.higher_is_better else self.peer_value / self.value
-        return round(r, 2)
+        return h.ratio(self.value, self.peer_value, higher_is_better=self.higher_is_better)
 
     def line(self) -> dict[str, Any]:
-        digits = 0 if self.unit == "rows/s" else 1
-        d: dict[str, Any] = {
-            "metric": self.metric,
-            "value": None if self.value is None else round(self.value, digits),
-            "unit": self.unit, "peer": self.peer,
-            "peer_value": None if self.peer_value is None else round(self.peer_value, digits),
-            "ratio": self.ratio,
-        }
-        if self.error is not None:
-            d["error"] = self.error
-        return d
+        extra = {} if self.error is None else {"error": self.error}
+        return h.line(self.metric, self.value, self.unit, self.peer, self.peer_value,
+                      digits=0 if self.unit == "rows/s" else 1, ratio_value=self.ratio, **extra)
 
 
 def emit(fig: Figure, figures: list[Figure]) -> None:
     figures.append(fig)
-    print(json.dumps(fig.line()), flush=True)
+    h.emit(fig.line())
 
 
 def summary(figures: Sequence[Figure], extra: Sequence[str]) -> None:
@@ -391,7 +376,7 @@ def summary(figures: Sequence[Figure], extra: Sequence[str]) -> None:
     out += [f"peer of {f.metric}: {f.peer}" for f in figures]
     out += [f"error of {f.metric}: {f.error}" for f in figures if f.error]
     out += ["", *extra]
-    print("\n".join(out), file=sys.stderr, flush=True)
+    h.table(out)
 
 
 # -- main --------------------------------------------------------------------------------------------------
@@ -507,8 +492,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--quick", action="store_true", help="one repetition; peers on a subset of the symbols")
+    ap = h.parser(__doc__, "one repetition; peers on a subset of the symbols")
     ap.add_argument("--archive-base", default=str(DEFAULT_ARCHIVE_BASE),
                     help="folder mirroring data.binance.vision's data/ (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=0, help="repetitions (best of N; default 3, 1 with --quick)")

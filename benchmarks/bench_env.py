@@ -24,9 +24,6 @@ own observation is a 30 × 2 window of one stock):
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -34,13 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _harness as h
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-try:
-    import rltrader  # noqa: F401
-except ImportError:  # running from a checkout without an installed package
-    sys.path.insert(0, str(REPO / "src"))
+REPO = h.REPO  # _harness put src/ on the path when the package is not installed
 
 from rltrader.dataset.split import SessionSet, load_split  # noqa: E402
 from rltrader.env import BatchSessionEnv, SessionEnv  # noqa: E402
@@ -49,8 +43,7 @@ from rltrader.env.synthetic import synthetic_sessions  # noqa: E402
 PEER = "gym-anytrading stocks-v0 single env (gymnasium.make, random actions)"
 
 
-def log(msg: str) -> None:
-    print(f"[bench_env] {msg}", file=sys.stderr, flush=True)
+log = h.logger("bench_env")
 
 
 @dataclass
@@ -62,8 +55,8 @@ class Figure:
     note: str
 
     def line(self) -> dict[str, Any]:
-        return {"metric": self.metric, "value": round(self.value), "unit": "steps/s", "peer": self.peer,
-                "peer_value": round(self.peer_value), "ratio": round(self.value / self.peer_value, 2)}
+        return h.line(self.metric, self.value, "steps/s", self.peer, self.peer_value, digits=0,
+                      ratio_value=h.ratio(self.value, self.peer_value))
 
 
 def timed(step: Callable[[int], int], seconds: float, windows: int = 5) -> float:
@@ -159,8 +152,7 @@ def load_data(sessions_dir: Path) -> tuple[SessionSet, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--quick", action="store_true", help="shorter timings (< 1 min in all)")
+    ap = h.parser(__doc__, "shorter timings (< 1 min in all)")
     ap.add_argument("--sessions", type=Path, default=REPO / "data" / "sessions",
                     help="session dataset folder; its train split is used when built (default: %(default)s)")
     ap.add_argument("--seconds", type=float, default=0.0, help="seconds per figure (default 5, quick 2)")
@@ -182,13 +174,13 @@ def main(argv: list[str] | None = None) -> None:
                f"BatchSessionEnv B={args.batch}, full (context, F) windows, one thread"),
     ]
     for f in figures:
-        print(json.dumps(f.line()), flush=True)
+        h.emit(f.line())
     head = f"{'metric':30} {'ours steps/s':>14} {'peer steps/s':>14} {'ratio':>8}"
     out = ["", head, "-" * len(head)]
     out += [f"{f.metric:30} {f.value:14,.0f} {f.peer_value:14,.0f} {f.value / f.peer_value:8.2f}  ({f.note})"
             for f in figures]
     out += ["", f"peer: {PEER}", f"data: {source}"]
-    print("\n".join(out), file=sys.stderr, flush=True)
+    h.table(out)
 
 
 if __name__ == "__main__":

@@ -36,12 +36,10 @@ import argparse
 import csv
 import hashlib
 import io
-import json
 import math
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 import zipfile
@@ -52,16 +50,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import _harness as h
 import polars as pl
 import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parent.parent
-try:
-    import rltrader  # noqa: F401
-except ImportError:  # running from a checkout without an installed package
-    sys.path.insert(0, str(REPO / "src"))
+REPO = h.REPO  # _harness put src/ on the path when the package is not installed
 
 from psycopg.copy import QueuedLibpqWriter  # noqa: E402
 
@@ -103,8 +98,7 @@ PEER_INSERT = (
 PEER_EXECUTEMANY = "psycopg executemany INSERT ON CONFLICT DO NOTHING"
 
 
-def log(msg: str) -> None:
-    print(f"[bench_ingest] {msg}", file=sys.stderr, flush=True)
+log = h.logger("bench_ingest")
 
 
 # -- the data set ------------------------------------------------------------------------------------------
@@ -410,14 +404,14 @@ class Figure:
     note: str = ""
 
     def line(self) -> dict[str, Any]:
-        pv = round(self.peer_t.rate) if self.peer_t else None
-        return {"metric": self.metric, "value": round(self.ours.rate), "unit": "rows/s", "peer": self.peer,
-                "peer_value": pv, "ratio": round(self.ours.rate / self.peer_t.rate, 2) if self.peer_t else None}
+        pv = self.peer_t.rate if self.peer_t else None
+        return h.line(self.metric, self.ours.rate, "rows/s", self.peer, pv, digits=0,
+                      ratio_value=h.ratio(self.ours.rate, pv))
 
 
 def emit(fig: Figure, figures: list[Figure]) -> None:
     figures.append(fig)
-    print(json.dumps(fig.line()), flush=True)
+    h.emit(fig.line())
 
 
 def summary(figures: Sequence[Figure], extra: Sequence[str]) -> None:
@@ -431,7 +425,7 @@ def summary(figures: Sequence[Figure], extra: Sequence[str]) -> None:
     out.append("")
     out += [f"peer of {f.metric}: {f.peer}{'; ' + f.note if f.note else ''}" for f in figures]
     out += ["", *extra]
-    print("\n".join(out), file=sys.stderr, flush=True)
+    h.table(out)
 
 
 # -- main --------------------------------------------------------------------------------------------------
@@ -578,8 +572,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--quick", action="store_true", help="one repetition; executemany peers on a file subset")
+    ap = h.parser(__doc__, "one repetition; executemany peers on a file subset")
     ap.add_argument("--archive-base", default=str(DEFAULT_ARCHIVE_BASE),
                     help="folder mirroring data.binance.vision's data/ (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=0, help="repetitions of our paths (best of N; default 3, 1 quick)")

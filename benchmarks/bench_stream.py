@@ -17,9 +17,7 @@ Run: ``.venv/bin/python benchmarks/bench_stream.py [--quick]``. Prints one JSON 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -30,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import _harness as h
 import numpy as np
 import psycopg
 import requests
@@ -187,15 +186,12 @@ def run_peer(url: str, replay: Replay, n_messages: int) -> dict[str, float]:
 
 # -- driver ------------------------------------------------------------------------------------------------------
 def emit(metric: str, value: float, unit: str, peer_value: float, higher_is_better: bool = True) -> None:
-    ratio = (value / peer_value if higher_is_better else peer_value / value) if value and peer_value else None
-    print(json.dumps({"metric": metric, "value": round(value, 4), "unit": unit, "peer": PEER,
-                      "peer_value": round(peer_value, 4), "ratio": None if ratio is None else round(ratio, 3)}),
-          flush=True)
+    h.emit(h.line(metric, value, unit, PEER, peer_value, digits=4,
+                  ratio_value=h.ratio(value, peer_value, higher_is_better=higher_is_better, digits=3)))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small runs, under a minute in all")
+    ap = h.parser(__doc__, "small runs, under a minute in all")
     args = ap.parse_args()
     n_fast = 30_000 if args.quick else 200_000
     n_lag = 10_000 if args.quick else 60_000

@@ -71,12 +71,9 @@ four minutes).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -85,15 +82,12 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import _harness as h
 import gymnasium as gym
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-try:
-    import rltrader  # noqa: F401
-except ImportError:  # running from a checkout without an installed package
-    sys.path.insert(0, str(REPO / "src"))
+REPO = h.REPO  # _harness put src/ on the path when the package is not installed
 
 from stable_baselines3 import DQN, PPO  # noqa: E402
 from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
@@ -112,8 +106,7 @@ from rltrader.env.synthetic import synthetic_sessions  # noqa: E402
 SB3 = "stable-baselines3 2.9"
 
 
-def log(msg: str) -> None:
-    print(f"[bench_train] {msg}", file=sys.stderr, flush=True)
+log = h.logger("bench_train")
 
 
 # -- data ----------------------------------------------------------------------------------------------------
@@ -131,7 +124,7 @@ class TrunkExtractor(BaseFeaturesExtractor):
 
     def __init__(self, observation_space: gym.spaces.Box, context: int, n_features: int, net: dict[str, Any]
                  ) -> None:
-        trunk = Trunk(n_features, context, N_STATE, NetConfig(**net))
+        trunk = Trunk(n_features, N_STATE, NetConfig(**net))
         super().__init__(observation_space, trunk.out_dim)
         assert observation_space.shape == (context * n_features + N_STATE,), observation_space.shape
         self.trunk, self.context, self.n_features = trunk, context, n_features
@@ -373,20 +366,17 @@ class Figure:
     def ratio(self) -> float | None:
         if self.is_return and not (self.value > 0 and self.peer_value > 0):
             return None
-        return round(self.value / self.peer_value, 2) if self.peer_value else None
+        return h.ratio(self.value, self.peer_value)
 
     def line(self) -> dict[str, Any]:
-        digits = 4 if self.is_return else 0
-        d: dict[str, Any] = {"metric": self.metric, "value": round(self.value, digits), "unit": self.unit,
-                             "peer": self.peer, "peer_value": round(self.peer_value, digits), "ratio": self.ratio}
-        if self.is_return:
-            d["diff"] = round(self.value - self.peer_value, 4)
-        return d
+        extra = {"diff": round(self.value - self.peer_value, 4)} if self.is_return else {}
+        return h.line(self.metric, self.value, self.unit, self.peer, self.peer_value,
+                      digits=4 if self.is_return else 0, ratio_value=self.ratio, **extra)
 
 
 def emit(fig: Figure, figures: list[Figure]) -> None:
     figures.append(fig)
-    print(json.dumps(fig.line()), flush=True)
+    h.emit(fig.line())
 
 
 def summary(figures: Sequence[Figure], extra: Sequence[str]) -> None:
@@ -400,7 +390,7 @@ def summary(figures: Sequence[Figure], extra: Sequence[str]) -> None:
     out.append("")
     out += [f"peer of {f.metric}: {f.peer}" for f in figures if not f.is_return]
     out += ["", *extra]
-    print("\n".join(out), file=sys.stderr, flush=True)
+    h.table(out)
 
 
 def describe(name: str, r: Run) -> str:
@@ -423,8 +413,7 @@ def best_of(name: str, runs: Sequence[Run]) -> Run:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--quick", action="store_true", help="small step budgets, one repetition (< 1 min in all)")
+    ap = h.parser(__doc__, "small step budgets, one repetition (< 1 min in all)")
     ap.add_argument("--sessions", type=Path, default=REPO / "data" / "sessions",
                     help="session dataset folder; its train/val splits are used when built (default: %(default)s)")
     ap.add_argument("--val-sessions", type=int, default=0, help="val sessions evaluated (default 2000, quick 500)")

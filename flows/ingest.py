@@ -12,6 +12,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from flows.verify import verify_backfilled
 from rltrader.config import load_settings
 from rltrader.data.ingest import archive_source, backfill
 from rltrader.data.schema import Market
@@ -81,10 +82,12 @@ def backfill_archive(
     market = market or settings.stream.market.value
     symbols = [s.upper() for s in (symbols or settings.stream.symbols)]
     report = backfill_day(day, market, symbols, interval, store_url, archive_base, through)
+    verified = verify_backfilled(market, symbols, interval, day, through or day, store_url,  # fails the run
+                                 archive_base)
     gaps = report["gaps"]  # backfill re-scans the day's stored candles after writing
     logger = get_run_logger()
     if gaps:
         logger.warning("backfill-archive %s: %d gap(s) remain: %s", day, len(gaps), gaps)
     logger.info("backfill-archive %s %s %s: %s", day, market, ",".join(symbols), report)
     return {"day": day, "through": through or day, "market": market, "symbols": symbols, "report": report,
-            "gaps": gaps}
+            "gaps": gaps, "verify": verified}

@@ -19,6 +19,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from flows.verify import verify_backfilled
 from rltrader.config import load_settings
 from rltrader.data.ingest import archive_source, backfill
 from rltrader.data.store import open_store
@@ -77,6 +78,10 @@ def nightly_retrain(params: str | None = None, through: str | None = None, use_d
         use_dvc = Path("dvc.yaml").is_file() and Path(".dvc").is_dir() and shutil.which("git") is not None
     added = backfill_latest(params, through)
     logger.info("backfill: %s", {k: v for k, v in added.items() if k != "gaps"})
+    cfg = _settings(params).ingest
+    if added["start"] <= added["end"]:  # a wrong stored month fails the run here, before anything trains on it
+        verify_backfilled(cfg.market.value, list(cfg.symbols), cfg.interval, added["start"], added["end"],
+                          params=params)
     built = rebuild(params, use_dvc, reports_dir)
     decision_path = Path(reports_dir) / "promotion.json"
     decision = json.loads(decision_path.read_text()) if decision_path.is_file() else {}

@@ -173,6 +173,7 @@ def test_split_head_scores_match_module(name: str) -> None:
     assert tiny_module(data, 4).split() is None  # not one of our networks: the generic path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NETS)
 @pytest.mark.parametrize(("chain", "confident"), [(False, False), (True, False), (True, True)])
 def test_split_network_parity_with_generic_path(name: str, chain: bool, confident: bool) -> None:
@@ -190,6 +191,7 @@ def test_split_network_parity_with_generic_path(name: str, chain: bool, confiden
         assert fast.totals["blocked_decisions"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NETS)
 def test_split_network_parity_spot_and_latency(name: str) -> None:
     data = synthetic_sessions(n_symbols=2, bars_per_symbol=300, length=30, volatility=0.004, seed=8)
@@ -231,6 +233,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return settings
 
 
+@pytest.mark.slow
 def test_stage_sessions_parity_and_standardisation(built: Settings) -> None:
     sdir = built.data.dir / "sessions"
     bt = load_split(sdir, "backtest")
@@ -377,6 +380,7 @@ def test_bad_input_names_the_parameter(built: Settings) -> None:
                           BacktestFilters(stop_loss=0.01))
 
 
+@pytest.mark.slow
 def test_split_network_continuous_split(built: Settings) -> None:
     """The continuous run over real-shaped stretches (variable length, a gap) gives the generic path's result."""
     data = continuous_split(built, "backtest")

@@ -25,7 +25,7 @@ def rltrader(*args: str, store_url: str, archive: Path, cwd: Path) -> subprocess
                           text=True, timeout=120)
 
 
-@pytest.fixture(params=["parquet", "postgres"])
+@pytest.fixture(params=["parquet", pytest.param("postgres", marks=pytest.mark.postgres)])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "parquet":
         return f"parquet://{tmp_path / 'store'}"
@@ -99,6 +99,7 @@ def test_truncated_zip(loaded: tuple[Path, pl.DataFrame], store_url: str, tmp_pa
     assert _snapshot(store_url, tmp_path).equals(before)
 
 
+@pytest.mark.slow
 def test_high_below_low_row(loaded: tuple[Path, pl.DataFrame], store_url: str, tmp_path: Path,
                             shared_archive: Path) -> None:
     root, before = loaded

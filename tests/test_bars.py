@@ -13,7 +13,9 @@ from rltrader.data.bars import BarBuilder, bars_frame, build_bars
 from rltrader.data.schema import AGG_TRADE_SCHEMA, BAR_SCHEMA, Market
 from rltrader.data.store import trade_bars_frame
 
-ARCHIVE = SHARED_ARCHIVE  # conftest: the real data must be there; tests fail rather than skip
+pytestmark = pytest.mark.usefixtures("shared_archive")  # reads the real shared data
+
+ARCHIVE = SHARED_ARCHIVE  # missing data fails these tests (shared_archive fixture), they never skip
 S = 1_000_000  # µs per second
 T0 = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp()) * S
 

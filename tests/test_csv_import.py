@@ -13,6 +13,8 @@ from rltrader.data.schema import Market
 from rltrader.data.store import Store
 from rltrader.errors import DataError, ValidationError
 
+pytestmark = pytest.mark.usefixtures("shared_archive")  # reads the real shared data
+
 BTC_2021 = API_DUMPS / "spot/BTCUSDT/1m/2021__BTCUSDT_1m.csv"
 KW = {"market": Market.SPOT, "symbol": "BTCUSDT", "interval": "1m", "time_col": "timestamp",
       "time_format": "%Y-%m-%d %H:%M:%S"}

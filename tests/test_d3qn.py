@@ -96,6 +96,7 @@ def zigzag_sessions(n_symbols: int = 4, bars: int = 400, half: int = 4, step: fl
 # --- learning ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_learns_the_planted_leak() -> None:
     """The leak feature (last column; its newest row = scaled log return of the very bar the order fills in,
     ``env.core.leak_column``) makes "long if it is > 0 else short" optimal. Costs are cut to a 1 bp taker fee
@@ -123,6 +124,7 @@ def test_learns_the_planted_leak() -> None:
     assert {"loss", "td_abs", "q_mean", "epsilon", "beta", "action_long", "episode_pnl", "sps"} <= set(last)
 
 
+@pytest.mark.slow
 def test_beats_random_on_a_zigzag_market() -> None:
     """Square-wave prices (4 bars up, 4 down) under the default Binance cost model: the optimal policy reads
     the window (long when its row -4 fell) and flips every 4 bars; random trading loses the fees. D3QN, selected
@@ -141,7 +143,7 @@ def test_beats_random_on_a_zigzag_market() -> None:
     agent = evaluate(greedy_policy(build_q_net(res.spec, res.best_state)), val, xp, ep).mean_return
     assert agent == pytest.approx(res.best_val["mean_return"])
     assert agent > rand + 0.8 * (best - rand), (agent, best, rand)
-    assert [h["step"] for h in res.history if "val_mean_return" in h] == [3_200.0, 6_400.0, 9_600.0]
+    assert [h["step"] for h in res.history if "val/mean_return" in h] == [3_200.0, 6_400.0, 9_600.0]
 
 
 # --- resume -----------------------------------------------------------------------------------------------------
@@ -161,6 +163,7 @@ def _tiny() -> tuple[SessionSet, SessionSet, D3QNConfig]:
     return data, val, cfg
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_ends_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data, val, cfg = _tiny()
     xp, ep = ExecutionParams(), EnvParams()
@@ -192,7 +195,7 @@ def test_resume_after_a_kill_ends_bit_identical(tmp_path: Path, monkeypatch: pyt
     assert resumed.best_val == whole.best_val and resumed.best_step == whole.best_step
 
     def learning(h: list[dict[str, float]]) -> list[tuple[float, ...]]:
-        return [(r["step"], r.get("loss", 0.0), r.get("val_mean_return", 0.0)) for r in h]
+        return [(r["step"], r.get("loss", 0.0), r.get("val/mean_return", 0.0)) for r in h]
 
     assert learning(resumed.history) == learning(whole.history)
     # a finished run resumed again does nothing more
@@ -209,6 +212,7 @@ def test_resume_refuses_a_checkpoint_of_another_mode(tmp_path: Path) -> None:
                    checkpoint_dir=tmp_path, resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_metrics_go_to_mlflow_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
 
@@ -218,7 +222,7 @@ def test_metrics_go_to_mlflow_in_batches(monkeypatch: pytest.MonkeyPatch) -> Non
     train_d3qn(data, val, cfg, ExecutionParams(), EnvParams(), run=object(), progress=True)
     keys = set().union(*(m for m, _ in calls))
     assert {"loss", "td_abs", "q_mean", "epsilon", "beta", "action_hold", "action_long", "action_short",
-            "action_close", "episode_pnl", "sps", "val_mean_return", "val_win_rate", "val_session_sharpe",
+            "action_close", "episode_pnl", "sps", "val/mean_return", "val/win_rate", "val/session_sharpe",
             "sps_total"} <= keys
     steps = [s for _, s in calls]
     assert steps == sorted(steps) and len(calls) < 60  # batched, not one call per update

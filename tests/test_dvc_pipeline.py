@@ -15,7 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.slow  # training / DVC / Prefect / MLflow server: tens of seconds each
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -164,7 +164,6 @@ def test_testnet_mode_against_the_fake_exchange_equals_backtest(
     import threading
     from datetime import timedelta
 
-    from rltrader.execution import ExecutionParams
     from rltrader.live.runner import KEY_VARS, run_trader
     from rltrader.sim import ReplayClock, ReplayData, ReplayServer, run_in_thread
 
@@ -185,7 +184,7 @@ def test_testnet_mode_against_the_fake_exchange_equals_backtest(
     day = rows.filter((pl.col("open_time") >= DAY0) & (pl.col("open_time") < DAY1 + pl.duration(minutes=5)))
     clock = ReplayClock(DAY0, 0.0, paused=True)
     server = ReplayServer(ReplayData(Market.FUTURES_UM, day), clock=clock, heartbeat_s=None,
-                          api_keys={key: secret}, execution=ExecutionParams.from_mapping(settings.execution))
+                          api_keys={key: secret}, execution=settings.execution)
     handled: list[int] = []
     cond = threading.Condition()
 

@@ -29,6 +29,8 @@ from mlflow import MlflowClient
 from rltrader.config import load_settings
 from rltrader.testing import TempPostgres, free_port
 
+pytestmark = pytest.mark.slow  # training / DVC / Prefect / MLflow server: tens of seconds each
+
 REPO = Path(__file__).resolve().parents[1]
 MLFLOW_CLI = Path(sys.executable).parent / "mlflow"
 START_TIMEOUT = 60.0

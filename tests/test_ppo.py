@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rltrader.agents import ppo
-from rltrader.agents.common import TrainingError, config_from_params
+from rltrader.agents.common import TrainingError
+from rltrader.agents.configs import config_from_params
 from rltrader.agents.evaluate import evaluate
 from rltrader.agents.networks import ActorCritic, NetConfig
 from rltrader.agents.ppo import (
@@ -63,6 +64,7 @@ def leak_oracle(windows: np.ndarray, state: np.ndarray, mask: np.ndarray) -> np.
     return np.where(mask[np.arange(len(mask)), want], want, 0)
 
 
+@pytest.mark.slow
 def test_learns_planted_leak() -> None:
     train = synthetic_sessions(n_symbols=4, bars_per_symbol=600, n_features=3, context=16, length=10, seed=1)
     val = synthetic_sessions(n_symbols=2, bars_per_symbol=600, n_features=3, context=16, length=10, seed=2)
@@ -112,6 +114,7 @@ def zigzag_optimal(windows: np.ndarray, state: np.ndarray, mask: np.ndarray) -> 
     return np.where(mask[np.arange(len(mask)), want], want, 0)
 
 
+@pytest.mark.slow
 def test_beats_random_on_zigzag() -> None:
     train = zigzag_sessions(1200, seed=0)
     val = zigzag_sessions(600, phase=1, gap=2, seed=1)
@@ -131,6 +134,7 @@ def test_beats_random_on_zigzag() -> None:
 # --- (3) resume ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path: Path) -> None:
     train = synthetic_sessions(n_symbols=2, bars_per_symbol=300, n_features=3, context=12, length=8, seed=3)
     val = synthetic_sessions(n_symbols=1, bars_per_symbol=300, n_features=3, context=12, length=8, seed=4)
@@ -252,6 +256,7 @@ def test_resume_with_another_mode_is_a_config_error(tmp_path: Path) -> None:
 # --- (6) masks ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @settings(max_examples=50, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n_actions=st.integers(2, 6), scale=st.sampled_from([1.0, 10.0, 1e4]))
 def test_masked_actions_are_never_sampled(seed: int, n_actions: int, scale: float) -> None:
@@ -291,6 +296,7 @@ def test_policies_respect_env_masks() -> None:
     assert result.action_counts[1] > 0 and result.action_counts.sum() > 0
 
 
+@pytest.mark.slow
 def test_logs_to_mlflow(tmp_path: Path) -> None:
     from rltrader.agents.common import mlflow_run
 

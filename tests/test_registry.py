@@ -78,6 +78,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Path]:
     return settings, reports
 
 
+@pytest.mark.slow
 def test_backtest_stage_outputs(trained: tuple[Settings, Path]) -> None:
     settings, reports = trained
     metrics = json.loads((reports / "backtest.json").read_text())
@@ -96,6 +97,7 @@ def test_backtest_stage_outputs(trained: tuple[Settings, Path]) -> None:
     assert (reports / "backtest" / "comparison.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_one_policy_backtest_by_run_id_and_baseline(trained: tuple[Settings, Path]) -> None:
     settings, reports = trained
     run_id = json.loads((reports / "train_ppo.json").read_text())["run_id"]
@@ -121,6 +123,7 @@ def _aliases(settings: Settings) -> dict[str, str]:
     return {k: str(v) for k, v in (rm.aliases or {}).items()}
 
 
+@pytest.mark.slow
 def test_promotion_rollback_and_records(trained: tuple[Settings, Path]) -> None:
     settings, reports = trained
     decision_file = settings.promote.decision_path
@@ -176,8 +179,8 @@ def test_promotion_rollback_and_records(trained: tuple[Settings, Path]) -> None:
     assert sorted(r.data.tags["decision"] for r in runs) == ["keep", "promote", "promote", "refuse", "rollback"]
 
 
-def test_missing_summary_names_the_file(trained: tuple[Settings, Path], tmp_path: Path) -> None:
-    settings, _ = trained
+def test_missing_summary_names_the_file(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)  # no trained models needed: the summary is read first
     with pytest.raises(DataError, match=r"nope\.json: no backtest summary"):
         registry.promote(settings, summary_path=tmp_path / "nope.json")
 
@@ -197,6 +200,7 @@ def test_cli_backtest_and_promote_errors(tmp_path: Path, monkeypatch: pytest.Mon
     assert res.exit_code == 1 and "no_such_policy" in res.output
 
 
+@pytest.mark.slow
 def test_walk_forward_trains_each_fold_and_aggregates(trained: tuple[Settings, Path], tmp_path: Path) -> None:
     from rltrader.evaluate.walk_forward import run_walk_forward
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import polars as pl
@@ -13,27 +13,21 @@ import pytest
 import requests
 from binance import AsyncClient
 from binance.exceptions import BinanceAPIException, ReadLoopClosed
-from conftest import SHARED_ARCHIVE
+from conftest import SHARED_ARCHIVE, archive_rows
 from polars.testing import assert_frame_equal
 
-from rltrader.data.archive import ArchiveSource, load_file
 from rltrader.data.rest import make_async_client, make_client, make_socket_manager
 from rltrader.data.schema import Market
 from rltrader.sim import Faults, RateLimit, ReplayClock, ReplayServer, run_in_thread
 
-ARCHIVE = SHARED_ARCHIVE  # conftest: the real data must be there; tests fail rather than skip
+pytestmark = pytest.mark.usefixtures("shared_archive")  # reads the real shared data
+
+ARCHIVE = SHARED_ARCHIVE  # missing data fails these tests (shared_archive fixture), they never skip
 
 D0 = datetime(2020, 1, 1, tzinfo=UTC)  # spot BTCUSDT 1m klines, no trades
 T0 = datetime(2026, 1, 1, tzinfo=UTC)  # spot BTCUSDT aggTrades 00:00-00:12, no klines
 F0 = datetime(2022, 9, 5, tzinfo=UTC)  # futures-um BTCUSDT 1m klines
 KLINE_KEYS = {"t", "T", "s", "i", "f", "L", "o", "c", "h", "l", "v", "n", "x", "q", "V", "Q", "B"}
-
-
-def archive_rows(market: Market, kind: str, symbol: str, start: date, end: date) -> pl.DataFrame:
-    src = ArchiveSource(str(ARCHIVE))
-    interval = "1m" if kind == "klines" else None
-    files = src.plan(market, kind, symbol, interval, start, end)  # type: ignore[arg-type]
-    return pl.concat([load_file(src, f).rows for f in files])
 
 
 def server(market: Market, start: datetime, *, days: int = 1, clock_at: datetime | None = None,
@@ -50,7 +44,7 @@ def ms(t: datetime) -> int:
 # -- REST -----------------------------------------------------------------------------------------------------
 def test_rest_klines_shape_paging_and_exact_values() -> None:
     """Raw /api/v3/klines pages (1000 max) reproduce the archive rows, in Binance's array-of-strings shape."""
-    expected = archive_rows(Market.SPOT, "klines", "BTCUSDT", D0.date(), (D0 + timedelta(days=1)).date())
+    expected = archive_rows(Market.SPOT, "klines", D0.date(), (D0 + timedelta(days=1)).date())
     with run_in_thread(server(Market.SPOT, D0, clock_at=D0 + timedelta(days=2))) as srv:
         client = make_client(Market.SPOT, srv.rest_base_url)
         rows: list[list[Any]] = []
@@ -91,7 +85,7 @@ def test_rest_without_start_returns_most_recent_and_in_progress_candle() -> None
         page = client.get_klines(symbol="BTCUSDT", interval="1m", limit=3)
         assert [r[0] for r in page] == [ms(now.replace(second=0)) - 120_000 + i * 60_000 for i in range(3)]
         # the last candle is still open: the archive's final values are not revealed yet
-        final = archive_rows(Market.SPOT, "klines", "BTCUSDT", D0.date(), D0.date()).row(10 * 60 + 30, named=True)
+        final = archive_rows(Market.SPOT, "klines", D0.date(), D0.date()).row(10 * 60 + 30, named=True)
         assert page[-1][6] > ms(now)
         assert float(page[-1][5]) < final["volume"]
         assert float(page[-1][2]) <= final["high"] and float(page[-1][3]) >= final["low"]
@@ -104,7 +98,7 @@ def test_rest_without_start_returns_most_recent_and_in_progress_candle() -> None
 
 
 def test_rest_agg_trades_paging_and_shape() -> None:
-    expected = archive_rows(Market.SPOT, "aggTrades", "BTCUSDT", T0.date(), T0.date())
+    expected = archive_rows(Market.SPOT, "aggTrades", T0.date(), T0.date())
     with run_in_thread(server(Market.SPOT, T0, days=0, clock_at=T0 + timedelta(hours=1))) as srv:
         client = make_client(Market.SPOT, srv.rest_base_url, time_unit="MICROSECOND")
         first_id = int(expected["agg_trade_id"][0])
@@ -186,7 +180,7 @@ def test_exchange_info_symbols_and_filters() -> None:
         assert {"PRICE_FILTER", "LOT_SIZE", "MIN_NOTIONAL"} <= set(filters)
         tick = float(filters["PRICE_FILTER"]["tickSize"])
         assert tick == 10.0 ** -sym["pricePrecision"]
-        closes = archive_rows(Market.FUTURES_UM, "klines", "BTCUSDT", F0.date(), F0.date())["close"]
+        closes = archive_rows(Market.FUTURES_UM, "klines", F0.date(), F0.date())["close"]
         off_grid = float(((closes / tick).round(0) * tick - closes).abs().max())  # type: ignore[arg-type]
         assert off_grid < tick / 1000  # prices sit on the tick grid
         assert client.futures_time()["serverTime"] == ms(F0 + timedelta(hours=1))
@@ -214,7 +208,7 @@ async def _collect(sock: Any, n: int, *, until: Any = None, timeout: float = 20.
 
 
 def test_ws_spot_multiplex_klines_final_equal_archive() -> None:
-    expected = archive_rows(Market.SPOT, "klines", "BTCUSDT", D0.date(), D0.date())
+    expected = archive_rows(Market.SPOT, "klines", D0.date(), D0.date())
 
     async def run() -> list[dict[str, Any]]:
         async with server(Market.SPOT, D0, speed=0) as srv:
@@ -251,7 +245,7 @@ def test_ws_spot_multiplex_klines_final_equal_archive() -> None:
 
 
 def test_ws_agg_trades_and_klines_built_from_trades() -> None:
-    trades = archive_rows(Market.SPOT, "aggTrades", "BTCUSDT", T0.date(), T0.date())
+    trades = archive_rows(Market.SPOT, "aggTrades", T0.date(), T0.date())
 
     async def run() -> list[dict[str, Any]]:
         async with server(Market.SPOT, T0, days=0, speed=0) as srv:
@@ -289,7 +283,7 @@ def test_ws_agg_trades_and_klines_built_from_trades() -> None:
 
 
 def test_ws_futures_multiplex_and_raw_stream() -> None:
-    expected = archive_rows(Market.FUTURES_UM, "klines", "BTCUSDT", F0.date(), F0.date())
+    expected = archive_rows(Market.FUTURES_UM, "klines", F0.date(), F0.date())
 
     async def run() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         async with server(Market.FUTURES_UM, F0, days=0, speed=0) as srv:
@@ -331,7 +325,7 @@ def test_fault_drop_then_reconnect_resumes_from_clock() -> None:
     The clock is stepped so that the client has read all 20 messages before the 21st comes due, which is when
     the connection breaks: had the break followed the 20th write at once, python-binance would have discarded
     whatever it had not yet read, a number that depends on how loaded the machine is."""
-    trades = archive_rows(Market.SPOT, "aggTrades", "BTCUSDT", T0.date(), T0.date())
+    trades = archive_rows(Market.SPOT, "aggTrades", T0.date(), T0.date())
     t_ms = trades.select(pl.col("transact_time").dt.epoch("ms")).to_series().to_list()
     assert ms(T0) <= t_ms[0] and t_ms[19] < t_ms[20]  # the 21st trade comes due strictly after the 20th
 
@@ -460,31 +454,3 @@ def test_async_client_create_pings_the_replay() -> None:
                 await client.close_connection()
 
     assert asyncio.run(run()) >= 2  # ping + time
-
-
-def test_partial_month_replays_from_the_monthly_file() -> None:
-    """One day of a month the archive holds only as a monthly file (NEARUSDT futures, April 2025) replays.
-
-    The replay holds exactly the whole days asked for, cut from the monthly file, and REST serves them.
-    """
-    start = datetime(2025, 4, 10, tzinfo=UTC)
-    month = archive_rows(Market.FUTURES_UM, "klines", "NEARUSDT", date(2025, 4, 1), date(2025, 4, 30))
-    expected = month.filter((pl.col("open_time") >= start) & (pl.col("open_time") < start + timedelta(days=2)))
-    assert expected.height == 2 * 1440
-    clock = ReplayClock(start + timedelta(days=3), 0.0, paused=True)
-    srv_obj = ReplayServer.from_archive(str(ARCHIVE), Market.FUTURES_UM, ["NEARUSDT"], start, days=1,
-                                        clock=clock, heartbeat_s=None)
-    with run_in_thread(srv_obj) as srv:
-        client = make_client(Market.FUTURES_UM, srv.rest_base_url)
-        before = client.futures_klines(symbol="NEARUSDT", interval="1m", endTime=ms(start) - 1, limit=10)
-        assert before == []  # nothing of April 9 or earlier came along with the month
-        rows: list[list[Any]] = []
-        cursor = ms(start)
-        while True:
-            page = client.futures_klines(symbol="NEARUSDT", interval="1m", startTime=cursor, limit=1500)
-            if not page:
-                break
-            rows += page
-            cursor = page[-1][0] + 60_000
-    assert [r[0] for r in rows] == [ms(t) for t in expected.get_column("open_time")]
-    assert [float(r[4]) for r in rows] == expected.get_column("close").to_list()

@@ -7,17 +7,16 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import polars as pl
 import pytest
 import requests
 from binance.exceptions import BinanceAPIException
-from conftest import SHARED_ARCHIVE
+from conftest import SHARED_ARCHIVE, archive_rows
 from polars.testing import assert_frame_equal
 
-from rltrader.data.archive import ArchiveSource, load_file
 from rltrader.data.rest import (
     RestError,
     RestPolicy,
@@ -31,17 +30,13 @@ from rltrader.data.rest import (
 from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, Market
 from rltrader.sim import RateLimit, ReplayClock, ReplayServer, run_in_thread
 
-ARCHIVE = SHARED_ARCHIVE  # conftest: the real data must be there; tests fail rather than skip
+pytestmark = pytest.mark.usefixtures("shared_archive")  # reads the real shared data
+
+ARCHIVE = SHARED_ARCHIVE  # missing data fails these tests (shared_archive fixture), they never skip
 
 D0 = datetime(2020, 1, 1, tzinfo=UTC)
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 F0 = datetime(2022, 9, 5, tzinfo=UTC)
-
-
-def archive_rows(market: Market, kind: str, start: date, end: date) -> pl.DataFrame:
-    src = ArchiveSource(str(ARCHIVE))
-    files = src.plan(market, kind, "BTCUSDT", "1m" if kind == "klines" else None, start, end)  # type: ignore[arg-type]
-    return pl.concat([load_file(src, f).rows for f in files])
 
 
 def replay(market: Market, start: datetime, clock_at: datetime, *, days: int = 1, **kw: Any) -> ReplayServer:

@@ -12,33 +12,28 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
-from conftest import REPO, SHARED_ARCHIVE
+from conftest import REPO, SHARED_ARCHIVE, archive_rows
 from polars.testing import assert_frame_equal
 
 from rltrader.config import StreamSettings
-from rltrader.data.archive import ArchiveSource, load_file
 from rltrader.data.schema import Market
 from rltrader.data.store import Store, open_store
 from rltrader.data.stream import Backoff, StreamStats, stream
 from rltrader.sim import ReplayClock, ReplayServer, run_in_thread
 from rltrader.testing import TempPostgres
 
-ARCHIVE = SHARED_ARCHIVE  # missing data fails the session (conftest), it is never silently skipped
+pytestmark = pytest.mark.usefixtures("shared_archive")  # reads the real shared data
+
+ARCHIVE = SHARED_ARCHIVE  # missing data fails these tests (shared_archive fixture), it is never silently skipped
 
 D0 = datetime(2020, 1, 1, tzinfo=UTC)  # spot BTCUSDT 1m klines (1440), no trades
 T0 = datetime(2026, 1, 1, tzinfo=UTC)  # spot BTCUSDT aggTrades: 5000 trades, 00:00-00:12
-
-
-def archive_rows(kind: str, day: date) -> pl.DataFrame:
-    src = ArchiveSource(str(ARCHIVE))
-    files = src.plan(Market.SPOT, kind, "BTCUSDT", "1m" if kind == "klines" else None, day, day)  # type: ignore[arg-type]
-    return pl.concat([load_file(src, f).rows for f in files])
 
 
 @pytest.fixture
@@ -101,10 +96,11 @@ def random_drops(srv: ReplayServer, rng: random.Random, n: int, lo: int, hi: int
     return tick
 
 
+@pytest.mark.postgres
 def test_klines_day_exact_after_startup_repair_and_three_drops(pg: Any, tmp_path: Path) -> None:
     """The store already holds 00:00-01:39; the stream starts at 06:00 (start-up REST repair fills 01:40-05:59),
     is dropped 3 times at random points, and afterwards holds the archive day exactly: 1440, none twice."""
-    expected = archive_rows("klines", D0.date())
+    expected = archive_rows(Market.SPOT, "klines", D0.date(), D0.date())
     store = make_store("postgres", pg, tmp_path, "klines_day")
     try:
         store.write_klines(expected.head(100))
@@ -128,13 +124,15 @@ def test_klines_day_exact_after_startup_repair_and_three_drops(pg: Any, tmp_path
 @pytest.mark.parametrize(
     ("kind", "faults"),
     [
-        ("postgres", {"malformed_every": 400, "malformed_kind": "not_json"}),
+        pytest.param("postgres", {"malformed_every": 400, "malformed_kind": "not_json"}, marks=pytest.mark.postgres),
         ("parquet", {"malformed_every": 700, "malformed_kind": "bad_shape", "stall_after": 300,
                      "stall_seconds": 2.0}),
     ],
 )
-def test_trades_and_bars_exact_with_faults(kind: str, faults: dict[str, Any], pg: Any, tmp_path: Path) -> None:
-    expected = archive_rows("aggTrades", T0.date())
+def test_trades_and_bars_exact_with_faults(kind: str, faults: dict[str, Any], request: pytest.FixtureRequest,
+                                           tmp_path: Path) -> None:
+    expected = archive_rows(Market.SPOT, "aggTrades", T0.date(), T0.date())
+    pg = request.getfixturevalue("pg") if kind == "postgres" else None  # the parquet case needs no server
     store = make_store(kind, pg, tmp_path, f"trades_{kind}")
     try:
         srv = ReplayServer.from_archive(str(ARCHIVE), Market.SPOT, ["BTCUSDT"], T0, T0,
@@ -187,6 +185,7 @@ def test_trades_and_bars_exact_with_faults(kind: str, faults: dict[str, Any], pg
         store.close()
 
 
+@pytest.mark.slow
 def test_sigterm_flushes_everything(tmp_path: Path) -> None:
     """`rltrader data stream` stopped by SIGTERM writes what it buffered (flush interval set far away)."""
     import json

@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rltrader.agents import ALGORITHMS
 from rltrader.config import Settings, load_settings
 from rltrader.data.ingest import (
     archive_source,
@@ -57,7 +58,12 @@ ArchiveOpt = Annotated[str | None, typer.Option("--archive-base", help="Archive 
 MarketOpt = Annotated[Market, typer.Option("--market", help="spot or futures-um")]
 
 
+_VERBOSE = False  # -v: an error also shows its traceback (for a bug report); otherwise one line
+
+
 def _fail(msg: str) -> NoReturn:
+    if _VERBOSE and sys.exc_info()[0] is not None:
+        err.print_exception()
     err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
@@ -83,6 +89,8 @@ def _symbols(text: str) -> list[str]:
 
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    global _VERBOSE
+    _VERBOSE = verbose
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -197,6 +205,50 @@ def stats_cmd(as_json: Annotated[bool, typer.Option("--json")] = False, store: S
         for s in stats:
             table.add_row(*(str(s[k]) for k in ["kind", "market", "symbol", "interval", "rows", "first", "last"]))
         out.print(table)
+        for s in stats:  # unreadable month files are left out of the counts above, and named here
+            for path in s["broken"]:  # type: ignore[attr-defined]
+                err.print(f"[red]broken:[/red] {path}: unreadable (not counted); `rltrader data verify "
+                          "--archive --repair` reloads it from the archive", highlight=False, soft_wrap=True)
+
+
+@data_app.command("verify")
+def verify_cmd(
+    market: Annotated[Market | None, typer.Option("--market", help="spot or futures-um (default: all)")] = None,
+    symbols: Annotated[str | None, typer.Option(help="Comma-separated (default: all stored)")] = None,
+    interval: Annotated[str | None, typer.Option(help="Kline interval (default: all)")] = None,
+    start: Annotated[str | None, typer.Option(help="YYYY-MM[-DD]: first month checked")] = None,
+    end: Annotated[str | None, typer.Option(help="YYYY-MM[-DD]: last month checked")] = None,
+    archive: Annotated[bool, typer.Option("--archive", help="Compare each month with the CHECKSUM-verified "
+                                          "archive files (row count + content fingerprint)")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Rebuild failing months from the archive (implies "
+                                         "--archive); stored rows the archive lacks are kept")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    store: StoreOpt = None,
+    archive_base: ArchiveOpt = None,
+) -> None:
+    """Check every stored klines month: readable, canonical schema, unique rows on the grid inside the month,
+    OHLC invariants; optionally equal to the archive; --repair rebuilds the failing ones. Exit 1 if any fails."""
+    from rltrader.data.verify import Scope, verify_store
+
+    with _context(store) as (settings, st):
+        scope = Scope.of(market.value if market else None, _symbols(symbols or ""), interval, start, end)
+        source = archive_source(settings, archive_base) if archive or repair else None
+        report = verify_store(st, scope, source, repair=repair)
+    if as_json:
+        out.print_json(json.dumps(report.as_dict(), default=str))
+    else:
+        table = Table("market", "symbol", "interval", "month", "status", "rows", "archive", "detail")
+        for m in report.months:
+            colour = "red" if m.failed else "green" if m.status == "ok" else "yellow"
+            table.add_row(m.market, m.symbol, m.interval, m.month, f"[{colour}]{m.status}[/{colour}]",
+                          str(m.rows) if m.rows is not None else "-",
+                          str(m.archive_rows) if m.archive_rows is not None else "-", m.detail)
+        out.print(table)
+        out.print(report.summary(), highlight=False)
+    if report.failed:
+        _fail(f"{len(report.failed)} stored month(s) are wrong: " + "; ".join(
+            f"{m.label} {m.status}" + (f" ({m.path})" if m.status == "unreadable" else "") for m in report.failed)
+            + ("" if repair else " (`rltrader data verify --archive --repair` rebuilds them from the archive)"))
 
 
 @data_app.command("quarantine")
@@ -285,7 +337,6 @@ def replay_server_cmd(
     archive_base: ArchiveOpt = None,
 ) -> None:
     """Serve recorded archive data through Binance's REST and websocket protocols on loopback."""
-    from rltrader.execution import ExecutionParams
     from rltrader.sim import Faults, ReplayServer, default_params, serve_forever
 
     settings = load_settings()
@@ -302,7 +353,7 @@ def replay_server_cmd(
     # execution model where it is for this market (so paper fills equal the backtest's), else VIP0 fees.
     key, secret = os.environ.get("BINANCE_API_KEY"), os.environ.get("BINANCE_API_SECRET")
     api_keys = {key: secret} if key and secret else None
-    execution = ExecutionParams.from_mapping(settings.execution)
+    execution = settings.execution
     if (execution.market == "spot") != (Market(market) is Market.SPOT):
         execution = default_params(Market(market))
     try:
@@ -320,7 +371,8 @@ def features_cmd(
     store: StoreOpt = None,
 ) -> None:
     """The DVC `features` stage: per-symbol feature tables under <data.dir>/features."""
-    from rltrader.dataset.build import run_features_stage, write_json
+    from rltrader.dataset.build import run_features_stage
+    from rltrader.utils import write_json
 
     with _context(store) as (settings, st):
         summary = run_features_stage(settings, st)
@@ -352,7 +404,7 @@ def sessions_cmd(
 
 @app.command("train")
 def train_cmd(
-    algo: Annotated[str, typer.Argument(help="d3qn, ppo or cnn (the supervised baseline)")],
+    algo: Annotated[str, typer.Argument(help=f"{', '.join(ALGORITHMS)} (cnn: the supervised baseline)")],
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint (same MLflow run)")] = False,
     metrics: Annotated[Path | None, typer.Option(help="Metrics JSON (default reports/train_<algo>.json)")] = None,
 ) -> None:
@@ -443,7 +495,7 @@ def promote_cmd(
 
 @app.command("walk-forward")
 def walk_forward_cmd(
-    algo: Annotated[str | None, typer.Option(help="d3qn, ppo or cnn (default walk_forward.algo)")] = None,
+    algo: Annotated[str | None, typer.Option(help=f"{', '.join(ALGORITHMS)} (default walk_forward.algo)")] = None,
     max_folds: Annotated[int | None, typer.Option(help="Only the first N folds")] = None,
     out_dir: Annotated[Path, typer.Option(help="Reports folder")] = Path("reports/walk_forward"),
 ) -> None:

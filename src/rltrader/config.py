@@ -9,14 +9,20 @@ wrong type fails with a message naming the key, in the file or the variable it c
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from rltrader.data.schema import Market
+from rltrader.agents import ALGORITHMS
+from rltrader.agents.configs import CONFIGS, config_from_params
+from rltrader.env.modes import EnvParams
 from rltrader.errors import ConfigError
+from rltrader.evaluate.filters import BacktestFilters
+from rltrader.execution import ExecutionParams
+from rltrader.market import Market
 
 ENV_PREFIX = "RLTRADER_"
 ALIASES = {
@@ -128,7 +134,8 @@ class SplitRange(_Strict):
 
 
 class SessionSettings(_Strict):
-    """Trading sessions: ``context`` bars of features, then ``length`` bars to trade (seed 002: 30/10 demo)."""
+    """Trading sessions: ``context`` bars of features, then ``length`` bars to trade (the D3QN reference
+    design's demo: 30/10)."""
 
     context: int = 30
     length: int = 10
@@ -165,47 +172,6 @@ class SessionSettings(_Strict):
         return v
 
 
-class ExecutionSettings(_Strict):
-    """Execution/cost model shared by envs, backtest and trader; values are checked by
-    ``rltrader.execution.ExecutionParams`` (which names the parameter at fault). Binance USDⓈ-M defaults."""
-
-    market: Literal["spot", "futures"] = "futures"
-    taker_fee: float = 0.0005
-    maker_fee: float = 0.0002
-    half_spread_bps: float = 1.0
-    impact: float = 0.001
-    latency_bars: int = 0
-    leverage: float = Field(default=1.0, gt=0)
-    maintenance_margin: float = 0.005
-    funding_rate_8h: float = 0.0
-    tick_size: float = 0.0
-    step_size: float = 0.0
-    min_notional: float = 0.0
-    initial_cash: float = Field(default=10_000.0, gt=0)
-
-
-class EnvSettings(_Strict):
-    """Trading mode, reward and penalties of the envs; checked by ``rltrader.env.EnvParams``."""
-
-    mode: Literal["futures_session", "spot_cycle", "lowrider"] = "futures_session"
-    reward: Literal["log_return", "pnl", "diff_sharpe"] = "log_return"
-    position_size: float = 1.0
-    force_close: bool = True
-    hold_penalty: float = 0.0
-    flip_penalty: float = 0.0
-    trade_penalty: float = 0.0
-    drawdown_penalty: float = 0.0
-    dsr_eta: float = 0.01
-    lot_multipliers: list[float] = Field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0], min_length=2)
-    base_lot: float = 100.0
-    reluctance: float = 4.0
-    profit_target: float = 0.005
-    rule_drop_step: float = 0.01
-    rule_schedule: list[int] = Field(default_factory=lambda: [1, 1, 2, 3], min_length=1)
-    leak: bool = False
-    leak_scale: float = 1000.0
-
-
 class TrainSettings(_Strict):
     """What every training run shares (``rltrader train <algo>``); algorithm knobs live in their own sections."""
 
@@ -225,35 +191,24 @@ class TrainSettings(_Strict):
     """torch intra-op threads on CPU (0 = torch's default). Small nets on 2 cores run several times faster on 1."""
 
 
-class BacktestSettings(_Strict):
-    """Continuous backtest (``rltrader.evaluate.backtest``): signal/execution filters between the policy and the
-    env's execution model (seed 002). Each filter turns a decision into *hold*; 0 / null switches it off."""
+@dataclass(frozen=True)
+class BacktestSettings(BacktestFilters):
+    """``params.yaml: backtest``: the continuous backtest's filters (``BacktestFilters``, the fields the backtest
+    kernel reads, each turning a decision into *hold*; 0 / null switches it off) plus what the backtest stage
+    runs them over."""
 
     split: str = "backtest"
     """Which ``sessions.splits`` date range to run over, continuously (not only inside sessions)."""
-    confidence: float = Field(default=0.0, ge=0)
-    """Minimum softmax probability of the chosen action (``logits`` models) or Q(chosen) − Q(hold) (``q_values``
-    and ``classifier`` models); rule baselines have no scores and are not filtered by it."""
-    cooldown_bars: int = Field(default=0, ge=0)
-    """After a fill in bar f, no new order is sent for decisions at bars f+1 … f+cooldown_bars."""
-    max_trades_per_day: int = Field(default=0, ge=0)
-    """Most orders let through per UTC day and symbol stretch (a flip is one order); 0 = unlimited."""
-    stop_loss: float = Field(default=0.0, ge=0, lt=1)
-    """Close when the last close is this fraction against the average entry (checked at decision time)."""
-    take_profit: float = Field(default=0.0, ge=0)
-    """Close when the last close is this fraction in favour of the average entry."""
-    trade_size_quote: float | None = Field(default=None, gt=0)
-    """Seed 002's trade size in quote currency; null = ``env.position_size`` (see the backtest module docstring
-    for how it maps onto the env's sizing)."""
-    repeat_cycles: bool = True
-    """spot_cycle / lowrider: start a new cycle after one closes (the env ends the episode there)."""
+    trade_size_quote: Annotated[float, Field(gt=0)] | None = None
+    """Trade size in quote currency (the D3QN reference design's sizing); null = ``env.position_size`` (see the
+    backtest module docstring for how it maps onto the env's sizing)."""
     seed: int = 0
     """Seed of the ``random`` baseline."""
-    models: list[str] = Field(default_factory=lambda: ["d3qn", "ppo", "cnn"])
+    models: list[str] = field(default_factory=lambda: list(ALGORITHMS))
     """Trained models (``<train.models_dir>/<name>.pt``) the ``backtest`` stage judges against the baselines."""
-    eval_splits: list[str] = Field(default_factory=lambda: ["val", "backtest"])
+    eval_splits: list[str] = field(default_factory=lambda: ["val", "backtest"])
     """Splits the ``backtest`` stage runs every policy over, continuously; promotion gates read val and backtest."""
-    bootstrap: int = Field(default=1000, ge=0)
+    bootstrap: Annotated[int, Field(ge=0)] = 1000
     """Block-bootstrap resamples (over days) for the Sharpe and return confidence intervals; 0 = off."""
 
 
@@ -393,8 +348,8 @@ class Settings(_Strict):
     stream: StreamSettings = Field(default_factory=StreamSettings)
     features: FeatureSettings = Field(default_factory=FeatureSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
-    execution: ExecutionSettings = Field(default_factory=ExecutionSettings)
-    env: EnvSettings = Field(default_factory=EnvSettings)
+    execution: ExecutionParams = Field(default_factory=ExecutionParams)
+    env: EnvParams = Field(default_factory=EnvParams)
     train: TrainSettings = Field(default_factory=TrainSettings)
     backtest: BacktestSettings = Field(default_factory=BacktestSettings)
     walk_forward: WalkForwardSettings = Field(default_factory=WalkForwardSettings)
@@ -403,11 +358,20 @@ class Settings(_Strict):
     trader: TraderSettings = Field(default_factory=TraderSettings)
     risk: RiskSettings = Field(default_factory=RiskSettings)
     d3qn: dict[str, Any] = Field(default_factory=dict)
-    """Validated by ``rltrader.agents.d3qn.D3QNConfig`` (typed dataclass)."""
+    """Validated by ``rltrader.agents.configs.D3QNConfig``. The algorithm sections stay the mappings as written:
+    the train stage fills ``seed`` and ``device`` from ``train`` where they are absent, and ``params_hash``
+    covers what was written."""
     ppo: dict[str, Any] = Field(default_factory=dict)
-    """Validated by ``rltrader.agents.ppo.PPOConfig``."""
+    """Validated by ``rltrader.agents.configs.PPOConfig``."""
     cnn: dict[str, Any] = Field(default_factory=dict)
-    """Validated by ``rltrader.agents.cnn_classifier.CNNConfig``."""
+    """Validated by ``rltrader.agents.configs.CNNConfig``."""
+
+    @field_validator(*CONFIGS, mode="after")
+    @classmethod
+    def _algo_section(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        assert info.field_name is not None
+        config_from_params(CONFIGS[info.field_name], info.field_name, v)  # raises ConfigError naming the key
+        return v
 
 
 def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -442,7 +406,7 @@ def _format(exc: ValidationError, origin: dict[tuple[str, ...], str], file: str)
         loc = tuple(str(p) for p in err["loc"])
         key = ".".join(loc)
         where = origin.get(loc[:2], origin.get(loc[:1], file))
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown key" if err["type"] in ("extra_forbidden", "unexpected_keyword_argument") else err["msg"]
         lines.append(f"{where}: {key}: {msg}")
     return "; ".join(lines)
 
@@ -460,9 +424,8 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         tree = loaded
-    # params.yaml also carries sections for later pipeline stages; only the known ones are validated here
     known = {k: v for k, v in tree.items() if k in Settings.model_fields}
-    unknown_sections = [k for k in tree if k not in Settings.model_fields and k not in EXTRA_SECTIONS]
+    unknown_sections = [k for k in tree if k not in Settings.model_fields]
     if unknown_sections:
         raise ConfigError(f"{p}: {unknown_sections[0]}: unknown section")
     origin: dict[tuple[str, ...], str] = {}
@@ -473,10 +436,10 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
         return Settings.model_validate(known)
     except ValidationError as exc:
         raise ConfigError(_format(exc, origin, str(p))) from exc
-
-
-# Sections of params.yaml owned by stages that validate them themselves (added by later pipeline stages).
-EXTRA_SECTIONS: set[str] = set()
+    except ConfigError as exc:  # a section's own checks name the key ("execution.leverage: …"); add where from
+        msg = str(exc).removeprefix("params.yaml: ")
+        key = tuple(msg.split(":", 1)[0].split("."))
+        raise ConfigError(f"{origin.get(key[:2], origin.get(key[:1], str(p)))}: {msg}") from exc
 
 
 def params_hash(settings: Settings, sections: tuple[str, ...]) -> str:

@@ -27,16 +27,26 @@ if equity there is at most ``maintenance_margin * |qty| * price`` the position i
 price — where equity equals the maintenance margin — clipped into the bar's range, as a taker. A loss beyond
 the account's equity (a gap through the bankruptcy price) is covered by the insurance fund: cash is floored at
 0 and the amount is booked in ``INSURANCE``.
+
+Events: every kernel below that changes an account (a fill, a liquidation, a forced close, a funding payment)
+also writes what it booked into an optional ``EventLog`` (``log=None``: nothing recorded, and numba compiles the
+recording away). An event is a column of a preallocated ``(N_EV, capacity)`` float64 array: the caller's stamp
+(bar time, row, a tag such as the backtest's stretch id), the account, kind and reason, and the amounts exactly as
+booked (signed qty, price, fee, slippage, realized PnL, funding, insurance cover). Consumers (the backtest's fills
+and round trips, a live trader's journal) read the events; they never re-derive a fill. Summing an account's
+events in order reproduces its ``FEES`` / ``REALIZED`` / ``FUNDING`` / ``SLIPPAGE`` / ``INSURANCE`` totals bit for
+bit, because the totals are those same additions.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from numba import njit
+from pydantic import ConfigDict
 
 from rltrader.errors import ConfigError
 
@@ -54,10 +64,65 @@ N_XP = 13
 FUNDING_PERIOD_US = 8 * 3600 * 1_000_000
 """Binance USDⓈ-M funding settles every 8 h (00:00, 08:00, 16:00 UTC)."""
 
+# --- events: rows of an EventLog's (N_EV, capacity) float64 array ---------------------------------------------
+(EV_TIME, EV_ROW, EV_TAG, EV_ACCT, EV_KIND, EV_REASON, EV_QTY, EV_PX, EV_FEE, EV_SLIP, EV_REALIZED, EV_FUNDING,
+ EV_INSURANCE, EV_Q_AFTER, EV_FUND_CUM) = range(15)
+N_EV = 15
+EV_NAMES = ("time", "row", "tag", "account", "kind", "reason", "qty", "price", "fee", "slippage", "realized",
+            "funding", "insurance", "qty_after", "funding_cum")
+KIND_ORDER, KIND_LIQUIDATION, KIND_FORCED, KIND_FUNDING = range(4)
+KIND_NAMES = ("order", "liquidation", "forced_close", "funding")
+REASON_SIGNAL, REASON_SL, REASON_TP, REASON_LIQ, REASON_END, REASON_FUNDING = range(6)
+REASON_NAMES = ("signal", "stop_loss", "take_profit", "liquidation", "end_of_data", "funding")
+# --- an EventLog's int64 cursor: the count and the caller's stamp for the events it writes next ----------------
+CUR_N, CUR_TIME, CUR_ROW, CUR_TAG, CUR_EXIT_REASON = range(5)
+N_CUR = 5
+MAX_EVENTS_PER_BAR = 4
+"""Funding, the order's fill, a liquidation and a forced close: what one account's bar can write at most."""
+
+
+class EventLog(NamedTuple):
+    """Where the kernels record what they book (module docstring). numba takes it as one argument.
+
+    ``cursor[CUR_N]`` counts the events written (also past the capacity: those are dropped, and a count above
+    the capacity tells the caller it must grow the buffer before the next bar); ``CUR_TIME`` / ``CUR_ROW`` /
+    ``CUR_TAG`` are stamped on every event; ``CUR_EXIT_REASON`` (``REASON_SL`` / ``REASON_TP``, set by the caller
+    when it sends a protective exit) labels the next order fill that closes or flips the position, then resets.
+    """
+
+    data: np.ndarray
+    cursor: np.ndarray
+
+    @classmethod
+    def empty(cls, capacity: int) -> EventLog:
+        return cls(np.zeros((N_EV, capacity)), np.zeros(N_CUR, np.int64))
+
+    @property
+    def n_events(self) -> int:
+        return int(self.cursor[CUR_N])
+
+    def free(self) -> int:
+        return int(self.data.shape[1] - self.cursor[CUR_N])
+
+    def grown(self, min_free: int) -> EventLog:
+        """A log with the same events and at least ``min_free`` free slots (the buffer doubles)."""
+        if self.free() >= min_free:
+            return self
+        cap = max(2 * self.data.shape[1], self.n_events + min_free)
+        data = np.zeros((N_EV, cap))
+        data[:, :self.n_events] = self.data[:, :self.n_events]
+        return EventLog(data, self.cursor)
+
+    def events(self) -> np.ndarray:
+        """The written events, ``(N_EV, count)``."""
+        return np.asarray(self.data[:, :self.n_events])
+
 
 @dataclass(frozen=True)
 class ExecutionParams:
     """Market, fees, costs and exchange filters (``params.yaml: execution``). Defaults: Binance USDⓈ-M futures."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # params.yaml validation: unknown keys are errors
 
     market: Literal["spot", "futures"] = "futures"
     taker_fee: float = 0.0005
@@ -104,12 +169,6 @@ class ExecutionParams:
         if not self.initial_cash > 0:
             raise bad("initial_cash", "must be > 0")
 
-    @classmethod
-    def from_mapping(cls, values: Any) -> ExecutionParams:
-        """From ``Settings.execution`` (a pydantic model) or a plain dict."""
-        data = values.model_dump() if hasattr(values, "model_dump") else dict(values)
-        return cls(**data)
-
     def to_array(self) -> np.ndarray:
         xp = np.zeros(N_XP)
         xp[XP_SPOT] = 1.0 if self.market == "spot" else 0.0
@@ -135,9 +194,6 @@ class Accounts:
 
     def __len__(self) -> int:
         return int(self.state.shape[1])
-
-    def field(self, name: str) -> np.ndarray:
-        return np.asarray(self.state[FIELD_NAMES.index(name)])
 
     @property
     def cash(self) -> np.ndarray:
@@ -166,9 +222,6 @@ class Accounts:
     def unrealized_pnl(self, mark: np.ndarray) -> np.ndarray:
         return np.asarray(self.state[QTY] * (mark - self.state[AVG_ENTRY]))
 
-    def snapshot(self, b: int) -> dict[str, float]:
-        return {name: float(self.state[i, b]) for i, name in enumerate(FIELD_NAMES)}
-
 
 # --- scalar helpers (inline-able into any kernel) -------------------------------------------------------------
 
@@ -194,17 +247,43 @@ def fill_price(ref: float, side: float, qty_abs: float, volume: float, xp: np.nd
 
 
 @njit(cache=True)
-def apply_fill(acct: np.ndarray, b: int, dq: float, px: float, fee_rate: float, ref: float) -> None:
-    """Book a fill of signed ``dq`` at ``px``: cash, average-cost position, realized PnL, fees, slippage."""
+def record(log: EventLog, acct: np.ndarray, b: int, kind: int, reason: int, dq: float, px: float, fee: float,
+           slip: float, realized: float, funding: float) -> None:
+    """Write one event (stamped with the cursor's time, row and tag) if the log has room; count it anyway."""
+    i = log.cursor[CUR_N]
+    if i < log.data.shape[1]:
+        ev = log.data
+        ev[EV_TIME, i], ev[EV_ROW, i], ev[EV_TAG, i] = log.cursor[CUR_TIME], log.cursor[CUR_ROW], log.cursor[CUR_TAG]
+        ev[EV_ACCT, i], ev[EV_KIND, i], ev[EV_REASON, i] = b, kind, reason
+        ev[EV_QTY, i], ev[EV_PX, i], ev[EV_FEE, i], ev[EV_SLIP, i] = dq, px, fee, slip
+        ev[EV_REALIZED, i], ev[EV_FUNDING, i], ev[EV_INSURANCE, i] = realized, funding, 0.0
+        ev[EV_Q_AFTER, i], ev[EV_FUND_CUM, i] = acct[QTY, b], acct[FUNDING, b]
+    log.cursor[CUR_N] = i + 1
+
+
+@njit(cache=True)
+def ends_position(q: float, new_q: float) -> bool:
+    """A fill from ``q`` to ``new_q`` closes the position or flips it (what an exit reason labels)."""
+    return new_q == 0.0 or (q != 0.0 and (new_q > 0.0) != (q > 0.0))
+
+
+@njit(cache=True)
+def apply_fill(acct: np.ndarray, b: int, dq: float, px: float, fee_rate: float, ref: float,
+               log: EventLog | None = None, kind: int = KIND_ORDER) -> None:
+    """Book a fill of signed ``dq`` at ``px``: cash, average-cost position, realized PnL, fees, slippage; and
+    record it as a ``kind`` event in ``log`` (reason: ``kind``'s own, or for an order the cursor's exit reason
+    if the fill ends the position, else signal)."""
     q = acct[QTY, b]
     new_q = q + dq
     if abs(new_q) < 1e-12 * max(abs(q), abs(dq)):  # a full close: no float residue left as a dust position
         new_q = 0.0
     fee = abs(dq) * px * fee_rate
     acct[CASH, b] -= dq * px + fee
+    realized = 0.0
     if q != 0.0 and (dq > 0.0) != (q > 0.0):  # reduces (or flips) the position: realize the closed part
         closed = min(abs(dq), abs(q))
-        acct[REALIZED, b] += closed * (px - acct[AVG_ENTRY, b]) * (1.0 if q > 0.0 else -1.0)
+        realized = closed * (px - acct[AVG_ENTRY, b]) * (1.0 if q > 0.0 else -1.0)
+        acct[REALIZED, b] += realized
     if new_q == 0.0:
         acct[AVG_ENTRY, b] = 0.0
     elif q == 0.0 or (new_q > 0.0) != (q > 0.0):  # opened from flat or flipped: the rest is entered at px
@@ -213,8 +292,19 @@ def apply_fill(acct: np.ndarray, b: int, dq: float, px: float, fee_rate: float, 
         acct[AVG_ENTRY, b] = (acct[AVG_ENTRY, b] * abs(q) + px * abs(dq)) / abs(new_q)
     acct[QTY, b] = new_q
     acct[FEES, b] += fee
-    acct[SLIPPAGE, b] += abs(dq) * abs(px - ref)
+    slip = abs(dq) * abs(px - ref)
+    acct[SLIPPAGE, b] += slip
     acct[N_FILLS, b] += 1.0
+    if log is not None:
+        reason = REASON_SIGNAL
+        if kind == KIND_LIQUIDATION:
+            reason = REASON_LIQ
+        elif kind == KIND_FORCED:
+            reason = REASON_END
+        elif log.cursor[CUR_EXIT_REASON] != REASON_SIGNAL and ends_position(q, new_q):
+            reason = int(log.cursor[CUR_EXIT_REASON])
+            log.cursor[CUR_EXIT_REASON] = REASON_SIGNAL
+        record(log, acct, b, kind, reason, dq, px, fee, slip, realized, 0.0)
 
 
 @njit(cache=True)
@@ -227,7 +317,8 @@ def max_position(equity: float, px: float, xp: np.ndarray) -> float:
 
 
 @njit(cache=True)
-def market_order(acct: np.ndarray, b: int, dq: float, ref: float, volume: float, xp: np.ndarray) -> float:
+def market_order(acct: np.ndarray, b: int, dq: float, ref: float, volume: float, xp: np.ndarray,
+                 log: EventLog | None = None) -> float:
     """Fill a market order of signed ``dq`` for account ``b`` at reference price ``ref`` (the fill bar's open).
 
     The order is first limited to what the account may hold (spot: no shorts, cash ≥ 0; futures: the leverage
@@ -260,33 +351,40 @@ def market_order(acct: np.ndarray, b: int, dq: float, ref: float, volume: float,
     px = fill_price(ref, side, abs(dq), volume, xp)
     if abs(dq) * px < xp[XP_MIN_NOTIONAL] and q + dq != 0.0:
         return 0.0
-    apply_fill(acct, b, dq, px, xp[XP_TAKER], ref)
+    apply_fill(acct, b, dq, px, xp[XP_TAKER], ref, log, KIND_ORDER)
     return dq
 
 
 @njit(cache=True)
-def close_position(acct: np.ndarray, b: int, ref: float, volume: float, xp: np.ndarray) -> float:
-    """Market-close the whole position (forced close at a session's end): taker fee and slippage as any order."""
+def close_position(acct: np.ndarray, b: int, ref: float, volume: float, xp: np.ndarray,
+                   log: EventLog | None = None) -> float:
+    """Market-close the whole position (forced close at a session's end or a data gap): taker fee and slippage
+    as any order; recorded as a ``KIND_FORCED`` event."""
     q = acct[QTY, b]
     if q == 0.0:
         return 0.0
     px = fill_price(ref, -1.0 if q > 0.0 else 1.0, abs(q), volume, xp)
-    apply_fill(acct, b, -q, px, xp[XP_TAKER], ref)
+    apply_fill(acct, b, -q, px, xp[XP_TAKER], ref, log, KIND_FORCED)
     return float(-q)
 
 
 @njit(cache=True)
-def apply_funding(acct: np.ndarray, b: int, bar_time: int, mark: float, xp: np.ndarray) -> None:
-    """Settle funding on the position held into a bar that opens at a funding timestamp (longs pay if rate > 0)."""
+def apply_funding(acct: np.ndarray, b: int, bar_time: int, mark: float, xp: np.ndarray,
+                  log: EventLog | None = None) -> None:
+    """Settle funding on the position held into a bar that opens at a funding timestamp (longs pay if rate > 0);
+    recorded as a ``KIND_FUNDING`` event (qty: the position, price: the mark)."""
     if xp[XP_FUNDING] == 0.0 or xp[XP_SPOT] > 0.0 or acct[QTY, b] == 0.0 or bar_time % FUNDING_PERIOD_US != 0:
         return
     pay = acct[QTY, b] * mark * xp[XP_FUNDING]
     acct[CASH, b] -= pay
     acct[FUNDING, b] += pay
+    if log is not None:
+        record(log, acct, b, KIND_FUNDING, REASON_FUNDING, acct[QTY, b], mark, 0.0, 0.0, 0.0, pay)
 
 
 @njit(cache=True)
-def check_liquidation(acct: np.ndarray, b: int, low: float, high: float, xp: np.ndarray) -> bool:
+def check_liquidation(acct: np.ndarray, b: int, low: float, high: float, xp: np.ndarray,
+                      log: EventLog | None = None) -> bool:
     """Force-close a futures position whose equity at the bar's adverse extreme hits the maintenance margin."""
     q = acct[QTY, b]
     if q == 0.0 or xp[XP_SPOT] > 0.0:
@@ -298,10 +396,15 @@ def check_liquidation(acct: np.ndarray, b: int, low: float, high: float, xp: np.
         return False
     p_liq = -cash / (q * (1.0 - mmr)) if q > 0.0 else -cash / (q * (1.0 + mmr))
     px = min(max(p_liq, low), high)
-    apply_fill(acct, b, -q, px, xp[XP_TAKER], px)
+    apply_fill(acct, b, -q, px, xp[XP_TAKER], px, log, KIND_LIQUIDATION)
     if acct[CASH, b] < 0.0:
+        cover = -acct[CASH, b]
         acct[INSURANCE, b] -= acct[CASH, b]
         acct[CASH, b] = 0.0
+        if log is not None:  # the insurance fund's cover belongs to the liquidation just recorded
+            i = log.cursor[CUR_N] - 1
+            if i < log.data.shape[1]:
+                log.data[EV_INSURANCE, i] = cover
     acct[N_LIQUIDATIONS, b] += 1.0
     return True
 
@@ -315,12 +418,13 @@ def mark_to_market(acct: np.ndarray, b: int, mark: float) -> float:
 
 @njit(cache=True)
 def process_bar(acct: np.ndarray, b: int, dq: float, bar_time: int, o: float, h: float, lo: float, c: float,
-                v: float, xp: np.ndarray) -> float:
+                v: float, xp: np.ndarray, log: EventLog | None = None) -> float:
     """One bar for one account, in the contract's order: funding at the open, the order's fill at the open,
-    the liquidation check over the bar's range, then marking at the close. Returns the filled quantity."""
-    apply_funding(acct, b, bar_time, o, xp)
-    filled = market_order(acct, b, dq, o, v, xp) if dq != 0.0 else 0.0
-    check_liquidation(acct, b, lo, h, xp)
+    the liquidation check over the bar's range, then marking at the close. Returns the filled quantity.
+    ``log``: its cursor's time/row/tag are the caller's to set (the bar's)."""
+    apply_funding(acct, b, bar_time, o, xp, log)
+    filled = market_order(acct, b, dq, o, v, xp, log) if dq != 0.0 else 0.0
+    check_liquidation(acct, b, lo, h, xp, log)
     mark_to_market(acct, b, c)
     return filled
 
@@ -339,17 +443,3 @@ def reset_account(acct: np.ndarray, b: int, initial_cash: float) -> None:
 def reset_accounts(acct: np.ndarray, idx: np.ndarray, initial_cash: float) -> None:
     for j in range(idx.shape[0]):
         reset_account(acct, idx[j], initial_cash)
-
-
-@njit(cache=True)
-def execute_orders(acct: np.ndarray, orders: np.ndarray, rows: np.ndarray, time: np.ndarray, bars: np.ndarray,
-                   xp: np.ndarray, filled: np.ndarray) -> None:
-    """Process bar ``rows[b]`` for every account ``b`` with its order ``orders[b]`` (``process_bar`` per account).
-
-    ``bars`` is the ``(5, N)`` stack of open, high, low, close, volume. For callers outside the envs (live
-    trader, tests); the envs call ``process_bar`` inline from their own step kernel.
-    """
-    for b in range(orders.shape[0]):
-        r = rows[b]
-        filled[b] = process_bar(acct, b, orders[b], time[r], bars[0, r], bars[1, r], bars[2, r], bars[3, r],
-                                bars[4, r], xp)

@@ -16,6 +16,9 @@ from rltrader.config import Settings
 
 console = Console(stderr=True)
 STAGES = ("ingest", "features", "sessions", "train", "backtest", "promote")
+"""The stages in order; ``dvc.yaml`` declares the same ones (``tests/test_structure.py`` checks both). ``train``
+runs once per trained model (``backtest.models``, by default every algorithm of ``rltrader.agents.ALGORITHMS``,
+as dvc.yaml's ``train`` foreach)."""
 
 
 def run_pipeline(settings: Settings, *, reports_dir: Path = Path("reports"), progress: bool = False,
@@ -24,10 +27,11 @@ def run_pipeline(settings: Settings, *, reports_dir: Path = Path("reports"), pro
     after each (the flow logs it)."""
     from rltrader.data.ingest import run_ingest_stage
     from rltrader.data.store import open_store
-    from rltrader.dataset.build import run_features_stage, run_sessions_stage, write_json
+    from rltrader.dataset.build import run_features_stage, run_sessions_stage
     from rltrader.evaluate.stage import run_backtest_stage
     from rltrader.registry import promote
     from rltrader.train import run_train
+    from rltrader.utils import write_json
 
     out: dict[str, Any] = {"seconds": {}}
 

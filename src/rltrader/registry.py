@@ -26,7 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from rltrader.config import Settings
 from rltrader.errors import ConfigError, DataError, RLTraderError
+from rltrader.integrity import read_json
 
 CHAMPION, PREVIOUS = "champion", "previous"
 HISTORY_TAG = "champion_history"
@@ -119,7 +121,7 @@ def decide(challenger: Mapping[str, Mapping[str, Any]], champion: Mapping[str, M
 
 
 # ------------------------------------------------------------------------------------------------- registry I/O
-def _client(settings: Any) -> Any:
+def _client(settings: Settings) -> Any:
     import os
 
     import mlflow
@@ -157,7 +159,7 @@ def _metric_tags(per_split: Mapping[str, Mapping[str, Any]], primary: str) -> di
     return tags
 
 
-def register_models(settings: Any, summary: Mapping[str, Any]) -> dict[str, str]:
+def register_models(settings: Settings, summary: Mapping[str, Any]) -> dict[str, str]:
     """Each trained model of the ``backtest`` stage's summary as a registry version (name → version), tagged with
     its data fingerprint, params hash, git commit and val/backtest metrics. Idempotent: a model whose training run
     already has a version is not registered twice (its tags are refreshed)."""
@@ -187,17 +189,16 @@ def register_models(settings: Any, summary: Mapping[str, Any]) -> dict[str, str]
     return versions
 
 
-def _champion_metrics(settings: Any, champion: Any, splits: Sequence[str], primary: str,
+def _champion_metrics(settings: Settings, champion: Any, splits: Sequence[str], primary: str,
                       sessions_dir: Path | None, features_dir: Path | None) -> tuple[dict[str, dict[str, Any]], str]:
     """The champion on the challenger's data (re-run), or its recorded tags when it no longer fits the data."""
-    import mlflow.pytorch
-
+    from rltrader.agents.packaging import load_mlflow_policy
     from rltrader.evaluate.backtest import continuous_split
     from rltrader.evaluate.stage import evaluate
 
     name = settings.promote.model_name
     try:
-        module = mlflow.pytorch.load_model(f"models:/{name}@{CHAMPION}", map_location="cpu")
+        module = load_mlflow_policy(f"models:/{name}@{CHAMPION}")  # a corrupt champion: DataError → tags
         out = {}
         for split in splits:
             data = continuous_split(settings, split, sessions_dir=sessions_dir, features_dir=features_dir)
@@ -216,7 +217,7 @@ def _champion_metrics(settings: Any, champion: Any, splits: Sequence[str], prima
                      "recorded metrics, which come from its own data")
 
 
-def _record(settings: Any, decision: Decision, path: Path | None) -> None:
+def _record(settings: Settings, decision: Decision, path: Path | None) -> None:
     """The decision as an MLflow run ``promote`` and as JSON (``promote.decision_path``)."""
     import mlflow
     from rltrader.agents.common import mlflow_run
@@ -235,13 +236,13 @@ def _record(settings: Any, decision: Decision, path: Path | None) -> None:
     target.write_text(json.dumps(decision.as_dict(), indent=2, default=str) + "\n")
 
 
-def promote(settings: Any, *, dry_run: bool = False, summary_path: Path = Path("reports/backtest/summary.json"),
+def promote(settings: Settings, *, dry_run: bool = False, summary_path: Path = Path("reports/backtest/summary.json"),
             decision_path: Path | None = None, sessions_dir: Path | None = None,
             features_dir: Path | None = None) -> Decision:
     """Register the backtest stage's models, pick the challenger, apply the gates, move the aliases."""
     if not summary_path.is_file():
         raise DataError(f"{summary_path}: no backtest summary (run `rltrader backtest` first)")
-    summary = json.loads(summary_path.read_text())
+    summary = read_json(summary_path, "backtest summary", "re-run `rltrader backtest`")
     cfg = settings.promote
     splits = [s for s in ("val", summary["primary_split"]) if s in summary["splits"]]
     if len(splits) < 2:
@@ -314,7 +315,7 @@ def _registered(client: Any, name: str) -> bool:
         return False
 
 
-def rollback(settings: Any, *, dry_run: bool = False, decision_path: Path | None = None) -> Decision:
+def rollback(settings: Settings, *, dry_run: bool = False, decision_path: Path | None = None) -> Decision:
     """``champion`` back to the version before it (``previous``); ``previous`` moves one further back."""
     client = _client(settings)
     name = settings.promote.model_name

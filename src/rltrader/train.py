@@ -15,20 +15,21 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from rltrader.agents import ALGORITHMS
 from rltrader.agents.baselines import rule_baselines
-from rltrader.agents.common import config_from_params, mlflow_run
+from rltrader.agents.common import mlflow_run
+from rltrader.agents.configs import config_from_params
 from rltrader.agents.evaluate import EvalResult, evaluate
-from rltrader.agents.packaging import PolicyModule
+from rltrader.agents.packaging import PolicyModule, save_policy, stamp_weights
 from rltrader.config import TRAIN_SECTIONS, Settings, params_hash
-from rltrader.dataset.build import git_commit
 from rltrader.dataset.split import SessionSet, load_split
 from rltrader.env import params_from_settings
 from rltrader.env.core import N_STATE
 from rltrader.env.modes import EnvParams
 from rltrader.errors import ConfigError
 from rltrader.execution import ExecutionParams
+from rltrader.utils import git_commit
 
-ALGOS = ("d3qn", "ppo", "cnn")
 console = Console(stderr=True)
 
 
@@ -85,7 +86,8 @@ def _train_algo(algo: str, settings: Settings, train: SessionSet, val: SessionSe
     n_actions = env_params.n_actions
     feats = train.n_features + (1 if env_params.leak else 0)
     if algo == "d3qn":
-        from rltrader.agents.d3qn import D3QNConfig, train_d3qn
+        from rltrader.agents.configs import D3QNConfig
+        from rltrader.agents.d3qn import train_d3qn
 
         dcfg = config_from_params(D3QNConfig, "d3qn", section)
         dres = train_d3qn(train, val, dcfg, execution, env_params, run=run, checkpoint_dir=ckpt, resume=resume,
@@ -95,7 +97,8 @@ def _train_algo(algo: str, settings: Settings, train: SessionSet, val: SessionSe
         module = PolicyModule(dres.net.cpu(), "q_values", train.context, feats, N_STATE, n_actions, meta)
         return module, dres.history, dcfg
     if algo == "ppo":
-        from rltrader.agents.ppo import PPOConfig, train_ppo
+        from rltrader.agents.configs import PPOConfig
+        from rltrader.agents.ppo import train_ppo
 
         pcfg = config_from_params(PPOConfig, "ppo", section)
         pres = train_ppo(train, val, pcfg, execution, env_params, run=run, checkpoint_dir=ckpt, resume=resume,
@@ -105,22 +108,23 @@ def _train_algo(algo: str, settings: Settings, train: SessionSet, val: SessionSe
         module = PolicyModule(pres.net.cpu(), "logits", train.context, feats, N_STATE, n_actions, meta)
         return module, pres.history, pcfg
     if algo == "cnn":
-        from rltrader.agents.cnn_classifier import ClassifierActions, CNNConfig, train_cnn
+        from rltrader.agents.cnn_classifier import ClassifierActions, train_cnn
+        from rltrader.agents.configs import CNNConfig
 
         ccfg = config_from_params(CNNConfig, "cnn", section)
         cres = train_cnn(train, val, ccfg, run=run, progress=progress)
         actions = ClassifierActions(cres.net, ccfg.threshold, env_params.mode)
         module = PolicyModule(actions, "classifier", train.context, train.n_features, N_STATE, n_actions, meta)
         return module, cres.history, ccfg
-    raise ConfigError(f"train: unknown algorithm {algo!r} (one of {', '.join(ALGOS)})")
+    raise ConfigError(f"train: unknown algorithm {algo!r} (one of {', '.join(ALGORITHMS)})")
 
 
 def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: bool = True,
               sessions_dir: Path | None = None, metrics_path: Path | None = None,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``algo`` on train, select on val, compare with baselines on val, log to MLflow, save the model."""
-    if algo not in ALGOS:
-        raise ConfigError(f"train: unknown algorithm {algo!r} (one of {', '.join(ALGOS)})")
+    if algo not in ALGORITHMS:
+        raise ConfigError(f"train: unknown algorithm {algo!r} (one of {', '.join(ALGORITHMS)})")
     import mlflow
 
     sdir = sessions_dir or settings.data.dir / "sessions"
@@ -148,6 +152,8 @@ def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: 
         if run_id is None:
             mlflow.log_params({k: v for k, v in _flat(f"{algo}.", cfg).items()})
         module.eval()
+        module.meta["mlflow_run_id"] = run.info.run_id
+        stamp_weights(module)  # the weights' hash travels in the pickled module: checked wherever it is loaded
         rows = compare_on_split(algo, module.policy(), val, execution, env_params,
                                 max_sessions=t.val_sessions, seed=t.seed)
         verdict = print_table(f"val split: {algo} vs baselines", rows, algo)
@@ -175,7 +181,7 @@ def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: 
                       "n_actions": module.n_actions, **{k: v for k, v in module.meta.items()
                                                        if k in ("algo", "mode", "action_names", "feature_names")}})
         t.models_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(module, t.models_dir / f"{algo}.pt")
+        save_policy(module, t.models_dir / f"{algo}.pt", {"mlflow_run": run.info.run_id, "dvc_stage": f"train@{algo}"})
         result = {"algo": algo, "run_id": run.info.run_id, "model_uri": info.model_uri,
                   "val": {k: v for k, v in ours.items() if k != "policy"}, "val_table": rows, "verdict": verdict,
                   "params": module.meta}

@@ -13,16 +13,13 @@ import numpy as np
 
 from rltrader.env.batch import BatchSessionEnv
 from rltrader.env.core import P_T
+from rltrader.env.modes import BUY, CLOSE, HOLD, LONG, SELL, SHORT
 from rltrader.errors import ConfigError
 
-HOLD = 0
-LONG, SHORT, CLOSE = 1, 2, 3  # futures_session
-BUY, SELL = 1, 2  # spot_cycle
-
-
-def _first_valid(mask: np.ndarray, preferred: int) -> np.ndarray:
-    """``preferred`` where the mask allows it, else hold."""
-    return np.where(mask[:, preferred], preferred, HOLD)
+__all__ = ["BUY", "CLOSE", "HOLD", "LONG", "SELL", "SHORT", "BuyAndHold", "Flat", "LowriderRule", "RandomPolicy",
+           "SMACross", "rule_baselines"]
+SMALLEST_LOT = 1
+"""Lowrider: action 1 buys ``lot_multipliers[1]`` lots (the first non-hold lot)."""
 
 
 class Flat:
@@ -101,7 +98,7 @@ class SMACross:
         elif self.mode == "spot_cycle":
             act = np.where(up & (side == 0), BUY, np.where(~up & (side > 0), SELL, HOLD))
         else:
-            act = np.where(up & (side == 0), 1, HOLD)
+            act = np.where(up & (side == 0), SMALLEST_LOT, HOLD)
         act = np.where(mask[np.arange(len(mask)), act], act, HOLD)
         return act.astype(np.int64)
 

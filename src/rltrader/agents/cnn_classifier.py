@@ -8,7 +8,7 @@ P(up) ≤ 1 - ``threshold`` (futures), and otherwise holds what it has.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,40 +16,12 @@ import torch
 from rich.progress import Progress
 from torch.nn import functional as F
 
-from rltrader.agents.baselines import HOLD, LONG, SHORT
 from rltrader.agents.common import check_finite, pick_device, seed_everything
-from rltrader.agents.networks import Classifier, NetConfig
+from rltrader.agents.configs import CNNConfig as CNNConfig  # re-exported
+from rltrader.agents.networks import Classifier
 from rltrader.dataset.split import SessionSet
 from rltrader.env.core import N_STATE
-from rltrader.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class CNNConfig:
-    epochs: int = 2
-    batch_size: int = 512
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    threshold: float = 0.55
-    """Trade only when the predicted probability of the direction is at least this."""
-    max_samples: int = 300_000
-    """Train decisions used per epoch at most (a random subset when the split has more)."""
-    net: NetConfig = field(default_factory=lambda: NetConfig(encoder="cnn"))
-    device: str = "auto"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        net: Any = self.net
-        if isinstance(net, dict):  # params.yaml: cnn.net is a mapping of NetConfig fields
-            from rltrader.agents.common import config_from_params
-
-            object.__setattr__(self, "net", config_from_params(NetConfig, "cnn.net", {"encoder": "cnn", **net}))
-        if self.epochs < 1 or self.batch_size < 1 or self.max_samples < 1:
-            raise ConfigError("cnn.epochs, cnn.batch_size, cnn.max_samples: must be ≥ 1")
-        if not self.lr > 0:
-            raise ConfigError(f"cnn.lr: must be > 0 (got {self.lr})")
-        if not 0.5 <= self.threshold < 1:
-            raise ConfigError(f"cnn.threshold: must be in [0.5, 1) (got {self.threshold})")
+from rltrader.env.modes import FuturesAction, SpotAction
 
 
 def decision_samples(data: SessionSet) -> tuple[np.ndarray, np.ndarray]:
@@ -146,13 +118,13 @@ class ClassifierActions(torch.nn.Module):
         p = torch.softmax(self.net(windows, torch.zeros_like(state)), dim=1)[:, 1]
         side = state[:, 0]
         up, down = p >= self.threshold, p <= 1 - self.threshold
-        n_actions = 4 if self.mode == "futures_session" else 3
+        n_actions = len(FuturesAction) if self.mode == "futures_session" else len(SpotAction)
         scores = torch.full((len(p), n_actions), -1.0, device=p.device)
-        scores[:, HOLD] = 0.0
+        scores[:, FuturesAction.HOLD] = 0.0
         if self.mode == "futures_session":
-            scores[:, LONG] = torch.where(up & (side <= 0), 1.0, -1.0)
-            scores[:, SHORT] = torch.where(down & (side >= 0), 1.0, -1.0)
+            scores[:, FuturesAction.LONG] = torch.where(up & (side <= 0), 1.0, -1.0)
+            scores[:, FuturesAction.SHORT] = torch.where(down & (side >= 0), 1.0, -1.0)
         else:
-            scores[:, 1] = torch.where(up & (side == 0), 1.0, -1.0)
-            scores[:, 2] = torch.where(down & (side > 0), 1.0, -1.0)
+            scores[:, SpotAction.BUY] = torch.where(up & (side == 0), 1.0, -1.0)
+            scores[:, SpotAction.SELL] = torch.where(down & (side > 0), 1.0, -1.0)
         return scores

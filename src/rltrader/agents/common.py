@@ -1,21 +1,32 @@
-"""What every agent shares: seeding, device choice, observation gathering, env snapshots for resume, NaN
-guards and the MLflow run wrapper. Kept small so each algorithm module reads top to bottom on its own."""
+"""What every agent shares: seeding, device and thread choice, observation gathering, env snapshots and atomic
+checkpoints for resume, NaN guards, the masked greedy evaluation policy, the progress bar and the MLflow run
+wrapper. Kept small so each algorithm module reads top to bottom on its own.
+
+Conventions both RL agents follow: val metrics are ``val/<summary key>`` (history rows and MLflow), checkpoint
+RNG states are ``np_rng`` / ``torch_rng`` (and ``torch_gen`` where a generator is used), ``threads`` > 0 pins
+torch's CPU threads, and each evaluation runs the greedy policy on the first N val sessions (``d3qn.eval_sessions``,
+``ppo.eval_max_sessions``; 0: all).
+"""
 
 from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from rltrader.agents.evaluate import Policy
+from rltrader.agents.networks import masked_logits
 from rltrader.env.batch import BatchSessionEnv
 from rltrader.env.core import P_T
 from rltrader.errors import RLTraderError
+from rltrader.integrity import load_checkpoint_file, write_torch
 
 
 class TrainingError(RLTraderError):
@@ -118,31 +129,71 @@ def mlflow_run(tracking_uri: str, experiment: str, run_name: str, artifact_root:
         yield run
 
 
-def config_from_params(cls: type[Any], section: str, values: dict[str, Any] | None) -> Any:
-    """A typed dataclass config from a params.yaml section; an unknown key or a wrong type names the key."""
-    import dataclasses
+def set_threads(threads: int) -> None:
+    """``threads`` > 0: torch's intra-op CPU threads (small nets on few cores run fastest on 1); 0: leave it."""
+    if threads:
+        torch.set_num_threads(threads)
 
-    from rltrader.errors import ConfigError
 
-    values = dict(values or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key, value in values.items():
-        if key not in fields:
-            raise ConfigError(f"params.yaml: {section}.{key}: unknown key (known: {', '.join(fields)})")
-        default = getattr(cls(), key) if all(f.default is not dataclasses.MISSING
-                                             or f.default_factory is not dataclasses.MISSING
-                                             for f in fields.values()) else None
-        if default is not None and not isinstance(default, bool) and isinstance(default, (int, float)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"params.yaml: {section}.{key}: expected a number, got {value!r}")
-            if isinstance(default, int) and not isinstance(default, bool) and float(value) != int(value):
-                raise ConfigError(f"params.yaml: {section}.{key}: expected an integer, got {value!r}")
-            values[key] = type(default)(value)
-        elif isinstance(default, bool) and not isinstance(value, bool):
-            raise ConfigError(f"params.yaml: {section}.{key}: expected true/false, got {value!r}")
-        elif isinstance(default, tuple) and isinstance(value, list):
-            values[key] = tuple(value)
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"params.yaml: {section}: {exc}") from exc
+# --- checkpoints ----------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic write (a temp file in the same folder, then rename over the old checkpoint) with the payload's
+    sha256 embedded, so :func:`load_checkpoint` refuses a damaged file with one line naming it."""
+    write_torch(path, payload)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return load_checkpoint_file(path)  # type: ignore[no-any-return]
+
+
+# --- evaluation policy ----------------------------------------------------------------------------------------
+
+
+def masked_greedy_policy(net: nn.Module, scores: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                         check_mask: Callable[[np.ndarray], None], device: torch.device) -> Policy:
+    """The argmax of ``scores(windows, state)`` over the VALID actions, as an ``evaluate()`` policy (numpy in,
+    numpy out): Q-values for D3QN, policy logits for PPO. The net runs in eval mode, then goes back to what it was;
+    ``check_mask`` rejects an env whose action count differs from the net's."""
+
+    @torch.no_grad()
+    def policy(windows: np.ndarray, state: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        check_mask(mask)
+        was_training = net.training
+        net.eval()
+        try:
+            out = scores(torch.as_tensor(windows, device=device, dtype=torch.float32),
+                         torch.as_tensor(state, device=device, dtype=torch.float32))
+        finally:
+            net.train(was_training)
+        m = torch.as_tensor(mask, device=device, dtype=torch.bool)
+        return np.asarray(masked_logits(out, m).argmax(dim=1).cpu().numpy(), dtype=np.int64)
+
+    return policy
+
+
+class TrainingProgress:
+    """The rich progress bar every training loop shows (a no-op when disabled): ``algo``, done/total, time left and
+    a line of the latest figures."""
+
+    def __init__(self, algo: str, total: int, done: int, enabled: bool) -> None:
+        self.progress: Any = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn(f"[bold]{algo}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+        self.progress.start()
+        self.task = self.progress.add_task(algo, total=total, completed=done, info="")
+
+    def update(self, *, completed: int | None = None, advance: int = 0, info: str | None = None) -> None:
+        if self.progress is None:
+            return
+        fields: dict[str, Any] = {} if info is None else {"info": info}
+        self.progress.update(self.task, completed=completed, advance=advance or None, **fields)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

@@ -1,4 +1,4 @@
-"""D3QN (seed 002): dueling double DQN with prioritized n-step replay over B vectorized session envs.
+"""D3QN (the D3QN reference design): dueling double DQN with prioritized n-step replay over B vectorized session envs.
 
 One file, read top to bottom (CleanRL style):
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,15 +36,20 @@ from torch.nn import functional as F
 from rltrader.agents.common import (
     ObsGather,
     TrainingError,
+    TrainingProgress,
     check_finite,
     check_params_finite,
-    config_from_params,
     decision_rows,
     env_state,
+    load_checkpoint,
     load_env_state,
+    masked_greedy_policy,
     pick_device,
+    save_checkpoint,
     seed_everything,
+    set_threads,
 )
+from rltrader.agents.configs import D3QNConfig
 from rltrader.agents.evaluate import Policy, evaluate
 from rltrader.agents.networks import DuelingQNet, NetConfig, masked_logits, n_params
 from rltrader.agents.replay import PrioritizedReplay
@@ -57,123 +61,6 @@ from rltrader.errors import ConfigError
 from rltrader.execution import ExecutionParams
 
 CHECKPOINT_NAME = "d3qn.pt"
-ENCODERS = ("cnn", "tcn")
-
-
-def _default_net() -> NetConfig:
-    return NetConfig(encoder="cnn", channels=32, hidden=128)
-
-
-@dataclass(frozen=True)
-class D3QNConfig:
-    """``params.yaml: d3qn``. Step counts are env steps summed over the envs."""
-
-    total_steps: int = 2_000_000
-    num_envs: int = 64
-    lr: float = 2.5e-4
-    gamma: float = 0.99
-    n_step: int = 3
-    batch_size: int = 256
-    buffer_size: int = 500_000
-    """Transitions kept (rounded to whole vector steps)."""
-    learning_starts: int = 10_000
-    """Env steps collected before the first gradient update."""
-    replay_ratio: float = 4.0
-    """Transitions sampled for gradient updates per transition collected: each vector step does
-    ``num_envs * replay_ratio / batch_size`` updates (64 envs, ratio 4, batch 256: one update per vector step);
-    a fractional count carries over to the next vector step."""
-    reward_scale: float = 100.0
-    """Rewards are multiplied by this before learning (log returns of a few bps → O(0.1) TD errors); the
-    Q-values are in these units. Evaluation always reports unscaled session returns."""
-    eps_start: float = 1.0
-    eps_end: float = 0.02
-    eps_decay_steps: int = 250_000
-    """ε falls linearly from ``eps_start`` to ``eps_end`` over this many env steps."""
-    tau: float = 1.0
-    """1.0: hard target sync every ``target_sync`` updates; < 1: Polyak ``θ' ← (1-τ)θ' + τθ`` every update."""
-    target_sync: int = 1_000
-    """Updates between hard target syncs (``tau = 1`` only)."""
-    grad_clip: float = 10.0
-    """Max global gradient norm."""
-    per_alpha: float = 0.6
-    per_beta_start: float = 0.4
-    """IS-weight exponent at step 0, annealed linearly to 1 at ``total_steps``."""
-    net: NetConfig = field(default_factory=_default_net)
-    """Window encoder and MLP sizes (``params.yaml: d3qn.net`` is a dict of ``NetConfig`` fields)."""
-    eval_every: int = 100_000
-    """Env steps between greedy evaluations on val (model selection); 0: only at the end."""
-    eval_sessions: int = 2_000
-    """Val sessions per evaluation (the first ones of the split); 0: all."""
-    checkpoint_every: int = 200_000
-    """Env steps between checkpoints (``checkpoint_dir`` given); 0: only at the end."""
-    log_every: int = 100
-    """Vector steps between MLflow metric batches (and the non-finite parameter check)."""
-    device: str = "auto"
-    compile: bool = False
-    """``torch.compile`` the online net (GPU runs; off by default)."""
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        net: Any = self.net
-        if isinstance(net, dict):  # from params.yaml: NetConfig fields overriding D3QN's default net
-            merged = {**dataclasses.asdict(_default_net()), **net}
-            object.__setattr__(self, "net", config_from_params(NetConfig, "d3qn.net", merged))
-        elif not isinstance(net, NetConfig):
-            raise ConfigError(f"d3qn.net: expected a mapping of NetConfig fields, got {net!r}")
-
-        def bad(key: str, why: str) -> ConfigError:
-            value = getattr(self.net, key[4:]) if key.startswith("net.") else getattr(self, key)
-            return ConfigError(f"d3qn.{key}: {why} (got {value!r})")
-
-        for key in ("total_steps", "num_envs", "n_step", "batch_size", "buffer_size", "target_sync", "log_every"):
-            if not getattr(self, key) >= 1:
-                raise bad(key, "must be ≥ 1")
-        for key in ("learning_starts", "eps_decay_steps", "eval_every", "eval_sessions", "checkpoint_every"):
-            if not getattr(self, key) >= 0:
-                raise bad(key, "must be ≥ 0")
-        for key in ("lr", "replay_ratio", "reward_scale", "grad_clip"):
-            v = getattr(self, key)
-            if not (v > 0 and math.isfinite(v)):
-                raise bad(key, "must be a finite number > 0")
-        if not 0 < self.gamma <= 1:
-            raise bad("gamma", "must be in (0, 1]")
-        if not 0 < self.tau <= 1:
-            raise bad("tau", "must be in (0, 1] (1 = hard sync every target_sync updates)")
-        if not 0 <= self.eps_start <= 1:
-            raise bad("eps_start", "must be in [0, 1]")
-        if not 0 <= self.eps_end <= self.eps_start:
-            raise bad("eps_end", "must be in [0, eps_start]")
-        if not self.per_alpha >= 0:
-            raise bad("per_alpha", "must be ≥ 0 (0 = uniform replay)")
-        if not 0 <= self.per_beta_start <= 1:
-            raise bad("per_beta_start", "must be in [0, 1]")
-        if self.buffer_size < self.batch_size:
-            raise bad("buffer_size", f"must be ≥ batch_size ({self.batch_size})")
-        if self.net.encoder not in ENCODERS:
-            raise bad("net.encoder", f"unknown encoder, expected one of {', '.join(ENCODERS)}")
-        for key in ("channels", "hidden", "tcn_levels", "kernel"):
-            if not getattr(self.net, key) >= 1:
-                raise bad(f"net.{key}", "must be ≥ 1")
-        if not 0 <= self.net.dropout < 1:
-            raise bad("net.dropout", "must be in [0, 1)")
-
-    @classmethod
-    def from_params(cls, values: dict[str, Any] | None) -> D3QNConfig:
-        """From ``params.yaml``'s ``d3qn:`` section (unknown keys and wrong types name the key)."""
-        cfg: D3QNConfig = config_from_params(cls, "d3qn", values)
-        return cfg
-
-    @property
-    def updates_per_vector_step(self) -> float:
-        return self.num_envs * self.replay_ratio / self.batch_size
-
-    def epsilon(self, step: int) -> float:
-        frac = min(1.0, step / self.eps_decay_steps) if self.eps_decay_steps > 0 else 1.0
-        return (1.0 - frac) * self.eps_start + frac * self.eps_end
-
-    def beta(self, step: int) -> float:
-        frac = min(1.0, step / self.total_steps)
-        return (1.0 - frac) * self.per_beta_start + frac
 
 
 @dataclass
@@ -240,16 +127,8 @@ def greedy_policy(net: nn.Module, device: torch.device | str | None = None) -> P
     """The argmax of the masked Q-values, as an ``evaluate()`` policy (numpy in, numpy out)."""
     if device is not None:
         net.to(device)
-
-    def policy(windows: np.ndarray, state: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        was_training = net.training
-        net.eval()
-        try:
-            return q_values(net, windows, state, mask).argmax(dim=1).cpu().numpy()
-        finally:
-            net.train(was_training)
-
-    return policy
+    return masked_greedy_policy(net, net, lambda mask: check_action_shape(net, mask.shape[1]),
+                                next(net.parameters()).device)
 
 
 def random_valid_actions(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -340,19 +219,6 @@ def load_replay_state(rb: PrioritizedReplay, state: dict[str, Any]) -> None:
     rb.tree.tree[...] = state["tree"]
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic write: a temp file in the same folder, then rename over the old checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)  # our own file
-    return payload
-
-
 @dataclass
 class _Counters:
     """Loop state that changes every step (checkpointed as is)."""
@@ -390,6 +256,7 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
     """
     rng = seed_everything(cfg.seed)
     device = pick_device(cfg.device)
+    set_threads(cfg.threads)
     env = BatchSessionEnv(train, execution, env_params, num_envs=cfg.num_envs)
     env.reset(seed=cfg.seed)
     context, n_features = env.observation_shape
@@ -418,7 +285,7 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
         optimizer.load_state_dict(ck["optimizer"])
         load_replay_state(replay, ck["replay"])
         load_env_state(env, ck["env"])
-        rng.bit_generator.state = ck["rng"]
+        rng.bit_generator.state = ck["np_rng"] if "np_rng" in ck else ck["rng"]  # "rng": older checkpoints
         torch.set_rng_state(ck["torch_rng"])
         c = ck["counters"]
         best_state: dict[str, torch.Tensor] = ck["best_state"]
@@ -435,7 +302,7 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
         save_checkpoint(ckpt_path, {
             "config": dataclasses.asdict(cfg), "spec": spec, "online": online.state_dict(),
             "target": target.state_dict(), "optimizer": optimizer.state_dict(), "replay": replay_state(replay),
-            "env": env_state(env), "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+            "env": env_state(env), "np_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
             "counters": c, "best_state": best_state})
 
     def run_eval() -> None:
@@ -445,7 +312,7 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
         res = evaluate(greedy_policy(online), val, execution, env_params,
                        max_sessions=cfg.eval_sessions or None)
         summary = res.summary()
-        row = {"step": float(c.step), **{f"val_{k}": v for k, v in summary.items()}}
+        row = {"step": float(c.step), **{f"val/{k}": v for k, v in summary.items()}}
         c.history.append(row)
         if summary["mean_return"] > c.best_return:
             c.best_return, c.best_step, c.best_val = summary["mean_return"], c.step, summary
@@ -474,16 +341,12 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
             mlflow.log_metrics({k: v for k, v in row.items() if k != "step" and math.isfinite(v)}, step=c.step)
         c.stats, c.action_counts, c.episode_returns, c.vec_steps = {}, [0] * env.n_actions, [], 0
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("d3qn"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeRemainingColumn(), disable=not progress)
+    bar = TrainingProgress("d3qn", cfg.total_steps, c.step, enabled=progress)
     initial = execution.initial_cash
     updates_per_vec = cfg.updates_per_vector_step
     t0, step0 = time.perf_counter(), c.step
     t_log, step_log = t0, c.step
-    with bar:
-        task = bar.add_task("train", total=cfg.total_steps, completed=c.step, info="")
+    try:
         while c.step < cfg.total_steps:
             # 1. act in every env (ε-greedy over valid actions) and store the transition by decision row
             core = env.core
@@ -524,14 +387,16 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
                 sps = (c.step - step_log) / max(now - t_log, 1e-9)
                 t_log, step_log = now, c.step
                 flush_logs(sps)
-                bar.update(task, info=f"ε {eps:.2f}  {sps:,.0f} steps/s  loss {c.history[-1].get('loss', 0):.4f}")
+                bar.update(info=f"ε {eps:.2f}  {sps:,.0f} steps/s  loss {c.history[-1].get('loss', 0):.4f}")
             if cfg.eval_every and c.step // cfg.eval_every > c.last_eval // cfg.eval_every:
                 c.last_eval = c.step
                 run_eval()
             if cfg.checkpoint_every and c.step // cfg.checkpoint_every > c.last_ckpt // cfg.checkpoint_every:
                 c.last_ckpt = c.step
                 checkpoint()
-            bar.update(task, completed=c.step)
+            bar.update(completed=c.step)
+    finally:
+        bar.close()
     elapsed = time.perf_counter() - t0
     check_params_finite(c.step, online)
     if val is not None and c.last_eval != c.step:

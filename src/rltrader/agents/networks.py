@@ -1,4 +1,4 @@
-"""Networks shared by the agents: a window encoder (seed 002's CNN or a TCN) plus heads.
+"""Networks shared by the agents: a window encoder (a small CNN or a TCN) plus heads.
 
 Every network takes the observation as the envs produce it: ``windows`` (B, context, F) float32 — the last
 ``context`` closed bars of features — and ``state`` (B, S) — position and account features. The encoder turns
@@ -7,28 +7,20 @@ the window into a vector, the state is appended, an MLP trunk mixes them, and a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rltrader.agents.configs import NetConfig
 
-@dataclass(frozen=True)
-class NetConfig:
-    encoder: str = "tcn"
-    """``cnn`` (seed 002) or ``tcn`` (dilated causal convolutions, seed 000's PPO)."""
-    channels: int = 64
-    hidden: int = 256
-    tcn_levels: int = 4
-    kernel: int = 3
-    dropout: float = 0.0
+__all__ = ["NetConfig"]  # re-exported: the networks' configuration lives with the agent configs
 
 
 class CNNEncoder(nn.Module):
-    """Seed 002's encoder: two 1D convolutions over time with the features as channels, then global pooling."""
+    """The D3QN reference design's encoder: two 1D convolutions over time with the features as channels, then
+    global pooling."""
 
-    def __init__(self, n_features: int, context: int, cfg: NetConfig) -> None:
+    def __init__(self, n_features: int, cfg: NetConfig) -> None:
         super().__init__()
         c = cfg.channels
         self.conv1 = nn.Conv1d(n_features, c, kernel_size=5, padding=2)
@@ -62,7 +54,7 @@ class TCNEncoder(nn.Module):
     """Temporal convolutional network: residual blocks with dilations 1, 2, 4, …; reads the last time step,
     whose receptive field covers ``1 + 2·(kernel-1)·(2^levels - 1)`` bars."""
 
-    def __init__(self, n_features: int, context: int, cfg: NetConfig) -> None:
+    def __init__(self, n_features: int, cfg: NetConfig) -> None:
         super().__init__()
         blocks = []
         c_in = n_features
@@ -77,11 +69,12 @@ class TCNEncoder(nn.Module):
         return torch.cat([y[:, :, -1], y.mean(dim=2)], dim=1)
 
 
-def make_encoder(n_features: int, context: int, cfg: NetConfig) -> CNNEncoder | TCNEncoder:
+def make_encoder(n_features: int, cfg: NetConfig) -> CNNEncoder | TCNEncoder:
+    """The window encoder ``cfg.encoder`` names; both pool over the window, so any context length fits."""
     if cfg.encoder == "cnn":
-        return CNNEncoder(n_features, context, cfg)
+        return CNNEncoder(n_features, cfg)
     if cfg.encoder == "tcn":
-        return TCNEncoder(n_features, context, cfg)
+        return TCNEncoder(n_features, cfg)
     from rltrader.errors import ConfigError
 
     raise ConfigError(f"agent.net.encoder: unknown encoder {cfg.encoder!r} (cnn or tcn)")
@@ -90,9 +83,9 @@ def make_encoder(n_features: int, context: int, cfg: NetConfig) -> CNNEncoder | 
 class Trunk(nn.Module):
     """Encoder + state → hidden vector."""
 
-    def __init__(self, n_features: int, context: int, n_state: int, cfg: NetConfig) -> None:
+    def __init__(self, n_features: int, n_state: int, cfg: NetConfig) -> None:
         super().__init__()
-        self.encoder = make_encoder(n_features, context, cfg)
+        self.encoder = make_encoder(n_features, cfg)
         self.mlp = nn.Sequential(nn.Linear(self.encoder.out_dim + n_state, cfg.hidden), nn.ReLU(),
                                  nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU())
         self.out_dim = cfg.hidden
@@ -103,11 +96,11 @@ class Trunk(nn.Module):
 
 
 class DuelingQNet(nn.Module):
-    """Q(s, a) = V(s) + A(s, a) - mean_a A(s, a) (the dueling head of seed 002's D3QN)."""
+    """Q(s, a) = V(s) + A(s, a) - mean_a A(s, a) (the dueling head of the D3QN reference design)."""
 
     def __init__(self, n_features: int, context: int, n_state: int, n_actions: int, cfg: NetConfig) -> None:
         super().__init__()
-        self.trunk = Trunk(n_features, context, n_state, cfg)
+        self.trunk = Trunk(n_features, n_state, cfg)
         self.value = nn.Linear(self.trunk.out_dim, 1)
         self.advantage = nn.Linear(self.trunk.out_dim, n_actions)
 
@@ -123,7 +116,7 @@ class ActorCritic(nn.Module):
 
     def __init__(self, n_features: int, context: int, n_state: int, n_actions: int, cfg: NetConfig) -> None:
         super().__init__()
-        self.trunk = Trunk(n_features, context, n_state, cfg)
+        self.trunk = Trunk(n_features, n_state, cfg)
         self.policy = nn.Linear(self.trunk.out_dim, n_actions)
         self.value = nn.Linear(self.trunk.out_dim, 1)
         nn.init.orthogonal_(self.policy.weight, 0.01)
@@ -139,7 +132,7 @@ class Classifier(nn.Module):
 
     def __init__(self, n_features: int, context: int, n_state: int, n_classes: int, cfg: NetConfig) -> None:
         super().__init__()
-        self.trunk = Trunk(n_features, context, n_state, cfg)
+        self.trunk = Trunk(n_features, n_state, cfg)
         self.head = nn.Linear(self.trunk.out_dim, n_classes)
 
     def forward(self, windows: torch.Tensor, state: torch.Tensor) -> torch.Tensor:

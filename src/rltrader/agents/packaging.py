@@ -14,8 +14,10 @@ on fills, so a backtest computes it for all decision rows in large batches and r
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,9 @@ from numba import njit
 from torch import nn
 
 from rltrader.agents.networks import ActorCritic, Classifier, CNNEncoder, DuelingQNet, Trunk
+from rltrader.env.modes import BUY, HOLD, LONG, SELL, SHORT, FuturesAction, SpotAction
+from rltrader.errors import DataError
+from rltrader.integrity import load_torch, write_sidecar
 
 
 class PolicyModule(nn.Module):
@@ -90,7 +95,7 @@ class PolicyModule(nn.Module):
             return None
         if classifier is not None:  # it feeds the classifier zero state: all of it is precomputable
             futures = classifier.mode == "futures_session"
-            if self.n_actions != (4 if futures else 3):
+            if self.n_actions != (len(FuturesAction) if futures else len(SpotAction)):
                 return None
             mlp, cls_head, n_state = trunk.mlp, classifier.net.head, self.n_state
 
@@ -121,6 +126,85 @@ class PolicyModule(nn.Module):
         return SplitPolicy(self, code, trunk.encoder, pre, arr(first.weight[:, n_emb:]), arr(second.weight.T),
                            arr(second.bias), arr(torch.cat([m.weight for m in out])),
                            arr(torch.cat([m.bias for m in out])), np.zeros(3))
+
+
+# --- saving and loading, with a content hash ------------------------------------------------------------------
+WEIGHTS_HASH_KEY = "weights_sha256"
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """SHA-256 over the module's parameters and buffers (names, dtypes, shapes, raw bytes), in state-dict order.
+
+    It travels inside the pickled module (``meta``), so it is checked wherever the module is loaded from: our
+    ``.pt`` file, an MLflow artifact, a registry alias.
+    """
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        x = t.detach().cpu().contiguous()
+        h.update(f"{name}|{x.dtype}|{tuple(x.shape)}|".encode())
+        h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def stamp_weights(module: PolicyModule) -> str:
+    """Record the weights' hash in ``module.meta`` (before it is saved or logged)."""
+    module.meta[WEIGHTS_HASH_KEY] = digest = weights_sha256(module)
+    return digest
+
+
+def check_weights(module: Any, where: str) -> Any:
+    """Refuse a loaded module whose weights no longer hash to what was recorded when it was saved."""
+    if not isinstance(module, nn.Module):
+        raise DataError(f"{where}: not a trained model (holds a {type(module).__name__}, expected a PolicyModule)")
+    meta = getattr(module, "meta", None)
+    want = meta.get(WEIGHTS_HASH_KEY) if isinstance(meta, dict) else None
+    if want is not None and weights_sha256(module) != want:
+        raise DataError(f"{where}: model weights are corrupt (their sha256 differs from the one recorded at "
+                        f"training{_run_text(meta)})")
+    return module
+
+
+def _run_text(meta: Any) -> str:
+    run = meta.get("mlflow_run_id") if isinstance(meta, dict) else None
+    return f", MLflow run {run}" if run else ""
+
+
+def save_policy(module: PolicyModule, path: Path, origin: dict[str, Any] | None = None) -> str:
+    """``torch.save`` the module (stamped with its weights' hash) atomically, and its file hash + ``origin``
+    (MLflow run, DVC stage) beside it (``<file>.integrity.json``). Returns the file's SHA-256."""
+    import os
+    import uuid
+
+    if WEIGHTS_HASH_KEY not in module.meta:
+        stamp_weights(module)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        torch.save(module, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return write_sidecar(path, origin)
+
+
+def load_policy_file(path: Path | str, origin: dict[str, Any] | None = None) -> Any:
+    """A model file written by ``save_policy`` (or a plain ``torch.save``d ``PolicyModule``), checked: file hash
+    (sidecar), parse, weights hash. Any failure is one ``DataError`` naming the file and where it came from."""
+    module = load_torch(Path(path), "model file", origin,
+                        hint="re-run the training (`rltrader train <algo>` / `dvc repro train`) or load the model "
+                             "from MLflow (models:/…)")
+    return check_weights(module, str(path))
+
+
+def load_mlflow_policy(uri: str) -> Any:
+    """``mlflow.pytorch.load_model`` with its failures named by URI, and the weights hash checked."""
+    import mlflow.pytorch
+
+    from rltrader.integrity import reading
+
+    with reading(uri, "MLflow model", "its artifact is damaged: re-log it by re-running the training"):
+        module = mlflow.pytorch.load_model(uri, map_location="cpu")
+    return check_weights(module, uri)
 
 
 HEAD_LINEAR, HEAD_DUELING, HEAD_CLASSIFIER = range(3)
@@ -242,13 +326,13 @@ def head_scores(pre: np.ndarray, state: np.ndarray, code: int, state_weight: np.
         p, side = pre[0], state[0]
         up, down = p >= head_params[0], p <= head_params[1]
         scores[:] = -1.0
-        scores[0] = 0.0
+        scores[HOLD] = 0.0
         if head_params[2] > 0.0:  # futures: long / short
-            scores[1] = 1.0 if up and side <= 0.0 else -1.0
-            scores[2] = 1.0 if down and side >= 0.0 else -1.0
+            scores[LONG] = 1.0 if up and side <= 0.0 else -1.0
+            scores[SHORT] = 1.0 if down and side >= 0.0 else -1.0
         else:  # spot: buy / sell
-            scores[1] = 1.0 if up and side == 0.0 else -1.0
-            scores[2] = 1.0 if down and side > 0.0 else -1.0
+            scores[BUY] = 1.0 if up and side == 0.0 else -1.0
+            scores[SELL] = 1.0 if down and side > 0.0 else -1.0
         return
     n1, n2 = hidden_weight_t.shape
     for i in range(n1):  # h1 = relu(pre + W_s·s)

@@ -1,4 +1,5 @@
-"""Training insights as PNG (seed 000): learning curves and the agent's action scores over sessions."""
+"""Training insights as PNG (as in the PPO reference design): learning curves and the agent's action scores
+over sessions."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from rltrader.env.batch import BatchSessionEnv
 from rltrader.env.modes import EnvParams
 from rltrader.execution import ExecutionParams
 
-_CURVES = ("val_mean_return", "episode_pnl", "loss", "td_error", "q_mean", "policy_loss", "value_loss", "entropy",
-           "approx_kl", "epsilon", "val_accuracy")
+_CURVES = ("val/mean_return", "episode_pnl", "episode/return_mean", "loss", "td_abs", "q_mean", "loss/policy",
+           "loss/value", "loss/entropy", "ppo/approx_kl", "epsilon", "val_accuracy")
+"""History keys plotted when present: D3QN's and PPO's (both log val as ``val/…``) and the classifier's."""
 
 
 def plot_learning_curve(history: list[dict[str, float]], path: Path, title: str) -> None:
@@ -48,11 +50,11 @@ def plot_action_scores(module: PolicyModule, data: SessionSet, execution: Execut
     window, state, mask = env.reset(seed=0)
     names = env_params.action_names
     probs, acts = [], []
+    from rltrader.evaluate.backtest.decisions import masked_softmax  # the backtest's own (one implementation)
+
     for _ in range(data.length):
-        sc = np.where(mask, module.scores(window, state), -np.inf)
-        e = np.exp(sc - sc.max(axis=1, keepdims=True))
-        probs.append(e / e.sum(axis=1, keepdims=True))
-        a = sc.argmax(axis=1)
+        p, a = masked_softmax(module.scores(window, state), mask)
+        probs.append(p)
         acts.append(a)
         env.step(a)
     p, a = np.stack(probs, axis=1), np.stack(acts, axis=1)  # (n, length, A), (n, length)

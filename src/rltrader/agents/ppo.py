@@ -1,4 +1,4 @@
-"""PPO with a TCN encoder over the batch session env (seed 000's agent), written to read like CleanRL's ppo.py.
+"""PPO with a TCN encoder over the batch session env (the PPO reference design), written to read like CleanRL's ppo.py.
 
 One update:
 
@@ -23,11 +23,9 @@ bit-identical (on CPU, fixed seed) to an unbroken one.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +36,22 @@ from torch import nn
 from rltrader.agents.common import (
     ObsGather,
     TrainingError,
+    TrainingProgress,
     check_finite,
     check_params_finite,
-    config_from_params,
     decision_rows,
     env_state,
+    load_checkpoint,
     load_env_state,
+    masked_greedy_policy,
     pick_device,
+    save_checkpoint,
     seed_everything,
+    set_threads,
 )
+from rltrader.agents.configs import PPOConfig as PPOConfig  # re-exported
 from rltrader.agents.evaluate import Policy, evaluate
-from rltrader.agents.networks import ActorCritic, NetConfig, masked_logits
+from rltrader.agents.networks import ActorCritic, masked_logits
 from rltrader.dataset.split import SessionSet
 from rltrader.env.batch import BatchSessionEnv
 from rltrader.env.modes import EnvParams
@@ -56,119 +59,6 @@ from rltrader.errors import ConfigError
 from rltrader.execution import ExecutionParams
 
 CHECKPOINT_NAME = "ppo.pt"
-ENCODERS = ("cnn", "tcn")
-
-
-@dataclass(frozen=True)
-class PPOConfig:
-    """PPO hyperparameters (``params.yaml: ppo``; ``net`` may be given as a mapping)."""
-
-    total_steps: int = 1_000_000
-    """Env steps summed over the envs; the run does ``total_steps // (num_envs * rollout_steps)`` updates."""
-    num_envs: int = 64
-    rollout_steps: int = 128
-    """Steps per env per rollout: the batch is ``num_envs * rollout_steps`` transitions."""
-    lr: float = 3e-4
-    anneal_lr: bool = True
-    """Linearly anneal the learning rate to 0 over the run."""
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    update_epochs: int = 4
-    minibatches: int = 4
-    """Minibatches per epoch; must divide the batch."""
-    clip_coef: float = 0.2
-    clip_vloss: bool = True
-    ent_coef: float = 0.01
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
-    target_kl: float | None = None
-    """Stop the update's epochs early once the approximate KL exceeds this (None: never)."""
-    normalize_advantages: bool = True
-    reward_scale: float = 100.0
-    """Rewards are multiplied by this for learning only (log returns per bar are ~1e-3; ×100 = percent)."""
-    net: NetConfig = field(default_factory=NetConfig)
-    eval_every: int = 50_000
-    """Evaluate greedily on the validation split every this many env steps (and after the last update)."""
-    eval_max_sessions: int = 0
-    """Validation sessions per evaluation (0: all)."""
-    checkpoint_every: int = 100_000
-    """Checkpoint every this many env steps (at update boundaries) and after the last update."""
-    device: str = "auto"
-    compile: bool = False
-    """``torch.compile`` the network for the forward passes (the state dict stays the plain module's)."""
-    seed: int = 0
-    threads: int = 0
-    """CPU threads for torch (``torch.set_num_threads``); 0 leaves torch's default. Small networks on a shared
-    CPU often run fastest with 1."""
-
-    def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"ppo.{name}: {why} (got {getattr(self, name)!r})")
-
-        net: Any = self.net
-        if isinstance(net, dict):
-            net = config_from_params(NetConfig, "ppo.net", net)
-            object.__setattr__(self, "net", net)
-        if not isinstance(net, NetConfig):
-            raise bad("net", "must be a mapping of network settings")
-        if net.encoder not in ENCODERS:
-            raise ConfigError(f"ppo.net.encoder: unknown encoder {net.encoder!r} (expected one of "
-                              f"{', '.join(ENCODERS)})")
-        for key in ("channels", "hidden", "tcn_levels", "kernel"):
-            if not getattr(net, key) >= 1:
-                raise ConfigError(f"ppo.net.{key}: must be ≥ 1 (got {getattr(net, key)!r})")
-        if not 0 <= net.dropout < 1:
-            raise ConfigError(f"ppo.net.dropout: must be in [0, 1) (got {net.dropout!r})")
-        for name in ("num_envs", "rollout_steps", "update_epochs", "minibatches", "eval_every", "checkpoint_every"):
-            if not getattr(self, name) >= 1:
-                raise bad(name, "must be ≥ 1")
-        if not self.threads >= 0:
-            raise bad("threads", "must be ≥ 0 (0: torch's default)")
-        if not self.eval_max_sessions >= 0:
-            raise bad("eval_max_sessions", "must be ≥ 0 (0: all sessions)")
-        for name in ("lr", "clip_coef", "max_grad_norm", "reward_scale"):
-            v = getattr(self, name)
-            if not (v > 0 and math.isfinite(v)):
-                raise bad(name, "must be a finite number > 0")
-        for name in ("ent_coef", "vf_coef"):
-            v = getattr(self, name)
-            if not (v >= 0 and math.isfinite(v)):
-                raise bad(name, "must be a finite number ≥ 0")
-        if not 0 < self.gamma <= 1:
-            raise bad("gamma", "must be in (0, 1]")
-        if not 0 <= self.gae_lambda <= 1:
-            raise bad("gae_lambda", "must be in [0, 1]")
-        kl = self.target_kl
-        if kl is not None and (isinstance(kl, bool) or not isinstance(kl, (int, float)) or not kl > 0):
-            raise bad("target_kl", "must be > 0 or null")
-        if self.batch_size % self.minibatches:
-            raise bad("minibatches", f"must divide the batch num_envs × rollout_steps = {self.batch_size}")
-        if self.total_steps < self.batch_size:
-            raise bad("total_steps", f"must be ≥ one batch, num_envs × rollout_steps = {self.batch_size}")
-        if not isinstance(self.device, str) or not (self.device == "auto"
-                                                    or self.device.split(":")[0] in ("cpu", "cuda", "mps")):
-            raise bad("device", "must be auto, cpu, cuda[:n] or mps")
-
-    @property
-    def batch_size(self) -> int:
-        return self.num_envs * self.rollout_steps
-
-    @property
-    def minibatch_size(self) -> int:
-        return self.batch_size // self.minibatches
-
-    @property
-    def num_updates(self) -> int:
-        return self.total_steps // self.batch_size
-
-    @classmethod
-    def from_params(cls, values: dict[str, Any] | None) -> PPOConfig:
-        """From params.yaml's ``ppo:`` section; an unknown or mistyped key raises ``ConfigError`` naming it."""
-        cfg: PPOConfig = config_from_params(cls, "ppo", values)
-        return cfg
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -239,34 +129,10 @@ def greedy_policy(net: ActorCritic, device: torch.device | str | None = None) ->
     """The deterministic policy for evaluation: argmax of the masked logits."""
     dev = torch.device(device) if device is not None else _device_of(net)
     n_actions = net.policy.out_features
-
-    @torch.no_grad()
-    def policy(windows: np.ndarray, state: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        check_mask(mask, n_actions)
-        was_training = net.training
-        net.eval()
-        logits, _ = net(torch.as_tensor(windows, device=dev), torch.as_tensor(state, device=dev))
-        net.train(was_training)
-        m = torch.as_tensor(mask, device=dev)
-        return np.asarray(masked_logits(logits, m).argmax(dim=1).cpu().numpy(), dtype=np.int64)
-
-    return policy
+    return masked_greedy_policy(net, lambda w, s: net(w, s)[0], lambda mask: check_mask(mask, n_actions), dev)
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomically: written to a temporary file next to ``path`` and renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
-    return payload
 
 
 def _crossed(before: int, after: int, every: int) -> bool:
@@ -288,8 +154,7 @@ def train_ppo(train: SessionSet, val: SessionSet | None, cfg: PPOConfig, executi
     if resume and checkpoint_dir is None:
         raise ConfigError("ppo: resume needs a checkpoint directory")
     device = pick_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     np_rng = seed_everything(cfg.seed)
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
@@ -355,7 +220,7 @@ def train_ppo(train: SessionSet, val: SessionSet | None, cfg: PPOConfig, executi
             "best_val": best_val, "best_state": best_state,
             "obs": {"rows": next_rows.cpu(), "state": next_state.cpu(), "mask": next_mask.cpu()}})
 
-    bar = _ProgressBar(cfg.num_updates, update, enabled=progress)
+    bar = TrainingProgress("ppo", cfg.num_updates, update, enabled=progress)
     start_time, start_step = time.perf_counter(), global_step
     initial_cash = execution.initial_cash
     try:
@@ -492,7 +357,7 @@ def train_ppo(train: SessionSet, val: SessionSet | None, cfg: PPOConfig, executi
 
                 mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=global_step,
                                    run_id=run.info.run_id)
-            bar.advance(metrics)
+            bar.update(advance=1, info=_progress_info(metrics))
             if ckpt_path is not None and (_crossed(step_before, global_step, cfg.checkpoint_every) or last_update):
                 checkpoint()
             if stop_after is not None and global_step >= stop_after and not last_update:
@@ -510,30 +375,11 @@ def train_ppo(train: SessionSet, val: SessionSet | None, cfg: PPOConfig, executi
                      global_step=global_step, updates=update, completed=update >= cfg.num_updates)
 
 
-class _ProgressBar:
-    """A rich progress bar over updates showing the latest key metrics (a no-op when disabled)."""
-
-    def __init__(self, total: int, done: int, enabled: bool) -> None:
-        self.progress: Any = None
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("[bold]PPO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                 TextColumn("{task.fields[info]}"))
-        self.progress.start()
-        self.task = self.progress.add_task("ppo", total=total, completed=done, info="")
-
-    def advance(self, m: dict[str, float]) -> None:
-        if self.progress is None:
-            return
-        info = f"sps {m['perf/sps']:.0f} kl {m['ppo/approx_kl']:.4f} ent {m['loss/entropy']:.3f}"
-        if "episode/return_mean" in m:
-            info += f" ep {m['episode/return_mean']:+.4f}"
-        if "val/mean_return" in m:
-            info += f" val {m['val/mean_return']:+.4f}"
-        self.progress.update(self.task, advance=1, info=info)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+def _progress_info(m: dict[str, float]) -> str:
+    """The progress bar's line: speed, KL, entropy, and the latest episode and val returns."""
+    info = f"sps {m['perf/sps']:.0f} kl {m['ppo/approx_kl']:.4f} ent {m['loss/entropy']:.3f}"
+    if "episode/return_mean" in m:
+        info += f" ep {m['episode/return_mean']:+.4f}"
+    if "val/mean_return" in m:
+        info += f" val {m['val/mean_return']:+.4f}"
+    return info

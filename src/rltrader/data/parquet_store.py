@@ -33,10 +33,17 @@ from rltrader.data.schema import (
     QUARANTINE_SCHEMA,
 )
 from rltrader.data.store import NULLABLE, NULLABLE_BARS, SeriesStats, WriteResult, check_required, trade_bars_frame
+from rltrader.integrity import STORE_REPAIR_HINT, aggregate_files, read_parquet, scan_or_name, write_parquet
 
 
 def _month_key(ts: datetime) -> str:
     return f"{ts.year:04d}-{ts.month:02d}"
+
+
+def write_month_file(df: pl.DataFrame, path: Path) -> None:
+    """How a month file is written (by every write and by ``rltrader data verify --repair``, byte for byte):
+    zstd, statistics, and a CRC per page so a flipped byte is caught by a checked read (``verify``, merges)."""
+    write_parquet(df, path)
 
 
 class ParquetStore:
@@ -93,7 +100,7 @@ class ParquetStore:
                     target = self._series_dir(table, **parts) / f"month={values['_month']}" / "data.parquet"
                     new = part.drop("_month")
                     if target.exists():
-                        old = pl.read_parquet(target)
+                        old = read_parquet(target, "store month file", STORE_REPAIR_HINT).cast(schema)  # type: ignore[arg-type]
                         new = new.join(old.select(list(key)), on=list(key), how="anti")
                         if new.is_empty():
                             continue
@@ -103,7 +110,7 @@ class ParquetStore:
                     inserted += new.height
                     target.parent.mkdir(parents=True, exist_ok=True)
                     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-                    merged.write_parquet(tmp, compression="zstd", statistics=True)
+                    write_month_file(merged, tmp)
                     staged.append((tmp, target))
             except BaseException:
                 for tmp, _ in staged:
@@ -133,12 +140,16 @@ class ParquetStore:
         )
         if not files:
             return pl.DataFrame(schema=schema)
-        lf = pl.scan_parquet(files)
-        if start is not None:
-            lf = lf.filter(pl.col(time_col) >= start)
-        if end is not None:
-            lf = lf.filter(pl.col(time_col) < end)
-        return lf.sort(sort_col).collect().cast(schema)  # type: ignore[arg-type]
+
+        def collect(fs: Sequence[Path]) -> pl.DataFrame:
+            lf = pl.scan_parquet(list(fs))
+            if start is not None:
+                lf = lf.filter(pl.col(time_col) >= start)
+            if end is not None:
+                lf = lf.filter(pl.col(time_col) < end)
+            return lf.sort(sort_col).collect().cast(schema)  # type: ignore[arg-type]
+
+        return scan_or_name(files, collect, "store month file", STORE_REPAIR_HINT)
 
     # -- klines ----------------------------------------------------------------------------------------
     def write_klines(self, df: pl.DataFrame) -> WriteResult:
@@ -196,7 +207,8 @@ class ParquetStore:
         files = sorted(d.glob("*.parquet")) if d.is_dir() else []
         if not files:
             return pl.DataFrame(schema=QUARANTINE_SCHEMA)
-        return pl.read_parquet(files).cast(QUARANTINE_SCHEMA)  # type: ignore[arg-type]
+        return scan_or_name(files, lambda fs: pl.read_parquet(list(fs)).cast(QUARANTINE_SCHEMA),  # type: ignore[arg-type]
+                            "quarantine file", "move it out of the quarantine folder")
 
     def stats(self) -> list[SeriesStats]:
         out: list[SeriesStats] = []
@@ -212,11 +224,10 @@ class ParquetStore:
                 if not files:
                     continue
                 parts = dict(p.split("=", 1) for p in series.relative_to(base).parts)
-                agg = pl.scan_parquet(files).select(
-                    pl.len().alias("n"), pl.col(time_col).min().alias("lo"), pl.col(time_col).max().alias("hi")
-                ).collect().row(0)
+                n, lo, hi, broken = aggregate_files(files, time_col)  # a broken month is listed, not fatal
                 out.append(SeriesStats(kind, parts["market"], parts["symbol"],
-                                       parts.get("interval", parts.get("width", "")), int(agg[0]), agg[1], agg[2]))
+                                       parts.get("interval", parts.get("width", "")), n, lo, hi,
+                                       tuple(str(f) for f in broken)))
         return out
 
     def close(self) -> None:

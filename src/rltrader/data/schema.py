@@ -10,24 +10,12 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from enum import StrEnum
 
 import polars as pl
 
+from rltrader.market import Market as Market  # re-exported: the data layer's callers import it from here
+
 TS = pl.Datetime("us", "UTC")
-
-
-class Market(StrEnum):
-    """Binance market. The value is what users type and what stores keep."""
-
-    SPOT = "spot"
-    FUTURES_UM = "futures-um"
-
-    @property
-    def archive_prefix(self) -> str:
-        """Folder of this market under the archive's ``data/`` root."""
-        return "spot" if self is Market.SPOT else "futures/um"
-
 
 KLINE_KEY = ("market", "symbol", "interval", "open_time")
 AGG_TRADE_KEY = ("market", "symbol", "agg_trade_id")

@@ -41,6 +41,7 @@ class SeriesStats:
     rows: int
     first: datetime | None
     last: datetime | None
+    broken: tuple[str, ...] = ()  # unreadable month files (Parquet store), left out of rows/first/last
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -51,6 +52,7 @@ class SeriesStats:
             "rows": self.rows,
             "first": self.first.isoformat() if self.first else None,
             "last": self.last.isoformat() if self.last else None,
+            "broken": list(self.broken),
         }
 
 

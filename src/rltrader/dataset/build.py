@@ -11,11 +11,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
-import shutil
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,8 +28,11 @@ from rltrader.data.store import Store
 from rltrader.dataset.market_features import compute_all_features, full_feature_spec
 from rltrader.dataset.split import META_KEY, SessionSet, read_metadata, write_split
 from rltrader.errors import ConfigError, DataError
+from rltrader.integrity import read_parquet, reading
+from rltrader.utils import atomic_dir, git_commit, parse_day, write_json
 
 FEATURES_DIR = "features"
+FEATURES_HINT = "re-run `rltrader dataset features` (`dvc repro features`)"
 SESSIONS_DIR = "sessions"
 
 
@@ -50,16 +48,6 @@ def code_version() -> dict[str, str | None]:
     return {"rltrader": rltrader.__version__, "git_commit": git_commit(), "dataset_code_sha256": h.hexdigest()[:16]}
 
 
-def git_commit() -> str | None:
-    """Commit of the checkout the package runs from (None outside git): provenance for outputs and runs."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray, clip: float) -> np.ndarray:
     """The features models see: train-split mean/std scaling, clipped to ±clip, float32. One definition for
     the sessions stage and the continuous backtest, so both feed a model identical inputs."""
@@ -67,42 +55,8 @@ def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray, clip: float) -
     return out
 
 
-@contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temp folder beside ``target``; on success it replaces ``target`` in one rename, else vanishes."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 def _ts(us: int) -> str:
     return datetime.fromtimestamp(us / 1e6, UTC).isoformat()
-
-
-def parse_day(text: str, where: str) -> int:
-    try:
-        d = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {text!r} is not an ISO date") from exc
-    return int((d if d.tzinfo else d.replace(tzinfo=UTC)).timestamp() * 1_000_000)
 
 
 # ---------------------------------------------------------------------------------------------- features stage
@@ -137,7 +91,7 @@ def run_features_stage(settings: Settings, store: Store, out_dir: Path | None = 
                     "code": version}
             table = feats.to_arrow()
             table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-            pq.write_table(table, tmp / f"{symbol}.parquet", compression="zstd")
+            pq.write_table(table, tmp / f"{symbol}.parquet", compression="zstd", write_page_checksum=True)
             summary["symbols"][symbol] = {"rows": feats.height, "valid": int(feats["valid"].sum()),
                                           "segments": int(feats["segment"].n_unique()),
                                           "start": str(feats["open_time"][0]), "end": str(feats["open_time"][-1]),
@@ -149,7 +103,8 @@ def read_features(features_dir: Path, symbol: str) -> tuple[pl.DataFrame, dict[s
     path = features_dir / f"{symbol}.parquet"
     if not path.exists():
         raise DataError(f"{path}: no features for {symbol} (run `rltrader dataset features`)")
-    return pl.read_parquet(path), read_metadata(path)
+    with reading(path, "features file", FEATURES_HINT):
+        return read_parquet(path, "features file", FEATURES_HINT), read_metadata(path)
 
 
 # ---------------------------------------------------------------------------------------------- sessions stage

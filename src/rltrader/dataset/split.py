@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rltrader.errors import DataError
+from rltrader.integrity import read_parquet, reading
 
 PRICE_COLUMNS = ("open", "high", "low", "close", "volume")
 META_KEY = b"rltrader"
@@ -108,7 +108,7 @@ def write_split(set_: SessionSet, directory: Path, split: str, metadata: dict[st
     rows = pa.table(cols).replace_schema_metadata(meta)
     # uncompressed, no dictionary for floats: reading back is a straight copy into the feature matrix
     pq.write_table(rows, directory / "rows.parquet", compression="none", use_dictionary=["symbol"],
-                   row_group_size=1 << 20)
+                   row_group_size=1 << 20, write_page_checksum=True)  # a CRC per page: flipped bytes are refused
     index = pa.table({
         "session": pa.array(np.arange(set_.n_sessions, dtype=np.int64)),
         "symbol": pa.array([set_.symbols[int(set_.symbol_id[s])] for s in set_.start], pa.string()),
@@ -117,15 +117,16 @@ def write_split(set_: SessionSet, directory: Path, split: str, metadata: dict[st
         "end": pa.array(set_.end.astype(np.int64)),
         "time_start": pa.array(set_.time[set_.start].astype(np.int64)).cast(pa.timestamp("us", "UTC")),
     }).replace_schema_metadata(meta)
-    pq.write_table(index, directory / "index.parquet")
+    pq.write_table(index, directory / "index.parquet", write_page_checksum=True)
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """The ``rltrader`` metadata (params, input fingerprint, feature list, code version) of a dataset file."""
-    raw = pq.read_schema(path).metadata or {}
-    if META_KEY not in raw:
-        raise DataError(f"{path}: no rltrader metadata (not written by the sessions stage)")
-    meta: dict[str, Any] = json.loads(raw[META_KEY])
+    with reading(path, "dataset file", "re-run the stage that wrote it (`dvc repro`)"):
+        raw = pq.read_schema(path).metadata or {}
+        if META_KEY not in raw:
+            raise DataError(f"{path}: no rltrader metadata (not written by the sessions stage)")
+        meta: dict[str, Any] = json.loads(raw[META_KEY])
     return meta
 
 
@@ -136,16 +137,18 @@ def load_split(sessions_dir: Path | str, split: str) -> SessionSet:
     if not rows_path.exists() or not index_path.exists():
         raise DataError(f"{d}: split {split!r} not built (run `dvc repro sessions` or `rltrader dataset sessions`)")
     meta = read_metadata(rows_path)
-    names: list[str] = meta["features"]
-    rows = pq.read_table(rows_path, memory_map=True)
-    features = np.empty((rows.num_rows, len(names)), dtype=np.float32)
-    for j, name in enumerate(names):
-        features[:, j] = rows.column(name).to_numpy()
-    sym = rows.column("symbol").combine_chunks()
-    symbols = tuple(meta["symbols"])
-    dictionary = sym.dictionary.to_pylist()
-    remap = np.array([symbols.index(s) for s in dictionary], dtype=np.int16)
-    index = pl.read_parquet(index_path)
+    hint = "re-run `rltrader dataset sessions` (`dvc repro sessions`)"
+    with reading(rows_path, "sessions file", hint):
+        names: list[str] = meta["features"]
+        rows = pq.read_table(rows_path, memory_map=True, page_checksum_verification=True)
+        features = np.empty((rows.num_rows, len(names)), dtype=np.float32)
+        for j, name in enumerate(names):
+            features[:, j] = rows.column(name).to_numpy()
+        sym = rows.column("symbol").combine_chunks()
+        symbols = tuple(meta["symbols"])
+        dictionary = sym.dictionary.to_pylist()
+        remap = np.array([symbols.index(s) for s in dictionary], dtype=np.int16)
+    index = read_parquet(index_path, "sessions index file", hint)
     return SessionSet(
         features=features,
         **{c: rows.column(c).to_numpy().astype(np.float64) for c in PRICE_COLUMNS},

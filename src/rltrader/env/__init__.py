@@ -6,18 +6,35 @@ Both run the execution model of ``rltrader.execution`` through the same kernel (
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from rltrader.env.batch import BatchSessionEnv, BatchStep
-from rltrader.env.core import STATE_NAMES, EnvCore, leak_column
 from rltrader.env.modes import MODES, REWARDS, EnvParams, lowrider_rule
-from rltrader.env.single import SessionEnv
 from rltrader.execution import ExecutionParams
+
+if TYPE_CHECKING:
+    from rltrader.config import Settings
+    from rltrader.env.batch import BatchSessionEnv, BatchStep
+    from rltrader.env.core import STATE_NAMES, EnvCore, leak_column
+    from rltrader.env.single import SessionEnv
+
+# The envs (polars, gymnasium) load on first use: the settings import ``env.modes`` for ``EnvParams`` and
+# must stay cheap to import.
+_LAZY = {"BatchSessionEnv": "batch", "BatchStep": "batch", "STATE_NAMES": "core", "EnvCore": "core",
+         "leak_column": "core", "SessionEnv": "single"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"rltrader.env.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'rltrader.env' has no attribute {name!r}")
+
 
 __all__ = ["MODES", "REWARDS", "STATE_NAMES", "BatchSessionEnv", "BatchStep", "EnvCore", "EnvParams",
            "ExecutionParams", "SessionEnv", "leak_column", "lowrider_rule", "params_from_settings"]
 
 
-def params_from_settings(settings: Any) -> tuple[ExecutionParams, EnvParams]:
-    """``(ExecutionParams, EnvParams)`` from loaded ``Settings`` (its ``execution`` and ``env`` sections)."""
-    return ExecutionParams.from_mapping(settings.execution), EnvParams.from_mapping(settings.env)
+def params_from_settings(settings: Settings) -> tuple[ExecutionParams, EnvParams]:
+    """``(ExecutionParams, EnvParams)`` of loaded ``Settings``: its ``execution`` and ``env`` sections are these
+    very classes, validated when the settings loaded."""
+    return settings.execution, settings.env

@@ -20,6 +20,7 @@ position-state vector (``STATE_NAMES``) and the action mask.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -53,11 +54,15 @@ from rltrader.errors import ConfigError
 from rltrader.execution import (
     AVG_ENTRY,
     CASH,
+    CUR_ROW,
+    CUR_TAG,
+    CUR_TIME,
     EQUITY,
     QTY,
     XP_CASH,
     XP_LATENCY,
     Accounts,
+    EventLog,
     ExecutionParams,
     close_position,
     mark_to_market,
@@ -80,9 +85,36 @@ EQUITY_FLOOR = 1e-9
 still telescope exactly to log(final / initial)."""
 
 
+class EnvArrays(NamedTuple):
+    """Every array the step kernels read or write, as one argument (numba takes a NamedTuple of arrays).
+
+    Market data: ``bars`` (5, N) open/high/low/close/volume, ``time`` (N,), ``features`` (N, F), ``sess`` (2, S)
+    session start/end rows, ``xp`` / ``ep`` the packed execution and env params. Per account: ``acct``
+    (execution fields), ``env`` (env fields), ``ptr`` (pointers), ``pending`` (orders in flight, one slot per
+    latency bar), ``next_session`` (autoreset target). Outputs: the next observation (``window``, ``state``,
+    ``mask``) and the step's results (``out_f``, ``out_b``)."""
+
+    acct: np.ndarray
+    env: np.ndarray
+    ptr: np.ndarray
+    pending: np.ndarray
+    sess: np.ndarray
+    bars: np.ndarray
+    time: np.ndarray
+    features: np.ndarray
+    xp: np.ndarray
+    ep: np.ndarray
+    next_session: np.ndarray
+    window: np.ndarray
+    state: np.ndarray
+    mask: np.ndarray
+    out_f: np.ndarray
+    out_b: np.ndarray
+
+
 @njit(cache=True, inline="always")
-def _reset_one(b: int, s: int, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray, pending: np.ndarray,
-               sess: np.ndarray, xp: np.ndarray) -> None:
+def _reset_one(b: int, s: int, k: EnvArrays) -> None:
+    acct, env, ptr, pending, sess, xp = k.acct, k.env, k.ptr, k.pending, k.sess, k.xp
     cash = xp[XP_CASH]
     reset_account(acct, b, cash)
     ptr[P_T, b] = sess[0, s]
@@ -97,10 +129,11 @@ def _reset_one(b: int, s: int, acct: np.ndarray, env: np.ndarray, ptr: np.ndarra
 
 
 @njit(cache=True, inline="always")
-def _observe(b: int, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray, pending: np.ndarray, close: np.ndarray,
-             features: np.ndarray, xp: np.ndarray, ep: np.ndarray, window_out: np.ndarray, state_out: np.ndarray,
-             mask_out: np.ndarray) -> None:
+def _observe(b: int, k: EnvArrays) -> None:
     """Write account ``b``'s observation for its next decision bar: window, state vector, action mask."""
+    acct, env, ptr, pending, close, xp, ep = k.acct, k.env, k.ptr, k.pending, k.bars[3], k.xp, k.ep
+    features = k.features
+    window_out, state_out, mask_out = k.window, k.state, k.mask
     t = ptr[P_T, b]
     # the window is one contiguous block of the feature matrix: one flat block copy
     c, f = window_out.shape[1], window_out.shape[2]
@@ -131,27 +164,32 @@ def _observe(b: int, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray, pending
 
 
 @njit(cache=True)
-def reset_observe(idx: np.ndarray, sessions: np.ndarray, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray,
-                  pending: np.ndarray, sess: np.ndarray, bars: np.ndarray, features: np.ndarray, xp: np.ndarray,
-                  ep: np.ndarray, window_out: np.ndarray, state_out: np.ndarray, mask_out: np.ndarray) -> None:
+def observe(b: int, k: EnvArrays) -> None:
+    """Public entry to the env's own observation for account ``b`` (the live trader observes with this code)."""
+    _observe(b, k)
+
+
+@njit(cache=True)
+def reset_observe(idx: np.ndarray, sessions: np.ndarray, k: EnvArrays) -> None:
     """Start accounts ``idx`` on ``sessions`` and write their first observations."""
     for j in range(idx.shape[0]):
-        _reset_one(idx[j], sessions[j], acct, env, ptr, pending, sess, xp)
-        _observe(idx[j], acct, env, ptr, pending, bars[3], features, xp, ep, window_out, state_out, mask_out)
+        _reset_one(idx[j], sessions[j], k)
+        _observe(idx[j], k)
 
 
-@njit(cache=True, inline="always")  # no per-account call: 19 array args, each ref-counted
-def _step_one(b: int, a: int, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray, pending: np.ndarray,
-              sess: np.ndarray, bars: np.ndarray, time: np.ndarray, features: np.ndarray, xp: np.ndarray,
-              ep: np.ndarray, next_session: np.ndarray, autoreset: bool, window_out: np.ndarray,
-              state_out: np.ndarray, mask_out: np.ndarray, out_f: np.ndarray, out_b: np.ndarray) -> int:
-    """Step account ``b`` one bar with action ``a`` (see the module docstring); 1 if its episode ended."""
+@njit(cache=True, inline="always")  # no per-account call: the arrays would each be ref-counted
+def _step_one(b: int, a: int, k: EnvArrays, autoreset: bool, log: EventLog | None = None) -> int:
+    """Step account ``b`` one bar with action ``a`` (see the module docstring); 1 if its episode ended.
+    ``log``: the bar's fills, liquidation, funding and forced close are recorded there (stamped with the bar's
+    time, row and the account's session)."""
+    acct, env, ptr, pending, bars, time, xp, ep = k.acct, k.env, k.ptr, k.pending, k.bars, k.time, k.xp, k.ep
+    out_f, out_b = k.out_f, k.out_b
     lat = int(xp[XP_LATENCY])
     nslot = lat + 1
     cash0 = xp[XP_CASH]
     floor = EQUITY_FLOOR * cash0
     mode = int(ep[EP_MODE])
-    t, end, k = ptr[P_T, b], ptr[P_END, b], ptr[P_K, b]
+    t, end, kk = ptr[P_T, b], ptr[P_END, b], ptr[P_K, b]
     cl = bars[3]
     ref = cl[t - 1]
     q0 = acct[QTY, b]
@@ -165,18 +203,20 @@ def _step_one(b: int, a: int, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray
             dq = -committed
         elif 0 < a < int(ep[EP_N_ACTIONS]):
             dq = order_for(a, committed, ref, acct, env, b, xp, ep)
-    pending[b, k % nslot] = dq
-    due = pending[b, (k - lat) % nslot]
-    pending[b, (k - lat) % nslot] = 0.0
+    pending[b, kk % nslot] = dq
+    due = pending[b, (kk - lat) % nslot]
+    pending[b, (kk - lat) % nslot] = 0.0
     # 2. the bar: funding, fill at the open, liquidation, mark; forced close after the last bar
-    filled = process_bar(acct, b, due, time[t], bars[0, t], bars[1, t], bars[2, t], cl[t], bars[4, t], xp)
+    if log is not None:
+        log.cursor[CUR_TIME], log.cursor[CUR_ROW], log.cursor[CUR_TAG] = time[t], t, ptr[P_SESSION, b]
+    filled = process_bar(acct, b, due, time[t], bars[0, t], bars[1, t], bars[2, t], cl[t], bars[4, t], xp, log)
     traded = filled != 0.0
     if filled > 0.0:
         env[E_N_BUYS, b] += 1.0
     last = t == end - 1
     force = ep[EP_FORCE_CLOSE] > 0.0
     if last and force and acct[QTY, b] != 0.0:
-        filled += close_position(acct, b, cl[t], bars[4, t], xp)
+        filled += close_position(acct, b, cl[t], bars[4, t], xp, log)
         mark_to_market(acct, b, cl[t])
         traded = True
     # 3. reward and penalties
@@ -221,28 +261,24 @@ def _step_one(b: int, a: int, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray
     out_b[O_TERMINATED, b] = terminated
     out_b[O_TRUNCATED, b] = truncated
     ptr[P_T, b] = t + 1
-    ptr[P_K, b] = k + 1
+    ptr[P_K, b] = kk + 1
     ended = 0
     if terminated or truncated:
         ended = 1
         ptr[P_EPISODES, b] += 1
         if autoreset:
-            _reset_one(b, next_session[b], acct, env, ptr, pending, sess, xp)
-    _observe(b, acct, env, ptr, pending, cl, features, xp, ep, window_out, state_out, mask_out)
+            _reset_one(b, k.next_session[b], k)
+    _observe(b, k)
     return ended
 
 
 @njit(cache=True)
-def step_observe(actions: np.ndarray, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray, pending: np.ndarray,
-                 sess: np.ndarray, bars: np.ndarray, time: np.ndarray, features: np.ndarray, xp: np.ndarray,
-                 ep: np.ndarray, next_session: np.ndarray, autoreset: bool, window_out: np.ndarray,
-                 state_out: np.ndarray, mask_out: np.ndarray, out_f: np.ndarray, out_b: np.ndarray) -> int:
+def step_observe(actions: np.ndarray, k: EnvArrays, autoreset: bool) -> int:
     """Step every account one bar, auto-reset finished ones onto ``next_session[b]`` (if ``autoreset``), and
     write the next observations. Returns how many episodes ended."""
     ended = 0
     for b in range(actions.shape[0]):
-        ended += _step_one(b, actions[b], acct, env, ptr, pending, sess, bars, time, features, xp, ep,
-                           next_session, autoreset, window_out, state_out, mask_out, out_f, out_b)
+        ended += _step_one(b, actions[b], k, autoreset)
     return ended
 
 
@@ -293,18 +329,18 @@ class EnvCore:
         self.out_f = np.zeros((N_OUT_F, n))
         self.out_b = np.zeros((2, n), np.bool_)
         self.next_session = np.zeros(n, np.int64)
+        self.arrays = EnvArrays(self.acct, self.env, self.ptr, self.pending, self.sess, self.bars, self.time,
+                                self.features, self.xp, self.ep, self.next_session, self.window, self.state,
+                                self.mask, self.out_f, self.out_b)
 
     def reset(self, idx: np.ndarray, sessions: np.ndarray, checked: bool = False) -> None:
         sessions = np.asarray(sessions, np.int64)
         if not checked and sessions.size and (sessions.min() < 0 or sessions.max() >= self.data.n_sessions):
             raise ValueError(f"session index out of range [0, {self.data.n_sessions})")
-        reset_observe(np.asarray(idx, np.int64), sessions, self.acct, self.env, self.ptr, self.pending, self.sess,
-                      self.bars, self.features, self.xp, self.ep, self.window, self.state, self.mask)
+        reset_observe(np.asarray(idx, np.int64), sessions, self.arrays)
 
     def step(self, actions: np.ndarray, autoreset: bool) -> int:
-        return int(step_observe(actions, self.acct, self.env, self.ptr, self.pending, self.sess, self.bars,
-                                self.time, self.features, self.xp, self.ep, self.next_session, autoreset,
-                                self.window, self.state, self.mask, self.out_f, self.out_b))
+        return int(step_observe(actions, self.arrays, autoreset))
 
     @property
     def last_close(self) -> np.ndarray:

@@ -3,16 +3,16 @@
 Action 0 is *hold* in every mode, so a masked-out agent always has a valid action and "do nothing" has the
 same index everywhere.
 
-- ``futures_session`` (seed 002): hold / long / short / close. One position at a time; long while short
-  flips (close + open in one order). Long/short size the position at ``position_size`` × the leverage cap.
-- ``spot_cycle`` (seed 000): hold / buy / sell, long only, one cycle: a buy of ``position_size`` × cash, then
-  a sell of everything; the episode ends when the sell fills.
-- ``lowrider`` (seed 000, DCA): action ``k`` buys ``lot_multipliers[k] × base_lot`` (quote) at market, as long
-  as the cycle's cost basis stays within the budget cap ``initial_cash / reluctance``. Selling is automatic, not
-  an action: once the last close values the position, net of the exit taker fee, at ``profit_target`` above its
-  cost (average entry plus the fees paid), the whole position is sold at the next fill bar's open and the episode
-  ends when that fills. The agent therefore only decides *how much to buy when*; the rule-based Lowrider
-  (``lowrider_rule``) is the same mode driven by a fixed lot schedule.
+- ``futures_session`` (the D3QN reference design): hold / long / short / close. One position at a time; long
+  while short flips (close + open in one order). Long/short size the position at ``position_size`` × the leverage cap.
+- ``spot_cycle`` (the PPO reference design): hold / buy / sell, long only, one cycle: a buy of ``position_size``
+  × cash, then a sell of everything; the episode ends when the sell fills.
+- ``lowrider`` (the PPO reference design's DCA mode): action ``k`` buys ``lot_multipliers[k] × base_lot``
+  (quote) at market, as long as the cycle's cost basis stays within the budget cap ``initial_cash / reluctance``.
+  Selling is automatic, not an action: once the last close values the position, net of the exit taker fee, at
+  ``profit_target`` above its cost (average entry plus the fees paid), the whole position is sold at the next fill
+  bar's open and the episode ends when that fills. The agent therefore only decides *how much to buy when*; the
+  rule-based Lowrider (``lowrider_rule``) is the same mode driven by a fixed lot schedule.
 
 Orders are decided on the last closed bar (price reference ``close[t-1]``) and filled by the execution model
 (``rltrader.execution``) at bar ``t + latency``'s open; sizes here are the orders *sent*, the fill may clip them
@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from enum import IntEnum
 from typing import Any, Literal
 
 import numpy as np
 from numba import njit
+from pydantic import ConfigDict
 
 from rltrader.errors import ConfigError
 from rltrader.execution import (
@@ -46,8 +48,31 @@ MODES = ("futures_session", "spot_cycle", "lowrider")
 REWARDS = ("log_return", "pnl", "diff_sharpe")
 MODE_FUTURES, MODE_SPOT, MODE_LOWRIDER = 0, 1, 2
 REWARD_LOG, REWARD_PNL, REWARD_DSR = 0, 1, 2
-FUTURES_ACTIONS = ("hold", "long", "short", "close")
-SPOT_ACTIONS = ("hold", "buy", "sell")
+
+
+class FuturesAction(IntEnum):
+    """``futures_session`` action indices (the policy's output; the env's ``order_for``)."""
+
+    HOLD = 0
+    LONG = 1
+    SHORT = 2
+    CLOSE = 3
+
+
+class SpotAction(IntEnum):
+    """``spot_cycle`` action indices. Lowrider's action ``k`` buys ``lot_multipliers[k]`` lots (0 = hold)."""
+
+    HOLD = 0
+    BUY = 1
+    SELL = 2
+
+
+# plain ints of the enums for numba kernels (an IntEnum member is not a compile-time int constant there)
+HOLD = int(FuturesAction.HOLD)
+LONG, SHORT, CLOSE = int(FuturesAction.LONG), int(FuturesAction.SHORT), int(FuturesAction.CLOSE)
+BUY, SELL = int(SpotAction.BUY), int(SpotAction.SELL)
+FUTURES_ACTIONS = tuple(a.name.lower() for a in FuturesAction)
+SPOT_ACTIONS = tuple(a.name.lower() for a in SpotAction)
 
 # --- env parameters packed for the kernels; lot multipliers follow from EP_MULTS on ----------------------------
 (EP_MODE, EP_REWARD, EP_SIZE, EP_FORCE_CLOSE, EP_HOLD_PEN, EP_FLIP_PEN, EP_TRADE_PEN, EP_DD_PEN, EP_DSR_ETA,
@@ -61,6 +86,8 @@ N_ENV_FIELDS = 5
 @dataclass(frozen=True)
 class EnvParams:
     """Mode, reward and penalties (``params.yaml: env``). Context and session length come from the dataset."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # params.yaml validation: unknown keys are errors
 
     mode: Literal["futures_session", "spot_cycle", "lowrider"] = "futures_session"
     reward: Literal["log_return", "pnl", "diff_sharpe"] = "log_return"
@@ -128,18 +155,15 @@ class EnvParams:
         if not self.leak_scale > 0:
             raise bad("leak_scale", "must be > 0")
 
-    @classmethod
-    def from_mapping(cls, values: Any) -> EnvParams:
-        """From ``Settings.env`` (a pydantic model) or a plain dict."""
-        data = values.model_dump() if hasattr(values, "model_dump") else dict(values)
-        for key in ("lot_multipliers", "rule_schedule"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**data)
-
     @property
     def n_actions(self) -> int:
-        return {"futures_session": 4, "spot_cycle": 3}.get(self.mode, len(self.lot_multipliers))
+        return {"futures_session": len(FuturesAction), "spot_cycle": len(SpotAction)}.get(
+            self.mode, len(self.lot_multipliers))
+
+    @property
+    def close_action(self) -> int:
+        """The action that closes the position (futures: close, spot: sell); -1 for lowrider (it sells by rule)."""
+        return {"futures_session": CLOSE, "spot_cycle": SELL}.get(self.mode, -1)
 
     @property
     def action_names(self) -> tuple[str, ...]:
@@ -186,13 +210,13 @@ def order_for(a: int, committed: float, ref: float, acct: np.ndarray, env: np.nd
     mode = int(ep[EP_MODE])
     step = xp[XP_STEP]
     dq = 0.0
-    if a == 0:
+    if a == HOLD:
         return 0.0
     if mode == MODE_FUTURES:
-        if a == 3:
+        if a == CLOSE:
             dq = -committed
         else:
-            side = 1.0 if a == 1 else -1.0
+            side = 1.0 if a == LONG else -1.0
             if committed * side > 0.0:
                 return 0.0
             target = round_qty(ep[EP_SIZE] * max_position(acct[EQUITY, b], ref, xp), step)
@@ -200,11 +224,11 @@ def order_for(a: int, committed: float, ref: float, acct: np.ndarray, env: np.nd
                 return 0.0
             dq = side * target - committed
     elif mode == MODE_SPOT:
-        if a == 1:
+        if a == BUY:
             if committed != 0.0 or env[E_N_BUYS, b] > 0.0:  # one cycle: no second buy
                 return 0.0
             dq = round_qty(ep[EP_SIZE] * acct[CASH, b] / (ref * (1.0 + xp[XP_TAKER])), step)
-        elif a == 2:
+        elif a == SELL:
             dq = -committed if committed > 0.0 else 0.0
     else:
         if (committed == 0.0 and env[E_N_BUYS, b] > 0.0) or take_profit_due(acct, b, ref, xp, ep):
@@ -233,8 +257,8 @@ def lowrider_rule(last_close: np.ndarray, qty: np.ndarray, avg_entry: np.ndarray
     nb = n_buys.astype(np.int64)
     want = schedule[np.minimum(nb, len(schedule) - 1)]
     trigger = (qty == 0) | (last_close <= avg_entry * (1.0 - params.rule_drop_step * np.maximum(nb, 1)))
-    actions = np.where(trigger, want, 0)
+    actions = np.where(trigger, want, HOLD)
     idx = np.arange(mask.shape[1])
     allowed = mask & (idx[None, :] <= actions[:, None])  # valid actions no larger than the scheduled one
-    return np.asarray(np.where(allowed.any(axis=1), mask.shape[1] - 1 - np.argmax(allowed[:, ::-1], axis=1), 0),
+    return np.asarray(np.where(allowed.any(axis=1), mask.shape[1] - 1 - np.argmax(allowed[:, ::-1], axis=1), HOLD),
                       dtype=np.int64)

@@ -184,7 +184,8 @@ def _merge_candles(t: np.ndarray, o: np.ndarray, h: np.ndarray, low: np.ndarray,
 def plot_example_trades(bars: pl.DataFrame, trades: pl.DataFrame | None, path: Path | str, n: int = 2) -> Path:
     """The ``n`` most profitable and ``n`` least profitable round trips on candlesticks, entry (▲ long / ▼ short)
     and exit (✕) marked, holding period shaded: whether entries and exits are sensible is visible at a glance in
-    a way no aggregate shows (seed 002's figures). Each panel spans the trade plus some context bars."""
+    a way no aggregate shows (the D3QN reference design's trade figures). Each panel spans the trade plus some
+    context bars."""
     if trades is None or trades.height == 0:
         return _empty_figure(path, "no trades in this backtest")
     ordered = trades.sort("pnl", descending=True)
@@ -231,8 +232,8 @@ def plot_example_trades(bars: pl.DataFrame, trades: pl.DataFrame | None, path: P
 
 def plot_action_probabilities(times: Any, probs: np.ndarray, action_names: Sequence[str], price: Any | None,
                               path: Path | str, *, title: str = "Action probabilities over time") -> Path:
-    """Price on top, the policy's action probabilities (T, A) stacked below (seed 000's insight): shows whether
-    the agent reacts to the market or sits on one action. Long series are averaged chunk-wise."""
+    """Price on top, the policy's action probabilities (T, A) stacked below (the PPO reference design's insight):
+    shows whether the agent reacts to the market or sits on one action. Long series are averaged chunk-wise."""
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[0] == 0:
         return _empty_figure(path, "no action probabilities")

@@ -28,9 +28,16 @@ import polars as pl
 from rich.console import Console
 
 from rltrader.agents.baselines import rule_baselines
+from rltrader.config import Settings
 from rltrader.dataset.split import SessionSet
 from rltrader.errors import ConfigError, DataError
-from rltrader.evaluate.backtest import BacktestResult, backtest_params, continuous_split, run_backtest
+from rltrader.evaluate.backtest import (
+    BacktestResult,
+    backtest_params,
+    continuous_split,
+    masked_softmax,
+    run_backtest,
+)
 from rltrader.evaluate.metrics import comparison_table, compute_metrics
 from rltrader.evaluate.report import (
     finite_or_none,
@@ -58,15 +65,15 @@ def baseline_names(mode: str) -> list[str]:
     return [str(getattr(p, "name", type(p).__name__)) for p in rule_baselines(mode)]
 
 
-def load_trained(settings: Any, name: str, models_dir: Path | None = None) -> Any:
+def load_trained(settings: Settings, name: str, models_dir: Path | None = None) -> Any:
     """A model the train stage wrote (``<train.models_dir>/<name>.pt``): our own file, so full unpickling is safe."""
-    import torch
+    from rltrader.agents.packaging import load_policy_file
 
     path = Path(models_dir or settings.train.models_dir) / f"{name}.pt"
     if not path.is_file():
         raise DataError(f"{path}: no trained model {name!r} (run `rltrader train {name}`, or remove it from "
                         "backtest.models)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_policy_file(path, {"dvc_stage": f"train@{name}"})
 
 
 def train_record(name: str, reports_dir: Path = Path("reports")) -> dict[str, Any] | None:
@@ -81,7 +88,7 @@ def train_record(name: str, reports_dir: Path = Path("reports")) -> dict[str, An
     return rec
 
 
-def evaluate(settings: Any, policy: Any, data: SessionSet, split: str, *, n_trials: int = 1
+def evaluate(settings: Settings, policy: Any, data: SessionSet, split: str, *, n_trials: int = 1
              ) -> tuple[BacktestResult, dict[str, float]]:
     """One policy continuously over one split's data, and all its metrics."""
     res = run_backtest(settings, policy, split=split, data=data)
@@ -100,10 +107,10 @@ def bars_frame(data: SessionSet) -> pl.DataFrame:
     })
 
 
-def action_probabilities(module: Any, data: SessionSet, settings: Any, n_bars: int = PROB_BARS
+def action_probabilities(module: Any, data: SessionSet, settings: Settings, n_bars: int = PROB_BARS
                          ) -> tuple[Any, np.ndarray, Sequence[str], np.ndarray]:
     """Softmax of the model's scores over valid actions, bar by bar, on the first day of the split's longest
-    stretch, while the model trades it (no filters): what it wanted to do, next to the price (seed 000's
+    stretch, while the model trades it (no filters): what it wanted to do, next to the price (the PPO reference design's
     insight figure)."""
     from rltrader.env.batch import BatchSessionEnv
 
@@ -114,17 +121,16 @@ def action_probabilities(module: Any, data: SessionSet, settings: Any, n_bars: i
     steps = int(min(n_bars, data.end[sid] - data.start[sid]))
     probs = np.zeros((steps, env_params.n_actions))
     for i in range(steps):
-        sc = np.where(mask, module.scores(window, state), -np.inf)
-        e = np.exp(sc - sc.max(axis=1, keepdims=True))
-        probs[i] = (e / e.sum(axis=1, keepdims=True))[0]
-        step = env.step(sc.argmax(axis=1))
+        p, greedy = masked_softmax(module.scores(window, state), mask)
+        probs[i] = p[0]
+        step = env.step(greedy)
         window, state, mask = step.window, step.state, step.mask
     rows = slice(int(data.start[sid]), int(data.start[sid]) + steps)
     times = pl.from_epoch(pl.Series(data.time[rows]), time_unit="us").dt.replace_time_zone("UTC")
     return times, probs, list(env_params.action_names), data.close[rows]
 
 
-def _log_agent_run(settings: Any, run_id: str | None, name: str, per_split: Mapping[str, Mapping[str, float]],
+def _log_agent_run(settings: Settings, run_id: str | None, name: str, per_split: Mapping[str, Mapping[str, float]],
                    files: Mapping[str, Path], primary: str) -> str | None:
     """Backtest metrics and report into the run that trained the model (or a new ``backtest-<name>`` run when
     that run is not in this tracking store)."""
@@ -147,7 +153,7 @@ def _log_agent_run(settings: Any, run_id: str | None, name: str, per_split: Mapp
         return str(run.info.run_id)
 
 
-def run_backtest_stage(settings: Any, *, models: Sequence[str] | None = None, models_dir: Path | None = None,
+def run_backtest_stage(settings: Settings, *, models: Sequence[str] | None = None, models_dir: Path | None = None,
                        out_dir: Path = Path("reports/backtest"), metrics_path: Path | None = Path(
                            "reports/backtest.json"), reports_dir: Path = Path("reports"),
                        sessions_dir: Path | None = None, features_dir: Path | None = None,
@@ -252,8 +258,9 @@ def resolve_model_spec(spec: str) -> str:
     return s
 
 
-def run_one_backtest(settings: Any, spec: str, *, split: str | None = None, out_dir: Path = Path("reports/backtest"),
-                     sessions_dir: Path | None = None, features_dir: Path | None = None) -> dict[str, Any]:
+def run_one_backtest(settings: Settings, spec: str, *, split: str | None = None,
+                     out_dir: Path = Path("reports/backtest"), sessions_dir: Path | None = None,
+                     features_dir: Path | None = None) -> dict[str, Any]:
     """``rltrader backtest --model SPEC``: one policy (model URI, run id, ``.pt`` file or baseline name) and every
     baseline on the same split, with a report under ``out_dir/<label>/``."""
     from rltrader.evaluate.backtest import load_policy

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ def fold_settings(settings: Settings, fold: tuple[date, date, date, date], out: 
     return settings.model_copy(update={
         "sessions": settings.sessions.model_copy(update={"splits": splits}),
         "train": settings.train.model_copy(update={"models_dir": out / "models", "checkpoint_dir": out / "ckpt"}),
-        "backtest": settings.backtest.model_copy(update={"split": "backtest"}),
+        "backtest": replace(settings.backtest, split="backtest"),
     })
 
 
@@ -79,12 +80,13 @@ def run_walk_forward(settings: Settings, *, algo: str | None = None, out_dir: Pa
                      progress: bool = False) -> dict[str, Any]:
     """Every fold: sessions for its dates → train ``algo`` → backtest it and the baselines on the test window.
     Writes ``metrics.json`` (aggregate), ``folds.json``, ``report.html`` and ``folds.png`` under ``out_dir``."""
-    from rltrader.train import ALGOS, run_train
+    from rltrader.agents import ALGORITHMS
+    from rltrader.train import run_train
 
     wf = settings.walk_forward
     algo = algo or wf.algo
-    if algo not in ALGOS:
-        raise ConfigError(f"walk_forward.algo: unknown algorithm {algo!r} (one of {', '.join(ALGOS)})")
+    if algo not in ALGORITHMS:
+        raise ConfigError(f"walk_forward.algo: unknown algorithm {algo!r} (one of {', '.join(ALGORITHMS)})")
     folds = walk_forward_folds(date.fromisoformat(wf.start[:10]), date.fromisoformat(wf.end[:10]), wf.train_days,
                                wf.test_days, wf.step_days, expanding=wf.expanding)
     if not folds:

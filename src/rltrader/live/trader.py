@@ -39,7 +39,7 @@ import numpy as np
 
 from rltrader.dataset.build import standardize
 from rltrader.dataset.split import read_metadata
-from rltrader.env.core import N_PTR, N_STATE, P_END, P_START, P_T, _observe
+from rltrader.env.core import N_OUT_F, N_PTR, N_STATE, P_END, P_START, P_T, EnvArrays, observe
 from rltrader.env.modes import (
     E_N_BUYS,
     E_PEAK,
@@ -69,6 +69,12 @@ from rltrader.live.gateway import Bar, Fill, OrderGateway, OrderRequest
 from rltrader.live.records import Records, order_id_for
 
 log = logging.getLogger(__name__)
+
+# EnvArrays fields the observation never reads (sessions, autoreset target, step outputs): typed placeholders
+_NO_SESSIONS = np.zeros((2, 0), np.int64)
+_NO_NEXT = np.zeros(1, np.int64)
+_NO_OUT_F = np.zeros((N_OUT_F, 1))
+_NO_OUT_B = np.zeros((2, 1), np.bool_)
 FAR = 1 << 60
 """``P_END`` when the run has no known end (``time_left`` ≈ 1)."""
 EQUITY_FLOOR = 1e-9
@@ -442,8 +448,9 @@ class Trader:
                 book.env[E_N_BUYS, 0] = 0.0
             book.ptr[P_END, 0] = (t + (self.until_us - nxt) // 60_000_000) if self.until_us is not None else FAR
         book.ptr[P_T, 0] = t
-        _observe(0, book.acct, book.env, book.ptr, book.pending, book.bars[3], book.feats, self.xp, self.ep,
-                 book.window, book.state, book.mask)
+        observe(0, EnvArrays(book.acct, book.env, book.ptr, book.pending, _NO_SESSIONS, book.bars, book.time,
+                             book.feats, self.xp, self.ep, _NO_NEXT, book.window, book.state, book.mask,
+                             _NO_OUT_F, _NO_OUT_B))
         scores = None
         if self.module is not None:
             scores = self.module.scores(book.window, book.state)[0]

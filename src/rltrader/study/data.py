@@ -25,9 +25,10 @@ import numpy as np
 import polars as pl
 
 from rltrader.data.schema import interval_us
-from rltrader.dataset.build import parse_day, read_features
+from rltrader.dataset.build import read_features
 from rltrader.errors import ConfigError, DataError
 from rltrader.execution import ExecutionParams, fill_price
+from rltrader.utils import parse_day
 
 DAY_US = 86_400_000_000
 
@@ -80,10 +81,10 @@ def split_ranges(settings: Any, names: list[str]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def round_trip_cost(execution: Any, notional: float, price: float, volume: float) -> float:
+def round_trip_cost(execution: ExecutionParams, notional: float, price: float, volume: float) -> float:
     """Fees and slippage of opening and closing ``notional`` at a typical bar, through the execution kernel's own
     ``fill_price`` (so the study's cost is the one the envs and backtest charge, impact term included)."""
-    xp = ExecutionParams.from_mapping(execution).to_array()
+    xp = execution.to_array()  # Settings.execution is the kernel's own ExecutionParams
     qty = notional / price
     buy = fill_price(price, 1.0, qty, volume, xp) / price - 1.0
     sell = 1.0 - fill_price(price, -1.0, qty, volume, xp) / price

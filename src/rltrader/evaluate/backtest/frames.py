@@ -1,0 +1,265 @@
+"""The backtest's result frames, built once, columnar, from the continuous run's arrays and its event log.
+
+Nothing here computes a fill: prices, quantities, fees, realized PnL and funding are the execution kernel's
+events as booked (``rltrader.execution``: ``EventLog``); the equity curve is the accounts' own marking. The
+only loop is the numba round-trip builder, which groups fills into trades.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+from numba import njit
+
+from rltrader.dataset.split import SessionSet
+from rltrader.env.continuous import C_FEES, C_FILLS, C_FUNDING, C_LIQUIDATIONS, C_SLIPPAGE, ContinuousRun
+from rltrader.evaluate.backtest.decisions import DAY_US, FS_BLOCKED
+from rltrader.execution import (
+    EV_FEE,
+    EV_FUND_CUM,
+    EV_KIND,
+    EV_PX,
+    EV_Q_AFTER,
+    EV_QTY,
+    EV_REALIZED,
+    EV_REASON,
+    EV_ROW,
+    EV_TAG,
+    FEES,
+    FUNDING,
+    KIND_FUNDING,
+    KIND_LIQUIDATION,
+    KIND_NAMES,
+    N_FILLS,
+    N_LIQUIDATIONS,
+    REASON_NAMES,
+    SLIPPAGE,
+    ExecutionParams,
+)
+
+# --- round trips built from the events: rows of a (N_TR, n) float64 array ------------------------------------
+(TR_ACCT, TR_ENTRY_ROW, TR_EXIT_ROW, TR_SIDE, TR_QTY, TR_ENTRY_PX, TR_EXIT_PX, TR_REALIZED, TR_FEES, TR_FUNDING,
+ TR_REASON) = range(11)
+N_TR = 11
+
+
+@dataclass
+class BacktestResult:
+    """Everything one backtest produced (column contract in ``rltrader.evaluate.backtest``'s docstring)."""
+
+    equity: pl.DataFrame
+    trades: pl.DataFrame
+    fills: pl.DataFrame
+    daily: pl.DataFrame
+    stretches: pl.DataFrame
+    totals: dict[str, float]
+    initial_cash: float
+    """Starting capital of the combined ``"ALL"`` curve (``initial_cash`` × symbols): pass it to the metrics."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    events: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    """The execution kernel's events, ``(execution.N_EV, n)`` (fills, liquidations, forced closes and funding,
+    ``EV_TAG`` = stretch), in the order they were booked."""
+
+    def combined(self) -> pl.DataFrame:
+        return self.equity.filter(pl.col("symbol") == "ALL")
+
+    def for_symbol(self, symbol: str) -> pl.DataFrame:
+        return self.equity.filter(pl.col("symbol") == symbol)
+
+
+@njit(cache=True)
+def _round_trips(ev: np.ndarray) -> np.ndarray:
+    """Round trips from the fill events (sorted by stretch, then time): a trade opens when the position leaves
+    zero and closes when it returns to zero or flips (a flip's fee is split by quantity; its realized PnL belongs
+    to the closing trade). PnL parts are the events' own amounts, so Σ trade PnL = the equity change."""
+    n = ev.shape[1]
+    out = np.full((N_TR, n + 1), np.nan)
+    k = -1
+    cur = -1.0
+    q = 0.0
+    entry_notional, exit_qty, exit_notional, fund0 = 0.0, 0.0, 0.0, 0.0
+    for i in range(n):
+        b = ev[EV_TAG, i]
+        if b != cur:
+            cur, q = b, 0.0
+        dq, px, fee, real, fund, q_after = (ev[EV_QTY, i], ev[EV_PX, i], ev[EV_FEE, i], ev[EV_REALIZED, i],
+                                            ev[EV_FUND_CUM, i], ev[EV_Q_AFTER, i])
+        open_part = abs(dq)
+        if q != 0.0 and (dq > 0.0) != (q > 0.0):  # reduces / closes / flips the open trade
+            closed = min(abs(dq), abs(q))
+            share = closed / abs(dq)
+            open_part = abs(dq) - closed
+            exit_qty += closed
+            exit_notional += closed * px
+            out[TR_REALIZED, k] += real
+            out[TR_FEES, k] += fee * share
+            fee = fee * (1.0 - share)
+            real = 0.0
+            if q_after == 0.0 or (q_after > 0.0) != (q > 0.0):
+                out[TR_EXIT_ROW, k] = ev[EV_ROW, i]
+                out[TR_EXIT_PX, k] = exit_notional / exit_qty
+                out[TR_FUNDING, k] = fund - fund0
+                out[TR_REASON, k] = ev[EV_REASON, i]
+                open_part = abs(q_after)
+        if open_part > 0.0 and q_after != 0.0:
+            if q == 0.0 or (q_after > 0.0) != (q > 0.0):  # a new trade
+                k += 1
+                out[TR_ACCT, k], out[TR_ENTRY_ROW, k] = b, ev[EV_ROW, i]
+                out[TR_SIDE, k] = 1.0 if q_after > 0.0 else -1.0
+                out[TR_QTY, k], out[TR_REALIZED, k], out[TR_FEES, k] = 0.0, 0.0, 0.0
+                entry_notional, exit_qty, exit_notional, fund0 = 0.0, 0.0, 0.0, fund
+            out[TR_QTY, k] += open_part
+            entry_notional += open_part * px
+            out[TR_ENTRY_PX, k] = entry_notional / out[TR_QTY, k]
+            out[TR_FEES, k] += fee
+            out[TR_REALIZED, k] += real
+        q = q_after
+    return out[:, :k + 1]
+
+
+def _utc(values: np.ndarray) -> pl.Series:
+    return pl.Series(values, dtype=pl.Int64).cast(pl.Datetime("us", "UTC"))
+
+
+def infer_bar_us(data: SessionSet) -> int:
+    d = np.diff(data.time)
+    d = d[d > 0]
+    return int(d.min()) if len(d) else 60_000_000
+
+
+def assemble(data: SessionSet, cont: ContinuousRun, fs: np.ndarray, events: np.ndarray,
+             execution: ExecutionParams, bar_us: int | None) -> BacktestResult:
+    """Frames from the continuous run's arrays and events (vectorised; the only loop is ``_round_trips``)."""
+    bar_us = bar_us or infer_bar_us(data)
+    run, lengths, chain = cont.run, cont.lengths, cont.chain
+    out_eq, out_qty, out_fees, base, eq0 = run.curve_eq, run.curve_qty, run.curve_fees, run.base, run.eq0
+    cash0 = execution.initial_cash
+    S = len(base)
+    sess_of_pos = np.repeat(np.arange(S), lengths)
+    rows = data.start[sess_of_pos] + (np.arange(len(out_eq)) - base[sess_of_pos])
+    sym_of_sess = data.symbol_id[data.start].astype(np.int64)
+    final = out_eq[base + lengths - 1]
+    ev = events[:, events[EV_KIND] != KIND_FUNDING]  # fills (funding is in the totals and the trades' funding)
+    n_ev = ev.shape[1]
+    ev_sess = ev[EV_TAG].astype(np.int64)
+    sess_fees = np.bincount(ev_sess, weights=ev[EV_FEE], minlength=S)
+    sess_fills = np.bincount(ev_sess, minlength=S)
+    sess_liq = np.bincount(ev_sess[ev[EV_KIND] == KIND_LIQUIDATION], minlength=S)
+    bank = np.zeros(S)
+    fee_bank = np.zeros(S)
+    if not chain:  # bank each session's PnL (and fees) into the later sessions of its symbol
+        order = np.lexsort((data.time[data.start], sym_of_sess))
+        sym_sorted = sym_of_sess[order]
+        first_of_sym = np.concatenate([[True], sym_sorted[1:] != sym_sorted[:-1]])
+        group_start = np.maximum.accumulate(np.where(first_of_sym, np.arange(S), 0))
+        for v, out in (((final - eq0)[order], bank), (sess_fees[order], fee_bank)):
+            cum = np.cumsum(v) - v
+            out[order] = cum - cum[group_start]
+    close_time = data.time[rows] + bar_us
+    sym_pos = sym_of_sess[sess_of_pos]
+    srt = np.lexsort((close_time, sym_pos))
+    per_t, per_sym, per_sess, per_rows = close_time[srt], sym_pos[srt], sess_of_pos[srt], rows[srt]
+    per_eq = out_eq[srt] + bank[per_sess]
+    per_q, per_px = out_qty[srt], data.close[per_rows]
+    per_fee = out_fees[srt] + fee_bank[per_sess]
+    sym_names = pl.Series("symbol", list(data.symbols), dtype=pl.Utf8)
+    per = pl.DataFrame({
+        "time": _utc(per_t), "symbol": sym_names.gather(per_sym),
+        "equity": per_eq, "position": per_q, "price": per_px, "fees": per_fee, "stretch": per_sess.astype(np.int64),
+    })
+
+    # combined: each symbol's curve forward-filled on the union of times, summed
+    present = np.flatnonzero(np.bincount(sym_of_sess, minlength=len(data.symbols)))
+    t_sorted = np.sort(close_time)  # sort-based unique: numpy's hash unique is ~8x slower on 1 M timestamps
+    t_all = t_sorted[np.concatenate([[True], t_sorted[1:] != t_sorted[:-1]])] if len(t_sorted) else t_sorted
+    tot_eq = np.zeros(len(t_all))
+    tot_fee = np.zeros(len(t_all))
+    gross = np.zeros(len(t_all))
+    bounds = np.searchsorted(per_sym, np.concatenate([present, [np.iinfo(np.int64).max]]))
+    for k in range(len(present)):
+        lo_, hi_ = bounds[k], bounds[k + 1]
+        i = np.searchsorted(per_t[lo_:hi_], t_all, side="right") - 1
+        ok = i >= 0
+        j = lo_ + np.maximum(i, 0)
+        tot_eq += np.where(ok, per_eq[j], cash0)
+        tot_fee += np.where(ok, per_fee[j], 0.0)
+        gross += np.where(ok, np.abs(per_q[j] * per_px[j]), 0.0)
+    initial_total = cash0 * len(present)
+    combined = pl.DataFrame({
+        "time": _utc(t_all), "equity": tot_eq, "position": gross, "fees": tot_fee,
+        "stretch": np.full(len(t_all), -1, np.int64),
+    }).select("time", pl.lit("ALL", pl.Utf8).alias("symbol"), "equity", "position",
+              pl.lit(None, pl.Float64).alias("price"), "fees", "stretch")
+    equity = pl.concat([per, combined])
+
+    # fills and round trips (events sorted by stretch, then booking order)
+    ev_sorted = ev[:, np.lexsort((np.arange(n_ev), ev_sess))] if n_ev else ev
+    ev_rows = ev_sorted[EV_ROW].astype(np.int64)
+    ev_s = ev_sorted[EV_TAG].astype(np.int64)
+    kinds = pl.Series(list(KIND_NAMES), dtype=pl.Utf8)
+    fills = pl.DataFrame({
+        "symbol": sym_names.gather(sym_of_sess[ev_s]), "stretch": ev_s, "time": _utc(data.time[ev_rows]),
+        "qty": ev_sorted[EV_QTY], "price": ev_sorted[EV_PX], "fee": ev_sorted[EV_FEE],
+        "realized": ev_sorted[EV_REALIZED], "kind": kinds.gather(ev_sorted[EV_KIND].astype(np.int64)),
+    })
+    tr = _round_trips(np.ascontiguousarray(ev_sorted)) if n_ev else np.zeros((N_TR, 0))
+    t_sess = tr[TR_ACCT].astype(np.int64)
+    entry_rows = tr[TR_ENTRY_ROW].astype(np.int64)
+    has_exit = ~np.isnan(tr[TR_EXIT_ROW])
+    exit_rows = np.where(has_exit, tr[TR_EXIT_ROW], 0).astype(np.int64)
+    funding = np.nan_to_num(tr[TR_FUNDING])
+    reasons = pl.Series(list(REASON_NAMES), dtype=pl.Utf8)
+    trades = pl.DataFrame({
+        "symbol": sym_names.gather(sym_of_sess[t_sess]), "stretch": t_sess,
+        "entry_time": _utc(data.time[entry_rows]), "exit_time": _utc(np.where(has_exit, data.time[exit_rows], 0)),
+        "side": tr[TR_SIDE].astype(np.int8), "qty": tr[TR_QTY], "entry_price": tr[TR_ENTRY_PX],
+        "exit_price": tr[TR_EXIT_PX], "notional": tr[TR_QTY] * tr[TR_ENTRY_PX],
+        "pnl": tr[TR_REALIZED] - tr[TR_FEES] - funding, "fees": tr[TR_FEES], "funding": funding,
+        "bars": np.where(has_exit, exit_rows - entry_rows + 1, 0).astype(np.int64),
+        "exit_reason": reasons.gather(np.nan_to_num(tr[TR_REASON]).astype(np.int64)),
+    }).with_columns(
+        pl.when(pl.Series(has_exit)).then(pl.col(c)).otherwise(None).alias(c)
+        for c in ("exit_time", "exit_price", "pnl", "exit_reason"))
+
+    # daily returns per symbol and combined (UTC day of the bar close time); the arrays are sorted by
+    # (symbol, time), so a day's last bar is where the (symbol, day) key changes: no group-by needed
+    def eod(key: np.ndarray, t: np.ndarray, eq: np.ndarray, init: float) -> tuple[np.ndarray, ...]:
+        day = t // DAY_US
+        last = np.flatnonzero(np.concatenate([(key[1:] != key[:-1]) | (day[1:] != day[:-1]), [True]]))
+        e = eq[last]
+        first = np.concatenate([[True], key[last][1:] != key[last][:-1]])
+        prev = np.where(first, init, np.concatenate([[init], e[:-1]]))
+        return key[last], day[last] * DAY_US, e, e / prev - 1.0
+
+    k1, d1, e1, r1 = eod(per_sym, per_t, per_eq, cash0)
+    k2, d2, e2, r2 = eod(np.zeros(len(t_all), np.int64), t_all, tot_eq, initial_total)
+    daily = pl.DataFrame({
+        "symbol": pl.concat([sym_names.gather(k1), pl.Series("symbol", ["ALL"] * len(k2), dtype=pl.Utf8)]),
+        "day": _utc(np.concatenate([d1, d2])), "equity": np.concatenate([e1, e2]),
+        "return": np.concatenate([r1, r2]),
+    })
+
+    stretches = pl.DataFrame({
+        "stretch": np.arange(S), "symbol": sym_names.gather(sym_of_sess),
+        "start": _utc(data.time[data.start]), "end": _utc(data.time[data.end - 1]),
+        "bars": lengths, "start_equity": eq0, "final_equity": final, "return": final / eq0 - 1.0,
+        "fills": sess_fills.astype(np.int64), "liquidations": sess_liq.astype(np.int64), "fees": sess_fees,
+    })
+    acct, carry = cont.core.acct, run.carry
+    final_total = float(tot_eq[-1]) if len(tot_eq) else initial_total
+    totals = {
+        "initial_cash": float(initial_total), "final_equity": final_total,
+        "return": final_total / initial_total - 1.0, "pnl": float((final - eq0).sum()),
+        "fills": float(acct[N_FILLS].sum() + carry[C_FILLS].sum()), "trades": float(trades.height),
+        "fees": float(acct[FEES].sum() + carry[C_FEES].sum()),
+        "funding": float(acct[FUNDING].sum() + carry[C_FUNDING].sum()),
+        "slippage": float(acct[SLIPPAGE].sum() + carry[C_SLIPPAGE].sum()),
+        "liquidations": float(acct[N_LIQUIDATIONS].sum() + carry[C_LIQUIDATIONS].sum()),
+        "bars": float(len(out_eq)), "stretches": float(S), "blocked_decisions": float(fs[FS_BLOCKED].sum()),
+    }
+    return BacktestResult(equity=equity, trades=trades, fills=fills, daily=daily, stretches=stretches,
+                          totals=totals, initial_cash=float(initial_total), meta={"bar_us": bar_us},
+                          events=np.ascontiguousarray(events))
