@@ -265,6 +265,7 @@ class Trader:
         self.resolved: Any = None
         """The ``live.policy.ResolvedModel`` this trader runs (set by ``build_trader``; None for a bare policy)."""
         self.queued: dict[tuple[str, int], OrderRequest] = {}
+        """Orders held back ``latency_bars`` decisions (the backtest's pending queue), by (symbol, decision no.)."""
         self.risk: Any = None
         """The ``live.risk.RiskEngine`` every order passes (set by ``build_trader``; also a gateway hook)."""
         self.stopping = False
@@ -272,7 +273,6 @@ class Trader:
         self.last_bars: dict[str, Bar] = {}
         self.catching_up: set[str] = set()
         """Symbols whose current bar arrived long after its close (a REST repair catching up): no new risk."""
-        """Orders held back ``latency_bars`` decisions (the backtest's pending queue), by (symbol, decision no.)."""
 
     # -- input -----------------------------------------------------------------------------------------
     def warm_up(self, symbol: str, bars: Iterable[Bar]) -> int:
