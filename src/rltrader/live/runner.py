@@ -190,11 +190,11 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
                                                         "rest_base": rest_base, "ws_base": ws_base})
         stream(stream_cfg, store, stop_event=stop, max_seconds=max_seconds, handle_signals=handle_signals,
                on_kline=on_kline)
-        trader.stopping = stop.is_set() and until_us is None  # SIGTERM / stop: no new orders from here on
-        if cfg.flatten_on_stop:
+        if cfg.flatten_on_stop:  # the one order a stop sends, when params ask for it
             for sym, bar in last_bar.items():
                 if sym not in trader.finished:
                     trader._flatten(sym, bar, "stop")
+        trader.stopping = True  # SIGTERM / stop: no new orders from here on (every journal write is committed)
     finally:
         store.close()
     summary = trader.summary()
