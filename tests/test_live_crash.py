@@ -30,7 +30,6 @@ from rltrader.data.archive import parse_klines, read_zip_member
 from rltrader.data.parquet_store import ParquetStore
 from rltrader.data.schema import Market
 from rltrader.dataset.build import run_features_stage, run_sessions_stage
-from rltrader.execution import ExecutionParams
 from rltrader.live.gateway import KILL_VAR
 from rltrader.live.records import Records
 from rltrader.sim import ReplayClock, ReplayData, ReplayServer, run_in_thread
@@ -77,7 +76,7 @@ def _server(settings_path: Path, window: pl.DataFrame) -> ReplayServer:
     s = Settings.model_validate_json(settings_path.read_text())
     return ReplayServer(ReplayData(Market.FUTURES_UM, window), clock=ReplayClock(W0, 0.0, paused=True),
                         heartbeat_s=None, api_keys={KEY: SECRET},
-                        execution=ExecutionParams.from_mapping(s.execution))
+                        execution=s.execution)
 
 
 def _env(kill_at: str | None) -> dict[str, str]:

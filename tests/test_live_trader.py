@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def built(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Set
 
 
 def _with_latency(settings: Settings, latency: int) -> Settings:
-    return settings.model_copy(update={"execution": settings.execution.model_copy(update={"latency_bars": latency})})
+    return settings.model_copy(update={"execution": replace(settings.execution, latency_bars=latency)})
 
 
 def _paper(settings: Settings, model: str, tmp: Path) -> tuple[Records, str]:
@@ -171,7 +172,7 @@ def test_testnet_mode_against_the_fake_exchange_equals_backtest(
     for var, val in zip(KEY_VARS, (key, secret), strict=True):
         monkeypatch.setenv(var, val)
     settings = built.model_copy(update={
-        "execution": built.execution.model_copy(update={"step_size": 1.0}),  # NEARUSDT futures: whole NEAR
+        "execution": replace(built.execution, step_size=1.0),  # NEARUSDT futures: whole NEAR
         "backtest": built.backtest.model_copy(update={"trade_size_quote": 5000.0}),  # below the leverage cap
         "data": built.data.model_copy(update={"store_url": f"parquet://{tmp_path / 'store'}"}),
         "trader": built.trader.model_copy(update={"symbols": ["NEARUSDT"], "model": "sma_cross", "history_bars": 0,
