@@ -173,7 +173,7 @@ def test_testnet_mode_against_the_fake_exchange_equals_backtest(
         monkeypatch.setenv(var, val)
     settings = built.model_copy(update={
         "execution": replace(built.execution, step_size=1.0),  # NEARUSDT futures: whole NEAR
-        "backtest": built.backtest.model_copy(update={"trade_size_quote": 5000.0}),  # below the leverage cap
+        "backtest": replace(built.backtest, trade_size_quote=5000.0),  # below the leverage cap
         "data": built.data.model_copy(update={"store_url": f"parquet://{tmp_path / 'store'}"}),
         "trader": built.trader.model_copy(update={"symbols": ["NEARUSDT"], "model": "sma_cross", "history_bars": 0,
                                                   "records_url": str(tmp_path / "t.db")})})
