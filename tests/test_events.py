@@ -136,8 +136,9 @@ def test_forced_close_at_every_gap_is_the_kernels_fill() -> None:
 
 
 @pytest.mark.parametrize(("mode", "market", "policy", "flt"), [
-    ("futures_session", "futures", "random", BacktestFilters()),
-    ("futures_session", "futures", "sma_cross", BacktestFilters(stop_loss=0.004, take_profit=0.006)),
+    ("futures_session", "futures", "random", BacktestFilters(repeat_cycles=False)),
+    ("futures_session", "futures", "sma_cross",
+     BacktestFilters(stop_loss=0.004, take_profit=0.006, repeat_cycles=False)),
     ("spot_cycle", "spot", "random", BacktestFilters(repeat_cycles=True)),
     ("lowrider", "spot", "lowrider_rule", BacktestFilters(repeat_cycles=True)),
 ])
@@ -158,7 +159,7 @@ def test_events_reconcile_with_accounts_and_equity(mode: str, market: str, polic
         assert recon == pytest.approx(st["final_equity"][s], rel=1e-12, abs=1e-9)
     # unfiltered (no cycle restarts) every stretch is one account: its events, summed in booking order, ARE its
     # totals, as the account fields after driving the continuous mode one bar at a time from Python show
-    if flt == BacktestFilters():
+    if flt == BacktestFilters(repeat_cycles=False):
         core_totals = {FEES: EV_FEE, REALIZED: EV_REALIZED, FUNDING: EV_FUNDING, SLIPPAGE: EV_SLIP,
                        INSURANCE: EV_INSURANCE}
         res_acct = _final_accounts(data, policy, ex, EnvParams(mode=mode), flt)  # type: ignore[arg-type]

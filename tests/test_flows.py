@@ -133,7 +133,7 @@ def test_nightly_retrain_backfills_rebuilds_and_decides(prefect_harness: None, w
     # the shared archive has AVAXUSDT for 2023-02 and 2023-09 (not the months between): both land, the hole is
     # reported as a gap, not an error
     assert summary["backfill"]["inserted"] == (28 + 30) * 1440 and summary["gaps"] >= 1
-    assert summary["rebuild"]["stages"] == ["ingest", "features", "sessions", "train@d3qn", "train@ppo",
+    assert summary["rebuild"]["stages"] == ["ingest", "features", "sessions", "study", "train@d3qn", "train@ppo",
                                             "train@cnn", "backtest", "promote"]
     assert summary["decision"] in ("promote", "refuse") and summary["challenger"] in ("d3qn", "ppo")
     decision = json.loads((workdir / "reports" / "promotion.json").read_text())

@@ -70,7 +70,8 @@ def test_failed_transaction_writes_nothing(tmp_path: Path) -> None:
 def _journal_contract(r: Records) -> None:
     """What recovery and the risk engine read and write: open intents per mode, positions, the persisted
     state and events, the operator's commands, nested transactions."""
-    from rltrader.live.risk import RiskState, halt, request_flatten, resume, set_state, state_of
+    from rltrader.live import control
+    from rltrader.live.risk import RiskState, set_state, state_of
 
     r.start_session("x1", mode="testnet", model="m", model_version=None, symbols=["AAA"], params={})
     r.start_session("x1", mode="testnet", model="m", model_version=None, symbols=["AAA"], params={})  # resumed
@@ -90,15 +91,14 @@ def _journal_contract(r: Records) -> None:
     assert state_of(r)["state"] == "ACTIVE"
     assert set_state(r, RiskState.REDUCING, "max_drawdown", drawdown=0.1)
     assert not set_state(r, RiskState.REDUCING, "max_drawdown")  # no change, nothing recorded
-    assert halt(r, "operator: t") and state_of(r)["reason"] == "operator: t"
-    cid = request_flatten(r)
-    assert resume(r)
+    control.halt(r, "t")  # the operator's commands (live.control) share the tables
+    assert state_of(r)["state"] == "HALTED" and state_of(r)["reason"] == "operator: halt (t)"
+    cid = int(control.flatten(r)["id"])
+    control.resume(r)
     assert [(e["state_to"], e["reason"]) for e in r.risk_events()] == [
-        ("REDUCING", "max_drawdown"), ("HALTED", "operator: t"), ("ACTIVE", "operator: rltrader trade resume")]
+        ("REDUCING", "max_drawdown"), ("HALTED", "operator: halt (t)"), ("ACTIVE", "operator: resume")]
     assert r.risk_events()[0]["numbers"] == {"drawdown": 0.1}
-    assert [c["command"] for c in r.pending_commands()] == ["halt", "flatten", "resume"]
-    r.take_command(cid, "done")
-    assert [c["command"] for c in r.pending_commands()] == ["halt", "resume"]
+    assert [int(c["id"]) for c in control.pending(r)] == [cid]
 
 
 def test_journal_contract_sqlite(tmp_path: Path) -> None:

@@ -21,9 +21,10 @@ from rltrader.data.parquet_store import ParquetStore
 from rltrader.data.schema import Market
 from rltrader.dataset.build import run_features_stage, run_sessions_stage
 from rltrader.execution import ExecutionParams
+from rltrader.live.control import resume
 from rltrader.live.gateway import OrderRequest, PaperBroker, Reduced
 from rltrader.live.records import Records
-from rltrader.live.risk import RiskEngine, RiskLimits, RiskState, reduces, request_flatten, resume, state_of
+from rltrader.live.risk import RiskEngine, RiskLimits, RiskState, reduces, state_of
 from rltrader.live.trader import bars_from_frame, build_trader
 
 NEAR = "futures/um/monthly/klines/NEARUSDT/1m/NEARUSDT-1m-2023-04.zip"
@@ -242,42 +243,30 @@ def test_a_replayed_day_with_injected_breaches_never_exceeds_a_limit(built: Sett
 
 
 @pytest.mark.slow
-def test_operator_commands_halt_resume_flatten(built: Settings, tmp_path: Path) -> None:
-    """`rltrader trade halt|resume|flatten` against the journal a trader uses: flatten is taken between bars and
-    closes the position through the risk engine, which is REDUCING from then on; halt blocks everything."""
+def test_an_operator_halt_blocks_every_later_order_through_the_risk_engine(built: Settings, tmp_path: Path) -> None:
+    """`rltrader trade halt` (``live.control``, the journal's state) mid-day: from the next order on the risk
+    engine refuses everything, with the operator's reason on each order; `resume` makes it ACTIVE again.
+    (stop/flatten/reload/reconcile between bars: tests/test_live_ops.py.)"""
     from rltrader.cli import app
 
     db = tmp_path / "j.db"
     runner = CliRunner()
     settings = built.model_copy(update={"risk": RiskSettings(stale_after_s=0)})
     records = Records(db)
-    positions: list[float] = []
 
-    def flatten_now(trader: object) -> None:
-        book = trader.books["NEARUSDT"]  # type: ignore[attr-defined]
-        positions.append(float(book.committed()))
-        res = runner.invoke(app, ["trade", "flatten", "--records", str(db)])
+    def halt_now(trader: object) -> None:
+        res = runner.invoke(app, ["trade", "halt", "--reason", "test", "--records", str(db)])
         assert res.exit_code == 0, res.output
 
-    # find a bar where sma_cross holds a position, then flatten there
-    probe = Records(tmp_path / "probe.db")
-    psid = _run_day(settings, probe)
-    marks = probe.marks(psid)
-    at = next(i for i, m in enumerate(marks) if i > 100 and m["position"] != 0.0)
-    sid = _run_day(settings, records, bars_until=at + 1, between=flatten_now)
-    assert positions and positions[0] != 0.0
-    cmds = records._query("SELECT * FROM commands")
-    assert [c["command"] for c in cmds] == ["flatten"] and cmds[0]["result"].startswith("flatten: 1 closing")
-    flat = [o for o in records.orders(sid) if o["reason"] == "flatten"]
-    assert len(flat) == 1 and flat[0]["status"] == "filled"
-    assert state_of(records)["state"] == "REDUCING"
-    later = [o for o in records.orders(sid) if o["bar_time"] > flat[0]["bar_time"] and o["reason"] == "signal"]
-    assert later and all(o["status"] == "blocked" and "REDUCING" in o["detail"] for o in later)
-    res = runner.invoke(app, ["trade", "halt", "--records", str(db)])
-    assert res.exit_code == 0 and state_of(records)["state"] == "HALTED"
+    sid = _run_day(settings, records, bars_until=600, between=halt_now)
+    cut = T0 + 601 * 60_000_000  # the first bar decided after the halt
+    before = [o for o in records.orders(sid) if o["bar_time"] < cut]
+    after = [o for o in records.orders(sid) if o["bar_time"] >= cut]
+    assert any(o["status"] == "filled" for o in before) and after
+    assert all(o["status"] == "blocked" and o["detail"] == "HALTED: operator: halt (test)" for o in after)
+    assert state_of(records)["state"] == "HALTED"  # it persists
     res = runner.invoke(app, ["trade", "resume", "--records", str(db)])
     assert res.exit_code == 0 and state_of(records)["state"] == "ACTIVE"
-    assert request_flatten(records) > 0
 
 
 def test_reduces() -> None:

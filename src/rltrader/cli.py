@@ -519,7 +519,9 @@ def api_serve_cmd(
     port: int = 8080,
 ) -> None:
     """Serve POST /data/collect, /data/backfill, /train/{algo}, /pipeline/run and GET /runs/{id}: each creates a
-    run of the Prefect deployment (served by `python -m flows.deploy`); bearer token from RLTRADER_API_TOKEN."""
+    run of the Prefect deployment (served by `python -m flows.deploy`); the trader's /status, /orders, /fills, /pnl,
+    /metrics, POST /halt|/resume|/flatten|… (its records: trader.records_url) and its page at /live; bearer token
+    from RLTRADER_API_TOKEN."""
     from rltrader.api.app import serve
 
     try:

@@ -31,7 +31,10 @@ ALIASES = {
     "RLTRADER_DATA_DIR": ("data", "dir"),
 }
 # Variables with the prefix that are not parameters (read elsewhere, e.g. by the test harness).
-NOT_PARAMS = {"RLTRADER_PG_BIN", "RLTRADER_PARAMS", "RLTRADER_BINANCE_API_KEY", "RLTRADER_BINANCE_API_SECRET"}
+NOT_PARAMS = {"RLTRADER_PG_BIN", "RLTRADER_PARAMS", "RLTRADER_BINANCE_API_KEY", "RLTRADER_BINANCE_API_SECRET",
+              # secrets and endpoints of the API and the notifier (read where used, never settings)
+              "RLTRADER_API_TOKEN", "RLTRADER_NOTIFY_WEBHOOK", "RLTRADER_TELEGRAM_BOT_TOKEN",
+              "RLTRADER_TELEGRAM_CHAT_ID", "RLTRADER_TELEGRAM_API"}
 
 
 class _Strict(BaseModel):

@@ -1,5 +1,5 @@
-"""The whole pipeline as plain function calls, in ``dvc.yaml``'s order: ingest → features → sessions → train →
-backtest → promote. ``dvc repro`` is the usual way to run it (it skips what did not change); this is the same
+"""The whole pipeline as plain function calls, in ``dvc.yaml``'s order: ingest → features → sessions → study →
+train → backtest → promote. ``dvc repro`` is the usual way to run it (it skips what did not change); this is the same
 chain for callers without a DVC repo around them — the Prefect ``nightly_retrain`` flow's fallback, and tests.
 Each step is the very function its DVC stage's CLI command calls, writing the same files under ``reports_dir``."""
 
@@ -15,7 +15,7 @@ from rich.console import Console
 from rltrader.config import Settings
 
 console = Console(stderr=True)
-STAGES = ("ingest", "features", "sessions", "train", "backtest", "promote")
+STAGES = ("ingest", "features", "sessions", "study", "train", "backtest", "promote")
 """The stages in order; ``dvc.yaml`` declares the same ones (``tests/test_structure.py`` checks both). ``train``
 runs once per trained model (``backtest.models``, by default every algorithm of ``rltrader.agents.ALGORITHMS``,
 as dvc.yaml's ``train`` foreach)."""
@@ -30,6 +30,7 @@ def run_pipeline(settings: Settings, *, reports_dir: Path = Path("reports"), pro
     from rltrader.dataset.build import run_features_stage, run_sessions_stage
     from rltrader.evaluate.stage import run_backtest_stage
     from rltrader.registry import promote
+    from rltrader.study.stage import run_study_stage
     from rltrader.train import run_train
     from rltrader.utils import write_json
 
@@ -54,6 +55,8 @@ def run_pipeline(settings: Settings, *, reports_dir: Path = Path("reports"), pro
     write_json(reports_dir / "features.json", features)
     out["sessions"] = timed("sessions", lambda: run_sessions_stage(
         settings, metrics_path=reports_dir / "sessions.json", plot_path=reports_dir / "plots" / "sessions.png"))
+    out["study"] = timed("study", lambda: run_study_stage(
+        settings, out_dir=reports_dir / "study", metrics_path=reports_dir / "study.json")["verdicts"])
     out["train"] = {algo: timed(f"train@{algo}", lambda a=algo: run_train(   # type: ignore[misc]
         settings, a, progress=progress, metrics_path=reports_dir / f"train_{a}.json"))
         for algo in settings.backtest.models}

@@ -49,6 +49,10 @@ def trade_cmd(
     no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="Skip the MLflow session summary")] = False,
     real_money: Annotated[bool, typer.Option("--i-understand-this-trades-real-money",
                                              help="Needed (with the keys in the env) by --mode live")] = False,
+    api_port: Annotated[int | None, typer.Option(help="Serve the status/control API and the live page (/live) on "
+                                                 "this port, in a thread beside the trader")] = None,
+    api_host: Annotated[str, typer.Option(help="Address for --api-port; beyond loopback only with "
+                                          "RLTRADER_API_TOKEN set")] = "127.0.0.1",
 ) -> None:
     """Trade the model on closed 1m bars (no subcommand), or query the records (subcommands)."""
     if ctx.invoked_subcommand is not None:
@@ -62,7 +66,8 @@ def trade_cmd(
         end = datetime.fromisoformat(until.replace("Z", "+00:00")) if until else None
         summary = run_trader(settings, mode=mode, symbols=symbols.split(",") if symbols else None, model=model,
                              rest_base=rest_base, ws_base=ws_base, until=end, max_seconds=duration,
-                             mlflow_summary=not no_mlflow, confirm_live=real_money)
+                             mlflow_summary=not no_mlflow, api_port=api_port, api_host=api_host,
+                             confirm_live=real_money)
     except (RLTraderError, ValueError) as exc:
         _fail(str(exc))
     out.print_json(json.dumps(summary, default=str))
@@ -79,8 +84,12 @@ def status_cmd(records: RecordsOpt = None, session: SessionOpt = None,
     if as_json:
         out.print_json(json.dumps(st, default=str))
         return
+    from rltrader.live.control import state_of
+
     s = st["session"]
+    state = state_of(_records(records))
     out.print(f"session {s['session_id']} ({s['mode']}) model {s['model']} version {s['model_version']}")
+    out.print(f"state {state['state']} ({state['reason']})", highlight=False)
     table = Table("symbol", "equity", "position", "orders", "fills", "fees")
     for sym, v in sorted(st["symbols"].items()):
         table.add_row(sym, f"{v.get('equity', 0):.4f}", f"{v.get('position', 0):g}", str(v.get("orders", 0)),
@@ -125,33 +134,62 @@ def pnl_cmd(records: RecordsOpt = None, session: SessionOpt = None,
 
 
 
-@trade_app.command("halt")
-def halt_cmd(records: RecordsOpt = None,
-             reason: Annotated[str, typer.Option(help="Recorded with the transition")] = "operator") -> None:
-    """Kill switch: HALTED at once (a running trader sends nothing more; persists until `resume`)."""
-    from rltrader.live.risk import halt, state_of
+def _control(command: str, reason: str, records: str | None) -> None:
+    from rltrader.live import control
 
-    rec = _records(records)
-    halt(rec, f"operator: rltrader trade halt ({reason})")
-    out.print_json(json.dumps(state_of(rec), default=str))
+    try:
+        row = control.issue(_records(records), command, reason)
+    except RLTraderError as exc:
+        _fail(str(exc))
+    out.print(f"{command} (#{row['id']}): {row['result']}", highlight=False)
+
+
+ReasonOpt = Annotated[str, typer.Option(help="Why (recorded with the command)")]
+
+
+@trade_app.command("halt")
+def halt_cmd(reason: ReasonOpt = "", records: RecordsOpt = None) -> None:
+    """HALTED: send nothing until `resume`."""
+    _control("halt", reason, records)
 
 
 @trade_app.command("resume")
-def resume_cmd(records: RecordsOpt = None) -> None:
-    """Leave HALTED / REDUCING: back to ACTIVE (a failed reconciliation halts again at the next start)."""
-    from rltrader.live.risk import resume, state_of
-
-    rec = _records(records)
-    resume(rec)
-    out.print_json(json.dumps(state_of(rec), default=str))
+def resume_cmd(reason: ReasonOpt = "", records: RecordsOpt = None) -> None:
+    """ACTIVE again after halt/stop/reduce/flatten."""
+    _control("resume", reason, records)
 
 
 @trade_app.command("flatten")
-def flatten_cmd(records: RecordsOpt = None) -> None:
-    """Close every position through the risk engine: queued for the running trader (taken between bars, or at
-    the next start), which is REDUCING from then on until `resume`."""
-    from rltrader.live.risk import request_flatten
+def flatten_cmd(reason: ReasonOpt = "", records: RecordsOpt = None) -> None:
+    """Queued: the running trader closes every position at its next bar, then REDUCING until `resume`."""
+    _control("flatten", reason, records)
 
-    rec = _records(records)
-    cid = request_flatten(rec)
-    out.print_json(json.dumps({"command": "flatten", "id": cid, "pending": len(rec.pending_commands())}))
+
+@trade_app.command("stop")
+def stop_cmd(reason: ReasonOpt = "", records: RecordsOpt = None) -> None:
+    """No new entries (REDUCING): only orders that bring a position closer to flat are sent."""
+    _control("stop", reason, records)
+
+
+@trade_app.command("start")
+def start_cmd(reason: ReasonOpt = "", records: RecordsOpt = None) -> None:
+    """ACTIVE: new entries allowed."""
+    _control("start", reason, records)
+
+
+@trade_app.command("reduce")
+def reduce_cmd(reason: ReasonOpt = "", records: RecordsOpt = None) -> None:
+    """REDUCING: only position-reducing orders are sent."""
+    _control("reduce", reason, records)
+
+
+@trade_app.command("reload")
+def reload_cmd(reason: ReasonOpt = "", records: RecordsOpt = None) -> None:
+    """Queued: the running trader re-resolves its model (the `champion` alias) between bars."""
+    _control("reload", reason, records)
+
+
+@trade_app.command("reconcile")
+def reconcile_cmd(reason: ReasonOpt = "", records: RecordsOpt = None) -> None:
+    """Queued: the running trader compares its positions with its recorded fills (result in the command's row)."""
+    _control("reconcile", reason, records)

@@ -427,6 +427,8 @@ class OrderGateway:
         self.broker, self.records, self.session_id, self.xp = broker, records, session_id, xp
         self.hooks = list(hooks)
         self.journaled: set[str] = set()
+        self.fill_listeners: list[Callable[[Sequence[Fill]], None]] = []
+        """Called with each batch of recorded fills (the notifier); must not block."""
 
     def order_for_target(self, symbol: str, bar_time: int, target: float, committed: float, ref: float,
                          reason: str) -> OrderRequest | None:
@@ -491,6 +493,8 @@ class OrderGateway:
                                          f.fee, f.slippage, f.realized, f.position_after)
                 if f.client_order_id is not None and f.kind == "order":
                     self.records.update_order(f.client_order_id, "filled")
+        for listener in self.fill_listeners:
+            listener(fills)
 
 
 __all__ = ["Bar", "BinanceBroker", "Broker", "Fill", "OrderGateway", "OrderRequest", "OutcomeUnknown", "PaperBroker",

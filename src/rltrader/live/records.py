@@ -218,18 +218,6 @@ class Records:
             r["numbers"] = json.loads(r["numbers"]) if r["numbers"] else {}
         return rows
 
-    def issue_command(self, command: str) -> int:
-        with self._lock:
-            cur = self.conn.execute(self._sql("INSERT INTO commands (command, issued_at) VALUES (?, ?) RETURNING id"),
-                                    (command, time.time()))
-            return int(cur.fetchone()[0])
-
-    def pending_commands(self) -> list[dict[str, Any]]:
-        return self._query("SELECT * FROM commands WHERE taken_at IS NULL ORDER BY id")
-
-    def take_command(self, command_id: int, result: str) -> None:
-        self._exec("UPDATE commands SET taken_at = ?, result = ? WHERE id = ?", (time.time(), result, command_id))
-
     def open_orders(self, modes: Sequence[str] = ("testnet", "live")) -> list[dict[str, Any]]:
         """Every journaled order (of sessions in ``modes``) whose outcome is not known: ``new`` (intent written,
         maybe sent), ``unknown`` (sent, no answer), ``sent`` (accepted, no fill yet). Recovery resolves each

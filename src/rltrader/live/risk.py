@@ -20,10 +20,10 @@ wall-clock seconds), its REST repair is running, or its features are NaN; the re
 Every refusal and reduction lands in the orders table (status ``blocked`` / detail ``reduced: …``), because the
 gateway records the intent before it asks the hooks.
 
-Operator commands (``halt`` / ``resume`` / ``flatten``) are functions here (``halt``, ``resume``,
-``request_flatten``) over the journal, so the CLI and a later HTTP API call the same code: halt and resume
-change the persisted state at once (a running trader re-reads it between bars); flatten is queued as a command
-the running trader takes between bars and closes every position through this engine.
+Operator commands (``halt`` / ``resume`` / ``flatten`` / …) are ``live.control``'s, over the same journal
+tables (``risk_kv`` key ``risk_state``, ``risk_events``, ``commands``): state changes take effect at once (this
+engine reads the persisted state before every order), queued actions are taken by the running trader between
+bars.
 """
 
 from __future__ import annotations
@@ -102,24 +102,6 @@ def set_state(records: Records, new: RiskState, reason: str, **numbers: Any) -> 
     log.warning(json.dumps({"event": "risk_state", "from": old["state"], "to": new.value, "reason": reason,
                             **numbers}, default=str))
     return True
-
-
-def halt(records: Records, reason: str = "operator: rltrader trade halt") -> bool:
-    """Kill switch: HALTED now (a running trader sends nothing from its next order on)."""
-    records.issue_command("halt")
-    return set_state(records, RiskState.HALTED, reason)
-
-
-def resume(records: Records, reason: str = "operator: rltrader trade resume") -> bool:
-    """Leave HALTED / REDUCING (the only way out of a daily-loss or operator halt)."""
-    records.issue_command("resume")
-    return set_state(records, RiskState.ACTIVE, reason)
-
-
-def request_flatten(records: Records) -> int:
-    """Queue ``flatten``: the running trader closes every position through the risk engine between bars (a
-    trader started later takes it at its start)."""
-    return records.issue_command("flatten")
 
 
 class RiskEngine:
@@ -290,5 +272,4 @@ class RiskEngine:
         return None
 
 
-__all__ = ["RiskEngine", "RiskLimits", "RiskState", "halt", "reduces", "request_flatten", "resume", "set_state",
-           "state_of"]
+__all__ = ["RiskEngine", "RiskLimits", "RiskState", "reduces", "set_state", "state_of"]

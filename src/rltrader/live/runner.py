@@ -122,11 +122,16 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
                model: str | None = None, rest_base: str | None = None, ws_base: str | None = None,
                until: datetime | None = None, max_seconds: float | None = None,
                stop_event: threading.Event | None = None, handle_signals: bool = True,
-               mlflow_summary: bool = True, on_processed: Any = None, confirm_live: bool = False,
+               mlflow_summary: bool = True, on_processed: Any = None, api_port: int | None = None,
+               api_host: str = "127.0.0.1", notifier: Any = None, confirm_live: bool = False,
                grace_s: float = 2.0) -> dict[str, Any]:
     """Run the trader until stopped (signal, ``stop_event``, ``max_seconds``) or every symbol reached ``until``.
-    ``on_processed(symbol, bar_time)``: called once a closed bar is fully handled (lock-step replays, tests)."""
+    ``on_processed(symbol, bar_time)``: called once a closed bar is fully handled (lock-step replays, tests).
+    ``api_port``: serve the control/status API and the live page in a thread beside the loop (``rltrader trade
+    --api-port``). ``notifier``: a :class:`rltrader.live.notify.Notifier` (default: from the environment, if set)."""
     from rltrader.data.stream import stream
+    from rltrader.live.control import Controller
+    from rltrader.live.notify import Notifier
     from rltrader.live.policy import alias_moved, resolve
 
     cfg = settings.trader
@@ -149,8 +154,17 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
                           until_us=until_us, session_id=resume_id)
     if resume_id is not None:
         _event("session_resumed", session_id=resume_id)
+    controller = Controller(trader, reload=lambda: reload_model(trader, settings))
     if isinstance(broker, BinanceBroker):
         start_exchange_trader(settings, trader, broker, symbols)
+    notifier = notifier if notifier is not None else Notifier.from_env()
+    if notifier is not None:
+        trader.gateway.fill_listeners.append(notifier.on_fills)
+    api = None
+    if api_port is not None:
+        from rltrader.api.app import serve_in_thread
+
+        api = serve_in_thread(host=api_host, port=api_port, records_url=records.url)
     store = open_store(settings.data.store_url, settings.data.dir)
     stop = stop_event or threading.Event()
     try:
@@ -177,7 +191,7 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
                 trader.catching_up.add(sym)
             else:
                 trader.catching_up.discard(sym)
-            trader.on_bar(sym, bar)
+            step(trader, controller, notifier, sym, bar)
             if cfg.follow_champion and bar.time // 60_000_000 != state["minute"]:
                 state["minute"] = bar.time // 60_000_000
                 _maybe_reload(trader, settings, alias_moved, resolve)
@@ -197,6 +211,10 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
         trader.stopping = True  # SIGTERM / stop: no new orders from here on (every journal write is committed)
     finally:
         store.close()
+        if notifier is not None:
+            notifier.close()
+        if api is not None:
+            api.stop()
     summary = trader.summary()
     summary.update(mode=mode, symbols_traded=symbols)
     records.end_session(trader.session_id, summary)
@@ -206,6 +224,42 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
     return summary
 
 
+def step(trader: Trader, controller: Any, notifier: Any, symbol: str, bar: Bar) -> Any:
+    """One closed bar: the trader's decision, its signal to the notifier (a queue put, never a wait), then the
+    operator commands queued since the last bar. The runner's per-bar body; tests drive it directly."""
+    from rltrader.live.notify import confidence
+
+    decision = trader.on_bar(symbol, bar)
+    if notifier is not None and decision is not None and decision.target is not None:
+        notifier.signal(symbol, trader.action_names[decision.action], bar.close,
+                        confidence(decision.scores, decision.action), decision.bar_time)
+    if controller is not None:
+        controller.on_bar(symbol, bar)
+    return decision
+
+
+def reload_model(trader: Trader, settings: Any) -> str:
+    """``reload`` command: re-resolve the model spec (the ``champion`` alias) now, between bars."""
+    from rltrader.live.policy import resolve
+
+    current = trader.resolved
+    if current is None:
+        return "reload: no resolved model (a bare policy)"
+    new = resolve(settings, current.spec, trader.env_params.mode)
+    if new.version == current.version and new.uri == current.uri:
+        return f"reload: unchanged ({current.uri} version {current.version})"
+    _switch(trader, current, new)
+    return f"reload: {current.version} -> {new.version}"
+
+
+def _switch(trader: Trader, current: Any, new: Any) -> None:
+    trader.policy, trader.model_version, trader.policy_name = new.policy, new.version, new.uri
+    trader.module = new.policy if getattr(new.policy, "kind", None) is not None else None
+    trader.resolved = new
+    trader.records.set_model_version(trader.session_id, new.version, new.uri)
+    _event("model_reloaded", model=new.uri, version=new.version, previous=current.version)
+
+
 def _maybe_reload(trader: Trader, settings: Any, alias_moved: Any, resolve: Any) -> None:
     """``trader.follow_champion``: between bars, load the alias's new version and record the switch."""
     current = trader.resolved
@@ -213,9 +267,5 @@ def _maybe_reload(trader: Trader, settings: Any, alias_moved: Any, resolve: Any)
     if version is None:
         return
     new = resolve(settings, current.spec, trader.env_params.mode)
-    trader.policy, trader.model_version, trader.policy_name = new.policy, new.version, new.uri
-    trader.module = new.policy if getattr(new.policy, "kind", None) is not None else None
-    trader.resolved = new
-    trader.records.set_model_version(trader.session_id, new.version, new.uri)
-    _event("model_reloaded", model=new.uri, version=new.version, previous=current.version)
+    _switch(trader, current, new)
 

@@ -31,7 +31,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -322,7 +322,6 @@ class Trader:
         t0 = time.perf_counter()
         if symbol in self.finished:
             return None
-        self.take_commands()
         book = self.books[symbol]
         gap = book.last_time is not None and bar.time - book.last_time != 60_000_000
         raw, ok = self.features[symbol].update(bar.time, bar.open, bar.high, bar.low, bar.close, bar.volume,
@@ -402,33 +401,6 @@ class Trader:
         t = self.last_bars[symbol].time if symbol in self.last_bars else 0
         self.records.record_fill(self.session_id, symbol, None, t, "seed", qty, entry, 0.0, 0.0, 0.0, qty)
         _event("position_seeded", symbol=symbol, qty=qty, entry=entry)
-
-    def take_commands(self) -> list[str]:
-        """Between bars: the operator's queued commands (``rltrader trade halt|resume|flatten``). halt and
-        resume already changed the persisted state the risk engine reads; flatten closes every position here,
-        through the risk engine (REDUCING from then on, until resume)."""
-        from rltrader.live.risk import RiskState, set_state
-
-        done: list[str] = []
-        for cmd in self.records.pending_commands():
-            result = "noted"
-            if cmd["command"] == "flatten":
-                set_state(self.records, RiskState.REDUCING, "operator: rltrader trade flatten")
-                sent = 0
-                for sym, book in self.books.items():
-                    bar = self.last_bars.get(sym)
-                    if bar is None or book.committed() == 0.0:
-                        continue
-                    req = self.gateway.order_for_target(sym, bar.time + 60_000_000, 0.0, book.committed(), bar.close,
-                                                        "flatten")
-                    if req is not None:
-                        req = replace(req, client_order_id=req.client_order_id[:-1] + "F")
-                        sent += self.gateway.submit(req, book.acct)
-                result = f"flatten: {sent} closing order(s) sent"
-            self.records.take_command(int(cmd["id"]), result)
-            _event("command", command=cmd["command"], result=result)
-            done.append(str(cmd["command"]))
-        return done
 
     def _decide(self, book: SymbolBook, bar: Bar) -> Decision:
         """Decision for the bar after ``bar`` (sent at its open); hold with a reason when not allowed."""
