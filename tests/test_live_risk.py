@@ -97,9 +97,10 @@ def test_daily_loss_halts_drawdown_reduces_and_both_survive_a_restart(tmp_path: 
     eng.on_mark("A", 10.0, 10.0, 1010.0, T0 + 60_000_000)  # the peak
     eng.on_mark("A", 10.0, 10.0, 985.0, T0 + 120_000_000)  # 2.5 % below the peak, 1.5 % on the day
     assert eng.state is RiskState.REDUCING
-    assert eng(_req(5.0, pos=10.0)) == "REDUCING: order 5 would add to position 10"
-    v = eng(_req(-15.0, pos=10.0))  # a flip: only its closing part
-    assert isinstance(v, Reduced) and v.req.qty == -10.0 and v.req.closes and v.req.reduce_only
+    assert eng(_req(5.0, pos=10.0)) == "REDUCING: order 5 would not reduce position 10"
+    assert eng(_req(-15.0, pos=10.0)) == "REDUCING: order -15 would not reduce position 10"  # a flip: refused
+    v = eng(_req(-10.0, pos=10.0))  # the close passes, flagged reduce-only
+    assert isinstance(v, Reduced) and v.req.qty == -10.0 and v.req.reduce_only and v.why == ""
     # a restart: the engine reads the journal's state, peak and day
     eng2 = _engine(tmp_path, max_daily_loss=0.05, max_drawdown=0.02)
     assert eng2.state is RiskState.REDUCING and eng2.peak == 1010.0

@@ -8,8 +8,9 @@ States (persisted in the journal, ``risk_kv``; every transition in ``risk_events
 
 - ``ACTIVE``: orders within the limits pass; an order over a notional or leverage limit is *reduced* to the
   limit (on the step grid; refused when the remainder is below the exchange's minimum notional);
-- ``REDUCING`` (drawdown from the session's equity peak beyond ``max_drawdown``): only orders that shrink a
-  position; one that would flip it is cut to the close;
+- ``REDUCING`` (drawdown from the session's equity peak beyond ``max_drawdown``, or the operator's
+  ``stop``/``reduce``/``flatten``): only orders that shrink a position without flipping it (a flip is refused
+  whole, as ``live.control`` does: the position is held, not reversed);
 - ``HALTED`` (daily loss beyond ``max_daily_loss``, an operator's ``halt``, a failed reconciliation, or the
   start of a testnet/live trader until recovery passes): nothing is sent. HALTED survives restarts and is
   left only by ``rltrader trade resume`` (or, at start, a passed reconciliation when the halt was the start's).
@@ -191,19 +192,15 @@ class RiskEngine:
         is_reducing = reduces(pos, qty)
         if state is RiskState.HALTED:
             return f"HALTED: {state_of(self.records)['reason']}"
-        new: OrderRequest | None = None
         why: list[str] = []
         if not is_reducing:
             no_risk = self.blocked.get(req.symbol) or self.stale(req.symbol)
-            if state is RiskState.REDUCING or no_risk:
-                if pos != 0.0 and (qty > 0.0) != (pos > 0.0):  # a flip: only its closing part
-                    new = replace(req, qty=-pos, closes=True)
-                    why.append(f"{no_risk or 'REDUCING'}: cut to the close of {pos:g}")
-                else:
-                    return f"REDUCING: order {qty:g} would add to position {pos:g}" if not no_risk else (
-                        f"no new risk: {no_risk}")
-        cur = new or req
-        if cur is req and not is_reducing:
+            if no_risk:
+                return f"no new risk: {no_risk}"
+            if state is RiskState.REDUCING:
+                return f"REDUCING: order {qty:g} would not reduce position {pos:g}"
+        cur = req
+        if not is_reducing:
             # notional and leverage caps: reduce the order to what fits, on the step grid
             cap = math.inf
             if lim.max_order_notional:
