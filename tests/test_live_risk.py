@@ -97,8 +97,8 @@ def test_daily_loss_halts_drawdown_reduces_and_both_survive_a_restart(tmp_path: 
     eng.on_mark("A", 10.0, 10.0, 1010.0, T0 + 60_000_000)  # the peak
     eng.on_mark("A", 10.0, 10.0, 985.0, T0 + 120_000_000)  # 2.5 % below the peak, 1.5 % on the day
     assert eng.state is RiskState.REDUCING
-    assert eng(_req(5.0, pos=10.0)) == "REDUCING: order 5 would not reduce position 10"
-    assert eng(_req(-15.0, pos=10.0)) == "REDUCING: order -15 would not reduce position 10"  # a flip: refused
+    assert eng(_req(5.0, pos=10.0)) == "REDUCING: max_drawdown (order 5 would not reduce position 10)"
+    assert eng(_req(-15.0, pos=10.0)) == "REDUCING: max_drawdown (order -15 would not reduce position 10)"  # a flip
     v = eng(_req(-10.0, pos=10.0))  # the close passes, flagged reduce-only
     assert isinstance(v, Reduced) and v.req.qty == -10.0 and v.req.reduce_only and v.why == ""
     # a restart: the engine reads the journal's state, peak and day

@@ -198,7 +198,8 @@ class RiskEngine:
             if no_risk:
                 return f"no new risk: {no_risk}"
             if state is RiskState.REDUCING:
-                return f"REDUCING: order {qty:g} would not reduce position {pos:g}"
+                return (f"REDUCING: {state_of(self.records)['reason']} (order {qty:g} would not reduce position "
+                        f"{pos:g})")
         cur = req
         if not is_reducing:
             # notional and leverage caps: reduce the order to what fits, on the step grid
