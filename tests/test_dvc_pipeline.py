@@ -67,6 +67,7 @@ def _repo(tmp_path: Path, shared_archive: Path, extra: dict[str, dict[str, objec
     repo.mkdir()
     shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copy2(REPO / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy2(REPO / "params.tuned.yaml", repo / "params.tuned.yaml")  # a params file of the train stages
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["archive_base"] = str(shared_archive)
     for section, values in {**TINY, **(extra or {})}.items():

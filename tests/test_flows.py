@@ -150,3 +150,42 @@ def test_nightly_retrain_is_scheduled_at_two_utc() -> None:
     assert RETRAIN_CRON == "0 2 * * *"
     sched = deps["nightly-retrain"].schedules[0].schedule
     assert sched.cron == RETRAIN_CRON and sched.timezone == "UTC"
+
+
+@pytest.mark.slow
+def test_tune_flow_fans_trials_out_and_reports(prefect_harness: None, workdir: Path) -> None:
+    """The `tune` flow on an ephemeral Prefect server: two worker tasks share one sqlite study of the `filters`
+    objective on tiny stage outputs; exactly the asked trials finish, both tasks take some, the report and
+    params.tuned.yaml are written."""
+    import optuna
+    import yaml
+    from test_sessions import fill_store, make_settings
+
+    from flows.tune import tune
+    from rltrader.dataset.build import run_features_stage, run_sessions_stage
+    from rltrader.tune.storage import FINISHED
+
+    base = make_settings(workdir)
+    run_features_stage(base, fill_store(workdir))
+    run_sessions_stage(base)
+    d = base.model_dump(mode="json")
+    d["train"] = {"tracking_uri": f"sqlite:///{workdir}/mlflow.db", "artifact_root": str(workdir / "art")}
+    d["tune"] = {"model": "random", "folds": 2, "metric": "sharpe_minute_annualized",
+                 "out_dir": str(workdir / "reports" / "tune"), "heartbeat_seconds": 1, "grace_seconds": 4}
+    path = workdir / "params.yaml"
+    path.write_text(yaml.safe_dump(d))
+    os.environ.pop("RLTRADER_DATA_DIR", None)
+    out = tune(kind="filters", trials=4, workers=2, params=str(path))
+    study = optuna.load_study(study_name="filters", storage=f"sqlite:///{workdir}/data/tune/optuna.db")
+    trials = study.get_trials()
+    assert sum(t.state in FINISHED for t in trials) == 4 == len(trials)
+    assert len({t.user_attrs["worker"].rsplit(":", 1)[1] for t in trials}) == 2  # both worker tasks took trials
+    assert out["best_params"] == study.best_params and out["trials_counted"] == 4
+    assert (workdir / "reports" / "tune" / "filters" / "report.html").is_file()
+    assert yaml.safe_load((workdir / "params.tuned.yaml").read_text()) == {"backtest": study.best_params}
+
+
+def test_tune_deployments_are_declared() -> None:
+    by_name = {d.name: d for d in deployments()}
+    assert {"tune", "tune-worker"} <= set(by_name)
+    assert by_name["tune"].concurrency_limit == 1

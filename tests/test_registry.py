@@ -98,6 +98,26 @@ def test_backtest_stage_outputs(trained: tuple[Settings, Path]) -> None:
 
 
 @pytest.mark.slow
+def test_backtest_report_counts_trials_and_tests_against_baselines(trained: tuple[Settings, Path]) -> None:
+    """Every training run recorded is a trial of the deflated Sharpe (two here), and each agent's report shows
+    the SPA / reality-check p-values against flat and buy & hold and the random-entry p-value next to its CIs."""
+    _, reports = trained
+    summary = json.loads((reports / "backtest" / "summary.json").read_text())
+    assert summary["trials_counted"]["mlflow_runs"] == 2 and summary["trials_counted"]["n_trials"] == 2
+    metrics = json.loads((reports / "backtest.json").read_text())
+    for split in ("val", "backtest"):
+        for algo in ("d3qn", "ppo"):
+            m = metrics[split][algo]
+            assert m["n_trials"] == 2
+            for key in ("spa_pvalue_vs_flat", "spa_pvalue_vs_buy_and_hold", "random_entry_pvalue"):
+                assert key in m and (m[key] is None or 0 < m[key] <= 1), (split, algo, key, m.get(key))
+        assert "spa_pvalue_vs_flat" not in metrics[split]["flat"]  # baselines are the benchmarks, not tested
+    html = (reports / "backtest" / "d3qn" / "report.html").read_text()
+    ci, spa, rand = (html.index(k) for k in ("return_ci_high", "spa_pvalue_vs_flat", "random_entry_pvalue"))
+    assert ci < spa < rand
+
+
+@pytest.mark.slow
 def test_one_policy_backtest_by_run_id_and_baseline(trained: tuple[Settings, Path]) -> None:
     settings, reports = trained
     run_id = json.loads((reports / "train_ppo.json").read_text())["run_id"]

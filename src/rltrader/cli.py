@@ -530,6 +530,36 @@ def api_serve_cmd(
         _fail(str(exc))
 
 
+@app.command("tune")
+def tune_cmd(
+    kind: Annotated[str, typer.Argument(help="d3qn, ppo, xgb (the study's forecaster) or filters (the backtest "
+                                        "filters of tune.model)")],
+    trials: Annotated[int | None, typer.Option(help="Finished trials the study must hold (default tune.trials)")
+                      ] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes on this machine")] = 1,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage: postgresql://user@host/db for workers on "
+                                                "several machines (default tune.storage, else sqlite under "
+                                                "data/tune)")] = None,
+    study: Annotated[str | None, typer.Option(help="Study name (default: the kind)")] = None,
+    join: Annotated[str | None, typer.Option(help="Add workers to this existing study (another machine); no "
+                                             "report is written by joiners")] = None,
+) -> None:
+    """Optuna study scored on walk-forward folds inside train+val; best values → params.tuned.yaml."""
+    from rltrader.tune import run_tune
+
+    try:
+        result = run_tune(load_settings(), kind, trials=trials, workers=workers, storage=storage, study=study,
+                          join=join)
+    except RLTraderError as exc:
+        _fail(str(exc))
+    if "report" in result:
+        out.print(f"best {result['best_value']:.6g} with {result['best_params']}; deflated Sharpe "
+                  f"{result['deflated_sharpe']:.3f} over {result['trials_counted']} trials counted, PBO "
+                  f"{result['pbo']:.2f} → {result['report']} (best values in {result['tuned_params']})")
+    else:
+        out.print(f"study {result['study']}: {result['trials']} trials finished ({result['storage']})")
+
+
 def main() -> None:
     app()
 

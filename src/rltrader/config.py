@@ -273,6 +273,30 @@ class WalkForwardSettings(_Strict):
         return v.isoformat() if hasattr(v, "isoformat") else v
 
 
+class TuneSettings(_Strict):
+    """``rltrader tune``: Optuna studies scored on walk-forward folds inside train+val (``rltrader.tune``)."""
+
+    storage: str | None = None
+    """Optuna storage: None = ``sqlite:///<data.dir>/tune/optuna.db`` (one machine); ``postgresql://…`` for many."""
+    trials: int = Field(default=20, gt=0)
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    metric: str = "sharpe_daily_annualized"
+    """The fold score (a ``compute_metrics`` key, net of costs); the objective is its mean over the folds."""
+    folds: int = Field(default=3, gt=0)
+    fold_days: int = Field(default=30, gt=0)
+    """Length of each fold's validation window; d3qn/ppo folds end at the val split's end, filters folds tile val."""
+    val_days: int = Field(default=14, gt=0)
+    """d3qn/ppo: the last days of each fold's training window select the model (like walk_forward.val_days)."""
+    model: str = "d3qn"
+    """``tune filters``: the trained model (``<train.models_dir>/<model>.pt``) or baseline whose filters are tuned."""
+    heartbeat_seconds: int = Field(default=30, gt=0)
+    grace_seconds: int = Field(default=120, gt=0)
+    """A running trial without a heartbeat for this long is failed and retried (its worker died)."""
+    max_retry: int = Field(default=2, ge=0)
+    seed: int = 0
+    out_dir: Path = Path("reports/tune")
+
+
 class PromoteSettings(_Strict):
     """Gates of ``rltrader promote`` (MLflow registry): the challenger becomes ``champion`` only if all pass."""
 
@@ -358,6 +382,7 @@ class Settings(_Strict):
     walk_forward: WalkForwardSettings = Field(default_factory=WalkForwardSettings)
     study: StudySettings = Field(default_factory=StudySettings)
     promote: PromoteSettings = Field(default_factory=PromoteSettings)
+    tune: TuneSettings = Field(default_factory=TuneSettings)
     trader: TraderSettings = Field(default_factory=TraderSettings)
     risk: RiskSettings = Field(default_factory=RiskSettings)
     d3qn: dict[str, Any] = Field(default_factory=dict)
@@ -415,7 +440,8 @@ def _format(exc: ValidationError, origin: dict[tuple[str, ...], str], file: str)
 
 
 def load_settings(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
-    """Load ``params.yaml`` (``RLTRADER_PARAMS`` or the working directory's) and apply env overrides."""
+    """Load ``params.yaml`` (``RLTRADER_PARAMS`` or the working directory's), overlay ``params.tuned.yaml`` from the
+    same folder when present (:func:`overlay_tuned`), and apply env overrides."""
     env = dict(os.environ if env is None else env)
     p = Path(path or env.get("RLTRADER_PARAMS", "params.yaml"))
     tree: dict[str, Any] = {}
@@ -427,6 +453,7 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         tree = loaded
+    tree = overlay_tuned(tree, p.with_name(TUNED_PARAMS))
     known = {k: v for k, v in tree.items() if k in Settings.model_fields}
     unknown_sections = [k for k in tree if k not in Settings.model_fields]
     if unknown_sections:
@@ -443,6 +470,30 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
         msg = str(exc).removeprefix("params.yaml: ")
         key = tuple(msg.split(":", 1)[0].split("."))
         raise ConfigError(f"{origin.get(key[:2], origin.get(key[:1], str(p)))}: {msg}") from exc
+
+
+TUNED_PARAMS = "params.tuned.yaml"
+"""Written by ``rltrader tune`` beside params.yaml: the best trial's values, overlaid on params.yaml."""
+
+
+def overlay_tuned(tree: dict[str, Any], tuned: Path) -> dict[str, Any]:
+    """``params.yaml`` with the tuned values on top, key by key (so ``dvc repro`` after tuning trains the winner and
+    everything the tuning did not touch stays as written). No file or an empty one changes nothing."""
+    if not tuned.is_file():
+        return tree
+    try:
+        extra = yaml.safe_load(tuned.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{tuned}: not valid YAML ({exc})") from exc
+    if not isinstance(extra, dict):
+        raise ConfigError(f"{tuned}: top level must be a mapping of sections")
+
+    def merge(base: Any, top: Any) -> Any:
+        if isinstance(base, dict) and isinstance(top, dict):
+            return {**base, **{k: merge(base.get(k), v) for k, v in top.items()}}
+        return top
+
+    return dict(merge(tree, extra))
 
 
 def params_hash(settings: Settings, sections: tuple[str, ...]) -> str:

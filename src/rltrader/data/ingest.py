@@ -210,7 +210,12 @@ def klines_fingerprint(df: pl.DataFrame) -> str:
     for name in KLINE_SCHEMA:
         col = df.get_column(name)
         if col.dtype == pl.String:
-            h.update("\x00".join(col.to_list()).encode())
+            if col.len() > 1 and col.null_count() == 0 and col.n_unique() == 1:
+                # one value (market, symbol, interval of a series): the same bytes without a Python list
+                v = col[0].encode()
+                h.update((v + b"\x00") * (col.len() - 1) + v)
+            else:
+                h.update("\x00".join(col.to_list()).encode())
         else:
             h.update(col.cast(pl.Float64 if col.dtype == pl.Float64 else pl.Int64).fill_null(-1).to_numpy().tobytes())
     return h.hexdigest()

@@ -265,13 +265,17 @@ def deflated_sharpe_ratio(returns: np.ndarray, n_trials: int = 1, sharpe_varianc
 def circular_block_indices(n: int, n_samples: int, seed: int = 0, block: int | None = None) -> np.ndarray:
     """``(n_samples, n)`` indices into ``n`` days for a circular block bootstrap: blocks of ``block`` consecutive
     days (default round(√n)) drawn with wrap-around until n are filled. Shared by the Sharpe/return intervals here
-    and the study's IC intervals (``rltrader.study.signal``)."""
+    and the study's IC intervals (``rltrader.study.signal``).
+
+    Drawn by ``arch.bootstrap.CircularBlockBootstrap`` (a maintained implementation): given the same numpy Generator
+    it draws exactly the indices the hand-written version here drew before (tests/test_stats.py)."""
+    from arch.bootstrap import CircularBlockBootstrap
+
     b = block if block is not None else max(1, round(math.sqrt(n)))
     b = min(max(1, b), n)
-    n_blocks = -(-n // b)
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, n, size=(n_samples, n_blocks))
-    idx: np.ndarray = ((starts[:, :, None] + np.arange(b)[None, None, :]) % n).reshape(n_samples, n_blocks * b)[:, :n]
+    boot = CircularBlockBootstrap(b, np.arange(n), seed=np.random.default_rng(seed))
+    idx: np.ndarray = np.stack([boot.index for _ in boot.bootstrap(n_samples)]).reshape(  # type: ignore[misc]
+        n_samples, n)
     return idx
 
 
@@ -282,7 +286,7 @@ def block_bootstrap(daily: np.ndarray, n_samples: int, seed: int = 0,
     Blocks of ``block`` consecutive days (default round(√n), the usual rate for the block length) are drawn with
     wrap-around until n days are filled, so short-range serial dependence (volatility clusters, multi-day trends)
     survives resampling — an i.i.d. bootstrap would understate the spread. Resamples whose Sharpe is undefined are
-    NaN."""
+    NaN. The blocks come from :func:`circular_block_indices` (``arch.bootstrap.CircularBlockBootstrap``)."""
     r = np.asarray(daily, dtype=np.float64)
     n = len(r)
     if n == 0 or n_samples <= 0:

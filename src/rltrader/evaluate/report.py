@@ -63,7 +63,17 @@ METRIC_HELP: dict[str, str] = {
     "deflated_sharpe": "P(true Sharpe > best of n_trials lucky trials)",
     "n_trials": "configurations tried before this one was picked",
     "bootstrap_block_days": "bootstrap block length, round(√days)",
+    "spa_pvalue_vs_flat": "Hansen's SPA p-value vs flat (stationary bootstrap of daily returns; small = beats it)",
+    "spa_pvalue_vs_buy_and_hold": "Hansen's SPA p-value vs buy & hold (small = beats it beyond luck)",
+    "reality_check_pvalue_vs_flat": "White's reality check p-value vs flat",
+    "reality_check_pvalue_vs_buy_and_hold": "White's reality check p-value vs buy & hold",
+    "random_entry_pvalue": "P(same trades at random entry bars do as well); small = timing matters",
+    "pbo": "probability of backtest overfitting of the tuning study (CSCV)",
+    "tune_trials": "finished trials of the tuning study that chose this model's parameters",
 }
+SIGNIFICANCE_KEYS = ("spa_pvalue_vs_flat", "spa_pvalue_vs_buy_and_hold", "reality_check_pvalue_vs_flat",
+                     "reality_check_pvalue_vs_buy_and_hold", "random_entry_pvalue", "pbo", "tune_trials")
+"""Shown right after the bootstrap intervals: the other answers to "could this be luck?"."""
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -361,7 +371,10 @@ def write_html_report(path: Path | str, title: str, metrics: Mapping[str, float]
         parts.append(f'<div class="note">{esc(note)}</div>')
 
     parts.append("<h2>Metrics</h2>")
-    order = [k for k in METRIC_NAMES if k in metrics] + [k for k in metrics if k not in METRIC_NAMES]
+    order = [k for k in METRIC_NAMES if k in metrics]
+    at = order.index("return_ci_high") + 1 if "return_ci_high" in order else len(order)
+    order[at:at] = [k for k in SIGNIFICANCE_KEYS if k in metrics]
+    order += [k for k in metrics if k not in order]
     parts.append(_table([{"metric": k, "value": float(metrics[k]) if isinstance(metrics[k], int | float)
                           else str(metrics[k]), "meaning": METRIC_HELP.get(k, "")} for k in order]))
     parts.append("<h2>Agents vs baselines (same data, net of costs)</h2>")

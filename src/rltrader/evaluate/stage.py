@@ -40,19 +40,21 @@ from rltrader.evaluate.backtest import (
 )
 from rltrader.evaluate.metrics import comparison_table, compute_metrics
 from rltrader.evaluate.report import (
+    SIGNIFICANCE_KEYS,
     finite_or_none,
     log_to_mlflow,
     plot_symbol_equity,
     write_backtest_report,
     write_metrics_json,
 )
+from rltrader.evaluate.stats import SIGNIFICANCE_BENCHMARKS, counted_trials, significance, tuning_record
 
 console = Console(stderr=True)
 
 SUMMARY_KEYS: tuple[str, ...] = (
     "total_return", "sharpe_daily_annualized", "sharpe_ci_low", "sharpe_ci_high", "deflated_sharpe", "sortino",
     "max_drawdown", "calmar", "win_rate", "profit_days_pct", "trades_per_day", "exposure", "fees_paid", "n_days",
-    "n_trades",
+    "n_trades", "n_trials",
 )
 """What ``reports/backtest.json`` keeps per policy (``dvc metrics show`` stays readable); all keys are in
 ``summary.json`` and MLflow."""
@@ -175,8 +177,10 @@ def run_backtest_stage(settings: Settings, *, models: Sequence[str] | None = Non
         raise ConfigError(f"backtest.models: {', '.join(clash)} is a baseline name; models are trained model names")
     agents = {n: load_trained(settings, n, models_dir) for n in names}
     records = {n: train_record(n, reports_dir) for n in names}
-    # every configuration compared here is a trial: the deflated Sharpe discounts picking the best of them
-    n_trials = max(1, len(agents))
+    # every configuration tried is a trial: the models compared here, and every Optuna trial and training run
+    # recorded (evaluate.stats.trials_run) — the deflated Sharpe discounts picking the best of all of them
+    counted = counted_trials(settings)
+    n_trials = max(1, len(agents), counted["total"])
 
     metrics: dict[str, dict[str, dict[str, float]]] = {}
     tables: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
@@ -187,9 +191,16 @@ def run_backtest_stage(settings: Settings, *, models: Sequence[str] | None = Non
         if split == primary:
             primary_data = data
         metrics[split] = {}
+        bench: dict[str, tuple[pl.DataFrame, float]] = {}
         for name, policy in [*((b, b) for b in bases), *agents.items()]:
             res, m = evaluate(settings, policy, data, split, n_trials=n_trials if name in agents else 1)
             metrics[split][name] = m
+            if name in SIGNIFICANCE_BENCHMARKS:
+                bench[name] = (res.equity, res.initial_cash)
+            if name in agents and bt.bootstrap > 0:  # SPA / reality check / random entries next to the CIs
+                m.update(significance(res.equity, res.trades, res.initial_cash, bench, reps=bt.bootstrap,
+                                      seed=bt.seed))
+                m.update(tuning_record(settings, name))
             if split == primary:
                 kept[name] = res
             console.print(f"backtest {split:>8} {name:>13}: return {100 * m['total_return']:+.3f} %  "
@@ -217,7 +228,10 @@ def run_backtest_stage(settings: Settings, *, models: Sequence[str] | None = Non
             tables=other, notes=[
                 f"Each symbol trades its own account of {res.initial_cash / max(1, len(primary_data.symbols)):g} "
                 f"quote; a position is closed at every data gap. Filters: {res.meta.get('filters')}.",
-                f"Deflated Sharpe counts {n_trials} trained model(s) as trials.",
+                f"Deflated Sharpe counts {n_trials} trials: {counted['optuna_trials']} Optuna trial(s), "
+                f"{counted['mlflow_runs']} training run(s) outside tuning, at least the {len(agents)} model(s) "
+                "compared here. SPA / reality check: p-values that the agent does not beat flat / buy & hold "
+                "(stationary bootstrap of daily returns); random entry: the same trades at random entry bars.",
                 "Action probabilities: the unfiltered policy on the first day of the split's longest stretch."])
         if log_mlflow:
             rec = records[name] or {}
@@ -235,6 +249,7 @@ def run_backtest_stage(settings: Settings, *, models: Sequence[str] | None = Non
             mlflow_runs["baselines"] = str(run.info.run_id)
 
     summary: dict[str, Any] = {
+        "trials_counted": {**counted, "n_trials": n_trials},
         "primary_split": primary, "splits": splits, "baselines": bases, "models": names,
         "metrics": finite_or_none(metrics),
         "tables": {s: tables[s][0] for s in splits}, "verdicts": {s: tables[s][1] for s in splits},
@@ -244,7 +259,8 @@ def run_backtest_stage(settings: Settings, *, models: Sequence[str] | None = Non
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if metrics_path is not None:
-        write_metrics_json(metrics_path, {s: {n: {k: m.get(k, math.nan) for k in SUMMARY_KEYS}
+        write_metrics_json(metrics_path, {s: {n: {k: m.get(k, math.nan) for k in (*SUMMARY_KEYS, *(
+                                                  k for k in SIGNIFICANCE_KEYS if k in m))}
                                               for n, m in metrics[s].items()} for s in splits})
     return summary
 

@@ -18,8 +18,8 @@ Modules: ``decisions`` (policies by name, masked argmax/softmax/confidence, the 
 loops), ``frames`` (the result frames), ``data`` (the continuous split, the run's params). The filters
 (``BacktestFilters``) sit between the policy and the step; a filtered decision becomes hold (``decisions``).
 
-``trade_size_quote`` (seed 002 sizes trades in quote currency): the env sizes a long/short as a fraction of the
-leverage cap (futures) or of the cash (spot), so the quote size maps to ``position_size = min(1, size /
+``trade_size_quote`` (the D3QN reference design sizes trades in quote currency): the env sizes a long/short as a
+fraction of the leverage cap (futures) or of the cash (spot), so the quote size maps to ``position_size = min(1, size /
 (leverage × initial_cash))`` (futures) or ``min(1, size / initial_cash)`` (spot): the first trade of a stretch
 has that notional, later ones scale with the stretch's equity. Lowrider's lots are in quote already: ``base_lot =
 size``.

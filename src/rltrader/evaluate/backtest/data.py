@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -17,8 +17,11 @@ from rltrader.execution import ExecutionParams
 from rltrader.integrity import read_parquet
 from rltrader.utils import parse_day  # the sessions stage's date rule
 
+if TYPE_CHECKING:  # typing only: the settings module imports nothing from here
+    from rltrader.config import Settings
 
-def continuous_split(settings: Any, split: str = "backtest", *, sessions_dir: Path | None = None,
+
+def continuous_split(settings: Settings, split: str = "backtest", *, sessions_dir: Path | None = None,
                      features_dir: Path | None = None) -> SessionSet:
     """Every gap-free stretch of valid bars in ``sessions.splits[split]``, per symbol, as a variable-length
     ``SessionSet`` (``length = 0``): sessions ``[stretch_start + context, stretch_end)``, features standardised
@@ -91,7 +94,7 @@ def continuous_split(settings: Any, split: str = "backtest", *, sessions_dir: Pa
         meta={"split": split, "range": [r.start, r.end], "normalization": norm, "clip": clip})
 
 
-def backtest_params(settings: Any) -> tuple[ExecutionParams, EnvParams]:
+def backtest_params(settings: Settings) -> tuple[ExecutionParams, EnvParams]:
     """Execution and env params for a continuous run: the settings', with ``trade_size_quote`` mapped onto the
     env's sizing (module docstring) and stretch ends always force-closed (a position cannot cross a data gap)."""
     from rltrader.env import params_from_settings

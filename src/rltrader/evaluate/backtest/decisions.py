@@ -4,7 +4,8 @@ One implementation of each, shared by every path that turns scores into an actio
 numba loop (inlined), its generic bar-by-bar path (``decide_batch``), and the report's action probabilities
 (``masked_softmax``: ``evaluate.stage.action_probabilities``, ``agents.plots``).
 
-Filters (``params.yaml: backtest``, seed 002) sit between the policy and the env's continuous step; a filtered
+Filters (``params.yaml: backtest``, as in the D3QN reference design) sit between the policy and the env's
+continuous step; a filtered
 decision becomes hold. ``stop_loss`` / ``take_profit`` (fractions of the average entry, on the last close at
 decision time) send the mode's close action and bypass the other filters (a protective exit must not be blocked
 by a cooldown); ``cooldown_bars`` blocks orders for that many decisions after a bar with a fill;

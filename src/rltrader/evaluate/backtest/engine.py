@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time as _time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from numba import njit
@@ -51,6 +51,9 @@ from rltrader.evaluate.backtest.decisions import (
 )
 from rltrader.evaluate.backtest.frames import BacktestResult, assemble
 from rltrader.execution import CUR_N, MAX_EVENTS_PER_BAR, EventLog, ExecutionParams
+
+if TYPE_CHECKING:  # typing only: the settings module imports nothing from here
+    from rltrader.config import Settings
 
 SPLIT_BLOCK = 1024
 """Decision positions per precomputed block of the split-network path (one batched forward pass)."""
@@ -241,7 +244,7 @@ def backtest_sessions(data: SessionSet, policy: Any, execution: ExecutionParams,
     return result
 
 
-def run_backtest(settings: Any, policy: Any, *, split: str | None = None, sessions_dir: Path | None = None,
+def run_backtest(settings: Settings, policy: Any, *, split: str | None = None, sessions_dir: Path | None = None,
                  features_dir: Path | None = None, data: SessionSet | None = None) -> BacktestResult:
     """Backtest ``policy`` (a ``PolicyModule``, a baseline name, a ``.pt`` path or an MLflow model URI)
     continuously over ``split`` (default ``backtest.split``) with the settings' execution, env and filters.
