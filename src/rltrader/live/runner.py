@@ -76,7 +76,8 @@ def _broker(mode: str, market: str, rest_base: str | None, grace_s: float = 2.0)
     return BinanceBroker(exchange_client(market, rest_base, mode=mode), market, xp, grace_s=grace_s)
 
 
-def start_exchange_trader(settings: Any, trader: Trader, broker: BinanceBroker, symbols: Sequence[str]) -> Any:
+def start_exchange_trader(settings: Any, trader: Trader, broker: BinanceBroker, symbols: Sequence[str],
+                          mode: str = "testnet") -> Any:
     """testnet/live start: account settings checked (refused otherwise), then recovery; the trader starts
     from the exchange's positions and stays HALTED unless recovery passed (see ``live.recovery``)."""
     from rltrader.live.recovery import check_account_settings, recover
@@ -85,7 +86,9 @@ def start_exchange_trader(settings: Any, trader: Trader, broker: BinanceBroker, 
     check_account_settings(broker.client, broker.market, symbols, risk.leverage, risk.margin_type)
     for sym in symbols:
         broker.accounts[sym] = trader.books[sym].acct
-    rec = recover(trader.records, broker, trader.gateway, symbols, tolerance=risk.position_tolerance)
+    # the journal's positions of this mode's sessions only: testnet and live are different accounts
+    rec = recover(trader.records, broker, trader.gateway, symbols, tolerance=risk.position_tolerance,
+                  journal_modes=(mode,))
     for sym, (q, entry) in rec.positions.items():
         if sym not in trader.books:
             continue
@@ -156,7 +159,7 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
         _event("session_resumed", session_id=resume_id)
     controller = Controller(trader, reload=lambda: reload_model(trader, settings))
     if isinstance(broker, BinanceBroker):
-        start_exchange_trader(settings, trader, broker, symbols)
+        start_exchange_trader(settings, trader, broker, symbols, mode)
     notifier = notifier if notifier is not None else Notifier.from_env()
     if notifier is not None:
         trader.gateway.fill_listeners.append(notifier.on_fills)
