@@ -79,7 +79,7 @@ def ours(bars: list[Any], warm: list[Any], module: Any, settings: Any, tmp: Path
         "time", "open", "high", "low", "close", "volume", "trades", "taker_buy_volume")))
     norm = Normalization(fe.names, np.nanmean(rows[valid], axis=0), np.nanstd(rows[valid], axis=0) + 1e-9,
                          settings.sessions.clip, settings.sessions.context)
-    records = Records(tmp / "bench.db")
+    records = Records(tmp / "bench.db", durable=False)  # paper: no fsync per commit
     records.start_session("bench", mode="paper", model="d3qn", model_version=None, symbols=["NEARUSDT"],
                           params={"initial_cash": execution.initial_cash})
     xp = execution.to_array()

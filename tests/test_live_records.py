@@ -67,6 +67,52 @@ def test_failed_transaction_writes_nothing(tmp_path: Path) -> None:
     assert r.fills() == []
 
 
+def _journal_contract(r: Records) -> None:
+    """What recovery and the risk engine read and write: open intents per mode, positions, the persisted
+    state and events, the operator's commands, nested transactions."""
+    from rltrader.live import control
+    from rltrader.live.risk import RiskState, set_state, state_of
+
+    r.start_session("x1", mode="testnet", model="m", model_version=None, symbols=["AAA"], params={})
+    r.start_session("x1", mode="testnet", model="m", model_version=None, symbols=["AAA"], params={})  # resumed
+    r.start_session("p1", mode="paper", model="m", model_version=None, symbols=["AAA"], params={})
+    assert r.unfinished_session("testnet", ["AAA"]) == "x1" and r.unfinished_session("testnet", ["BBB"]) is None
+    for sid, cid, status in (("x1", "a", "new"), ("x1", "b", "sent"), ("x1", "c", "filled"), ("p1", "d", "new")):
+        r.record_order(sid, "AAA", T0, cid, 1.0, 10.0, "signal", status=status)
+    assert [o["client_order_id"] for o in r.open_orders()] == ["a", "b"]  # paper sessions are not the exchange's
+    with r.transaction():
+        r.record_fill("x1", "AAA", "c", T0, "order", 3.0, 10.0, 0.0, 0.0, 0.0, 3.0)
+        with r.transaction():  # nested: joins the outer one
+            r.record_fill("x1", "AAA", None, T0, "seed", 5.0, 10.0, 0.0, 0.0, 0.0, 5.0)
+    r.record_fill("p1", "AAA", "d", T0, "order", 7.0, 10.0, 0.0, 0.0, 0.0, 7.0)
+    assert r.journal_positions() == {"AAA": 3.0}  # exchange fills only: not paper, not the seed
+    r.update_order("a", "new", detail="reduced: x", qty=0.5)
+    assert r.order("a")["qty"] == 0.5 and r.order("a")["detail"] == "reduced: x"  # type: ignore[index]
+    assert state_of(r)["state"] == "ACTIVE"
+    assert set_state(r, RiskState.REDUCING, "max_drawdown", drawdown=0.1)
+    assert not set_state(r, RiskState.REDUCING, "max_drawdown")  # no change, nothing recorded
+    control.halt(r, "t")  # the operator's commands (live.control) share the tables
+    assert state_of(r)["state"] == "HALTED" and state_of(r)["reason"] == "operator: halt (t)"
+    cid = int(control.flatten(r)["id"])
+    control.resume(r)
+    assert [(e["state_to"], e["reason"]) for e in r.risk_events()] == [
+        ("REDUCING", "max_drawdown"), ("HALTED", "operator: halt (t)"), ("ACTIVE", "operator: resume")]
+    assert r.risk_events()[0]["numbers"] == {"drawdown": 0.1}
+    assert [int(c["id"]) for c in control.pending(r)] == [cid]
+
+
+def test_journal_contract_sqlite(tmp_path: Path) -> None:
+    r = Records(tmp_path / "t.db")
+    _journal_contract(r)
+    assert r.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: each commit fsynced (the default)
+    assert Records(tmp_path / "t.db", durable=False).conn.execute("PRAGMA synchronous").fetchone()[0] == 1
+
+
+@pytest.mark.postgres
+def test_journal_contract_postgres(pg_url: str) -> None:
+    _journal_contract(Records(pg_url))
+
+
 def test_empty_database_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no trading session"):
         Records(tmp_path / "t.db").status()

@@ -96,9 +96,16 @@ def test_paper_parity_with_backtest(built: Settings, tmp_path: Path, model: str,
     assert len(records.decisions(sid)) >= 1440 - 1
 
 
-def test_live_mode_refuses(built: Settings, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="journal and risk engine"):
-        build_trader(built, mode="live", symbols=["NEARUSDT"], model="flat", records=Records(tmp_path / "t.db"),
+def test_live_mode_refuses_without_the_flag_and_keys(built: Settings, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from rltrader.live.runner import KEY_VARS, LIVE_FLAG, run_trader
+
+    for var in KEY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match=LIVE_FLAG):
+        run_trader(built, mode="live", mlflow_summary=False, handle_signals=False)
+    with pytest.raises(ConfigError, match="choose paper, testnet or live"):
+        build_trader(built, mode="real", symbols=["NEARUSDT"], model="flat", records=Records(tmp_path / "t.db"),
                      broker=PaperBroker(np.zeros(0)))
 
 

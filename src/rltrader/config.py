@@ -341,6 +341,34 @@ class TraderSettings(_Strict):
         return [s.strip().upper() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
 
 
+class RiskSettings(_Strict):
+    """``rltrader.live.risk``: limits every order of the trader passes (a pre-send hook of the order gateway).
+    0 switches a limit off; quote amounts are in the quote currency (USDT)."""
+
+    max_order_notional: float = Field(default=0.0, ge=0)
+    """Largest |qty| × price of one order; a larger order is reduced to it (a close to flat is never reduced)."""
+    max_symbol_notional: float = Field(default=0.0, ge=0)
+    """Largest |position| × price per symbol after the order; an order that would exceed it is reduced."""
+    max_total_notional: float = Field(default=0.0, ge=0)
+    """Largest sum over symbols of |position| × price after the order."""
+    max_leverage: float = Field(default=0.0, ge=0)
+    """Largest total notional / total equity after the order."""
+    max_orders_per_minute: int = Field(default=0, ge=0)
+    """Orders sent in the last 60 s (wall clock) beyond which new ones are refused (closes still pass)."""
+    max_daily_loss: float = Field(default=0.0, ge=0)
+    """Equity below the UTC day's first equity by this fraction → HALTED (until ``rltrader trade resume``)."""
+    max_drawdown: float = Field(default=0.0, ge=0, lt=1)
+    """Equity below the session's peak by this fraction → REDUCING (only orders that shrink a position)."""
+    stale_after_s: float = Field(default=150.0, ge=0)
+    """No closed bar of a symbol for this many seconds → no new risk for it (0 = off)."""
+    position_tolerance: float = Field(default=1e-9, ge=0)
+    """Reconciliation: |journal − exchange| position beyond this (in base units) keeps the trader HALTED."""
+    leverage: int = Field(default=1, ge=1)
+    """Futures, testnet/live: the symbol leverage the account must have at start (checked, never changed)."""
+    margin_type: Literal["cross", "isolated"] = "cross"
+    """Futures, testnet/live: the margin type the account must have at start (one-way position mode too)."""
+
+
 class Settings(_Strict):
     data: DataSettings = Field(default_factory=DataSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
@@ -356,6 +384,7 @@ class Settings(_Strict):
     promote: PromoteSettings = Field(default_factory=PromoteSettings)
     tune: TuneSettings = Field(default_factory=TuneSettings)
     trader: TraderSettings = Field(default_factory=TraderSettings)
+    risk: RiskSettings = Field(default_factory=RiskSettings)
     d3qn: dict[str, Any] = Field(default_factory=dict)
     """Validated by ``rltrader.agents.configs.D3QNConfig``. The algorithm sections stay the mappings as written:
     the train stage fills ``seed`` and ``device`` from ``train`` where they are absent, and ``params_hash``

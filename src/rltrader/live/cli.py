@@ -37,7 +37,7 @@ def _records(url: str | None) -> Any:
 @trade_app.callback(invoke_without_command=True)
 def trade_cmd(
     ctx: typer.Context,
-    mode: Annotated[str | None, typer.Option(help="paper | testnet | live (refused) (default trader.mode)")] = None,
+    mode: Annotated[str | None, typer.Option(help="paper | testnet | live (default trader.mode)")] = None,
     symbols: Annotated[str | None, typer.Option(help="Comma-separated, e.g. NEARUSDT,FILUSDT")] = None,
     model: Annotated[str | None, typer.Option(help="models:/rltrader@champion (default), a run id, a .pt file or a "
                                               "baseline name (sma_cross, …)")] = None,
@@ -47,6 +47,8 @@ def trade_cmd(
                                               "range end")] = None,
     duration: Annotated[float | None, typer.Option(help="Stop after N seconds")] = None,
     no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="Skip the MLflow session summary")] = False,
+    real_money: Annotated[bool, typer.Option("--i-understand-this-trades-real-money",
+                                             help="Needed (with the keys in the env) by --mode live")] = False,
     api_port: Annotated[int | None, typer.Option(help="Serve the status/control API and the live page (/live) on "
                                                  "this port, in a thread beside the trader")] = None,
     api_host: Annotated[str, typer.Option(help="Address for --api-port; beyond loopback only with "
@@ -64,7 +66,8 @@ def trade_cmd(
         end = datetime.fromisoformat(until.replace("Z", "+00:00")) if until else None
         summary = run_trader(settings, mode=mode, symbols=symbols.split(",") if symbols else None, model=model,
                              rest_base=rest_base, ws_base=ws_base, until=end, max_seconds=duration,
-                             mlflow_summary=not no_mlflow, api_port=api_port, api_host=api_host)
+                             mlflow_summary=not no_mlflow, api_port=api_port, api_host=api_host,
+                             confirm_live=real_money)
     except (RLTraderError, ValueError) as exc:
         _fail(str(exc))
     out.print_json(json.dumps(summary, default=str))

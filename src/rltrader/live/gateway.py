@@ -7,9 +7,11 @@ twice. It decides where the position should be (``target``); the order is ``targ
 sent unless it closes to flat). The order's client id is derived from (session, symbol, bar), and the records
 refuse a second order with the same id, so a recomputed bar sends nothing new.
 
-Every request passes the ``pre_send`` hooks in order before it is recorded and sent; a hook returns None to let
-it through or a reason string to block it (the block is recorded as the order's status). The next trader issue
-puts the write-ahead journal and the risk engine here.
+Every request is recorded, then passes the ``pre_send`` hooks in order, then is sent; a hook returns None to let
+it through, a reason string to block it (the block is recorded as the order's status), or ``Reduced`` to send a
+smaller / reduce-only order instead (the reason goes into the record). The risk engine (``live.risk``) is such a
+hook. The record is the write-ahead journal's intent: committed (fsynced) before the request leaves, so a
+process killed at any instant leaves an intent that recovery (``live.recovery``) resolves by its client id.
 
 Brokers (``Broker``):
 
@@ -26,6 +28,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -55,6 +60,22 @@ from rltrader.execution import (
 from rltrader.live.records import Records, order_id_for
 
 log = logging.getLogger(__name__)
+KILL_VAR = "RLTRADER_KILL_AT"
+_crash_counts: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Crash-test hook: ``RLTRADER_KILL_AT=<name>:<n>`` SIGKILLs this process the n-th time it passes ``name``
+    (``after_intent``, ``after_post``, ``during_reconcile``). Unset (always, outside the crash tests): nothing."""
+    spec = os.environ.get(KILL_VAR)
+    if not spec:
+        return
+    point, _, nth = spec.partition(":")
+    if point != name:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if _crash_counts[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -84,6 +105,19 @@ class OrderRequest:
     reason: str
     closes: bool
     """Brings the position to exactly flat (exempt from the step grid and min notional)."""
+    committed: float = 0.0
+    """The position (filled plus in flight) the order was computed against: the risk engine's ``before``."""
+    reduce_only: bool = False
+    """Only shrinks the position (set by the risk engine; futures send it ``reduceOnly``)."""
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """A pre-send hook's answer: send ``req`` (smaller than asked, or flagged reduce-only) instead; ``why``
+    goes into the order's record."""
+
+    req: OrderRequest
+    why: str
 
 
 @dataclass(frozen=True)
@@ -101,7 +135,7 @@ class Fill:
     client_order_id: str | None = None
 
 
-PreSendHook = Callable[[OrderRequest], str | None]
+PreSendHook = Callable[[OrderRequest], "str | Reduced | None"]
 
 
 def order_delta(target: float, committed: float, ref: float, xp: np.ndarray) -> tuple[float, bool]:
@@ -199,31 +233,140 @@ class PaperBroker:
         return kernel_close(acct, symbol, bar, self.xp)
 
 
+class OutcomeUnknown(RuntimeError):
+    """The exchange may or may not have the order (no answer, 5xx, ``-1007``) and it could not be resolved in
+    the time allowed: the journal keeps it ``unknown`` and recovery resolves it before any new order."""
+
+    outcome_unknown = True
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    """Seconds to wait after an HTTP 429 (``Retry-After``), None for any other error."""
+    if getattr(exc, "status_code", None) != 429:
+        return None
+    resp = getattr(exc, "response", None)
+    try:
+        return float(resp.headers.get("Retry-After", 1)) if resp is not None else 1.0
+    except (TypeError, ValueError):
+        return 1.0
+
+
+def unknown_outcome(exc: BaseException) -> bool:
+    """An error after which the order may exist: timeouts, 5xx, ``-1007``, a dropped or reset connection.
+    A 4xx with a Binance code (``-2010``, ``-4116``, ``-1013``…) is a definite rejection; 429 (``-1015``) was
+    not applied."""
+    import requests
+    from binance.exceptions import BinanceAPIException, BinanceRequestException
+
+    if isinstance(exc, BinanceAPIException):
+        return bool(exc.code == -1007 or exc.status_code >= 500 or exc.status_code == 408)
+    if isinstance(exc, BinanceRequestException):  # an unreadable body: the request went through
+        return True
+    return isinstance(exc, requests.exceptions.RequestException | ConnectionError | TimeoutError)
+
+
 class BinanceBroker:
     """Market orders on Binance (testnet by default) or a Binance-compatible server through python-binance.
 
     Keys come from the caller (the trader reads them from environment variables and never logs them). Fills
     reported by the exchange are booked with ``execution.apply_fill``; the account is marked at each close.
+
+    Unknown outcomes (no answer, 5xx, ``-1007``, a reset connection): the order is looked up by its client id
+    (``origClientOrderId``); ``-2013`` is believed only once ``grace_s`` has passed since the last send (a new
+    order can be invisible to queries for a moment), and only then is the order resent, under the same id. An
+    order that is accepted but not filled yet (no bar in progress on a replay) is kept open and booked when a
+    later ``settle`` finds it filled.
     """
 
     name = "exchange"
 
-    def __init__(self, client: Any, market: str, xp: np.ndarray) -> None:
+    def __init__(self, client: Any, market: str, xp: np.ndarray, *, grace_s: float = 2.0, attempts: int = 5,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.client, self.market, self.xp = client, market, xp
+        self.grace_s, self.attempts, self.sleep = grace_s, attempts, sleep
         self.pending: dict[str, list[Fill]] = {}
+        self.open: dict[str, OrderRequest] = {}
+        """Accepted, not yet filled orders by client id."""
+        self.accounts: dict[str, np.ndarray] = {}
 
-    def send(self, req: OrderRequest, acct: np.ndarray) -> str | None:
+    def _create(self, req: OrderRequest) -> dict[str, Any]:
         side = "BUY" if req.qty > 0 else "SELL"
         args: dict[str, Any] = {"symbol": req.symbol, "side": side, "type": "MARKET",
                                 "quantity": format_qty(abs(req.qty), float(self.xp[XP_STEP])),
                                 "newClientOrderId": req.client_order_id}
         if self.market == "futures":
-            if req.closes:
+            if req.closes or req.reduce_only:
                 args["reduceOnly"] = "true"
-            resp = self.client.futures_create_order(**args, newOrderRespType="RESULT")
+            return dict(self.client.futures_create_order(**args, newOrderRespType="RESULT"))
+        return dict(self.client.create_order(**args, newOrderRespType="FULL"))
+
+    def lookup(self, symbol: str, client_order_id: str) -> dict[str, Any] | None:
+        """The exchange's view of an order by client id; None when it answers ``-2013`` (not found)."""
+        from binance.exceptions import BinanceAPIException
+
+        try:
+            if self.market == "futures":
+                return dict(self.client.futures_get_order(symbol=symbol, origClientOrderId=client_order_id))
+            return dict(self.client.get_order(symbol=symbol, origClientOrderId=client_order_id))
+        except BinanceAPIException as exc:
+            if exc.code == -2013:
+                return None
+            raise
+
+    def cancel(self, symbol: str, client_order_id: str) -> None:
+        if self.market == "futures":
+            self.client.futures_cancel_order(symbol=symbol, origClientOrderId=client_order_id)
         else:
-            resp = self.client.create_order(**args, newOrderRespType="FULL")
+            self.client.cancel_order(symbol=symbol, origClientOrderId=client_order_id)
+
+    def send(self, req: OrderRequest, acct: np.ndarray) -> str | None:
+        resp: dict[str, Any] | None = None
+        for _ in range(self.attempts):
+            sent_at = time.monotonic()
+            try:
+                resp = self._create(req)
+            except Exception as exc:
+                retry = _retry_after(exc)
+                if retry is not None:  # 429: not applied; wait as told, then the same id again
+                    self.sleep(min(retry, 5.0))
+                    continue
+                if not unknown_outcome(exc):
+                    raise
+                log.warning(json.dumps({"event": "order_outcome_unknown", "client_order_id": req.client_order_id,
+                                        "error": type(exc).__name__, "detail": str(exc)[:200]}))
+                resp = self._resolve(req, sent_at)
+            if resp is not None:
+                break
+            log.info(json.dumps({"event": "order_absent_resend", "client_order_id": req.client_order_id}))
+        if resp is None:
+            raise OutcomeUnknown(f"{req.client_order_id}: not placed after {self.attempts} attempts")
+        self._book(req, resp, acct)
+        return str(resp.get("orderId", ""))
+
+    def _resolve(self, req: OrderRequest, sent_at: float) -> dict[str, Any] | None:
+        """After an unknown outcome: the order as the exchange has it, or None once it is proven absent (a
+        ``-2013`` at least ``grace_s`` after the send). Lookups that fail themselves prove nothing: after
+        ``attempts`` of them the outcome stays unknown (``OutcomeUnknown``), and nothing is resent."""
+        for _ in range(self.attempts):
+            wait = self.grace_s - (time.monotonic() - sent_at)
+            if wait > 0:
+                self.sleep(wait)
+            try:
+                return self.lookup(req.symbol, req.client_order_id)
+            except Exception as exc:
+                if not unknown_outcome(exc):
+                    raise
+                self.sleep(min(self.grace_s, 1.0))
+        raise OutcomeUnknown(f"{req.client_order_id}: the exchange could not be asked whether it has the order")
+
+    def _book(self, req: OrderRequest, resp: dict[str, Any], acct: np.ndarray) -> bool:
+        """Book a FILLED answer into the account (and ``pending``); keep a NEW one open. True when filled."""
+        status = str(resp.get("status", "FILLED"))
         qty, notional, fee = _executed(resp, self.market, self.xp)
+        if status in ("NEW", "PARTIALLY_FILLED"):
+            self.open[req.client_order_id] = req
+            return False
+        self.open.pop(req.client_order_id, None)
         if qty != 0.0:
             signed = qty if req.qty > 0 else -qty
             px = notional / qty
@@ -233,9 +376,14 @@ class BinanceBroker:
             self.pending.setdefault(req.symbol, []).append(Fill(
                 req.symbol, req.bar_time, "order", signed, px, fee, abs(signed) * abs(px - req.ref_price),
                 float(acct[REALIZED, 0]) - r0, q0 + signed, req.client_order_id))
-        return str(resp.get("orderId", ""))
+        return True
 
     def settle(self, symbol: str, bar: Bar, acct: np.ndarray) -> list[Fill]:
+        for cid, req in list(self.open.items()):
+            if req.symbol == symbol:
+                resp = self.lookup(symbol, cid)
+                if resp is not None:
+                    self._book(req, resp, acct)
         mark_to_market(acct, 0, bar.close)
         return self.pending.pop(symbol, [])
 
@@ -244,7 +392,7 @@ class BinanceBroker:
         if q == 0.0:
             return []
         req = OrderRequest(symbol, bar.time, order_id_for("flatten", symbol, bar.time), -q, bar.close, "flatten",
-                           True)
+                           True, q, True)
         self.send(req, acct)
         return self.settle(symbol, bar, acct)
 
@@ -278,6 +426,7 @@ class OrderGateway:
                  hooks: Sequence[PreSendHook] = ()) -> None:
         self.broker, self.records, self.session_id, self.xp = broker, records, session_id, xp
         self.hooks = list(hooks)
+        self.journaled: set[str] = set()
         self.fill_listeners: list[Callable[[Sequence[Fill]], None]] = []
         """Called with each batch of recorded fills (the notifier); must not block."""
 
@@ -287,32 +436,59 @@ class OrderGateway:
         if dq == 0.0:
             return None
         return OrderRequest(symbol, bar_time, order_id_for(self.session_id, symbol, bar_time), dq, ref, reason,
-                            closes)
+                            closes, committed)
 
     def submit(self, req: OrderRequest, acct: np.ndarray) -> bool:
         """Hooks, record, send. False when blocked or already recorded (a recomputed bar)."""
         if not self.records.record_order(self.session_id, req.symbol, req.bar_time, req.client_order_id, req.qty,
                                          req.ref_price, req.reason):
-            log.info('{"event":"order_exists","client_order_id":"%s"}', req.client_order_id)
-            return False
-        for hook in self.hooks:
-            why = hook(req)
-            if why is not None:
-                self.records.update_order(req.client_order_id, "blocked", detail=why)
+            known = self.records.order(req.client_order_id)
+            if known is None or known["status"] != "absent":
+                log.info('{"event":"order_exists","client_order_id":"%s"}', req.client_order_id)
                 return False
+            # recovery proved it absent (the process died before the request left): the recomputed bar sends
+            # it now, under the same id
+            self.records.update_order(req.client_order_id, "new", detail="resent: proven absent", qty=req.qty)
+        for hook in self.hooks:
+            verdict = hook(req)
+            if isinstance(verdict, Reduced):
+                req = verdict.req
+                if verdict.why:
+                    self.records.update_order(req.client_order_id, "new", detail=verdict.why, qty=req.qty)
+                    log.info(json.dumps({"event": "order_reduced", "client_order_id": req.client_order_id,
+                                         "qty": req.qty, "why": verdict.why}))
+            elif verdict is not None:
+                self.records.update_order(req.client_order_id, "blocked", detail=verdict)
+                log.warning(json.dumps({"event": "order_blocked", "client_order_id": req.client_order_id,
+                                        "symbol": req.symbol, "qty": req.qty, "why": verdict}))
+                return False
+        crash_point("after_intent")  # the intent is on disk, the request has not left
         try:
             exchange_id = self.broker.send(req, acct)
         except Exception as exc:
-            self.records.update_order(req.client_order_id, "rejected", detail=f"{type(exc).__name__}: {exc}"[:500])
-            log.warning(json.dumps({"event": "order_rejected", "client_order_id": req.client_order_id,
+            status = "unknown" if getattr(exc, "outcome_unknown", False) else "rejected"
+            self.records.update_order(req.client_order_id, status, detail=f"{type(exc).__name__}: {exc}"[:500])
+            log.warning(json.dumps({"event": f"order_{status}", "client_order_id": req.client_order_id,
                                     "error": type(exc).__name__, "detail": str(exc)[:300]}))
             return False
-        self.records.update_order(req.client_order_id, "sent", exchange_order_id=exchange_id)
+        crash_point("after_post")  # the exchange has the order; its result is not journaled yet
+        fills = getattr(self.broker, "pending", {}).get(req.symbol, [])
+        mine = [f for f in fills if f.client_order_id == req.client_order_id]
+        with self.records.transaction():
+            self.records.update_order(req.client_order_id, "sent", exchange_order_id=exchange_id)
+            if mine:  # an exchange fill is journaled with its order's result, atomically
+                self.record_fills(mine)
         return True
 
     def record_fills(self, fills: Sequence[Fill]) -> None:
+        """Journal fills (each exchange order's fill once: the gateway journals it right after the answer, and
+        the broker's ``settle`` hands the same fill to the trader's bookkeeping again)."""
         with self.records.transaction():
             for f in fills:
+                if f.client_order_id is not None and f.kind == "order":
+                    if f.client_order_id in self.journaled:
+                        continue
+                    self.journaled.add(f.client_order_id)
                 self.records.record_fill(self.session_id, f.symbol, f.client_order_id, f.time, f.kind, f.qty, f.price,
                                          f.fee, f.slippage, f.realized, f.position_after)
                 if f.client_order_id is not None and f.kind == "order":
@@ -321,5 +497,5 @@ class OrderGateway:
             listener(fills)
 
 
-__all__ = ["Bar", "BinanceBroker", "Broker", "Fill", "OrderGateway", "OrderRequest", "PaperBroker", "kernel_bar",
-           "kernel_close", "order_delta"]
+__all__ = ["Bar", "BinanceBroker", "Broker", "Fill", "OrderGateway", "OrderRequest", "OutcomeUnknown", "PaperBroker",
+           "Reduced", "crash_point", "kernel_bar", "kernel_close", "order_delta", "unknown_outcome"]

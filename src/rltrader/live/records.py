@@ -11,8 +11,10 @@ designed for that already:
   key (``order_id_for``), so re-running a bar's decision finds the order already recorded and sends nothing;
 - times are integer microseconds UTC (bar open times) plus the wall clock of the write.
 
-Backends: SQLite (default ``<data.dir>/trader.db``, WAL journal, ``synchronous=NORMAL``: a commit is a WAL
-append, ~tens of µs, which keeps the record write inside the trader's per-bar budget) or PostgreSQL
+Backends: SQLite (default ``<data.dir>/trader.db``, WAL journal, ``synchronous=FULL``: each commit is fsynced
+before the call returns, so an order's intent is on disk before its request leaves — the write-ahead journal a
+SIGKILL or a power cut cannot outrun; ``durable=False`` gives ``NORMAL``, a WAL append without the fsync, for
+throwaway runs) or PostgreSQL
 (``trader.records_url: postgresql://…``, e.g. the same server as the market data store). Same SQL, only the
 parameter style and the auto-increment type differ.
 """
@@ -55,6 +57,13 @@ CREATE TABLE IF NOT EXISTS fills (
 CREATE TABLE IF NOT EXISTS marks (
     session_id TEXT NOT NULL, symbol TEXT NOT NULL, bar_time BIGINT NOT NULL, equity DOUBLE PRECISION NOT NULL,
     position DOUBLE PRECISION NOT NULL, price DOUBLE PRECISION NOT NULL, PRIMARY KEY (session_id, symbol, bar_time));
+CREATE TABLE IF NOT EXISTS risk_kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at DOUBLE PRECISION NOT NULL);
+CREATE TABLE IF NOT EXISTS risk_events (
+    id {serial}, at DOUBLE PRECISION NOT NULL, state_from TEXT NOT NULL, state_to TEXT NOT NULL,
+    reason TEXT NOT NULL, numbers TEXT);
+CREATE TABLE IF NOT EXISTS commands (
+    id {serial}, command TEXT NOT NULL, issued_at DOUBLE PRECISION NOT NULL, taken_at DOUBLE PRECISION,
+    result TEXT);
 CREATE INDEX IF NOT EXISTS orders_session ON orders (session_id, symbol, bar_time);
 CREATE INDEX IF NOT EXISTS fills_session ON fills (session_id, symbol, time);
 """
@@ -69,11 +78,12 @@ def order_id_for(session_id: str, symbol: str, bar_time_us: int, seq: int = 0) -
 class Records:
     """Writes and queries of one records database (thread-safe: one connection behind a lock)."""
 
-    def __init__(self, url: str | Path) -> None:
+    def __init__(self, url: str | Path, *, durable: bool = True) -> None:
         text = str(url)
         self.url = text
         self.postgres = text.startswith(("postgresql://", "postgres://"))
         self._lock = threading.RLock()  # re-entrant: writes inside ``transaction``
+        self._depth = 0
         self.conn: Any
         if self.postgres:
             import psycopg
@@ -85,7 +95,7 @@ class Records:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self.conn.execute("PRAGMA busy_timeout=5000")
             serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
         for stmt in _SCHEMA.format(serial=serial).split(";"):
@@ -108,19 +118,31 @@ class Records:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """Several writes committed together (a fill and its order's status change)."""
+        """Several writes committed together (a fill and its order's status change); nested uses join the
+        outermost transaction."""
         with self._lock:
-            if self.postgres:
-                with self.conn.transaction():
-                    yield
-            else:
-                self.conn.execute("BEGIN")
+            if self._depth:
+                self._depth += 1
                 try:
                     yield
-                except BaseException:
-                    self.conn.execute("ROLLBACK")
-                    raise
-                self.conn.execute("COMMIT")
+                finally:
+                    self._depth -= 1
+                return
+            self._depth = 1
+            try:
+                if self.postgres:
+                    with self.conn.transaction():
+                        yield
+                else:
+                    self.conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield
+                    except BaseException:
+                        self.conn.execute("ROLLBACK")
+                        raise
+                    self.conn.execute("COMMIT")
+            finally:
+                self._depth = 0
 
     def close(self) -> None:
         with self._lock:
@@ -130,7 +152,7 @@ class Records:
     def start_session(self, session_id: str, *, mode: str, model: str, model_version: str | None,
                       symbols: Sequence[str], params: dict[str, Any]) -> None:
         self._exec("INSERT INTO trade_sessions (session_id, mode, model, model_version, symbols, params, started_at)"
-                   " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (session_id) DO NOTHING",
                    (session_id, mode, model, model_version, ",".join(symbols), json.dumps(params, default=str),
                     time.time()))
 
@@ -170,10 +192,54 @@ class Records:
             return bool(cur.rowcount)
 
     def update_order(self, client_order_id: str, status: str, *, exchange_order_id: str | None = None,
-                     detail: str | None = None) -> None:
+                     detail: str | None = None, qty: float | None = None) -> None:
         self._exec("UPDATE orders SET status = ?, exchange_order_id = COALESCE(?, exchange_order_id),"
-                   " detail = COALESCE(?, detail), updated_at = ? WHERE client_order_id = ?",
-                   (status, exchange_order_id, detail, time.time(), client_order_id))
+                   " detail = COALESCE(?, detail), qty = COALESCE(?, qty), updated_at = ? WHERE client_order_id = ?",
+                   (status, exchange_order_id, detail, None if qty is None else float(qty), time.time(),
+                    client_order_id))
+
+    # -- the risk engine's persisted state and the operator's commands --------------------------------------
+    def kv_get(self, key: str) -> Any:
+        rows = self._query("SELECT value FROM risk_kv WHERE key = ?", (key,))
+        return json.loads(rows[0]["value"]) if rows else None
+
+    def kv_set(self, key: str, value: Any) -> None:
+        self._exec("INSERT INTO risk_kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+                   " value = excluded.value, updated_at = excluded.updated_at",
+                   (key, json.dumps(value, default=str), time.time()))
+
+    def record_risk_event(self, state_from: str, state_to: str, reason: str, numbers: dict[str, Any]) -> None:
+        self._exec("INSERT INTO risk_events (at, state_from, state_to, reason, numbers) VALUES (?, ?, ?, ?, ?)",
+                   (time.time(), state_from, state_to, reason, json.dumps(numbers, default=str)))
+
+    def risk_events(self) -> list[dict[str, Any]]:
+        rows = self._query("SELECT * FROM risk_events ORDER BY id")
+        for r in rows:
+            r["numbers"] = json.loads(r["numbers"]) if r["numbers"] else {}
+        return rows
+
+    def open_orders(self, modes: Sequence[str] = ("testnet", "live")) -> list[dict[str, Any]]:
+        """Every journaled order (of sessions in ``modes``) whose outcome is not known: ``new`` (intent written,
+        maybe sent), ``unknown`` (sent, no answer), ``sent`` (accepted, no fill yet). Recovery resolves each
+        against the exchange before trading."""
+        marks = ", ".join("?" for _ in modes)
+        return self._query("SELECT o.* FROM orders o JOIN trade_sessions s ON o.session_id = s.session_id"
+                           f" WHERE o.status IN ('new', 'unknown', 'sent') AND s.mode IN ({marks}) ORDER BY o.id",
+                           tuple(modes))
+
+    def order(self, client_order_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM orders WHERE client_order_id = ?", (client_order_id,))
+        return rows[0] if rows else None
+
+    def journal_positions(self, modes: Sequence[str] = ("testnet", "live")) -> dict[str, float]:
+        """Per symbol, the position the journal's fills add up to over every session in ``modes`` (the exchange
+        account's position, when this trader is the account's only user)."""
+        marks = ", ".join("?" for _ in modes)
+        rows = self._query("SELECT f.symbol, SUM(f.qty) AS q FROM fills f JOIN trade_sessions s ON"
+                           f" f.session_id = s.session_id WHERE s.mode IN ({marks}) AND f.kind <> 'seed'"
+                           " GROUP BY f.symbol",
+                           tuple(modes))
+        return {r["symbol"]: float(r["q"] or 0.0) for r in rows}
 
     def record_fill(self, session_id: str, symbol: str, client_order_id: str | None, time_us: int, kind: str,
                     qty: float, price: float, fee: float, slippage: float, realized: float,
@@ -191,6 +257,13 @@ class Records:
                    (session_id, symbol, int(bar_time), float(equity), float(position), float(price)))
 
     # -- queries ------------------------------------------------------------------------------------------
+    def unfinished_session(self, mode: str, symbols: Sequence[str]) -> str | None:
+        """The latest session of ``mode`` on these symbols that never ended (its trader was killed): a restart
+        resumes it, so its bars keep their client order ids and a recomputed bar sends nothing new."""
+        rows = self._query("SELECT session_id FROM trade_sessions WHERE mode = ? AND symbols = ? AND ended_at IS NULL"
+                           " ORDER BY started_at DESC LIMIT 1", (mode, ",".join(symbols)))
+        return str(rows[0]["session_id"]) if rows else None
+
     def latest_session(self) -> str | None:
         rows = self._query("SELECT session_id FROM trade_sessions ORDER BY started_at DESC LIMIT 1")
         return str(rows[0]["session_id"]) if rows else None
@@ -272,6 +345,7 @@ class Records:
         return {"session": sess, "symbols": per}
 
 
-def open_records(url: str | Path | None, data_dir: Path) -> Records:
-    """``trader.records_url`` (null → ``<data.dir>/trader.db``)."""
-    return Records(url if url else data_dir / "trader.db")
+def open_records(url: str | Path | None, data_dir: Path, *, durable: bool = True) -> Records:
+    """``trader.records_url`` (null → ``<data.dir>/trader.db``); ``durable``: fsync every commit (the exchange
+    modes' write-ahead journal; paper fills nothing outside the process and may skip the fsync)."""
+    return Records(url if url else data_dir / "trader.db", durable=durable)

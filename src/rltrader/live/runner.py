@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -25,20 +26,38 @@ import numpy as np
 from rltrader.data.schema import Market
 from rltrader.data.store import open_store
 from rltrader.errors import ConfigError
+from rltrader.execution import QTY
 from rltrader.live.gateway import Bar, BinanceBroker, PaperBroker
 from rltrader.live.records import open_records
+from rltrader.live.risk import RiskState, set_state
 from rltrader.live.trader import Trader, _event, bars_from_frame, build_trader
 
 log = logging.getLogger(__name__)
 KEY_VARS = ("RLTRADER_BINANCE_API_KEY", "RLTRADER_BINANCE_API_SECRET")
 
 
-def exchange_client(market: str, rest_base: str | None, env: dict[str, str] | None = None) -> Any:
-    """python-binance ``Client`` with the trading keys: testnet, or ``rest_base`` (a Binance-compatible server)."""
+LIVE_FLAG = "--i-understand-this-trades-real-money"
+
+
+def live_gate(mode: str, confirmed: bool, env: dict[str, str] | None = None) -> None:
+    """``--mode live`` needs both the explicit flag and the keys; one message naming everything missing."""
+    if mode != "live":
+        return
+    env = dict(os.environ if env is None else env)
+    missing = ([] if confirmed else [LIVE_FLAG]) + [f"${v}" for v in KEY_VARS if not env.get(v)]
+    if missing:
+        raise ConfigError(f"trade --mode live trades real money and needs: {', '.join(missing)} (missing). "
+                          "Try --mode paper, then --mode testnet, first.")
+
+
+def exchange_client(market: str, rest_base: str | None, env: dict[str, str] | None = None, *,
+                    mode: str = "testnet") -> Any:
+    """python-binance ``Client`` with the trading keys: testnet, live (Binance itself), or ``rest_base`` (a
+    Binance-compatible server)."""
     env = dict(os.environ if env is None else env)
     missing = [v for v in KEY_VARS if not env.get(v)]
     if missing:
-        raise ConfigError(f"trade --mode testnet: set {' and '.join(missing)} (the exchange API keys; they are read "
+        raise ConfigError(f"trade --mode {mode}: set {' and '.join(missing)} (the exchange API keys; they are read "
                           "from the environment only)")
     from binance.client import Client
 
@@ -47,14 +66,39 @@ def exchange_client(market: str, rest_base: str | None, env: dict[str, str] | No
     key, secret = env[KEY_VARS[0]], env[KEY_VARS[1]]
     if rest_base is not None:
         return _with_base(Client, rest_base)(key, secret, ping=False)
-    return Client(key, secret, testnet=True, ping=False)
+    return Client(key, secret, testnet=mode != "live", ping=False)
 
 
-def _broker(mode: str, market: str, rest_base: str | None) -> Any:
+def _broker(mode: str, market: str, rest_base: str | None, grace_s: float = 2.0) -> Any:
     xp = np.zeros(0)  # set by the trader from the execution params
     if mode == "paper":
         return PaperBroker(xp)
-    return BinanceBroker(exchange_client(market, rest_base), market, xp)
+    return BinanceBroker(exchange_client(market, rest_base, mode=mode), market, xp, grace_s=grace_s)
+
+
+def start_exchange_trader(settings: Any, trader: Trader, broker: BinanceBroker, symbols: Sequence[str],
+                          mode: str = "testnet") -> Any:
+    """testnet/live start: account settings checked (refused otherwise), then recovery; the trader starts
+    from the exchange's positions and stays HALTED unless recovery passed (see ``live.recovery``)."""
+    from rltrader.live.recovery import check_account_settings, recover
+
+    risk = settings.risk
+    check_account_settings(broker.client, broker.market, symbols, risk.leverage, risk.margin_type)
+    for sym in symbols:
+        broker.accounts[sym] = trader.books[sym].acct
+    # the journal's positions of this mode's sessions only: testnet and live are different accounts
+    rec = recover(trader.records, broker, trader.gateway, symbols, tolerance=risk.position_tolerance,
+                  journal_modes=(mode,))
+    for sym, (q, entry) in rec.positions.items():
+        if sym not in trader.books:
+            continue
+        if not trader.restore_from_journal(sym):  # a new session: start from the exchange's position
+            trader.seed_position(sym, q, entry)
+        mine = float(trader.books[sym].acct[QTY, 0])
+        if abs(mine - q) > risk.position_tolerance:
+            set_state(trader.records, RiskState.HALTED,
+                      f"{sym}: session account {mine:g} differs from the exchange position {q:g}")
+    return rec
 
 
 def log_summary(settings: Any, summary: dict[str, Any], mode: str) -> str:
@@ -82,7 +126,8 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
                until: datetime | None = None, max_seconds: float | None = None,
                stop_event: threading.Event | None = None, handle_signals: bool = True,
                mlflow_summary: bool = True, on_processed: Any = None, api_port: int | None = None,
-               api_host: str = "127.0.0.1", notifier: Any = None) -> dict[str, Any]:
+               api_host: str = "127.0.0.1", notifier: Any = None, confirm_live: bool = False,
+               grace_s: float = 2.0) -> dict[str, Any]:
     """Run the trader until stopped (signal, ``stop_event``, ``max_seconds``) or every symbol reached ``until``.
     ``on_processed(symbol, bar_time)``: called once a closed bar is fully handled (lock-step replays, tests).
     ``api_port``: serve the control/status API and the live page in a thread beside the loop (``rltrader trade
@@ -103,15 +148,18 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
     if settings.execution.market != want:
         raise ConfigError(f"trader.market {market.value} trades execution.market {want!r}; params say "
                           f"{settings.execution.market!r}")
-    if mode == "live":
-        raise ConfigError("trade --mode live: live trading needs the journal and risk engine (next trader issue); "
-                          "use --mode paper or --mode testnet")
-    broker = _broker(mode, want, rest_base)
-    records = open_records(cfg.records_url, settings.data.dir)
+    live_gate(mode, confirm_live)
+    broker = _broker(mode, want, rest_base, grace_s)
+    records = open_records(cfg.records_url, settings.data.dir, durable=mode != "paper")
     until_us = None if until is None else int(until.timestamp() * 1_000_000)
+    resume_id = records.unfinished_session(mode, symbols) if mode != "paper" else None
     trader = build_trader(settings, mode=mode, symbols=symbols, model=model, records=records, broker=broker,
-                          until_us=until_us)
+                          until_us=until_us, session_id=resume_id)
+    if resume_id is not None:
+        _event("session_resumed", session_id=resume_id)
     controller = Controller(trader, reload=lambda: reload_model(trader, settings))
+    if isinstance(broker, BinanceBroker):
+        start_exchange_trader(settings, trader, broker, symbols, mode)
     notifier = notifier if notifier is not None else Notifier.from_env()
     if notifier is not None:
         trader.gateway.fill_listeners.append(notifier.on_fills)
@@ -139,6 +187,13 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
             bar = Bar(int(row[3]), float(row[4]), float(row[5]), float(row[6]), float(row[7]), float(row[8]),
                       float(row[11]), float(row[12]))
             last_bar[sym] = bar
+            # a bar that arrives long after its close is a REST repair catching up: decided, but no new risk
+            # (on Binance's clock only; a replay's bars are old by construction)
+            stale_s = settings.risk.stale_after_s
+            if rest_base is None and stale_s > 0 and time.time() - (bar.time / 1e6 + 60.0) > stale_s:
+                trader.catching_up.add(sym)
+            else:
+                trader.catching_up.discard(sym)
             step(trader, controller, notifier, sym, bar)
             if cfg.follow_champion and bar.time // 60_000_000 != state["minute"]:
                 state["minute"] = bar.time // 60_000_000
@@ -152,10 +207,11 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
                                                         "rest_base": rest_base, "ws_base": ws_base})
         stream(stream_cfg, store, stop_event=stop, max_seconds=max_seconds, handle_signals=handle_signals,
                on_kline=on_kline)
-        if cfg.flatten_on_stop:
+        if cfg.flatten_on_stop:  # the one order a stop sends, when params ask for it
             for sym, bar in last_bar.items():
                 if sym not in trader.finished:
                     trader._flatten(sym, bar, "stop")
+        trader.stopping = True  # SIGTERM / stop: no new orders from here on (every journal write is committed)
     finally:
         store.close()
         if notifier is not None:

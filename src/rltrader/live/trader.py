@@ -54,6 +54,7 @@ from rltrader.env.modes import (
 from rltrader.errors import ConfigError, DataError
 from rltrader.execution import (
     AVG_ENTRY,
+    CASH,
     EQUITY,
     FEES,
     N_FIELDS,
@@ -65,7 +66,7 @@ from rltrader.execution import (
 )
 from rltrader.live.features import IncrementalFeatures
 from rltrader.live.gateway import Bar, Fill, OrderGateway, OrderRequest
-from rltrader.live.records import Records
+from rltrader.live.records import Records, order_id_for
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,13 @@ class Trader:
         """The ``live.policy.ResolvedModel`` this trader runs (set by ``build_trader``; None for a bare policy)."""
         self.queued: dict[tuple[str, int], OrderRequest] = {}
         """Orders held back ``latency_bars`` decisions (the backtest's pending queue), by (symbol, decision no.)."""
+        self.risk: Any = None
+        """The ``live.risk.RiskEngine`` every order passes (set by ``build_trader``; also a gateway hook)."""
+        self.stopping = False
+        """SIGTERM / stop: no new orders from here on (the journal is flushed by each commit already)."""
+        self.last_bars: dict[str, Bar] = {}
+        self.catching_up: set[str] = set()
+        """Symbols whose current bar arrived long after its close (a REST repair catching up): no new risk."""
 
     # -- input -----------------------------------------------------------------------------------------
     def warm_up(self, symbol: str, bars: Iterable[Bar]) -> int:
@@ -275,6 +283,39 @@ class Trader:
             fe.update(b.time, b.open, b.high, b.low, b.close, b.volume, b.trades, b.taker_buy_volume)
             n += 1
         return n
+
+    def warm_up_book(self, symbol: str, bars: Iterable[Bar]) -> int:
+        """A restarted trader: bars it had already handled go into the features *and* the symbol's window (no
+        settling, no decisions), so the next bar is decided on the same window as an uninterrupted run's."""
+        fe, book = self.features[symbol], self.books[symbol]
+        n = 0
+        for b in bars:
+            raw, ok = fe.update(b.time, b.open, b.high, b.low, b.close, b.volume, b.trades, b.taker_buy_volume)
+            row = standardize(raw[self.cols][None, :], self.norm.mean, self.norm.std, self.norm.clip)[0] if ok else None
+            book.append(b, row)
+            self.last_bars[symbol] = b
+            if book.run == book.context:  # where _decide would start the stretch
+                nxt = b.time + 60_000_000
+                book.ptr[P_START, 0] = book.n
+                book.ptr[P_END, 0] = (book.n + (self.until_us - nxt) // 60_000_000) if self.until_us is not None \
+                    else FAR
+            n += 1
+        return n
+
+    def restore_from_journal(self, symbol: str) -> int:
+        """A resumed session's account: its journaled fills booked again in order (``execution.apply_fill``),
+        so cash, position, entry, fees and realized PnL — hence the sizing — are the uninterrupted run's."""
+        from rltrader.execution import apply_fill
+
+        acct = self.books[symbol].acct
+        fills = [f for f in self.records.fills(self.session_id) if f["symbol"] == symbol]
+        for f in fills:
+            q, px = float(f["qty"]), float(f["price"])
+            if q != 0.0 and px > 0.0:
+                apply_fill(acct, 0, q, px, float(f["fee"]) / (abs(q) * px), px)
+        if fills:
+            _event("account_restored", symbol=symbol, fills=len(fills), position=float(acct[QTY, 0]))
+        return len(fills)
 
     def on_bar(self, symbol: str, bar: Bar) -> Decision | None:
         """A closed bar of ``symbol``: settle it, then decide (and send) the next bar's order."""
@@ -287,10 +328,15 @@ class Trader:
                                                bar.trades, bar.taker_buy_volume)
         row = standardize(raw[self.cols][None, :], self.norm.mean, self.norm.std, self.norm.clip)[0] if ok else None
         book.append(bar, row)
+        self.last_bars[symbol] = bar
+        if self.risk is not None:
+            self.risk.on_bar(symbol, valid=row is not None, repairing=symbol in self.catching_up)
         # settle bar r (paper: the kernel fills the order due in it), then the cycle bookkeeping
         fills = self.gateway.broker.settle(symbol, bar, book.acct)
         self._book_fills(book, fills)
         self.records.record_mark(self.session_id, symbol, bar.time, book.equity, float(book.acct[QTY, 0]), bar.close)
+        if self.risk is not None:
+            self.risk.on_mark(symbol, float(book.acct[QTY, 0]), bar.close, book.equity, bar.time)
         if self.until_us is not None and bar.time + 60_000_000 >= self.until_us:
             self._flatten(symbol, bar, "end_of_data")
             self.finished.add(symbol)
@@ -320,7 +366,15 @@ class Trader:
 
     def _flatten(self, symbol: str, bar: Bar, reason: str) -> None:
         book = self.books[symbol]
-        fills = self.gateway.broker.flatten(symbol, bar, book.acct)
+        if getattr(self.gateway.broker, "name", "") == "exchange":
+            # through the journal and the risk engine, as every exchange order (a leg of its own: seq 1)
+            q = float(book.acct[QTY, 0])
+            if q != 0.0 and not self.stopping:
+                self.gateway.submit(OrderRequest(symbol, bar.time, order_id_for(self.session_id, symbol, bar.time, 1),
+                                                 -q, bar.close, reason, True, q, True), book.acct)
+            fills = self.gateway.broker.settle(symbol, bar, book.acct)
+        else:
+            fills = self.gateway.broker.flatten(symbol, bar, book.acct)
         book.pending[:] = 0.0
         if fills:
             self.gateway.record_fills(fills)
@@ -330,8 +384,23 @@ class Trader:
 
     def _send_target(self, book: SymbolBook, bar_time: int, target: float, ref: float, reason: str) -> None:
         req = self.gateway.order_for_target(book.symbol, bar_time, target, book.committed(), ref, reason)
-        if req is not None:
+        if req is not None and not self.stopping:
             self.gateway.submit(req, book.acct)
+
+    def seed_position(self, symbol: str, qty: float, entry: float) -> None:
+        """A restarted exchange-mode trader starts from the exchange's position (recovery's), entered at the
+        exchange's entry price, as if filled there without a fee."""
+        acct = self.books[symbol].acct
+        if acct[QTY, 0] != 0.0 or qty == 0.0:
+            return
+        acct[QTY, 0] = qty
+        acct[AVG_ENTRY, 0] = entry
+        acct[CASH, 0] -= qty * entry
+        # journaled as a fill of kind "seed" (not an exchange fill: the journal's positions leave it out), so a
+        # restart of this session restores it with the rest
+        t = self.last_bars[symbol].time if symbol in self.last_bars else 0
+        self.records.record_fill(self.session_id, symbol, None, t, "seed", qty, entry, 0.0, 0.0, 0.0, qty)
+        _event("position_seeded", symbol=symbol, qty=qty, entry=entry)
 
     def _decide(self, book: SymbolBook, bar: Bar) -> Decision:
         """Decision for the bar after ``bar`` (sent at its open); hold with a reason when not allowed."""
@@ -386,7 +455,8 @@ class Trader:
         # the backtest's pending queue: this bar's order goes out ``latency`` bars later
         k = book.k
         book.pending[0, k % nslot] = 0.0
-        if fresh and target is not None:
+        del fresh  # a recomputed bar (a restart) re-derives the same order and client id: the journal dedupes it
+        if target is not None and not self.stopping:
             req = self.gateway.order_for_target(book.symbol, nxt, target, committed, ref, reason)
             if req is not None:
                 book.pending[0, k % nslot] = req.qty
@@ -435,15 +505,14 @@ def bars_from_frame(df: Any) -> list[Bar]:
 
 def build_trader(settings: Any, *, mode: str, symbols: Sequence[str], model: str, records: Records,
                  broker: Any, until_us: int | None = None, sessions_dir: Path | None = None,
-                 hooks: Sequence[Any] = ()) -> Trader:
+                 hooks: Sequence[Any] = (), use_risk: bool = True, session_id: str | None = None) -> Trader:
     """A trader with the backtest's execution/env params and filters (``evaluate.backtest.backtest_params``),
     the sessions metadata's standardisation, the resolved (pinned) policy and a new recorded session."""
     from rltrader.evaluate.backtest import backtest_params
     from rltrader.live.policy import resolve
 
-    if mode not in ("paper", "testnet"):
-        raise ConfigError(f"trade --mode {mode}: live trading needs the journal and risk engine (next trader "
-                          "issue); use --mode paper or --mode testnet")
+    if mode not in ("paper", "testnet", "live"):
+        raise ConfigError(f"trade --mode {mode}: choose paper, testnet or live")
     bt = settings.backtest
     active = {k: getattr(bt, k) for k in ("confidence", "cooldown_bars", "max_trades_per_day", "stop_loss",
                                           "take_profit") if getattr(bt, k)}
@@ -456,11 +525,14 @@ def build_trader(settings: Any, *, mode: str, symbols: Sequence[str], model: str
     if meta_mode is not None and meta_mode != env_params.mode:
         raise ConfigError(f"trader: the model was trained for env.mode {meta_mode!r}, params say {env_params.mode!r}")
     norm = Normalization.from_sessions(Path(sessions_dir or settings.data.dir / "sessions"))
-    session_id = new_session_id()
+    session_id = session_id or new_session_id()
     xp = execution.to_array()
     if hasattr(broker, "xp"):
         broker.xp = xp  # the broker fills/books with the same execution params
-    gateway = OrderGateway(broker, records, session_id, xp, hooks)
+    from rltrader.live.risk import RiskEngine, RiskLimits
+
+    risk = RiskEngine(RiskLimits.from_settings(settings.risk), records, xp, session_id) if use_risk else None
+    gateway = OrderGateway(broker, records, session_id, xp, [*hooks, *([risk] if risk is not None else [])])
     records.start_session(session_id, mode=mode, model=resolved.uri, model_version=resolved.version,
                           symbols=list(symbols), params={"initial_cash": execution.initial_cash,
                                                          "execution": execution.as_dict(),
@@ -470,4 +542,5 @@ def build_trader(settings: Any, *, mode: str, symbols: Sequence[str], model: str
                     symbols=symbols, gateway=gateway, records=records, session_id=session_id,
                     repeat_cycles=bt.repeat_cycles, until_us=until_us, interval=settings.ingest.interval)
     trader.resolved = resolved
+    trader.risk = risk
     return trader

@@ -2,7 +2,8 @@
 
 Spot: ``POST/GET/DELETE /api/v3/order``, ``GET /api/v3/openOrders``, ``GET /api/v3/account``. USDⓈ-M:
 ``POST/GET/DELETE /fapi/v1/order``, ``GET /fapi/v1/openOrders``, ``GET /fapi/v2|v3/account``,
-``GET /fapi/v2|v3/positionRisk``, ``GET /fapi/v2|v3/balance``, ``POST /fapi/v1/leverage`` (python-binance
+``GET /fapi/v2|v3/positionRisk``, ``GET /fapi/v2|v3/balance``, ``POST /fapi/v1/leverage``,
+``GET /fapi/v1/positionSide/dual`` (one-way mode only) (python-binance
 1.0.x calls account v2, positionRisk v3 and balance v3; both versions are served where Binance has both).
 Payloads carry Binance's field names and string-formatted numbers; prices and amounts are printed exactly
 (the float the kernel computed, not rounded to the tick), so a client can compare them with the kernel.
@@ -60,6 +61,7 @@ class TradingRoutes:
         app.router.add_delete("/fapi/v1/order", self._fut_cancel_order)
         app.router.add_get("/fapi/v1/openOrders", self._fut_open_orders)
         app.router.add_post("/fapi/v1/leverage", self._fut_leverage)
+        app.router.add_get("/fapi/v1/positionSide/dual", self._fut_position_mode)
         for v in ("v2", "v3"):
             app.router.add_get(f"/fapi/{v}/account", self._fut_account)
             app.router.add_get(f"/fapi/{v}/positionRisk", self._fut_position_risk)
@@ -270,6 +272,11 @@ class TradingRoutes:
         lev = self.exchange.set_leverage(key, params.get("symbol", ""), int(raw))
         sym = params.get("symbol", "").upper()
         return self._json({"leverage": lev, "maxNotionalValue": num(self._max_notional(lev)), "symbol": sym})
+
+    async def _fut_position_mode(self, request: web.Request) -> web.StreamResponse:
+        """One-way mode only (hedge mode is not simulated): what a trader checks before it starts."""
+        await self._signed(request)
+        return self._json({"dualSidePosition": False})
 
     @staticmethod
     def _max_notional(leverage: int) -> float:
