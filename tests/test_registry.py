@@ -90,7 +90,9 @@ def test_backtest_stage_outputs(trained: tuple[Settings, Path]) -> None:
     assert any("d3qn" in v for v in summary["verdicts"]["backtest"])
     for algo in ("d3qn", "ppo"):
         html = (reports / "backtest" / algo / "report.html").read_text()
-        assert "Agents vs baselines" in html and "data:image/png;base64," in html and "http" not in html.lower()
+        # self-contained: figures inline, no external URL (base64 has no ':', so a URL cannot hide in the images)
+        assert "Agents vs baselines" in html and "data:image/png;base64," in html
+        assert "http://" not in html.lower() and "https://" not in html.lower() and 'src="//' not in html
         assert (reports / "backtest" / algo / "action_probs.png").stat().st_size > 1000
         run = mlflow.MlflowClient(settings.train.tracking_uri).get_run(summary["train_runs"][algo])
         assert "backtest_sharpe_daily_annualized" in run.data.metrics and "val_bt_total_return" in run.data.metrics
