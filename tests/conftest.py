@@ -8,8 +8,9 @@ import shutil
 import uuid
 import zipfile
 from collections.abc import Iterator
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 import pytest
@@ -20,6 +21,9 @@ from rltrader.data.postgres_store import PostgresStore
 from rltrader.data.schema import Market
 from rltrader.data.store import Store
 from rltrader.testing import TempPostgres
+
+if TYPE_CHECKING:
+    from rltrader.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = Path(os.environ.get("RLTRADER_SHARED_ARCHIVE", REPO.parent / "shared" / "data" / "binance"))
@@ -91,3 +95,40 @@ def copy_archive_file(src_root: Path, dst_root: Path, relpath: str) -> Path:
     shutil.copy2(src_root / relpath, dst)
     shutil.copy2(src_root / (relpath + ".CHECKSUM"), dst_root / (relpath + ".CHECKSUM"))
     return dst
+
+
+# --- the trader tests' replayed market: real NEARUSDT bars of April 2023 ---------------------------------------
+NEAR_APRIL = "futures/um/monthly/klines/NEARUSDT/1m/NEARUSDT-1m-2023-04.zip"
+NEAR_DAY1 = datetime(2023, 4, 11, tzinfo=UTC)
+"""The end of the stored history: the backtest split (and the replayed trading day) is 2023-04-10."""
+
+
+def build_near_april(shared_archive: Path, tmp: Path, **sections: dict[str, Any]) -> Settings:
+    """Real NEARUSDT bars (April 2023, up to 2023-04-11) through the features and sessions stages: train 04-01..07,
+    val 04-07, test 04-08..09, backtest = the one day 2023-04-10. ``sections`` add or override settings sections
+    (e.g. ``execution={"step_size": 1.0}``). Shared by the trader, risk and operations tests."""
+    from rltrader.config import Settings
+    from rltrader.data.archive import parse_klines, read_zip_member
+    from rltrader.dataset.build import run_features_stage, run_sessions_stage
+
+    tree: dict[str, Any] = {
+        "data": {"dir": str(tmp / "data")},
+        "ingest": {"market": "futures-um", "symbols": ["NEARUSDT"], "interval": "1m"},
+        "sessions": {"context": 30, "length": 10, "stride": 10, "embargo": 60, "volatility_percentile": 0,
+                     "splits": {"train": {"start": "2023-04-01", "end": "2023-04-07"},
+                                "val": {"start": "2023-04-07", "end": "2023-04-08"},
+                                "test": {"start": "2023-04-08", "end": "2023-04-10"},
+                                "backtest": {"start": "2023-04-10", "end": "2023-04-11"}}},
+        "backtest": {"bootstrap": 0},
+    }
+    for name, values in sections.items():
+        tree[name] = {**tree.get(name, {}), **values}
+    settings = Settings.model_validate(tree)
+    store = ParquetStore(tmp / "data" / "store")
+    rows = parse_klines(read_zip_member(shared_archive / NEAR_APRIL), source=NEAR_APRIL, market=Market.FUTURES_UM,
+                        symbol="NEARUSDT", interval="1m").rows
+    store.write_klines(rows.filter(pl.col("open_time") < NEAR_DAY1))
+    run_features_stage(settings, store)
+    run_sessions_stage(settings)
+    store.close()
+    return settings

@@ -9,17 +9,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pytest
+from conftest import build_near_april
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from rltrader.config import RiskSettings, Settings
-from rltrader.data.archive import parse_klines, read_zip_member
 from rltrader.data.parquet_store import ParquetStore
-from rltrader.data.schema import Market
-from rltrader.dataset.build import run_features_stage, run_sessions_stage
 from rltrader.execution import ExecutionParams
 from rltrader.live.control import resume
 from rltrader.live.gateway import OrderRequest, PaperBroker, Reduced
@@ -172,25 +169,8 @@ def test_no_order_sequence_exceeds_a_limit(tmp_path_factory: pytest.TempPathFact
 # -- the trader on a replayed day ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def built(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    tmp = tmp_path_factory.mktemp("risk")
-    s = Settings.model_validate({
-        "data": {"dir": str(tmp / "data")},
-        "ingest": {"market": "futures-um", "symbols": ["NEARUSDT"], "interval": "1m"},
-        "sessions": {"context": 30, "length": 10, "stride": 10, "embargo": 60, "volatility_percentile": 0,
-                     "splits": {"train": {"start": "2023-04-01", "end": "2023-04-07"},
-                                "val": {"start": "2023-04-07", "end": "2023-04-08"},
-                                "test": {"start": "2023-04-08", "end": "2023-04-10"},
-                                "backtest": {"start": "2023-04-10", "end": "2023-04-11"}}},
-        "backtest": {"bootstrap": 0},
-    })
-    store = ParquetStore(tmp / "data" / "store")
-    rows = parse_klines(read_zip_member(shared_archive / NEAR), source=NEAR, market=Market.FUTURES_UM,
-                        symbol="NEARUSDT", interval="1m").rows
-    store.write_klines(rows.filter(pl.col("open_time") < DAY1))
-    run_features_stage(s, store)
-    run_sessions_stage(s)
-    store.close()
-    return s
+    """Real NEARUSDT bars (April 2023) through the features and sessions stages; backtest split = one day."""
+    return build_near_april(shared_archive, tmp_path_factory.mktemp("risk"))
 
 
 def _run_day(settings: Settings, records: Records, bars_until: int | None = None,

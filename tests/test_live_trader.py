@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from conftest import build_near_april
 
 from rltrader.config import Settings
 from rltrader.data.archive import parse_klines, read_zip_member
 from rltrader.data.parquet_store import ParquetStore
 from rltrader.data.schema import Market
-from rltrader.dataset.build import run_features_stage, run_sessions_stage
 from rltrader.errors import ConfigError
 from rltrader.evaluate.backtest import run_backtest
 from rltrader.live.features import IncrementalFeatures
@@ -30,25 +30,7 @@ DAY1 = datetime(2023, 4, 11, tzinfo=UTC)
 @pytest.fixture(scope="module")
 def built(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """Real NEARUSDT bars (April 2023) through the features and sessions stages; backtest split = one day."""
-    tmp = tmp_path_factory.mktemp("trader")
-    settings = Settings.model_validate({
-        "data": {"dir": str(tmp / "data")},
-        "ingest": {"market": "futures-um", "symbols": ["NEARUSDT"], "interval": "1m"},
-        "sessions": {"context": 30, "length": 10, "stride": 10, "embargo": 60, "volatility_percentile": 0,
-                     "splits": {"train": {"start": "2023-04-01", "end": "2023-04-07"},
-                                "val": {"start": "2023-04-07", "end": "2023-04-08"},
-                                "test": {"start": "2023-04-08", "end": "2023-04-10"},
-                                "backtest": {"start": "2023-04-10", "end": "2023-04-11"}}},
-        "backtest": {"bootstrap": 0},
-    })
-    store = ParquetStore(tmp / "data" / "store")
-    rows = parse_klines(read_zip_member(shared_archive / NEAR), source=NEAR, market=Market.FUTURES_UM,
-                        symbol="NEARUSDT", interval="1m").rows
-    store.write_klines(rows.filter(pl.col("open_time") < DAY1))
-    run_features_stage(settings, store)
-    run_sessions_stage(settings)
-    store.close()
-    return settings
+    return build_near_april(shared_archive, tmp_path_factory.mktemp("trader"))
 
 
 def _with_latency(settings: Settings, latency: int) -> Settings:
