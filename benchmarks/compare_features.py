@@ -1,6 +1,7 @@
 """Bit-for-bit check of the ``features`` stage's output between two source trees, on the real shared data.
 
-    python benchmarks/compare_features.py --before /work/main/src [--after src] [--archive-base PATH]
+    git worktree add ../rltrader-before main   # the reference tree, e.g. the commit before the change
+    python benchmarks/compare_features.py --before ../rltrader-before/src [--after src] [--archive-base PATH]
 
 Why: a speed change to ``rltrader.dataset.features`` must not move a single feature value (the sessions, the
 trained models and every reported figure depend on them). The script fills a ParquetStore from every shared
@@ -76,7 +77,7 @@ def compare(a: Path, b: Path) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--before", required=True, help="src folder of the reference tree (e.g. /work/main/src)")
+    ap.add_argument("--before", required=True, help="src folder of the reference tree (e.g. ../rltrader-before/src)")
     ap.add_argument("--after", default=str(REPO / "src"), help="src folder of the tree under test")
     ap.add_argument("--archive-base", default=str(REPO.parent / "shared" / "data" / "binance"))
     args = ap.parse_args()
