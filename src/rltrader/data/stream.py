@@ -36,16 +36,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -56,33 +55,28 @@ from rltrader.data.bars import BarBuilder, BarRow, bars_frame
 from rltrader.data.rest import (
     DEFAULT_POLICY,
     RestPolicy,
-    fetch_agg_trades_async,
-    fetch_klines_async,
     make_async_client,
     make_socket_manager,
 )
 from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, Market, close_time_us, epoch_to_us, interval_us
 from rltrader.data.store import Store, WriteResult, open_store
+from rltrader.data.stream_common import (
+    BAD,
+    CONN_ERROR,
+    DUP,
+    GAP_KLINE,
+    GAP_TRADE,
+    IGNORED,
+    OK,
+    Reconnect,
+    dt,
+    epoch_us,
+    event,
+)
+from rltrader.data.stream_repair import RestRepair
+from rltrader.data.ws_reader import close_socket, decoder, read_loop
 
-log = logging.getLogger(__name__)
-
-_OK, _DUP, _GAP_TRADE, _GAP_KLINE, _BAD, _CONN_ERROR, _IGNORED = range(7)
 StopEvent = asyncio.Event | threading.Event
-_READ_BURST = 2000
-
-
-def _event(level: int, name: str, **fields: Any) -> None:
-    """One structured log line: ``{"event": name, ...}``."""
-    if log.isEnabledFor(level):
-        log.log(level, json.dumps({"event": name, **fields}, default=str, separators=(",", ":")))
-
-
-def _dt(us: int) -> datetime:
-    return datetime.fromtimestamp(us / 1e6, tz=UTC)
-
-
-def _epoch_us(t: datetime) -> int:
-    return int((t - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds() * 1_000_000)
 
 
 # -- knobs and counters ----------------------------------------------------------------------------------
@@ -147,11 +141,7 @@ class _SymbolState:
     bars: BarBuilder
 
 
-class _Reconnect(Exception):
-    """The current connection is unusable; the run loop reconnects."""
-
-
-_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError, _Reconnect)
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError, Reconnect)
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
@@ -173,7 +163,7 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 
 # -- the ingester --------------------------------------------------------------------------------------------
-class StreamIngester:
+class StreamIngester(RestRepair):
     """State and loops of one live ingestion run (one market, many symbols). Use :func:`run_stream`."""
 
     def __init__(
@@ -260,7 +250,7 @@ class StreamIngester:
         self._stop = stop_event
         self._deadline = None if max_seconds is None else time.monotonic() + max_seconds
         await asyncio.to_thread(self._load_state)
-        _event(logging.INFO, "stream_start", market=self.market.value, symbols=self.symbols,
+        event(logging.INFO, "stream_start", market=self.market.value, symbols=self.symbols,
                store=type(self.store).__name__, cursors={s: {"kline": st.last_kline_us, "trade": st.last_trade_id}
                                                          for s, st in self._state.items()})
         writer = asyncio.create_task(self._writer_loop(), name="stream-writer")
@@ -277,7 +267,7 @@ class StreamIngester:
                     failures = 0 if streamed else failures + 1
                 except self._reconnect_errors as exc:
                     failures += 1
-                    _event(logging.WARNING, "stream_disconnected", error=type(exc).__name__, detail=str(exc)[:300],
+                    event(logging.WARNING, "stream_disconnected", error=type(exc).__name__, detail=str(exc)[:300],
                            failures=failures)
                 if writer.done():
                     writer.result()  # a store that keeps failing ends the run (the supervisor restarts it)
@@ -287,7 +277,7 @@ class StreamIngester:
                     raise ConnectionError(f"stream: {failures} consecutive failed connections; giving up")
                 self.stats.reconnects += 1
                 delay = self.backoff.delay(max(failures - 1, 0))
-                _event(logging.WARNING, "stream_reconnect", attempt=failures, delay_s=round(delay, 3),
+                event(logging.WARNING, "stream_reconnect", attempt=failures, delay_s=round(delay, 3),
                        reconnects=self.stats.reconnects)
                 await self._sleep(delay)
         finally:
@@ -321,24 +311,24 @@ class StreamIngester:
             kl = last.get(("klines", sym))
             tr = last.get(("agg_trades", sym))
             br = last.get(("bars", sym))
-            bar_start = _epoch_us(br) + width if br is not None else None
+            bar_start = epoch_us(br) + width if br is not None else None
             builder = BarBuilder(self.market.value, sym, self.bar_width, self.lateness_us, start=bar_start)
             last_id: int | None = None
             if tr is not None:
-                tr_us = _epoch_us(tr)
+                tr_us = epoch_us(tr)
                 seed_from = bar_start if bar_start is not None else tr_us - tr_us % width
                 if tr_us - seed_from > 86_400_000_000:  # bars far behind trades: do not rebuild a day of bars
                     seed_from = tr_us - tr_us % width
                     builder = BarBuilder(self.market.value, sym, self.bar_width, self.lateness_us, start=seed_from)
-                trades = self.store.read_agg_trades(self.market.value, sym, start=_dt(min(seed_from, tr_us)))
+                trades = self.store.read_agg_trades(self.market.value, sym, start=dt(min(seed_from, tr_us)))
                 if trades.height:
                     last_id = int(trades.get_column("agg_trade_id").max())  # type: ignore[arg-type]
-                    cols = trades.filter(pl.col("transact_time") >= _dt(seed_from)).select(
+                    cols = trades.filter(pl.col("transact_time") >= dt(seed_from)).select(
                         pl.col("transact_time").dt.epoch("us"), "agg_trade_id", "price", "quantity",
                         "is_buyer_maker")
                     for t, a, p, q, m in cols.iter_rows():
                         builder.add(t, a, p, q, m)
-            self._state[sym] = _SymbolState(_epoch_us(kl) if kl is not None else None, last_id, builder)
+            self._state[sym] = _SymbolState(epoch_us(kl) if kl is not None else None, last_id, builder)
 
     # -- one connection ----------------------------------------------------------------------------------
     async def _session(self) -> bool:
@@ -349,77 +339,19 @@ class StreamIngester:
         else:
             sock = bm.futures_multiplex_socket(self.streams)
         sock.MAX_RECONNECTS = 0  # reconnects are ours: python-binance's would hide the hole from us
-        sock._handle_message = self._decoder(sock)  # skip malformed frames instead of ending the read loop
-        sock._read_loop = self._read_loop(sock)  # started by __aenter__; python-binance's costs ~3 loop turns/msg
+        sock._handle_message = decoder(sock, self.stats)  # skip malformed frames instead of ending the read loop
+        sock._read_loop = read_loop(sock)  # started by __aenter__; python-binance's costs ~3 loop turns/msg
         await sock.__aenter__()
         self.stats.connections += 1
         before = self.stats.messages
         try:
-            _event(logging.INFO, "stream_connected", streams=len(self.streams), connection=self.stats.connections)
+            event(logging.INFO, "stream_connected", streams=len(self.streams), connection=self.stats.connections)
             for sym in self.symbols:
                 await self._repair(sym)
             await self._consume(sock)
         finally:
-            await self._close_socket(sock)
+            await close_socket(sock)
         return self.stats.messages > before
-
-    def _decoder(self, sock: Any) -> Callable[[Any], Any]:
-        loads = sock.json_loads
-
-        def decode(raw: Any) -> Any:
-            try:
-                return loads(raw)
-            except ValueError:
-                self.stats.malformed += 1
-                _event(logging.WARNING, "malformed_frame", reason="not json", frame=str(raw)[:200])
-                return None
-
-        return decode
-
-    @staticmethod
-    def _read_loop(sock: Any) -> Callable[[], Coroutine[Any, Any, None]]:
-        """A lean replacement for python-binance's read loop (same queue, same in-band error message).
-
-        Why: python-binance wraps every ``ws.recv()`` in ``asyncio.wait_for`` (a Task and a timer per message)
-        and formats a debug f-string of the whole message even when debug logging is off: most of the CPU a
-        message cost. Here frames already buffered are taken without suspending, so the consumer gets them in
-        batches (a turn is yielded every ``_READ_BURST`` frames so a flood cannot starve the consumer and the
-        writer). Staleness is :meth:`_consume`'s job (its own timeout), and reconnects are ours, so the loop
-        only has to report the end of the connection, as python-binance does: ``{"e": "error", ...}``.
-        """
-
-        async def read_loop() -> None:
-            queue, decode, ws = sock._queue, sock._handle_message, sock.ws
-            n = 0
-            try:
-                while True:
-                    n += 1
-                    if n % _READ_BURST == 0:
-                        await asyncio.sleep(0)
-                    msg = decode(await ws.recv())
-                    if msg is not None:
-                        if queue.qsize() >= sock.max_queue_size:
-                            raise OverflowError(f"message queue size {queue.qsize()} exceeded its maximum")
-                        queue.put_nowait(msg)
-            except asyncio.CancelledError as exc:
-                queue.put_nowait({"e": "error", "type": type(exc).__name__, "m": str(exc)})
-            except Exception as exc:  # closed, reset, overflow: the consumer reconnects
-                queue.put_nowait({"e": "error", "type": type(exc).__name__, "m": str(exc)})
-            finally:
-                sock._handle_read_loop = None  # python-binance's recv() then raises ReadLoopClosed
-
-        return read_loop
-
-    @staticmethod
-    async def _close_socket(sock: Any) -> None:
-        # Closing the websocket first wakes python-binance's read loop at once (it would otherwise sit in a
-        # 10 s recv timeout before noticing it should exit).
-        ws = getattr(sock, "ws", None)
-        if ws is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(), 2)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(sock.__aexit__(None, None, None), 5)
 
     async def _consume(self, sock: Any) -> None:
         from binance.exceptions import ReadLoopClosed
@@ -432,8 +364,8 @@ class StreamIngester:
             wait = min(0.25, self.stale_seconds - (time.monotonic() - last_msg))
             if wait <= 0:
                 self.stats.stale_reconnects += 1
-                _event(logging.WARNING, "stream_stale", silent_s=round(time.monotonic() - last_msg, 3))
-                raise _Reconnect(f"no message for {self.stale_seconds} s")
+                event(logging.WARNING, "stream_stale", silent_s=round(time.monotonic() - last_msg, 3))
+                raise Reconnect(f"no message for {self.stale_seconds} s")
             closed = False
             try:
                 batch = [await asyncio.wait_for(sock.recv(), wait)]
@@ -449,50 +381,22 @@ class StreamIngester:
             on_message = self._on_message
             for msg in batch:
                 code = on_message(msg)
-                if code in (_GAP_TRADE, _GAP_KLINE):
+                if code in (GAP_TRADE, GAP_KLINE):
                     code = await self._resolve_gap(msg, code)
-                if code == _CONN_ERROR:
+                if code == CONN_ERROR:
                     closed = True
                     break
             self._after_batch()
             if self._pending_rows() >= self.max_pending_rows:
                 await self._flush()  # back-pressure: the store is slower than the stream
             if closed:
-                raise _Reconnect("websocket closed")
+                raise Reconnect("websocket closed")
 
     # -- messages ----------------------------------------------------------------------------------------
-    async def _resolve_gap(self, msg: Any, code: int) -> int:
-        """Repair the hole a message revealed, then account the message again.
-
-        A trade gap that REST cannot fill means the server lags its own stream: reconnect (after back-off the
-        repair runs again from the same cursor). Candles that REST does not have after a repair do not exist
-        (exchange outages leave real holes in kline history), so the candle is then accepted.
-        """
-        data = msg["data"]
-        sym = data["s"]
-        if code == _GAP_KLINE:
-            open_us = epoch_to_us(int(data["k"]["t"]))
-            await self._repair(sym, trades=False, kline_end_us=open_us)
-            code = self._on_message(msg)
-            if code == _GAP_KLINE:
-                st = self._state[sym]
-                _event(logging.WARNING, "kline_gap_at_exchange", symbol=sym,
-                       after=_dt(st.last_kline_us).isoformat() if st.last_kline_us is not None else None,
-                       next=_dt(open_us).isoformat())
-                st.last_kline_us = open_us - self.step_us
-                code = self._on_message(msg)
-            return code
-        await self._repair(sym, klines=False)
-        code = self._on_message(msg)
-        if code == _GAP_TRADE:
-            raise _Reconnect(f"{sym}: trade {data.get('a')} still beyond the repaired cursor "
-                             f"{self._state[sym].last_trade_id}")
-        return code
-
     def _on_message(self, msg: Any) -> int:
         """Account one decoded frame. Everything is parsed before any state changes, so a bad frame is inert."""
         if msg is None:
-            return _IGNORED
+            return IGNORED
         try:
             data = msg.get("data", msg) if isinstance(msg, dict) else None
             if not isinstance(data, dict):
@@ -503,14 +407,14 @@ class StreamIngester:
             if kind == "kline":
                 return self._on_kline(data)
             if kind == "error":  # python-binance reports connection trouble in-band
-                _event(logging.WARNING, "websocket_error", type=data.get("type"), detail=str(data.get("m"))[:300])
-                return _CONN_ERROR
+                event(logging.WARNING, "websocket_error", type=data.get("type"), detail=str(data.get("m"))[:300])
+                return CONN_ERROR
             raise ValueError(f"unexpected event type {kind!r}")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             self.stats.malformed += 1
-            _event(logging.WARNING, "malformed_frame", reason=f"{type(exc).__name__}: {exc}"[:200],
+            event(logging.WARNING, "malformed_frame", reason=f"{type(exc).__name__}: {exc}"[:200],
                    frame=str(msg)[:200])
-            return _BAD
+            return BAD
 
     def _on_trade(self, d: dict[str, Any]) -> int:
         sym = d["s"]
@@ -523,15 +427,15 @@ class StreamIngester:
         if last is not None:
             if a <= last:
                 self.stats.duplicates += 1
-                return _DUP
+                return DUP
             if a != last + 1:
-                return _GAP_TRADE
+                return GAP_TRADE
         self.stats.trades_received += 1
         st.last_trade_id = a
         self._trades.append(row)
         self._events.append(e)
         st.bars.add(row[7], a, row[3], row[4], row[8])
-        return _OK
+        return OK
 
     def _on_kline(self, d: dict[str, Any]) -> int:
         k = d["k"]
@@ -545,7 +449,7 @@ class StreamIngester:
         if not closed:
             self.stats.kline_updates += 1
             st.bars.advance(e_us - 1)  # the exchange's clock moved; trades up to it have been published
-            return _OK
+            return OK
         open_us = epoch_to_us(int(k["t"]))
         row = (self.market.value, d["s"], self.interval, open_us, float(k["o"]), float(k["h"]), float(k["l"]),
                float(k["c"]), float(k["v"]), close_time_us(int(k["T"])), float(k["q"]), int(k["n"]), float(k["V"]),
@@ -555,16 +459,16 @@ class StreamIngester:
         if last is not None:
             if open_us <= last:
                 self.stats.duplicates += 1
-                return _DUP
+                return DUP
             if open_us != last + self.step_us:
-                return _GAP_KLINE
+                return GAP_KLINE
         self.stats.klines_received += 1
         st.last_kline_us = open_us
         self._klines.append(row)
         self._events.append(e_us / 1e6)
         if self.on_kline is not None:
             self.on_kline(row)
-        return _OK
+        return OK
 
     def _after_batch(self) -> None:
         for st in self._state.values():
@@ -573,52 +477,6 @@ class StreamIngester:
         self.stats.late_trades = sum(st.bars.late_trades for st in self._state.values())
         if self._trades or self._klines or self._bars:
             self._wake.set()
-
-    # -- REST repair -------------------------------------------------------------------------------------
-    async def _repair(self, sym: str, *, klines: bool = True, trades: bool = True,
-                      kline_end_us: int | None = None) -> None:
-        """Fetch through REST what lies between the cursors and the server's now (or ``kline_end_us``)."""
-        st = self._state[sym]
-        n_k = n_t = 0
-        if klines and (st.last_kline_us is not None or self.since is not None):
-            start = st.last_kline_us + self.step_us if st.last_kline_us is not None else _epoch_us(self.since)  # type: ignore[arg-type]
-            df = await fetch_klines_async(self._client, self.market, sym, self.interval, _dt(start),
-                                          None if kline_end_us is None else _dt(kline_end_us),
-                                          policy=self.rest_policy)
-            rows = df.select(*[pl.col(c).dt.epoch("us") if c in ("open_time", "close_time") else pl.col(c)
-                               for c in KLINE_SCHEMA]).rows()
-            for row in rows:
-                if st.last_kline_us is None or row[3] > st.last_kline_us:
-                    self._klines.append(row)
-                    st.last_kline_us = row[3]
-                    n_k += 1
-                    if self.on_kline is not None:
-                        self.on_kline(row)
-        if trades and (st.last_trade_id is not None or self.since is not None):
-            if st.last_trade_id is not None:
-                df = await fetch_agg_trades_async(self._client, self.market, sym, from_id=st.last_trade_id + 1,
-                                                  policy=self.rest_policy)
-            else:
-                df = await fetch_agg_trades_async(self._client, self.market, sym, start=self.since,
-                                                  policy=self.rest_policy)
-            rows = df.select(*[pl.col(c).dt.epoch("us") if c == "transact_time" else pl.col(c)
-                               for c in AGG_TRADE_SCHEMA]).rows()
-            for row in rows:
-                a = row[2]
-                if st.last_trade_id is None or a > st.last_trade_id:
-                    self._trades.append(row)
-                    st.last_trade_id = a
-                    st.bars.add(row[7], a, row[3], row[4], row[8])
-                    n_t += 1
-        self.stats.repairs += 1
-        self.stats.repaired_candles += n_k
-        self.stats.repaired_trades += n_t
-        if n_k or n_t:
-            _event(logging.INFO, "stream_repaired", symbol=sym, candles=n_k, trades=n_t,
-                   kline_cursor=None if st.last_kline_us is None else _dt(st.last_kline_us).isoformat(),
-                   trade_cursor=st.last_trade_id)
-            self._wake.set()
-
     # -- writing -----------------------------------------------------------------------------------------
     def _pending_rows(self) -> int:
         return len(self._trades) + len(self._klines) + len(self._bars)
@@ -674,10 +532,10 @@ class StreamIngester:
                 return t, k, b
             except Exception as exc:
                 if attempt >= 4:
-                    _event(logging.ERROR, "store_write_failed", error=type(exc).__name__, attempts=attempt + 1)
+                    event(logging.ERROR, "store_write_failed", error=type(exc).__name__, attempts=attempt + 1)
                     raise
                 delay = self.backoff.delay(attempt)
-                _event(logging.WARNING, "store_write_retry", error=type(exc).__name__, detail=str(exc)[:200],
+                event(logging.WARNING, "store_write_retry", error=type(exc).__name__, detail=str(exc)[:200],
                        delay_s=round(delay, 3))
                 time.sleep(delay)
                 attempt += 1
@@ -703,7 +561,7 @@ class StreamIngester:
             "pending_rows": self._pending_rows(),
         }
         fields.update({k: v for k, v in self.stats.as_dict().items() if not k.startswith("lag_")})
-        _event(logging.INFO, "stream_final" if final else "stream_metrics", **fields)
+        event(logging.INFO, "stream_final" if final else "stream_metrics", **fields)
 
 
 def _frame(rows: list[tuple[Any, ...]], schema: dict[str, pl.DataType], time_cols: tuple[str, ...]) -> pl.DataFrame:
@@ -773,7 +631,7 @@ def stream(settings: StreamSettings, store: Store, *, stop_event: threading.Even
 
 
 def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
-    _event(logging.WARNING, "stream_signal", signal=sig.name)
+    event(logging.WARNING, "stream_signal", signal=sig.name)
     stop.set()
 
 
