@@ -394,6 +394,25 @@ def parse_klines(data: bytes, *, source: str, market: Market, symbol: str, inter
     return Parsed(to_kline_rows(good, market, symbol, interval), bad)
 
 
+def agg_trade_checks(period: tuple[datetime, datetime] | None = None) -> list[tuple[pl.Expr, str]]:
+    """Row rules every aggTrades source must pass, as (is_bad, reason); ``transact_time`` in microseconds.
+
+    Quantity must be > 0: an aggregate trade is at least one fill (a zero is a damaged row, not a trade).
+    """
+    checks: list[tuple[pl.Expr, str]] = [
+        (~(pl.col("price").is_finite() & pl.col("quantity").is_finite()), "non-finite number"),
+        (pl.col("price") <= 0, "price <= 0"),
+        (pl.col("quantity") <= 0, "quantity <= 0"),
+        (pl.col("first_trade_id") > pl.col("last_trade_id"), "first_trade_id > last_trade_id"),
+        (pl.col("agg_trade_id").is_duplicated(), "duplicate agg_trade_id in file"),
+    ]
+    if period is not None:
+        lo, hi = (int(p.timestamp() * 1_000_000) for p in period)
+        checks.append(((pl.col("transact_time") < lo) | (pl.col("transact_time") >= hi),
+                       "transact_time outside the file's period"))
+    return checks
+
+
 def parse_agg_trades(data: bytes, *, source: str, market: Market, symbol: str,
                      period: tuple[datetime, datetime] | None = None) -> Parsed:
     """Parse and validate archive aggTrades CSV bytes (booleans as True/False or true/false)."""
@@ -411,17 +430,7 @@ def parse_agg_trades(data: bytes, *, source: str, market: Market, symbol: str,
     checks: list[tuple[pl.Expr, str]] = [
         (pl.col(c).is_null(), f"field {c!r} missing or invalid") for c in [*ints, *floats, *bools]
     ]
-    checks += [
-        (~(pl.col("price").is_finite() & pl.col("quantity").is_finite()), "non-finite number"),
-        (pl.col("price") <= 0, "price <= 0"),
-        (pl.col("quantity") < 0, "negative quantity"),
-        (pl.col("first_trade_id") > pl.col("last_trade_id"), "first_trade_id > last_trade_id"),
-        (pl.col("agg_trade_id").is_duplicated(), "duplicate agg_trade_id in file"),
-    ]
-    if period is not None:
-        lo, hi = (int(p.timestamp() * 1_000_000) for p in period)
-        checks.append(((pl.col("transact_time") < lo) | (pl.col("transact_time") >= hi),
-                       "transact_time outside the file's period"))
+    checks += agg_trade_checks(period)
     good, bad = split_bad(df, checks, source)
     rows = good.select(
         pl.lit(market.value).alias("market"),

@@ -1,0 +1,196 @@
+"""``rltrader data verify --repair``: rebuild a failing stored month from its sources, atomically.
+
+- klines and aggTrades: the month's reference rows (the archive, and REST for the days the archive has not
+  published: :mod:`rltrader.data.verify_source`), plus the valid stored rows the reference does not have (e.g.
+  from the live stream, newer than what REST was asked for);
+- 5 s bars: no archive or REST serves them (they are built from the live stream). The valid stored bars are
+  kept; a window that lost its bar is rebuilt from the stored trades — :func:`store.trade_bars_frame` over
+  stored trades is the bars' ground truth (:mod:`rltrader.data.bars`) — and, between the first and last stored
+  trade of the month, a window without a trade gets the empty bar the stream writes for it (``trades = 0``).
+  When nothing is left to rebuild from, a broken Parquet file is moved to the quarantine folder (the store
+  reads again) and the report says the month cannot be re-fetched.
+
+Parquet: the new file is written beside the old one, the old one hard-linked into
+``<store>/quarantine/months/<time>/…``, the new one renamed over it. PostgreSQL: delete and reload in one
+transaction under the writers' per-series lock. Killed at any step, the store is as before or repaired.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from rltrader.data.archive import ArchiveSource
+from rltrader.data.schema import interval_us
+from rltrader.data.store import Store
+from rltrader.data.verify import MonthCheck, Scope, check_months, fault, stored_month
+from rltrader.data.verify_rules import BARS, Kind, valid_rows
+from rltrader.data.verify_source import Reference, RestSource, month_bounds, reference_month
+from rltrader.errors import DataError
+from rltrader.integrity import check_parquet_file, read_parquet
+
+NO_SOURCE_BARS = ("cannot be re-fetched: 5 s bars are built from the live stream (no archive or REST serves "
+                  "them) and the store holds no trades for them")
+
+
+def repaired_rows(kind: Kind, stored: pl.DataFrame | None, ref: pl.DataFrame, interval: str,
+                  month: str) -> pl.DataFrame:
+    """The reference's rows, plus stored rows the reference does not have that pass every rule."""
+    rows = ref
+    if stored is not None and not stored.is_empty():
+        keep = valid_rows(stored, kind, interval, month_bounds(month)).join(ref.select(kind.key), on=kind.key,
+                                                                            how="anti")
+        rows = pl.concat([ref.select(list(kind.schema)).cast(kind.schema),  # type: ignore[arg-type]
+                          keep.select(list(kind.schema)).cast(kind.schema)])  # type: ignore[arg-type]
+    return rows.select(list(kind.schema)).cast(kind.schema).sort(kind.key)  # type: ignore[arg-type]
+
+
+def rebuilt_bars(store: Store, check: MonthCheck, stored: pl.DataFrame | None) -> tuple[pl.DataFrame, str]:
+    """Valid stored bars + bars rebuilt from the stored trades for the windows that lost theirs; what was done."""
+    lo, hi = month_bounds(check.month)
+    kept = (valid_rows(stored, BARS, check.interval, (lo, hi)) if stored is not None
+            else pl.DataFrame(schema=BARS.schema))
+    try:
+        from_trades = store.trade_bars(check.market, check.symbol, check.interval, lo, hi)
+    except DataError as exc:  # the trades month is broken too (and could not be repaired)
+        from_trades, why = pl.DataFrame(schema=BARS.schema), f"stored trades unreadable ({exc})"
+    else:
+        why = ""
+    rebuilt = from_trades.join(kept.select("bucket"), on="bucket", how="anti")
+    parts = [kept, rebuilt]
+    if not from_trades.is_empty():  # inside the trades' span a window without a trade is an empty bar
+        first, last = from_trades.select(pl.col("bucket").min().alias("a"), pl.col("bucket").max().alias("b")).row(0)
+        span = pl.datetime_range(first, last, interval=f"{interval_us(check.interval)}us", eager=True,
+                                 time_unit="us", time_zone="UTC").alias("bucket").to_frame()
+        have = pl.concat([kept.select("bucket"), rebuilt.select("bucket")])
+        empty = span.join(have, on="bucket", how="anti").with_columns(
+            market=pl.lit(check.market), symbol=pl.lit(check.symbol), volume=pl.lit(0.0),
+            quote_volume=pl.lit(0.0), trades=pl.lit(0, pl.Int64), taker_buy_volume=pl.lit(0.0))
+        parts.append(empty.with_columns(*[pl.lit(None, pl.Float64).alias(c) for c in ("open", "high", "low",
+                                                                                        "close")]))
+    rows = (pl.concat([p.select(list(BARS.schema)).cast(BARS.schema) for p in parts])  # type: ignore[arg-type]
+            .sort("bucket"))
+    dropped = (check.rows or 0) - kept.height
+    note = (f"{kept.height} valid bar(s) kept, {rebuilt.height} rebuilt from the stored trades, "
+            f"{rows.height - kept.height - rebuilt.height} empty window(s) filled")
+    if dropped > 0:
+        note += f", {dropped} broken bar(s) dropped"
+    return rows, "; ".join(p for p in (note, why) if p)
+
+
+def repair_month(store: Store, check: MonthCheck, source: ArchiveSource | None, rest: RestSource | None,
+                 ref: Reference | None = None) -> MonthCheck:
+    """Rebuild one month (atomically); returns the month verified again."""
+    from rltrader.data.parquet_store import ParquetStore
+
+    notes: list[str] = []
+    if check.kind == "bars":
+        def build(stored: pl.DataFrame | None) -> pl.DataFrame:
+            rows, note = rebuilt_bars(store, check, stored)
+            notes.append(note)
+            return rows
+    else:
+        if ref is None:
+            ref = reference_month(check.spec, check.market, check.symbol, check.interval, check.month, source, rest)
+        if ref is None or (ref.rows.is_empty() and check.status == "unreadable"):
+            check.note("not repaired: no archive file (and no --rest-base) for this month")
+            return check
+        reference = ref.rows
+
+        def build(stored: pl.DataFrame | None) -> pl.DataFrame:
+            return repaired_rows(check.spec, stored, reference, check.interval, check.month)
+
+    if isinstance(store, ParquetStore):
+        aside = _repair_parquet(store, check, build)
+        if aside is not None:  # nothing to rebuild the month from
+            check.note(f"moved to {aside}; {NO_SOURCE_BARS}")
+            return check
+    else:
+        rows = build(stored_month(store, check))
+        if rows.is_empty() and check.kind == "bars":
+            check.note(f"not repaired: {NO_SOURCE_BARS}")
+            return check
+        _repair_postgres(store, check, rows, None if ref is None else ref.rows)
+    refs = {check.label: ref} if ref is not None else None
+    again = check_months(store, Scope().only(check), source, rest, references=refs).months
+    if not again:  # nothing stored and nothing in the sources: nothing to verify
+        return check
+    fixed = again[0]
+    fixed.repaired = True
+    was = f"repaired (was {check.status}: {check.detail})" + "".join(f"; {n}" for n in notes if n)
+    fixed.detail = was + (f"; {fixed.detail}" if fixed.detail else "")
+    return fixed
+
+
+def _readable(path: Path) -> pl.DataFrame | None:
+    return None if check_parquet_file(path) is not None else read_parquet(path, "store month file")
+
+
+def _aside(store: Any, target: Path) -> Path:
+    aside: Path = (store.root / "quarantine" / "months" / f"{datetime.now(UTC):%Y%m%dT%H%M%S%f}"
+             / target.relative_to(store.root))
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    return aside
+
+
+def _repair_parquet(store: Any, check: MonthCheck,
+                    build: Callable[[pl.DataFrame | None], pl.DataFrame]) -> Path | None:
+    """Rewrite the month file with ``build(stored rows or None)``; when that is empty, move the file aside
+    (returned) so the store reads again. Under the store's writer lock from read to rename."""
+    from rltrader.data.parquet_store import write_month_file
+
+    assert check.path is not None
+    target = Path(check.path)
+    with store._lock():  # no writer interleaves between our read and our rename
+        for stale in target.parent.glob(".data.parquet.*.tmp"):  # left by a killed writer: never read
+            stale.unlink(missing_ok=True)
+        rows = build(_readable(target))
+        aside = _aside(store, target)
+        if rows.is_empty():
+            os.replace(target, aside)  # one rename: the month is in the store or in the quarantine
+            return aside
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        write_month_file(rows, tmp)
+        fault("staged")
+        os.link(target, aside)  # the old bytes stay, under the quarantine folder
+        fault("aside")
+        os.replace(tmp, target)
+    return None
+
+
+def _repair_postgres(store: Any, check: MonthCheck, rows: pl.DataFrame, ref: pl.DataFrame | None) -> None:
+    """Replace the month's rows by ``rows`` in one transaction (klines/trades: only the rows not kept)."""
+    from rltrader.data.postgres_store import _LOCK_SPACE, AGG_TRADE_COLUMNS, BAR_VALUE_COLUMNS, KLINE_COLUMNS
+
+    kind = check.spec
+    lo, hi = month_bounds(check.month)
+    with store.pool.connection() as conn, conn.transaction():  # one transaction: all of it or none
+        sid = store._series_id(conn, kind.name, check.market, check.symbol, check.interval, create=False)
+        assert sid is not None
+        if kind is BARS or ref is None:
+            conn.execute("DELETE FROM bar_data WHERE series_id = %s AND bucket >= %s AND bucket < %s", (sid, lo, hi))
+            fault("deleted")
+            cols = ["bucket", *BAR_VALUE_COLUMNS]
+            with conn.cursor() as cur, cur.copy(
+                    f"COPY bar_data (series_id, {', '.join(cols)}) FROM STDIN".encode()) as cp:
+                for row in rows.select(cols).iter_rows():
+                    cp.write_row((sid, *row))
+            fault("loaded")
+            return
+        keep = rows.join(ref.select(kind.key), on=kind.key, how="anti")[kind.key].to_list()
+        # the per-series lock every writer of the store takes
+        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_SPACE[kind.pg_table], sid))
+        conn.execute(f"DELETE FROM {kind.pg_table} WHERE series_id = %s AND {kind.time} >= %s AND {kind.time} < %s "
+                     f"AND NOT ({kind.key} = ANY(%s))".encode(), (sid, lo, hi, keep))
+        fault("deleted")
+        columns, key_type = (KLINE_COLUMNS, "timestamptz") if kind.name == "klines" else (AGG_TRADE_COLUMNS, "int8")
+        if not ref.is_empty():
+            store._load_series(conn, ref.with_columns(series_id=pl.lit(sid, pl.Int32)), sid, kind.pg_table,
+                               columns, kind.key, key_type)
+        fault("loaded")
