@@ -31,7 +31,7 @@ def verify_backfilled(market: str, symbols: list[str], interval: str, start: str
     settings = load_settings(params) if params else load_settings()
     store = open_store(store_url or settings.data.store_url, settings.data.dir)
     try:
-        report = verify_store(store, Scope.of(market, symbols, interval, start, end),
+        report = verify_store(store, Scope.of(market, symbols, interval, start, end, kinds=["klines"]),
                               archive_source(settings, archive_base))
     finally:
         store.close()

@@ -215,39 +215,47 @@ def stats_cmd(as_json: Annotated[bool, typer.Option("--json")] = False, store: S
 def verify_cmd(
     market: Annotated[Market | None, typer.Option("--market", help="spot or futures-um (default: all)")] = None,
     symbols: Annotated[str | None, typer.Option(help="Comma-separated (default: all stored)")] = None,
-    interval: Annotated[str | None, typer.Option(help="Kline interval (default: all)")] = None,
+    interval: Annotated[str | None, typer.Option(help="Kline interval / bar width (default: all)")] = None,
+    kind: Annotated[str | None, typer.Option(help="Comma-separated: klines, agg_trades, bars (default: all)")
+                    ] = None,
     start: Annotated[str | None, typer.Option(help="YYYY-MM[-DD]: first month checked")] = None,
     end: Annotated[str | None, typer.Option(help="YYYY-MM[-DD]: last month checked")] = None,
     archive: Annotated[bool, typer.Option("--archive", help="Compare each month with the CHECKSUM-verified "
                                           "archive files (row count + content fingerprint)")] = False,
+    rest_base: Annotated[str | None, typer.Option(help="Also compare (and repair) the days the archive has not "
+                                                  "published through Binance REST at this base URL")] = None,
     repair: Annotated[bool, typer.Option("--repair", help="Rebuild failing months from the archive (implies "
-                                         "--archive); stored rows the archive lacks are kept")] = False,
+                                         "--archive) and REST (--rest-base); 5 s bars from the stored trades; "
+                                         "stored rows the sources lack are kept")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     store: StoreOpt = None,
     archive_base: ArchiveOpt = None,
 ) -> None:
-    """Check every stored klines month: readable, canonical schema, unique rows on the grid inside the month,
-    OHLC invariants; optionally equal to the archive; --repair rebuilds the failing ones. Exit 1 if any fails."""
+    """Check every stored month (klines, aggTrades, 5 s bars): readable, canonical schema, unique rows inside the
+    month, the kind's invariants; optionally equal to the archive (and REST for recent days); --repair rebuilds
+    the failing ones. Exit 1 if any fails."""
     from rltrader.data.verify import Scope, verify_store
 
     with _context(store) as (settings, st):
-        scope = Scope.of(market.value if market else None, _symbols(symbols or ""), interval, start, end)
+        scope = Scope.of(market.value if market else None, _symbols(symbols or ""), interval, start, end,
+                         [k.strip() for k in (kind or "").split(",") if k.strip()])
         source = archive_source(settings, archive_base) if archive or repair else None
-        report = verify_store(st, scope, source, repair=repair)
+        report = verify_store(st, scope, source, repair=repair, rest_base=rest_base)
     if as_json:
         out.print_json(json.dumps(report.as_dict(), default=str))
     else:
-        table = Table("market", "symbol", "interval", "month", "status", "rows", "archive", "detail")
+        table = Table("kind", "market", "symbol", "interval", "month", "status", "rows", "source", "detail")
         for m in report.months:
             colour = "red" if m.failed else "green" if m.status == "ok" else "yellow"
-            table.add_row(m.market, m.symbol, m.interval, m.month, f"[{colour}]{m.status}[/{colour}]",
+            table.add_row(m.kind, m.market, m.symbol, m.interval, m.month, f"[{colour}]{m.status}[/{colour}]",
                           str(m.rows) if m.rows is not None else "-",
                           str(m.archive_rows) if m.archive_rows is not None else "-", m.detail)
         out.print(table)
         out.print(report.summary(), highlight=False)
     if report.failed:
         _fail(f"{len(report.failed)} stored month(s) are wrong: " + "; ".join(
-            f"{m.label} {m.status}" + (f" ({m.path})" if m.status == "unreadable" else "") for m in report.failed)
+            f"{m.label} {m.status}" + (f" ({m.path})" if m.status == "unreadable" else "")
+            + (f" — {m.detail.split('; ')[-1]}" if repair and m.detail else "") for m in report.failed)
             + ("" if repair else " (`rltrader data verify --archive --repair` rebuilds them from the archive)"))
 
 

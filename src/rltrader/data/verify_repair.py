@@ -4,9 +4,8 @@
   published: :mod:`rltrader.data.verify_source`), plus the valid stored rows the reference does not have (e.g.
   from the live stream, newer than what REST was asked for);
 - 5 s bars: no archive or REST serves them (they are built from the live stream). The valid stored bars are
-  kept; a window that lost its bar is rebuilt from the stored trades — :func:`store.trade_bars_frame` over
-  stored trades is the bars' ground truth (:mod:`rltrader.data.bars`) — and, between the first and last stored
-  trade of the month, a window without a trade gets the empty bar the stream writes for it (``trades = 0``).
+  kept; a window that lost its bar is rebuilt from the stored trades (the bars' ground truth, see
+  :mod:`rltrader.data.bars`) by the stream's own bar builder run offline, empty windows (``trades = 0``) included.
   When nothing is left to rebuild from, a broken Parquet file is moved to the quarantine folder (the store
   reads again) and the report says the month cannot be re-fetched.
 
@@ -27,10 +26,10 @@ from typing import Any
 import polars as pl
 
 from rltrader.data.archive import ArchiveSource
-from rltrader.data.schema import interval_us
+from rltrader.data.bars import build_bars
 from rltrader.data.store import Store
 from rltrader.data.verify import MonthCheck, Scope, check_months, fault, stored_month
-from rltrader.data.verify_rules import BARS, Kind, valid_rows
+from rltrader.data.verify_rules import AGG_TRADES, BARS, Kind, valid_rows
 from rltrader.data.verify_source import Reference, RestSource, month_bounds, reference_month
 from rltrader.errors import DataError
 from rltrader.integrity import check_parquet_file, read_parquet
@@ -52,33 +51,24 @@ def repaired_rows(kind: Kind, stored: pl.DataFrame | None, ref: pl.DataFrame, in
 
 
 def rebuilt_bars(store: Store, check: MonthCheck, stored: pl.DataFrame | None) -> tuple[pl.DataFrame, str]:
-    """Valid stored bars + bars rebuilt from the stored trades for the windows that lost theirs; what was done."""
+    """Valid stored bars + bars rebuilt from the stored trades for the windows that lost theirs; what was done.
+
+    Rebuilt with :func:`bars.build_bars`, the offline twin of the stream's bar builder: from the month's first
+    to its last stored trade every window gets a bar, an empty one (``trades = 0``) where no trade fell.
+    """
     lo, hi = month_bounds(check.month)
     kept = (valid_rows(stored, BARS, check.interval, (lo, hi)) if stored is not None
             else pl.DataFrame(schema=BARS.schema))
+    why = ""
     try:
-        from_trades = store.trade_bars(check.market, check.symbol, check.interval, lo, hi)
+        trades = store.read_agg_trades(check.market, check.symbol, lo, hi)
     except DataError as exc:  # the trades month is broken too (and could not be repaired)
-        from_trades, why = pl.DataFrame(schema=BARS.schema), f"stored trades unreadable ({exc})"
-    else:
-        why = ""
-    rebuilt = from_trades.join(kept.select("bucket"), on="bucket", how="anti")
-    parts = [kept, rebuilt]
-    if not from_trades.is_empty():  # inside the trades' span a window without a trade is an empty bar
-        first, last = from_trades.select(pl.col("bucket").min().alias("a"), pl.col("bucket").max().alias("b")).row(0)
-        span = pl.datetime_range(first, last, interval=f"{interval_us(check.interval)}us", eager=True,
-                                 time_unit="us", time_zone="UTC").alias("bucket").to_frame()
-        have = pl.concat([kept.select("bucket"), rebuilt.select("bucket")])
-        empty = span.join(have, on="bucket", how="anti").with_columns(
-            market=pl.lit(check.market), symbol=pl.lit(check.symbol), volume=pl.lit(0.0),
-            quote_volume=pl.lit(0.0), trades=pl.lit(0, pl.Int64), taker_buy_volume=pl.lit(0.0))
-        parts.append(empty.with_columns(*[pl.lit(None, pl.Float64).alias(c) for c in ("open", "high", "low",
-                                                                                        "close")]))
-    rows = (pl.concat([p.select(list(BARS.schema)).cast(BARS.schema) for p in parts])  # type: ignore[arg-type]
-            .sort("bucket"))
+        trades, why = pl.DataFrame(schema=AGG_TRADES.schema), f"stored trades unreadable ({exc})"
+    built = build_bars(trades.sort("agg_trade_id"), check.interval)[0] if trades.height else kept.clear()
+    rebuilt = built.join(kept.select("bucket"), on="bucket", how="anti")
+    rows = pl.concat([kept, rebuilt.select(list(BARS.schema)).cast(BARS.schema)]).sort("bucket")  # type: ignore[arg-type]
+    note = f"{kept.height} valid bar(s) kept, {rebuilt.height} rebuilt from {trades.height} stored trade(s)"
     dropped = (check.rows or 0) - kept.height
-    note = (f"{kept.height} valid bar(s) kept, {rebuilt.height} rebuilt from the stored trades, "
-            f"{rows.height - kept.height - rebuilt.height} empty window(s) filled")
     if dropped > 0:
         note += f", {dropped} broken bar(s) dropped"
     return rows, "; ".join(p for p in (note, why) if p)
@@ -109,7 +99,7 @@ def repair_month(store: Store, check: MonthCheck, source: ArchiveSource | None, 
     if isinstance(store, ParquetStore):
         aside = _repair_parquet(store, check, build)
         if aside is not None:  # nothing to rebuild the month from
-            check.note(f"moved to {aside}; {NO_SOURCE_BARS}")
+            check.note(f"moved to {aside} — {NO_SOURCE_BARS}")
             return check
     else:
         rows = build(stored_month(store, check))
