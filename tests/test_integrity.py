@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,11 +27,20 @@ from rltrader.data.store import open_store
 from rltrader.dataset.build import run_features_stage
 from rltrader.env.core import N_STATE
 from rltrader.errors import DataError
-from rltrader.integrity import load_torch, sidecar_path, write_torch
-from rltrader.utils import write_json
+from rltrader.integrity import (
+    BACKTEST_PRODUCER,
+    load_torch,
+    read_report,
+    sidecar_path,
+    train_producer,
+    tune_producer,
+    write_report,
+    write_torch,
+)
 
 AVAX_FEB = "futures/um/monthly/klines/AVAXUSDT/1m/AVAXUSDT-1m-2023-02.zip"
 AVAX_SEP = "futures/um/monthly/klines/AVAXUSDT/1m/AVAXUSDT-1m-2023-09.zip"
+TUNE_SUMMARY = "reports/tune/d3qn/summary.json"
 FEB_FILE = "data/store/klines/market=futures-um/symbol=AVAXUSDT/interval=1m/month=2023-02/data.parquet"
 TINY = {
     "ingest": {"market": "futures-um", "interval": "1m", "symbols": ["AVAXUSDT"], "start": "2023-02", "end": "2023-02"},
@@ -92,6 +102,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, shared_archive: Path) -> Pat
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for section, values in TINY.items():
         params[section].update(values)
+    params["backtest"]["models"] = ["d3qn"]  # the stage reads its training record and tuning summary
     params["data"] = {"dir": "data", "archive_base": "archive"}  # relative: a copied project uses its own
     params["train"].update({"tracking_uri": "sqlite:///mlflow/mlflow.db", "artifact_root": "mlflow/artifacts"})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -111,8 +122,12 @@ def built(tmp_path_factory: pytest.TempPathFactory, shared_archive: Path) -> Pat
         net = DuelingQNet(23, 30, N_STATE, 4, NetConfig(channels=4, hidden=8))
         module = PolicyModule(net, "q_values", 30, 23, N_STATE, 4, {"algo": "d3qn", "mlflow_run_id": "abc123"})
         save_policy(module, root / "data" / "models" / "d3qn.pt", {"mlflow_run": "abc123", "dvc_stage": "train@d3qn"})
-        write_json(root / "reports" / "backtest" / "summary.json",
-                   {"primary_split": "backtest", "splits": ["val", "backtest"], "tables": {}})
+        write_report(root / "reports" / "backtest" / "summary.json",
+                     {"primary_split": "backtest", "splits": ["val", "backtest"], "tables": {}}, BACKTEST_PRODUCER)
+        write_report(root / "reports" / "train_d3qn.json", {"algo": "d3qn", "run_id": "abc123", "model_uri":
+                     "models:/m/1", "val": {"total_return": 0.01}, "verdict": "ok"}, train_producer("d3qn"))
+        write_report(root / TUNE_SUMMARY, {"study": "d3qn", "pbo": {"pbo": 0.25},
+                                           "trial_states": {"complete": 7, "pruned": 3}}, tune_producer("d3qn"))
     finally:
         os.chdir(cwd)
     return root
@@ -145,6 +160,8 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "sessions index": ("data/sessions/val/index.parquet", ["train", "d3qn"]),
     "model": ("data/models/d3qn.pt", ["backtest", "--model", "data/models/d3qn.pt"]),
     "backtest summary": ("reports/backtest/summary.json", ["promote", "--dry-run"]),
+    "training record": ("reports/train_d3qn.json", ["backtest"]),
+    "tuning summary": (TUNE_SUMMARY, ["backtest"]),
 }
 
 
@@ -237,3 +254,37 @@ def test_archive_source_used_by_verify_is_checksum_verified(project: Path) -> No
     flip(z)
     r = cli("data", "verify", "--archive", cwd=project)
     one_error_line(r, "AVAXUSDT-1m-2023-02.zip", "CHECKSUM")
+
+
+@pytest.mark.parametrize(("rel", "producer"), [
+    ("reports/backtest/summary.json", "the backtest stage (`rltrader backtest`)"),
+    ("reports/train_d3qn.json", "the train@d3qn stage (`rltrader train d3qn`)"),
+    (TUNE_SUMMARY, "`rltrader tune d3qn`"),
+])
+def test_report_hash_catches_an_edit_that_still_parses(project: Path, rel: str, producer: str) -> None:
+    """A changed digit or a dropped key is still valid JSON: the embedded sha256 refuses it, naming the file and
+    the stage that writes it; a file without a hash (by hand, older rltrader) is refused the same way."""
+    path = project / rel
+    rec = read_report(path, "report", producer)
+    assert rec and "integrity" not in rec
+    text = path.read_text()
+    assert json.loads(text)["integrity"]["producer"] == producer
+    edited = re.sub(r'0\.25|"ok"|"primary_split": "backtest"', lambda m: {"0.25": "0.35", '"ok"': '"no"'}.get(
+        m.group(0), '"primary_split": "val"'), text, count=1)
+    assert edited != text
+    path.write_text(edited)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: report is corrupt .*{re.escape(producer)}.*re-run"):
+        read_report(path, "report", producer)
+    path.write_text(json.dumps(rec))  # parses, but carries no hash
+    name, stage = re.escape(str(path)), re.escape(producer)
+    with pytest.raises(DataError, match=rf"^{name}: report carries no content hash.*re-run {stage}"):
+        read_report(path, "report", producer)
+    write_report(path, {**rec, "extra": [1.5, None, float("nan")]}, producer)  # NaN and None survive the check
+    assert read_report(path, "report", producer)["extra"][:2] == [1.5, None]
+
+
+def test_promote_names_an_edited_backtest_summary(project: Path) -> None:
+    path = project / "reports" / "backtest" / "summary.json"
+    path.write_text(path.read_text().replace('"val"', '"test"', 1))
+    one_error_line(cli("promote", "--dry-run", cwd=project), str(path.relative_to(project)), "is corrupt",
+                   "rltrader backtest")

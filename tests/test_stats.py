@@ -173,14 +173,12 @@ def test_trials_run_counts_optuna_trials_and_untuned_mlflow_runs(tmp_path: Path)
 
 def test_tuning_record_reads_the_study_summary(tmp_path: Path) -> None:
     """A tuned model's backtest report carries its study's PBO and trial count (from `rltrader tune`'s summary)."""
-    import json
-
     from rltrader.config import Settings
     from rltrader.evaluate.stats import tuning_record
+    from rltrader.integrity import write_report
 
     s = Settings.model_validate({"tune": {"out_dir": str(tmp_path)}})
     assert tuning_record(s, "d3qn") == {}  # not tuned: nothing to show
-    (tmp_path / "d3qn").mkdir()
-    (tmp_path / "d3qn" / "summary.json").write_text(json.dumps(
-        {"pbo": {"pbo": 0.25}, "trial_states": {"complete": 7, "pruned": 3, "fail": 1}}))
+    write_report(tmp_path / "d3qn" / "summary.json",
+                 {"pbo": {"pbo": 0.25}, "trial_states": {"complete": 7, "pruned": 3, "fail": 1}}, "`rltrader tune`")
     assert tuning_record(s, "d3qn") == {"pbo": 0.25, "tune_trials": 10.0}

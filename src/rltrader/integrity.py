@@ -112,6 +112,57 @@ def read_json(path: Path, what: str = "JSON file", hint: str = "") -> Any:
         return json.loads(Path(path).read_text())
 
 
+# -- JSON reports a later stage reads: embedded content hash ---------------------------------------------------
+REPORT_KEY = "integrity"
+"""The key under which a report JSON carries ``{"sha256": …, "producer": …}``. Embedded rather than a sidecar:
+these files are DVC outs and metrics, restored from the cache one by one, and a sidecar could go stale."""
+
+
+BACKTEST_PRODUCER = "the backtest stage (`rltrader backtest`)"
+
+
+def train_producer(algo: str) -> str:
+    return f"the train@{algo} stage (`rltrader train {algo}`)"
+
+
+def tune_producer(name: str) -> str:
+    return f"`rltrader tune {name}`"
+
+
+def _report_digest(body: Any) -> str:
+    """SHA-256 of the report's canonical JSON (sorted keys, compact): independent of indentation and of the
+    writer's key order, so a file that parses to the same values has the same hash."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
+                          ).hexdigest()
+
+
+def write_report(path: Path, obj: dict[str, Any], producer: str) -> str:
+    """Write ``obj`` as indented JSON with its content hash and producer embedded, atomically; the hash."""
+    body = json.loads(json.dumps(obj, default=str))  # exactly what a reader will parse back
+    body.pop(REPORT_KEY, None)
+    digest = _report_digest(body)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps({**body, REPORT_KEY: {"sha256": digest, "producer": producer}},
+                                         indent=2) + "\n").encode())
+    return digest
+
+
+def read_report(path: Path, what: str, producer: str) -> dict[str, Any]:
+    """A report written by :func:`write_report`, its content hash checked; every failure is one DataError
+    naming the file and the stage that produces it (``producer``: how to make it again)."""
+    hint = f"re-run {producer} to write it again"
+    rec = read_json(path, what, hint)
+    if not isinstance(rec, dict):
+        raise DataError(f"{path}: {what} is not a JSON object; {hint}")
+    tag = rec.pop(REPORT_KEY, None)
+    if not isinstance(tag, dict) or not isinstance(tag.get("sha256"), str):
+        raise DataError(f"{path}: {what} carries no content hash (written by hand or by an older rltrader); {hint}")
+    if _report_digest(rec) != tag["sha256"]:
+        raise DataError(f"{path}: {what} is corrupt (its content does not match the sha256 {producer} "
+                        f"stored in it: damaged or edited since); {hint}")
+    return rec
+
+
 def check_parquet_file(path: Path) -> str | None:
     """Why ``path`` is not a readable Parquet file (footer, every page decoded), or None when it is."""
     import pyarrow.parquet as pq

@@ -28,7 +28,7 @@ from typing import Any
 
 from rltrader.config import Settings
 from rltrader.errors import ConfigError, DataError, RLTraderError
-from rltrader.integrity import read_json
+from rltrader.integrity import BACKTEST_PRODUCER, read_report
 
 CHAMPION, PREVIOUS = "champion", "previous"
 HISTORY_TAG = "champion_history"
@@ -242,7 +242,7 @@ def promote(settings: Settings, *, dry_run: bool = False, summary_path: Path = P
     """Register the backtest stage's models, pick the challenger, apply the gates, move the aliases."""
     if not summary_path.is_file():
         raise DataError(f"{summary_path}: no backtest summary (run `rltrader backtest` first)")
-    summary = read_json(summary_path, "backtest summary", "re-run `rltrader backtest`")
+    summary = read_report(summary_path, "backtest summary", BACKTEST_PRODUCER)
     cfg = settings.promote
     splits = [s for s in ("val", summary["primary_split"]) if s in summary["splits"]]
     if len(splits) < 2:

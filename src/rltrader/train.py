@@ -28,6 +28,7 @@ from rltrader.env.core import N_STATE
 from rltrader.env.modes import EnvParams
 from rltrader.errors import ConfigError
 from rltrader.execution import ExecutionParams
+from rltrader.integrity import train_producer, write_report
 from rltrader.utils import git_commit
 
 console = Console(stderr=True)
@@ -189,6 +190,5 @@ def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: 
             # the DVC metrics file stays small (what `dvc metrics show` lists); the full val table is the run's
             # val_comparison.json artifact. run_id / model_uri tell the promote stage which MLflow model this is.
             slim = {k: result[k] for k in ("algo", "run_id", "model_uri", "val", "verdict")}
-            metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            metrics_path.write_text(json.dumps(slim, indent=2, default=str) + "\n")
+            write_report(metrics_path, slim, train_producer(algo))
     return result

@@ -17,7 +17,6 @@ Outputs, for people and for DVC:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -48,6 +47,7 @@ from rltrader.evaluate.report import (
     write_metrics_json,
 )
 from rltrader.evaluate.stats import SIGNIFICANCE_BENCHMARKS, counted_trials, significance, tuning_record
+from rltrader.integrity import BACKTEST_PRODUCER, read_report, train_producer, write_report
 
 console = Console(stderr=True)
 
@@ -83,11 +83,7 @@ def train_record(name: str, reports_dir: Path = Path("reports")) -> dict[str, An
     path = reports_dir / f"train_{name}.json"
     if not path.is_file():
         return None
-    try:
-        rec: dict[str, Any] = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc}); re-run `rltrader train {name}`") from exc
-    return rec
+    return read_report(path, "training record", train_producer(name))
 
 
 def evaluate(settings: Settings, policy: Any, data: SessionSet, split: str, *, n_trials: int = 1
@@ -177,6 +173,7 @@ def run_backtest_stage(settings: Settings, *, models: Sequence[str] | None = Non
         raise ConfigError(f"backtest.models: {', '.join(clash)} is a baseline name; models are trained model names")
     agents = {n: load_trained(settings, n, models_dir) for n in names}
     records = {n: train_record(n, reports_dir) for n in names}
+    tuned = {n: tuning_record(settings, n) for n in names}  # read (and checked) before hours of backtesting
     # every configuration tried is a trial: the models compared here, and every Optuna trial and training run
     # recorded (evaluate.stats.trials_run) — the deflated Sharpe discounts picking the best of all of them
     counted = counted_trials(settings)
@@ -200,7 +197,7 @@ def run_backtest_stage(settings: Settings, *, models: Sequence[str] | None = Non
             if name in agents and bt.bootstrap > 0:  # SPA / reality check / random entries next to the CIs
                 m.update(significance(res.equity, res.trades, res.initial_cash, bench, reps=bt.bootstrap,
                                       seed=bt.seed))
-                m.update(tuning_record(settings, name))
+                m.update(tuned[name])
             if split == primary:
                 kept[name] = res
             console.print(f"backtest {split:>8} {name:>13}: return {100 * m['total_return']:+.3f} %  "
@@ -257,7 +254,7 @@ def run_backtest_stage(settings: Settings, *, models: Sequence[str] | None = Non
         "model_uris": {n: (records[n] or {}).get("model_uri") for n in names},
         "mlflow_runs": mlflow_runs,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_report(out_dir / "summary.json", summary, BACKTEST_PRODUCER)
     if metrics_path is not None:
         write_metrics_json(metrics_path, {s: {n: {k: m.get(k, math.nan) for k in (*SUMMARY_KEYS, *(
                                                   k for k in SIGNIFICANCE_KEYS if k in m))}

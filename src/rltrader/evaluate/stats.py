@@ -272,12 +272,12 @@ def counted_trials(settings: Settings) -> dict[str, int]:
 def tuning_record(settings: Settings, name: str) -> dict[str, float]:
     """What ``rltrader tune <name>`` reported for this model (``<tune.out_dir>/<name>/summary.json``): the PBO of
     its study and how many of its trials finished; empty when the model was not tuned."""
-    import json
+    from rltrader.integrity import read_report, tune_producer
 
     path = Path(settings.tune.out_dir) / name / "summary.json"
     if not path.is_file():
         return {}
-    rec = json.loads(path.read_text())
+    rec = read_report(path, "tuning summary", tune_producer(name))
     pbo = (rec.get("pbo") or {}).get("pbo")
     states = rec.get("trial_states") or {}
     return {"pbo": float(pbo) if pbo is not None else _NAN,

@@ -15,7 +15,6 @@ filters' — reported, never used for selection.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from datetime import UTC, datetime
@@ -36,6 +35,7 @@ from rltrader.config import TUNED_PARAMS, Settings
 from rltrader.evaluate.metrics import deflated_sharpe_ratio
 from rltrader.evaluate.report import finite_or_none, write_html_report
 from rltrader.evaluate.stats import PBO_SPLITS, pbo_cscv, trials_run
+from rltrader.integrity import tune_producer, write_report
 from rltrader.tune.objectives import nest
 from rltrader.tune.runner import PARENT_RUN_ATTR, _experiment_id, open_study
 from rltrader.tune.storage import quiet
@@ -134,7 +134,7 @@ def write_tune_report(settings: Settings, kind: str, name: str, url: str) -> dic
         "deflated_sharpe": dsr, "pbo": {k: v for k, v in pbo.items() if k != "logits"},
         "best_folds": best.user_attrs.get("folds", []), "backtest_effect": effect, "tuned_params": str(tuned),
     }
-    (out_dir / "summary.json").write_text(json.dumps(finite_or_none(summary), indent=2, default=str) + "\n")
+    write_report(out_dir / "summary.json", finite_or_none(summary), tune_producer(name))
     headline = {"best_value": float(best.value or _NAN), "deflated_sharpe": dsr,
                 "trials_counted": float(counted["total"]), "pbo": float(pbo["pbo"]),
                 "trials_complete": float(states.get("complete", 0)), "trials_pruned": float(states.get("pruned", 0)),
