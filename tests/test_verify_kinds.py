@@ -164,6 +164,7 @@ def test_bars_verified_and_rebuilt_from_stored_trades(trades_and_bars: tuple[Sto
     assert not verify_store(store, scope, repair=True).months[0].repaired  # idempotent
 
 
+@pytest.mark.slow  # two CLI runs
 def test_bars_without_trades_are_quarantined_and_named(tmp_path: Path, shared_archive: Path) -> None:
     """No source and no stored trades: the broken file leaves the store (which reads again), reported as lost."""
     url = f"parquet://{tmp_path / 'store'}"
@@ -193,6 +194,7 @@ def three_days(shared_archive: Path) -> pl.DataFrame:
                       .rows for d in (1, 2, 3)])
 
 
+@pytest.mark.slow  # a replay server and a CLI run
 def test_recent_days_not_in_the_archive_are_checked_and_reloaded_through_rest(
         store: Store, shared_archive: Path, three_days: pl.DataFrame, tmp_path: Path) -> None:
     """The archive has published Jan 1 and 2 only; Jan 3 is served by REST (the replay server)."""
@@ -215,6 +217,9 @@ def test_recent_days_not_in_the_archive_are_checked_and_reloaded_through_rest(
     server.clock.advance_to(datetime(2020, 1, 4, tzinfo=UTC))
     server.clock.pause()
     with run_in_thread(server) as srv:
+        url = f"parquet://{store.root}" if isinstance(store, ParquetStore) else store.url
+        r = _cli(["data", "verify", "--archive", "--rest-base", srv.rest_base_url], url, archive, tmp_path)
+        assert r.returncode == 1 and "error: 1 stored month(s) are wrong: spot BTCUSDT 1m 2020-01" in r.stderr
         [m] = verify_store(store, Scope(), src, rest_base=srv.rest_base_url).months
         if isinstance(store, ParquetStore):
             assert m.status == "unreadable"
@@ -224,3 +229,39 @@ def test_recent_days_not_in_the_archive_are_checked_and_reloaded_through_rest(
         [m] = verify_store(store, Scope(), src, rest_base=srv.rest_base_url, repair=True).months
         assert (m.status, m.repaired, m.archive_rows) == ("ok", True, 3 * 1440), m.detail
     assert store.read_klines("spot", "BTCUSDT", "1m").equals(three_days)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "step"), [
+    ("parquet", "aside"), pytest.param("postgres", "deleted", marks=pytest.mark.postgres),
+])
+def test_trades_repair_killed_midway_leaves_a_readable_store(kind: str, step: str, shared_archive: Path,
+                                                             tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    url = f"parquet://{tmp_path / 'store'}" if kind == "parquet" else str(request.getfixturevalue("pg_url"))
+    st = open_store(url, tmp_path)
+    try:
+        backfill(st, ArchiveSource(str(shared_archive)), Market.SPOT, ["BTCUSDT"], "2026-01-01", "2026-01-01",
+                 kind="aggTrades", progress=False)
+        want = st.read_agg_trades("spot", "BTCUSDT")
+        if isinstance(st, ParquetStore):
+            truncate(trades_file(st.root))
+        else:
+            pg_exec(st, "UPDATE agg_trade_data SET quantity = 0 WHERE agg_trade_id %% 100 = 0")
+    finally:
+        st.close()
+    from rltrader.data.verify import FAULT_ENV
+
+    r = _cli(["data", "verify", "--repair", "--kind", "agg_trades"], url, shared_archive, tmp_path,
+             **{FAULT_ENV: step})
+    assert r.returncode == -9, (r.returncode, r.stderr)
+    st = open_store(url, tmp_path)
+    try:
+        [m] = verify_store(st, Scope()).months  # readable, and as before (still broken) — never half repaired
+        assert m.status in ("unreadable", "invalid"), m
+        st.close()
+        r = _cli(["data", "verify", "--repair", "--kind", "agg_trades"], url, shared_archive, tmp_path)
+        assert r.returncode == 0, r.stderr
+        st = open_store(url, tmp_path)
+        assert st.read_agg_trades("spot", "BTCUSDT").equals(want)
+    finally:
+        st.close()
