@@ -234,11 +234,11 @@ def compare(check: MonthCheck, stored: pl.DataFrame, ref: Reference) -> None:
     """Row count + content; when they differ, which rows are missing, extra or different."""
     kind, reference = check.spec, ref.rows
     check.archive_rows = reference.height
-    check.note(ref.note())
     stored = stored.unique(subset=[kind.key], keep="first").sort(kind.key)
     if stored.height == reference.height and (
             klines_fingerprint(stored) == klines_fingerprint(reference) if kind is KLINES
             else stored.equals(reference)):
+        check.note(ref.note())
         return
     key = kind.key
     check.missing = reference.join(stored, on=key, how="anti").height
@@ -253,6 +253,7 @@ def compare(check: MonthCheck, stored: pl.DataFrame, ref: Reference) -> None:
         check.worsen("missing rows", f"{check.missing} row(s) of {what} not stored")
     if check.extra:
         check.worsen("extra rows", f"{check.extra} stored row(s) not in {what} (kept)")
+    check.note(ref.note())  # after the findings: which days each source covered
 
 
 def stored_month(store: Store, check: MonthCheck) -> pl.DataFrame:
