@@ -23,6 +23,7 @@ from flows.verify import verify_backfilled
 from rltrader.config import load_settings
 from rltrader.data.ingest import archive_source, backfill
 from rltrader.data.store import open_store
+from rltrader.integrity import PROMOTE_PRODUCER, read_report
 
 
 def _settings(params: str | None) -> Any:
@@ -84,7 +85,8 @@ def nightly_retrain(params: str | None = None, through: str | None = None, use_d
                           params=params)
     built = rebuild(params, use_dvc, reports_dir)
     decision_path = Path(reports_dir) / "promotion.json"
-    decision = json.loads(decision_path.read_text()) if decision_path.is_file() else {}
+    decision = (read_report(decision_path, "promotion decision", PROMOTE_PRODUCER) if decision_path.is_file()
+                else {})
     summary = {
         "backfill": {k: added.get(k) for k in ("start", "end", "files", "inserted", "skipped", "note") if k in added},
         "gaps": len(added.get("gaps", [])),

@@ -29,6 +29,7 @@ from rltrader.env.core import N_STATE
 from rltrader.errors import DataError
 from rltrader.integrity import (
     BACKTEST_PRODUCER,
+    PROMOTE_PRODUCER,
     load_torch,
     read_report,
     sidecar_path,
@@ -126,6 +127,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, shared_archive: Path) -> Pat
                      {"primary_split": "backtest", "splits": ["val", "backtest"], "tables": {}}, BACKTEST_PRODUCER)
         write_report(root / "reports" / "train_d3qn.json", {"algo": "d3qn", "run_id": "abc123", "model_uri":
                      "models:/m/1", "val": {"total_return": 0.01}, "verdict": "ok"}, train_producer("d3qn"))
+        write_report(root / "reports" / "promotion.json", {"action": "keep", "gates": []}, PROMOTE_PRODUCER)
         write_report(root / TUNE_SUMMARY, {"study": "d3qn", "pbo": {"pbo": 0.25},
                                            "trial_states": {"complete": 7, "pruned": 3}}, tune_producer("d3qn"))
     finally:
@@ -260,6 +262,7 @@ def test_archive_source_used_by_verify_is_checksum_verified(project: Path) -> No
     ("reports/backtest/summary.json", "the backtest stage (`rltrader backtest`)"),
     ("reports/train_d3qn.json", "the train@d3qn stage (`rltrader train d3qn`)"),
     (TUNE_SUMMARY, "`rltrader tune d3qn`"),
+    ("reports/promotion.json", "the promote stage (`rltrader promote`)"),  # read by the nightly flow
 ])
 def test_report_hash_catches_an_edit_that_still_parses(project: Path, rel: str, producer: str) -> None:
     """A changed digit or a dropped key is still valid JSON: the embedded sha256 refuses it, naming the file and
@@ -269,8 +272,8 @@ def test_report_hash_catches_an_edit_that_still_parses(project: Path, rel: str, 
     assert rec and "integrity" not in rec
     text = path.read_text()
     assert json.loads(text)["integrity"]["producer"] == producer
-    edited = re.sub(r'0\.25|"ok"|"primary_split": "backtest"', lambda m: {"0.25": "0.35", '"ok"': '"no"'}.get(
-        m.group(0), '"primary_split": "val"'), text, count=1)
+    edited = re.sub(r'0\.25|"ok"|"keep"|"primary_split": "backtest"', lambda m: {
+        "0.25": "0.35", '"ok"': '"no"', '"keep"': '"promote"'}.get(m.group(0), '"primary_split": "val"'), text, count=1)
     assert edited != text
     path.write_text(edited)
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: report is corrupt .*{re.escape(producer)}.*re-run"):

@@ -119,6 +119,7 @@ these files are DVC outs and metrics, restored from the cache one by one, and a 
 
 
 BACKTEST_PRODUCER = "the backtest stage (`rltrader backtest`)"
+PROMOTE_PRODUCER = "the promote stage (`rltrader promote`)"
 
 
 def train_producer(algo: str) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 from rltrader.config import Settings
 from rltrader.errors import ConfigError, DataError, RLTraderError
-from rltrader.integrity import BACKTEST_PRODUCER, read_report
+from rltrader.integrity import BACKTEST_PRODUCER, PROMOTE_PRODUCER, read_report, write_report
 
 CHAMPION, PREVIOUS = "champion", "previous"
 HISTORY_TAG = "champion_history"
@@ -232,8 +232,7 @@ def _record(settings: Settings, decision: Decision, path: Path | None) -> None:
                               "gates_failed": float(sum(not g.passed for g in decision.gates))})
         mlflow.log_dict(decision.as_dict(), "decision.json")
     target = path or settings.promote.decision_path
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(decision.as_dict(), indent=2, default=str) + "\n")
+    write_report(target, decision.as_dict(), PROMOTE_PRODUCER)  # the nightly flow reads it
 
 
 def promote(settings: Settings, *, dry_run: bool = False, summary_path: Path = Path("reports/backtest/summary.json"),
