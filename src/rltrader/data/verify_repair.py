@@ -99,7 +99,8 @@ def repair_month(store: Store, check: MonthCheck, source: ArchiveSource | None, 
     if isinstance(store, ParquetStore):
         aside = _repair_parquet(store, check, build)
         if aside is not None:  # nothing to rebuild the month from
-            check.note(f"moved to {aside} — {NO_SOURCE_BARS}")
+            check.note(f"moved to {aside} — " + (NO_SOURCE_BARS if check.kind == "bars" else
+                                                 "no valid row stored and none in its sources"))
             return check
     else:
         rows = build(stored_month(store, check))
