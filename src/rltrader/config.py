@@ -302,7 +302,7 @@ class PromoteSettings(_Strict):
 
     model_name: str = "rltrader"
     """Registered model name; aliases ``champion`` and ``previous``."""
-    candidates: list[str] = Field(default_factory=lambda: ["d3qn", "ppo"])
+    candidates: list[str] = Field(default_factory=lambda: ["d3qn", "ppo", "xgb"])
     """Trained models that may be promoted; the challenger is the one with the best val ``metric``."""
     metric: str = "sharpe_daily_annualized"
     margin: float = Field(default=0.1, ge=0)
@@ -393,6 +393,8 @@ class Settings(_Strict):
     """Validated by ``rltrader.agents.configs.PPOConfig``."""
     cnn: dict[str, Any] = Field(default_factory=dict)
     """Validated by ``rltrader.agents.configs.CNNConfig``."""
+    xgb: dict[str, Any] = Field(default_factory=dict)
+    """Validated by ``rltrader.agents.configs.XGBConfig``."""
 
     @field_validator(*CONFIGS, mode="after")
     @classmethod

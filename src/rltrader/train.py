@@ -116,6 +116,15 @@ def _train_algo(algo: str, settings: Settings, train: SessionSet, val: SessionSe
         actions = ClassifierActions(cres.net, ccfg.threshold, env_params.mode)
         module = PolicyModule(actions, "classifier", train.context, train.n_features, N_STATE, n_actions, meta)
         return module, cres.history, ccfg
+    if algo == "xgb":
+        from rltrader.agents.configs import XGBConfig
+        from rltrader.agents.forecast_policy import train_xgb
+
+        xcfg = config_from_params(XGBConfig, "xgb", section)
+        xres = train_xgb(settings, train, xcfg, env_params.mode, run=run)
+        meta.update(chosen=xres.chosen)
+        module = PolicyModule(xres.net, "classifier", train.context, train.n_features, N_STATE, n_actions, meta)
+        return module, xres.history, xcfg
     raise ConfigError(f"train: unknown algorithm {algo!r} (one of {', '.join(ALGORITHMS)})")
 
 
