@@ -49,6 +49,9 @@ console = Console(stderr=True)
 class XGBForecaster(torch.nn.Module):
     """Windows (B, context, F) → the forecast in round-trip-cost units ``p`` (B, 1) float32, from the last row."""
 
+    booster_raw: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, booster_raw: bytes, sigma_col: int, sigma_mean: float, sigma_std: float, horizon: int,
                  cost: float) -> None:
         super().__init__()
@@ -183,7 +186,8 @@ def train_xgb(settings: Any, train: SessionSet, cfg: XGBConfig, mode: str, *, fe
         table = threshold_table(f_ret, rows.fwd[h][va], np.full(int(va.sum()), cost), rows.day[va],
                                 cfg.thresholds)
         for r in table:
-            rec = {"horizon": float(h), "k": r["k"], "val_trades": float(r["trades"]), "val_gross_bps": 1e4 * r["gross"],
+            rec = {"horizon": float(h), "k": r["k"], "val_trades": float(r["trades"]),
+                   "val_gross_bps": 1e4 * r["gross"],
                    "val_net_bps": 1e4 * r["net"], "val_total_net": r["trades"] * r["net"] if r["trades"] else 0.0}
             history.append(rec)
             if run is not None:
