@@ -297,6 +297,14 @@ class TuneSettings(_Strict):
     out_dir: Path = Path("reports/tune")
 
 
+class EnsembleSpec(_Strict):
+    """One ``ensembles.<name>`` entry (``rltrader ensemble <name>``): ``algo`` trained once per seed, averaged."""
+
+    algo: Literal["d3qn", "ppo", "cnn"]
+    seeds: list[int] = Field(min_length=1)
+    """Members ``<algo>_s<seed>``; one seed gives a one-member ensemble (the single model's decisions)."""
+
+
 class PromoteSettings(_Strict):
     """Gates of ``rltrader promote`` (MLflow registry): the challenger becomes ``champion`` only if all pass."""
 
@@ -382,6 +390,9 @@ class Settings(_Strict):
     walk_forward: WalkForwardSettings = Field(default_factory=WalkForwardSettings)
     study: StudySettings = Field(default_factory=StudySettings)
     promote: PromoteSettings = Field(default_factory=PromoteSettings)
+    ensembles: dict[str, EnsembleSpec] = Field(default_factory=dict)
+    """Multi-seed ensembles by name (``agents.ensemble``); judged and promoted like a trained model when listed
+    in ``backtest.models`` / ``promote.candidates``."""
     tune: TuneSettings = Field(default_factory=TuneSettings)
     trader: TraderSettings = Field(default_factory=TraderSettings)
     risk: RiskSettings = Field(default_factory=RiskSettings)
