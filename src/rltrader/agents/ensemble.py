@@ -20,6 +20,7 @@ covers every member.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,7 +68,7 @@ def ensemble_module(members: Sequence[PolicyModule], name: str) -> PolicyModule:
         for key in ("feature_names", "mode", "action_names"):
             if m.meta.get(key) != first.meta.get(key):
                 raise ConfigError(f"ensembles.{name}: member {i}'s {key} differ from member 0's")
-    meta = {k: first.meta[k] for k in ("feature_names", "mode", "action_names") if k in first.meta}
+    meta: dict[str, Any] = {k: first.meta[k] for k in ("feature_names", "mode", "action_names") if k in first.meta}
     meta.update(algo=name, members=[{"algo": m.meta.get("algo"), "mlflow_run_id": m.meta.get("mlflow_run_id"),
                                      "weights_sha256": m.meta.get("weights_sha256")} for m in members])
     net = EnsembleNet([m.net for m in members], first.kind)
