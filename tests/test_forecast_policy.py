@@ -158,7 +158,7 @@ def test_xgb_config_refuses_choosing_on_the_train_split() -> None:
     with pytest.raises(ConfigError, match="select_split"):
         XGBConfig(select_split="train")
     with pytest.raises(ConfigError, match="thresholds"):
-        XGBConfig(thresholds=(-1.0,))
+        XGBConfig(thresholds=[-1.0])
 
 
 def test_pickled_module_round_trips_without_the_live_booster(tmp_path: Path) -> None:

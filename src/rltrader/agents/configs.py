@@ -313,9 +313,9 @@ class CNNConfig:
 class XGBConfig:
     """``params.yaml: xgb``: the study's XGBoost forecaster as a threshold policy (``agents.forecast_policy``)."""
 
-    horizons: tuple[int, ...] = (15, 60, 240)
+    horizons: list[int] = field(default_factory=lambda: [15, 60, 240])
     """Forward horizons (bars) fitted; the one traded is chosen on ``select_split``."""
-    thresholds: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    thresholds: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
     """Trade when |forecast| > k × round-trip cost, for each k; chosen on ``select_split``."""
     min_trades: int = 30
     """A (horizon, k) with fewer trades on ``select_split`` is not chosen."""
