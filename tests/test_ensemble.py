@@ -107,6 +107,8 @@ def test_ensemble_is_published_judged_and_promoted_like_a_model(ensembled: tuple
     ens = load_policy_file(models / "d3qn_ens.pt")
     assert ens.kind == "q_values" and len(ens.meta["members"]) == 2
     assert len({m["mlflow_run_id"] for m in ens.meta["members"]}) == 2  # two training runs, two trials
+    summary = json.loads((reports / "backtest" / "summary.json").read_text())
+    assert summary["trials_counted"]["mlflow_runs"] == 4  # d3qn_s0, d3qn_s1 and the two ensembles
     rec = json.loads((reports / "train_d3qn_ens.json").read_text())
     assert rec["run_id"] and rec["model_uri"]
 
@@ -118,7 +120,6 @@ def test_ensemble_is_published_judged_and_promoted_like_a_model(ensembled: tuple
         for key in ("total_return", "n_trades", "max_drawdown"):
             assert metrics[split]["d3qn_one"][key] == metrics[split]["d3qn_s1"][key], (split, key)
 
-    summary = json.loads((reports / "backtest" / "summary.json").read_text())
     for split in ("val", "backtest"):
         summary["metrics"][split]["d3qn_ens"].update(sharpe_daily_annualized=9.0, total_return=0.5, max_drawdown=0.01)
     doctored = reports / "doctored.json"

@@ -133,8 +133,8 @@ def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: 
               overrides: dict[str, Any] | None = None, name: str | None = None) -> dict[str, Any]:
     """Train ``algo`` on train, select on val, compare with baselines on val, log to MLflow, save the model.
 
-    ``name``: the model's name (file ``<models_dir>/<name>.pt``, MLflow run name, resume record); default the
-    algorithm's. Ensemble members are ``<algo>_s<seed>`` (``run_ensemble``)."""
+    ``name``: the model's name (file ``<models_dir>/<name>.pt``, resume record, MLflow tag
+    ``rltrader.model_name``); default the algorithm's. Ensemble members are ``<algo>_s<seed>`` (``run_ensemble``)."""
     if algo not in ALGORITHMS:
         raise ConfigError(f"train: unknown algorithm {algo!r} (one of {', '.join(ALGORITHMS)})")
     import mlflow
@@ -150,13 +150,16 @@ def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: 
     if t.threads > 0:
         # small nets on few cores: one thread is faster than contended intra-op threads (measured 8× on 2 cores)
         torch.set_num_threads(t.threads)
-    with mlflow_run(t.tracking_uri, t.experiment, name, t.artifact_root, run_id=run_id) as run:
+    # the run is named by the algorithm whatever the model's name: the deflated Sharpe counts training runs by
+    # algorithm (evaluate.stats.trials_run), and every seed of an ensemble is a configuration tried
+    with mlflow_run(t.tracking_uri, t.experiment, algo, t.artifact_root, run_id=run_id) as run:
         t.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         run_file.write_text(run.info.run_id)
         if run_id is None:
             mlflow.log_params({**_flat("execution.", execution), **_flat("env.", env_params), "algo": algo,
                                "seed": t.seed, "train_sessions": train.n_sessions, "val_sessions": val.n_sessions})
             _log_tags(settings, train, algo)
+            mlflow.set_tag("rltrader.model_name", name)
         module, history, cfg = _train_algo(algo, settings, train, val, execution, env_params, run, resume, progress,
                                            overrides or {})
         if run_id is None:
@@ -248,16 +251,18 @@ def run_ensemble(settings: Settings, name: str, *, progress: bool = True, sessio
         path = settings.train.models_dir / f"{member}.pt"
         if retrain or not path.is_file():
             run_train(settings, spec.algo, progress=progress, sessions_dir=sessions_dir, name=member,
-                      overrides={"seed": seed})
+                      overrides={"seed": seed},
+                      metrics_path=None if metrics_path is None else metrics_path.with_name(f"train_{member}.json"))
         members.append(load_policy_file(path, {"dvc_stage": f"ensemble@{name}"}))
     module = ensemble_module(members, name)
     sdir = sessions_dir or settings.data.dir / "sessions"
     train, val = load_split(sdir, "train"), load_split(sdir, "val")
     execution, env_params = params_from_settings(settings)
     t = settings.train
-    with mlflow_run(t.tracking_uri, t.experiment, name, t.artifact_root) as run:
+    with mlflow_run(t.tracking_uri, t.experiment, "ensemble", t.artifact_root) as run:  # a trial too (stats)
         mlflow.log_params({"algo": f"ensemble:{spec.algo}", "seeds": json.dumps(spec.seeds),
                            "members": json.dumps(module.meta["members"])})
         _log_tags(settings, train, spec.algo)
+        mlflow.set_tag("rltrader.model_name", name)
         return publish_model(settings, name, module, [], run, val, execution, env_params, metrics_path,
                              stage=f"ensemble@{name}")
