@@ -109,6 +109,11 @@ class FeatureSettings(_Strict):
     """Higher timeframes (e.g. ``[15m, 1h, 4h]``) whose CLOSED bars give extra features; empty = none."""
     tf_lookback: int = Field(default=24, ge=2)
     """Higher-timeframe bars in the multi-bar return, volatility and rolling high/low features (24 × 4h = 4 days)."""
+    forecast: list[int] = Field(default_factory=list)
+    """Horizons (bars) of forecast columns ``fc_<h>``: the study's XGBoost (``study`` params) refitted
+    walk-forward inside the train split, frozen after it (``dataset.forecast_features``); empty = off."""
+    forecast_refit_days: int = Field(default=30, ge=1)
+    """Days between the walk-forward refits of the forecast columns' model inside the train split."""
 
     @field_validator("return_horizons", "ema", "volatility")
     @classmethod
