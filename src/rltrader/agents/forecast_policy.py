@@ -12,7 +12,8 @@ If the RL agents cannot beat it, their RL adds nothing over "forecast, then trad
 - Choice on val, never test/backtest: for each horizon in ``xgb.horizons`` and each ``k`` in ``xgb.thresholds``
   the study's threshold table (trade in the forecast's direction when ``|forecast| > k × cost``, held ``h``
   bars) on the val rows; the (h, k) with the largest total net result among those with ``min_trades`` trades is
-  kept (``study.signal.choose_threshold``).
+  kept (``study.signal.choose_threshold``). When none qualifies, ``k = ∞``: the policy never trades (flat),
+  and says so, rather than claiming an edge or failing the pipeline.
 - Act: the forecast in cost units ``p = f · σ · √h / cost`` (``σ``: the window's last ``rv_<vol_window>``
   feature, de-standardised; ``cost``: the train split's mean round-trip cost through the execution kernel's
   ``fill_price``). The rule is the CNN classifier's (``ClassifierActions``) with ``p`` in place of ``P(up)``:
@@ -170,6 +171,7 @@ def train_xgb(settings: Any, train: SessionSet, cfg: XGBConfig, mode: str, *, fe
     col = names.index(sigma_name)
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, float], Any] | None = None
+    last_model: dict[int, Any] = {}
     for h in cfg.horizons:
         y = rows.target(h)
         tr = (rows.split_id == tr_id) & np.isfinite(y)
@@ -180,6 +182,7 @@ def train_xgb(settings: Any, train: SessionSet, cfg: XGBConfig, mode: str, *, fe
                             f"{cfg.select_split}?")
         model = XGB(rounds=cfg.rounds, depth=cfg.depth, eta=cfg.eta, threads=cfg.threads, seed=cfg.seed)
         model.fit(x[tr], np.clip(y[tr], -cfg.target_clip, cfg.target_clip))
+        last_model[h] = model
         # σ as the policy will see it: the standardised, clipped rv feature, de-standardised
         sigma = np.maximum(x[va, col].astype(np.float64) * std[col] + mean[col], 0.0)
         f_ret = model.predict(x[va]) * sigma * math.sqrt(h)
@@ -202,9 +205,11 @@ def train_xgb(settings: Any, train: SessionSet, cfg: XGBConfig, mode: str, *, fe
             total = ch["trades"] * ch["net"]
             if best is None or total > best[0]:
                 best = (total, h, ch, model)
-    if best is None:
-        raise DataError(f"xgb: no (horizon, k) has ≥ {cfg.min_trades} trades on {cfg.select_split} "
-                        "(lower xgb.thresholds or xgb.min_trades)")
+    if best is None:  # nothing to claim: a policy that never trades (k = ∞), judged like the others
+        console.print(f"xgb: no (horizon, k) has ≥ {cfg.min_trades} trades on {cfg.select_split}: the policy never "
+                      "trades (lower xgb.thresholds or xgb.min_trades to let it)", soft_wrap=True)
+        h = int(cfg.horizons[0])
+        best = (0.0, h, {"k": math.inf, "trades": 0.0, "net": math.nan}, last_model[h])
     total, h, ch, model = best
     chosen = {"horizon": float(h), "k": float(ch["k"]), "cost": cost, "val_trades": float(ch["trades"]),
               "val_net_bps": 1e4 * float(ch["net"]), "val_total_net": float(total)}
