@@ -170,3 +170,21 @@ def test_pickled_module_round_trips_without_the_live_booster(tmp_path: Path) -> 
     loaded: Any = torch.load(tmp_path / "m.pt", weights_only=False)
     assert loaded.net.forecaster._booster is None
     assert np.array_equal(loaded.scores(window, state), before)
+
+
+@pytest.mark.slow
+def test_no_qualifying_threshold_on_val_gives_a_policy_that_never_trades(trained_xgb: tuple[Settings, Path]) -> None:
+    """Nothing to claim on val: k = ∞ (flat), said so, instead of an edge picked anyway or a failed pipeline."""
+    from rltrader.agents.forecast_policy import train_xgb
+    from rltrader.dataset.split import load_split
+
+    settings, _ = trained_xgb
+    train = load_split(settings.data.dir / "sessions", "train")
+    cfg = XGBConfig(**{**XGB_TINY, "thresholds": [1e6]})
+    res = train_xgb(settings, train, cfg, "futures_session")
+    assert res.chosen["k"] == float("inf") and res.chosen["val_trades"] == 0
+    module = PolicyModule(res.net, "classifier", train.context, train.n_features, N_STATE, len(FuturesAction), {})
+    data = continuous_split(settings, "val")
+    execution, env_params = backtest_params(settings)
+    out = backtest_sessions(data, module, execution, env_params, chain=True, filters=BacktestFilters())
+    assert out.totals["fills"] == 0
