@@ -2,7 +2,7 @@
 
 Checks what users rely on: a first run builds every stage, a second run does nothing, a parameter change re-runs
 exactly the stages that read it (and those after them), and the whole pipeline — ingest → features → sessions →
-train (d3qn, ppo, cnn) → backtest → promote — runs end to end with `dvc metrics show` / `dvc plots show` working.
+train (d3qn, ppo, cnn, xgb) → backtest → promote — runs end to end with `dvc metrics show` / `dvc plots show` working.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ TINY_TRAIN = {
     "ppo": {"total_steps": 512, "num_envs": 16, "rollout_steps": 16, "eval_every": 512, "eval_max_sessions": 30,
             "checkpoint_every": 512, "net": {"channels": 8, "hidden": 16, "tcn_levels": 2}},
     "cnn": {"epochs": 1, "max_samples": 2000, "net": {"channels": 8, "hidden": 16}},
+    "xgb": {"horizons": [15], "rounds": 20},
 }
 
 
@@ -86,12 +87,12 @@ def test_whole_pipeline_on_tiny_params(tmp_path: Path, shared_archive: Path) -> 
                                             "backtest": {"bootstrap": 200}})
     first = _run([sys.executable, "-m", "dvc", "repro"], repo)
     assert sorted(_ran(first)) == sorted(["ingest", "features", "sessions", "study", "train@d3qn", "train@ppo",
-                                          "train@cnn", "backtest", "promote"]), first
+                                          "train@cnn", "train@xgb", "backtest", "promote"]), first
     assert (repo / "reports" / "study" / "report.html").is_file()
     decision = json.loads((repo / "reports" / "promotion.json").read_text())
     assert decision["action"] in ("promote", "refuse") and decision["gates"]
-    assert decision["challenger"] in ("d3qn", "ppo")
-    for algo in ("d3qn", "ppo", "cnn"):
+    assert decision["challenger"] in ("d3qn", "ppo", "xgb")
+    for algo in ("d3qn", "ppo", "cnn", "xgb"):
         assert (repo / "reports" / "backtest" / algo / "report.html").is_file()
     shown = _run([sys.executable, "-m", "dvc", "metrics", "show"], repo)
     assert "reports/backtest.json" in shown and "reports/promotion.json" in shown and "reports/study.json" in shown

@@ -428,6 +428,24 @@ def train_cmd(
     out.print(f"{algo}: MLflow run {result['run_id']}, model {result['model_uri']}")
 
 
+@app.command("ensemble")
+def ensemble_cmd(
+    name: Annotated[str, typer.Argument(help="An ensembles.<name> entry of params.yaml")],
+    retrain: Annotated[bool, typer.Option(help="Retrain members whose model file exists")] = False,
+    metrics: Annotated[Path | None, typer.Option(help="Metrics JSON (default reports/train_<name>.json)")] = None,
+) -> None:
+    """Train the ensemble's members (one per seed) and publish their average as the model <name>."""
+    from rltrader.train import run_ensemble
+
+    try:
+        settings = load_settings()
+        result = run_ensemble(settings, name, progress=sys.stderr.isatty(), retrain=retrain,
+                              metrics_path=metrics or Path(f"reports/train_{name}.json"))
+    except RLTraderError as exc:
+        _fail(str(exc))
+    out.print(f"{name}: MLflow run {result['run_id']}, model {result['model_uri']}")
+
+
 @app.command("backtest")
 def backtest_cmd(
     model: Annotated[str | None, typer.Option(help="One policy: models:/rltrader@champion, an MLflow run id, a .pt "

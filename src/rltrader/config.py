@@ -109,6 +109,11 @@ class FeatureSettings(_Strict):
     """Higher timeframes (e.g. ``[15m, 1h, 4h]``) whose CLOSED bars give extra features; empty = none."""
     tf_lookback: int = Field(default=24, ge=2)
     """Higher-timeframe bars in the multi-bar return, volatility and rolling high/low features (24 × 4h = 4 days)."""
+    forecast: list[int] = Field(default_factory=list)
+    """Horizons (bars) of forecast columns ``fc_<h>``: the study's XGBoost (``study`` params) refitted
+    walk-forward inside the train split, frozen after it (``dataset.forecast_features``); empty = off."""
+    forecast_refit_days: int = Field(default=30, ge=1)
+    """Days between the walk-forward refits of the forecast columns' model inside the train split."""
 
     @field_validator("return_horizons", "ema", "volatility")
     @classmethod
@@ -297,12 +302,20 @@ class TuneSettings(_Strict):
     out_dir: Path = Path("reports/tune")
 
 
+class EnsembleSpec(_Strict):
+    """One ``ensembles.<name>`` entry (``rltrader ensemble <name>``): ``algo`` trained once per seed, averaged."""
+
+    algo: Literal["d3qn", "ppo", "cnn"]
+    seeds: list[int] = Field(min_length=1)
+    """Members ``<algo>_s<seed>``; one seed gives a one-member ensemble (the single model's decisions)."""
+
+
 class PromoteSettings(_Strict):
     """Gates of ``rltrader promote`` (MLflow registry): the challenger becomes ``champion`` only if all pass."""
 
     model_name: str = "rltrader"
     """Registered model name; aliases ``champion`` and ``previous``."""
-    candidates: list[str] = Field(default_factory=lambda: ["d3qn", "ppo"])
+    candidates: list[str] = Field(default_factory=lambda: ["d3qn", "ppo", "xgb"])
     """Trained models that may be promoted; the challenger is the one with the best val ``metric``."""
     metric: str = "sharpe_daily_annualized"
     margin: float = Field(default=0.1, ge=0)
@@ -382,6 +395,9 @@ class Settings(_Strict):
     walk_forward: WalkForwardSettings = Field(default_factory=WalkForwardSettings)
     study: StudySettings = Field(default_factory=StudySettings)
     promote: PromoteSettings = Field(default_factory=PromoteSettings)
+    ensembles: dict[str, EnsembleSpec] = Field(default_factory=dict)
+    """Multi-seed ensembles by name (``agents.ensemble``); judged and promoted like a trained model when listed
+    in ``backtest.models`` / ``promote.candidates``."""
     tune: TuneSettings = Field(default_factory=TuneSettings)
     trader: TraderSettings = Field(default_factory=TraderSettings)
     risk: RiskSettings = Field(default_factory=RiskSettings)
@@ -393,6 +409,8 @@ class Settings(_Strict):
     """Validated by ``rltrader.agents.configs.PPOConfig``."""
     cnn: dict[str, Any] = Field(default_factory=dict)
     """Validated by ``rltrader.agents.configs.CNNConfig``."""
+    xgb: dict[str, Any] = Field(default_factory=dict)
+    """Validated by ``rltrader.agents.configs.XGBConfig``."""
 
     @field_validator(*CONFIGS, mode="after")
     @classmethod

@@ -117,78 +117,152 @@ def _train_algo(algo: str, settings: Settings, train: SessionSet, val: SessionSe
         actions = ClassifierActions(cres.net, ccfg.threshold, env_params.mode)
         module = PolicyModule(actions, "classifier", train.context, train.n_features, N_STATE, n_actions, meta)
         return module, cres.history, ccfg
+    if algo == "xgb":
+        from rltrader.agents.configs import XGBConfig
+        from rltrader.agents.forecast_policy import train_xgb
+
+        xcfg = config_from_params(XGBConfig, "xgb", section)
+        xres = train_xgb(settings, train, xcfg, env_params.mode, run=run)
+        meta.update(chosen=xres.chosen)
+        module = PolicyModule(xres.net, "classifier", train.context, train.n_features, N_STATE, n_actions, meta)
+        return module, xres.history, xcfg
     raise ConfigError(f"train: unknown algorithm {algo!r} (one of {', '.join(ALGORITHMS)})")
 
 
 def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: bool = True,
               sessions_dir: Path | None = None, metrics_path: Path | None = None,
-              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train ``algo`` on train, select on val, compare with baselines on val, log to MLflow, save the model."""
+              overrides: dict[str, Any] | None = None, name: str | None = None) -> dict[str, Any]:
+    """Train ``algo`` on train, select on val, compare with baselines on val, log to MLflow, save the model.
+
+    ``name``: the model's name (file ``<models_dir>/<name>.pt``, resume record, MLflow tag
+    ``rltrader.model_name``); default the algorithm's. Ensemble members are ``<algo>_s<seed>`` (``run_ensemble``)."""
     if algo not in ALGORITHMS:
         raise ConfigError(f"train: unknown algorithm {algo!r} (one of {', '.join(ALGORITHMS)})")
     import mlflow
 
+    name = name or algo
     sdir = sessions_dir or settings.data.dir / "sessions"
     train, val = load_split(sdir, "train"), load_split(sdir, "val")
     execution, env_params = params_from_settings(settings)
     t = settings.train
-    run_file = t.checkpoint_dir / f"{algo}.run_id"
+    run_file = t.checkpoint_dir / f"{name}.run_id"
     run_id = run_file.read_text().strip() if resume and run_file.exists() else None
     Path("mlflow").mkdir(exist_ok=True)
     if t.threads > 0:
         # small nets on few cores: one thread is faster than contended intra-op threads (measured 8× on 2 cores)
         torch.set_num_threads(t.threads)
+    # the run is named by the algorithm whatever the model's name: the deflated Sharpe counts training runs by
+    # algorithm (evaluate.stats.trials_run), and every seed of an ensemble is a configuration tried
     with mlflow_run(t.tracking_uri, t.experiment, algo, t.artifact_root, run_id=run_id) as run:
         t.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         run_file.write_text(run.info.run_id)
         if run_id is None:
             mlflow.log_params({**_flat("execution.", execution), **_flat("env.", env_params), "algo": algo,
                                "seed": t.seed, "train_sessions": train.n_sessions, "val_sessions": val.n_sessions})
-            mlflow.set_tags({"git_commit": git_commit() or "unknown", "algo": algo,
-                             "data_fingerprint": json.dumps(train.meta.get("input_sha256", {}), sort_keys=True),
-                             "dataset_code": json.dumps(train.meta.get("code", {}), sort_keys=True),
-                             "params_hash": params_hash(settings, (*TRAIN_SECTIONS, algo))})
+            _log_tags(settings, train, algo)
+            mlflow.set_tag("rltrader.model_name", name)
         module, history, cfg = _train_algo(algo, settings, train, val, execution, env_params, run, resume, progress,
                                            overrides or {})
         if run_id is None:
             mlflow.log_params({k: v for k, v in _flat(f"{algo}.", cfg).items()})
-        module.eval()
-        module.meta["mlflow_run_id"] = run.info.run_id
-        stamp_weights(module)  # the weights' hash travels in the pickled module: checked wherever it is loaded
-        rows = compare_on_split(algo, module.policy(), val, execution, env_params,
-                                max_sessions=t.val_sessions, seed=t.seed)
-        verdict = print_table(f"val split: {algo} vs baselines", rows, algo)
-        ours = next(r for r in rows if r["policy"] == algo)
-        mlflow.log_metrics({f"val_{k}": float(v) for k, v in ours.items() if k != "policy"})
-        mlflow.log_dict({"rows": rows, "verdict": verdict}, "val_comparison.json")
-        from rltrader.agents.plots import plot_action_scores, plot_learning_curve
+        return publish_model(settings, name, module, history, run, val, execution, env_params, metrics_path,
+                             stage=f"train@{name}")
 
-        art = Path(t.artifact_root).parent / "tmp" / run.info.run_id
-        art.mkdir(parents=True, exist_ok=True)
-        plot_learning_curve(history, art / "learning_curve.png", algo)
-        plot_action_scores(module, val, execution, env_params, art / "action_scores.png")
-        mlflow.log_artifacts(str(art), "plots")
-        example = module.example_input()
-        from mlflow.models import infer_signature
 
-        with torch.no_grad():
-            out = module(torch.from_numpy(example)).numpy()
-        # pickle (not pt2): the loaded module keeps its attributes (context, feature and action names, algo)
-        # that the backtest and the trader need; the metadata repeats them for the registry UI
-        info = mlflow.pytorch.log_model(
-            module, name="model", input_example=example, signature=infer_signature(example, out),
-            serialization_format="pickle", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            metadata={"context": module.context, "n_features": module.n_features, "n_state": module.n_state,
-                      "n_actions": module.n_actions, **{k: v for k, v in module.meta.items()
-                                                       if k in ("algo", "mode", "action_names", "feature_names")}})
-        t.models_dir.mkdir(parents=True, exist_ok=True)
-        save_policy(module, t.models_dir / f"{algo}.pt", {"mlflow_run": run.info.run_id, "dvc_stage": f"train@{algo}"})
-        result = {"algo": algo, "run_id": run.info.run_id, "model_uri": info.model_uri,
-                  "val": {k: v for k, v in ours.items() if k != "policy"}, "val_table": rows, "verdict": verdict,
-                  "params": module.meta}
-        if metrics_path is not None:
-            # the DVC metrics file stays small (what `dvc metrics show` lists); the full val table is the run's
-            # val_comparison.json artifact. run_id / model_uri tell the promote stage which MLflow model this is.
-            slim = {k: result[k] for k in ("algo", "run_id", "model_uri", "val", "verdict")}
-            write_report(metrics_path, slim, train_producer(algo))
+def _log_tags(settings: Settings, train: SessionSet, algo: str) -> None:
+    import mlflow
+
+    mlflow.set_tags({"git_commit": git_commit() or "unknown", "algo": algo,
+                     "data_fingerprint": json.dumps(train.meta.get("input_sha256", {}), sort_keys=True),
+                     "dataset_code": json.dumps(train.meta.get("code", {}), sort_keys=True),
+                     "params_hash": params_hash(settings, (*TRAIN_SECTIONS, algo))})
+
+
+def publish_model(settings: Settings, name: str, module: PolicyModule, history: list[dict[str, float]], run: Any,
+                  val: SessionSet, execution: ExecutionParams, env_params: EnvParams, metrics_path: Path | None,
+                  *, stage: str) -> dict[str, Any]:
+    """What every trained model gets, inside its MLflow run: the weights hash, the val table against the
+    baselines, the plots, the logged model (signature, metadata), ``<models_dir>/<name>.pt`` with its integrity
+    sidecar, and the metrics file the backtest and promote stages read (run id, model URI)."""
+    import mlflow
+
+    t = settings.train
+    module.eval()
+    module.meta["mlflow_run_id"] = run.info.run_id
+    stamp_weights(module)  # the weights' hash travels in the pickled module: checked wherever it is loaded
+    rows = compare_on_split(name, module.policy(), val, execution, env_params,
+                            max_sessions=t.val_sessions, seed=t.seed)
+    verdict = print_table(f"val split: {name} vs baselines", rows, name)
+    ours = next(r for r in rows if r["policy"] == name)
+    mlflow.log_metrics({f"val_{k}": float(v) for k, v in ours.items() if k != "policy"})
+    mlflow.log_dict({"rows": rows, "verdict": verdict}, "val_comparison.json")
+    from rltrader.agents.plots import plot_action_scores, plot_learning_curve
+
+    art = Path(t.artifact_root).parent / "tmp" / run.info.run_id
+    art.mkdir(parents=True, exist_ok=True)
+    plot_learning_curve(history, art / "learning_curve.png", name)
+    plot_action_scores(module, val, execution, env_params, art / "action_scores.png")
+    mlflow.log_artifacts(str(art), "plots")
+    example = module.example_input()
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        out = module(torch.from_numpy(example)).numpy()
+    # pickle (not pt2): the loaded module keeps its attributes (context, feature and action names, algo)
+    # that the backtest and the trader need; the metadata repeats them for the registry UI
+    info = mlflow.pytorch.log_model(
+        module, name="model", input_example=example, signature=infer_signature(example, out),
+        serialization_format="pickle", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        metadata={"context": module.context, "n_features": module.n_features, "n_state": module.n_state,
+                  "n_actions": module.n_actions, **{k: v for k, v in module.meta.items()
+                                                   if k in ("algo", "mode", "action_names", "feature_names")}})
+    t.models_dir.mkdir(parents=True, exist_ok=True)
+    save_policy(module, t.models_dir / f"{name}.pt", {"mlflow_run": run.info.run_id, "dvc_stage": stage})
+    result = {"algo": module.meta.get("algo", name), "run_id": run.info.run_id, "model_uri": info.model_uri,
+              "val": {k: v for k, v in ours.items() if k != "policy"}, "val_table": rows, "verdict": verdict,
+              "params": module.meta}
+    if metrics_path is not None:
+        # the DVC metrics file stays small (what `dvc metrics show` lists); the full val table is the run's
+        # val_comparison.json artifact. run_id / model_uri tell the promote stage which MLflow model this is.
+        slim = {k: result[k] for k in ("algo", "run_id", "model_uri", "val", "verdict")}
+        write_report(metrics_path, slim, train_producer(name))
     return result
+
+
+def run_ensemble(settings: Settings, name: str, *, progress: bool = True, sessions_dir: Path | None = None,
+                 metrics_path: Path | None = None, retrain: bool = False) -> dict[str, Any]:
+    """``ensembles.<name>``: train ``algo`` once per seed (``<models_dir>/<algo>_s<seed>.pt``, each its own MLflow
+    run and trial; a member file already there is reused unless ``retrain``), then publish their average
+    (``agents.ensemble``) as the model ``<name>`` exactly like a trained model, so ``backtest.models`` and
+    ``promote.candidates`` take it by name."""
+    from rltrader.agents.ensemble import ensemble_module
+
+    spec = settings.ensembles.get(name)
+    if spec is None:
+        raise ConfigError(f"ensembles: no ensemble {name!r} (defined: {', '.join(settings.ensembles) or 'none'})")
+    if name in ALGORITHMS:
+        raise ConfigError(f"ensembles.{name}: the name of an algorithm; call the ensemble e.g. {name}_ens")
+    import mlflow
+    from rltrader.agents.packaging import load_policy_file
+
+    members: list[PolicyModule] = []
+    for seed in spec.seeds:
+        member = f"{spec.algo}_s{seed}"
+        path = settings.train.models_dir / f"{member}.pt"
+        if retrain or not path.is_file():
+            run_train(settings, spec.algo, progress=progress, sessions_dir=sessions_dir, name=member,
+                      overrides={"seed": seed},
+                      metrics_path=None if metrics_path is None else metrics_path.with_name(f"train_{member}.json"))
+        members.append(load_policy_file(path, {"dvc_stage": f"ensemble@{name}"}))
+    module = ensemble_module(members, name)
+    sdir = sessions_dir or settings.data.dir / "sessions"
+    train, val = load_split(sdir, "train"), load_split(sdir, "val")
+    execution, env_params = params_from_settings(settings)
+    t = settings.train
+    with mlflow_run(t.tracking_uri, t.experiment, "ensemble", t.artifact_root) as run:  # a trial too (stats)
+        mlflow.log_params({"algo": f"ensemble:{spec.algo}", "seeds": json.dumps(spec.seeds),
+                           "members": json.dumps(module.meta["members"])})
+        _log_tags(settings, train, spec.algo)
+        mlflow.set_tag("rltrader.model_name", name)
+        return publish_model(settings, name, module, [], run, val, execution, env_params, metrics_path,
+                             stage=f"ensemble@{name}")

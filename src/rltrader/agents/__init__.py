@@ -4,5 +4,5 @@ Kept import-light (no torch): the settings read it."""
 
 from __future__ import annotations
 
-ALGORITHMS: tuple[str, ...] = ("d3qn", "ppo", "cnn")
+ALGORITHMS: tuple[str, ...] = ("d3qn", "ppo", "cnn", "xgb")
 """``rltrader train <algo>``; each has a ``params.yaml`` section of its own (``agents.configs.CONFIGS``)."""

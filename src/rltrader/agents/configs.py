@@ -309,5 +309,44 @@ class CNNConfig:
             raise ConfigError(f"cnn.threshold: must be in [0.5, 1) (got {self.threshold})")
 
 
-CONFIGS: dict[str, type[Any]] = {"d3qn": D3QNConfig, "ppo": PPOConfig, "cnn": CNNConfig}
+@dataclass(frozen=True)
+class XGBConfig:
+    """``params.yaml: xgb``: the study's XGBoost forecaster as a threshold policy (``agents.forecast_policy``)."""
+
+    horizons: list[int] = field(default_factory=lambda: [15, 60, 240])
+    """Forward horizons (bars) fitted; the one traded is chosen on ``select_split``."""
+    thresholds: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    """Trade when |forecast| > k × round-trip cost, for each k; chosen on ``select_split``."""
+    min_trades: int = 30
+    """A (horizon, k) with fewer trades on ``select_split`` is not chosen."""
+    train_split: str = "train"
+    select_split: str = "val"
+    train_stride: int = 20
+    """Fit on every k-th train bar (the study's default: overlapping targets carry little extra information)."""
+    eval_stride: int = 1
+    vol_window: int = 60
+    """Targets are forward returns / (trailing volatility × √h); σ is the feature ``rv_<vol_window>``."""
+    target_clip: float = 5.0
+    rounds: int = 100
+    depth: int = 4
+    eta: float = 0.05
+    threads: int = 1
+    device: str = "auto"
+    """Unused (CPU trees); accepted because ``train.device`` fills every algorithm's section."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.horizons or any(h < 1 for h in self.horizons):
+            raise ConfigError(f"xgb.horizons: need at least one horizon ≥ 1 bar (got {list(self.horizons)})")
+        if not self.thresholds or any(not k >= 0 for k in self.thresholds):
+            raise ConfigError(f"xgb.thresholds: need k ≥ 0 (got {list(self.thresholds)})")
+        if self.select_split == self.train_split:
+            raise ConfigError("xgb.select_split: must differ from xgb.train_split (k is chosen out of sample)")
+        if min(self.min_trades, self.train_stride, self.eval_stride, self.rounds, self.depth, self.threads) < 1:
+            raise ConfigError("xgb.min_trades, train_stride, eval_stride, rounds, depth, threads: must be ≥ 1")
+        if self.vol_window < 2 or not self.eta > 0 or not self.target_clip > 0:
+            raise ConfigError("xgb.vol_window ≥ 2, xgb.eta > 0, xgb.target_clip > 0")
+
+
+CONFIGS: dict[str, type[Any]] = {"d3qn": D3QNConfig, "ppo": PPOConfig, "cnn": CNNConfig, "xgb": XGBConfig}
 """The config class of each algorithm, by its ``params.yaml`` section name."""

@@ -31,6 +31,13 @@ from rltrader.errors import DataError
 from rltrader.integrity import load_torch, write_sidecar
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's tensors live: its first parameter's, or buffer's (the XGBoost policy has buffers only)."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 class PolicyModule(nn.Module):
     def __init__(self, net: nn.Module, kind: str, context: int, n_features: int, n_state: int, n_actions: int,
                  meta: dict[str, Any] | None = None) -> None:
@@ -48,7 +55,7 @@ class PolicyModule(nn.Module):
         return scores
 
     def scores(self, window: np.ndarray, state: np.ndarray) -> np.ndarray:
-        device = next(self.parameters()).device
+        device = module_device(self)
         with torch.no_grad():
             w = torch.from_numpy(np.ascontiguousarray(window, dtype=np.float32)).to(device)
             s = torch.from_numpy(np.ascontiguousarray(state, dtype=np.float32)).to(device)
@@ -74,10 +81,15 @@ class PolicyModule(nn.Module):
         """This module cut at the state (``SplitPolicy``); None for a network that is not exactly one of ours
         (or that is stochastic: dropout in training mode), which callers then run through ``scores``."""
         from rltrader.agents.cnn_classifier import ClassifierActions
+        from rltrader.agents.forecast_policy import ForecastActions
 
         net = self.net
         if net.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in net.modules()):
             return None
+        if type(net) is ForecastActions:  # the classifier's rule on the precomputed forecast (in cost units)
+            z2, z1 = np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
+            return SplitPolicy(self, HEAD_CLASSIFIER, net.forecaster, lambda p: p, z2, z2, z1, z2, z1,
+                               net.head_params())
         classifier = net if isinstance(net, ClassifierActions) and type(net) is ClassifierActions else None
         inner: nn.Module = classifier.net if classifier is not None else net
         if type(inner) not in ((Classifier,) if classifier is not None else (DuelingQNet, ActorCritic)):
@@ -238,7 +250,7 @@ class SplitPolicy:
         c = self.module.context
         rows = np.asarray(rows, np.int64)
         lo = int(rows.min()) - c
-        device = next(self.module.parameters()).device
+        device = module_device(self.module)
         with torch.inference_mode():
             f = torch.from_numpy(np.ascontiguousarray(features[lo: int(rows.max())], dtype=np.float32)).to(device)
             out = self.tail(encode_windows(self.encoder, f, rows - lo, c))

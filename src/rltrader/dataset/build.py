@@ -100,6 +100,10 @@ def run_features_stage(settings: Settings, store: Store, out_dir: Path | None = 
                                           "start": str(feats["open_time"][0]), "end": str(feats["open_time"][-1]),
                                           "input_sha256": meta["input_sha256"]}
             del bars, feats, table
+        if p.forecast:  # pooled over the symbols, fitted on train only: after every symbol's file is written
+            from rltrader.dataset.forecast_features import add_forecast_columns
+
+            summary["features"] += list(add_forecast_columns(settings, tmp))
     return summary
 
 

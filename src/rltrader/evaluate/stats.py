@@ -198,13 +198,18 @@ def random_entry_null(equity: pl.DataFrame, trades: pl.DataFrame, *, draws: int 
 
 # ----------------------------------------------------------------------------------------------- trials counted
 def trials_run(*, storage: str | None = None, tracking_uri: str | None = None, experiment: str | None = None,
-               algos: Sequence[str] = ("d3qn", "ppo", "cnn")) -> dict[str, int]:
+               algos: Sequence[str] | None = None) -> dict[str, int]:
     """Configurations actually tried: finished Optuna trials (complete or pruned; a retried trial counts once) in
     every study of ``storage``, plus MLflow training runs of ``algos`` in ``experiment`` that no tuning trial made
     (tuning tags its fold runs ``rltrader.tune_trial``, so they are already counted as their trial).
 
     Either source may be absent (no tuning yet, no tracking store): it then counts 0. Returns the parts and
-    ``total``."""
+    ``total``. ``algos``: default every algorithm (``agents.ALGORITHMS``) and ``ensemble`` (each published
+    ensemble is one more configuration; its members are runs of their algorithm)."""
+    if algos is None:
+        from rltrader.agents import ALGORITHMS
+
+        algos = (*ALGORITHMS, "ensemble")
     optuna_trials = 0
     if storage:
         import optuna

@@ -33,7 +33,8 @@ env would reject anyway (``order_for`` returns 0 for a long while long), so "lon
 slow one, else short" gives the same fills. With latency an order can be in flight, the baseline then looks at
 the filled position and the target form would not (it could cancel a pending flip), so those run bar by bar.
 
-Our networks (``PolicyModule.split``: D3QN, PPO, the CNN classifier) are split where the position state enters:
+Our networks (``PolicyModule.split``: D3QN, PPO, the CNN classifier, the XGBoost threshold policy) are split where
+the position state enters:
 the window part (encoder and the embedding's share of the first layer; the classifier's whole P(up)) does not
 depend on fills, so it is computed for every decision position in blocks of ``SPLIT_BLOCK`` rows, one batched
 forward pass each (a CNN encoder's convolutions are shared by the overlapping windows of consecutive bars,
