@@ -160,7 +160,7 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
     assert len(whole.history) == len(resumed.history) == 8
     for m1, m2 in zip(whole.history, resumed.history, strict=True):
         assert m1.keys() == m2.keys()
-        for k in m1.keys() - {"perf/sps"}:
+        for k in m1.keys() - {"perf/sps", "perf/cpu_s"}:  # timings differ run to run
             assert m1[k] == m2[k] or (np.isnan(m1[k]) and np.isnan(m2[k])), k
 
 

@@ -43,7 +43,9 @@ from rltrader.agents.common import (
     env_state,
     load_checkpoint,
     load_env_state,
+    make_adam,
     masked_greedy_policy,
+    needs_mode_switch,
     pick_device,
     save_checkpoint,
     seed_everything,
@@ -179,7 +181,7 @@ def td_update(online: nn.Module, target: nn.Module, optimizer: torch.optim.Optim
     check_finite(step, loss=loss)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # type: ignore[no-untyped-call]
-    grad_norm = nn.utils.clip_grad_norm_(online.parameters(), cfg.grad_clip)
+    grad_norm = nn.utils.clip_grad_norm_(online.parameters(), cfg.grad_clip, foreach=True)
     optimizer.step()
     td_abs = td.detach().abs()
     replay.update_priorities(b.slots, td_abs.cpu().numpy().astype(np.float64))
@@ -267,7 +269,7 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
     target = build_q_net(spec, device=device)
     target.load_state_dict(online.state_dict())
     target.requires_grad_(False)
-    optimizer = torch.optim.Adam(online.parameters(), lr=cfg.lr, eps=1e-5)
+    optimizer = make_adam(online.parameters(), cfg.lr, device)
     replay = PrioritizedReplay(cfg.buffer_size, cfg.num_envs, N_STATE, env.n_actions, alpha=cfg.per_alpha,
                                n_step=cfg.n_step, gamma=cfg.gamma)
     gather = ObsGather(env, device)
@@ -322,10 +324,10 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
 
             mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=c.step)
 
-    def flush_logs(sps: float) -> None:
+    def flush_logs(sps: float, cpu_sps: float) -> None:
         n_up = c.stats.pop("n_updates", 0.0)
         row: dict[str, float] = {"step": float(c.step), "epsilon": cfg.epsilon(c.step), "beta": cfg.beta(c.step),
-                                 "sps": sps, "updates": float(c.updates)}
+                                 "sps": sps, "cpu_sps": cpu_sps, "updates": float(c.updates)}
         for k, v in c.stats.items():
             row[k] = v / n_up if n_up else math.nan
         total = sum(c.action_counts)
@@ -344,8 +346,9 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
     bar = TrainingProgress("d3qn", cfg.total_steps, c.step, enabled=progress)
     initial = execution.initial_cash
     updates_per_vec = cfg.updates_per_vector_step
+    switch_mode = needs_mode_switch(online)
     t0, step0 = time.perf_counter(), c.step
-    t_log, step_log = t0, c.step
+    t_log, step_log, cpu_log = t0, c.step, time.process_time()  # cpu_sps: per CPU-second, blind to other load
     try:
         while c.step < cfg.total_steps:
             # 1. act in every env (ε-greedy over valid actions) and store the transition by decision row
@@ -353,10 +356,12 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
             rows = decision_rows(env)
             state, mask = core.state.copy(), core.mask.copy()
             eps = cfg.epsilon(c.step)
-            online.eval()
+            if switch_mode:
+                online.eval()
             actions, _ = select_actions(net_fwd, torch.from_numpy(core.window), torch.from_numpy(state), mask,
                                         eps, rng, c.step)
-            online.train()
+            if switch_mode:
+                online.train()
             out = env.step(actions)
             done = out.terminated | out.truncated
             replay.add(rows, state, mask, actions, out.reward, done)
@@ -384,9 +389,11 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
             if c.vec_steps >= cfg.log_every:
                 check_params_finite(c.step, online)
                 now = time.perf_counter()
+                cpu_now = time.process_time()
                 sps = (c.step - step_log) / max(now - t_log, 1e-9)
-                t_log, step_log = now, c.step
-                flush_logs(sps)
+                cpu_sps = (c.step - step_log) / max(cpu_now - cpu_log, 1e-9)
+                t_log, step_log, cpu_log = now, c.step, cpu_now
+                flush_logs(sps, cpu_sps)
                 bar.update(info=f"ε {eps:.2f}  {sps:,.0f} steps/s  loss {c.history[-1].get('loss', 0):.4f}")
             if cfg.eval_every and c.step // cfg.eval_every > c.last_eval // cfg.eval_every:
                 c.last_eval = c.step
@@ -403,7 +410,8 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
         c.last_eval = c.step
         run_eval()
     if c.vec_steps:
-        flush_logs((c.step - step_log) / max(time.perf_counter() - t_log, 1e-9))
+        flush_logs((c.step - step_log) / max(time.perf_counter() - t_log, 1e-9),
+                   (c.step - step_log) / max(time.process_time() - cpu_log, 1e-9))
     if c.last_ckpt != c.step:
         c.last_ckpt = c.step
         checkpoint()
