@@ -84,9 +84,9 @@ from typing import Any
 
 import _harness as h
 import gymnasium as gym
-import train_bound as tb
 import numpy as np
 import torch
+import train_bound as tb
 
 REPO = h.REPO  # _harness put src/ on the path when the package is not installed
 

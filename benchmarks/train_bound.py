@@ -75,8 +75,8 @@ class Bound:
     peer_update_ms: float
 
     def describe(self, name: str) -> str:
-        return (f"{name} compute bound: {self.ours:,.0f} steps per CPU-second (acting forward {self.act_ms:.2f} ms per vector "
-                f"step, update {self.update_ms:.2f} ms); peer's own bound {self.peer:,.0f} (update "
+        return (f"{name} compute bound: {self.ours:,.0f} steps per CPU-second (acting forward {self.act_ms:.2f} ms "
+                f"per vector step, update {self.update_ms:.2f} ms); peer's own bound {self.peer:,.0f} (update "
                 f"{self.peer_update_ms:.2f} ms)")
 
 
