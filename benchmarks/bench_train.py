@@ -55,6 +55,18 @@ Figures
      the greedy policy never opens a position, as holding is free): they show whether the faster side learns
      less per env step, they do not rank the algorithms.
 
+Per CPU-second and the compute bound (keys of the two rate lines): ``value`` / ``peer_value`` / ``ratio`` are wall
+clock, as a user sees them; ``cpu_value`` / ``peer_cpu_value`` / ``cpu_ratio`` are the same windows' env steps per
+process CPU-second (both sides run one thread, so this is the rate on a core of their own; on the shared 2-core
+box wall-clock rates swing ±30 % with the other jobs, CPU-second rates far less). ``ceiling`` is the compute
+bound measured in the same run (``train_bound.py``): the networks' forward and backward passes, clipping and
+optimizer steps that the algorithm does per env step (acting forwards, double-DQN targets, minibatch updates) on
+prepared tensors, with no env, no replay and no Python bookkeeping, per CPU-second; ``fraction_of_ceiling`` =
+``cpu_value / ceiling``. ``peer_ceiling`` is the same for the peer's algorithm with the same network (SB3 DQN
+skips the acting pass with probability ε and has no online pass over the next windows, so its bound is higher:
+ours can only pass it by more than that margin with less network work per step); ``peer_fraction_of_ceiling``
+its rate as a fraction of that.
+
 Threads: ``torch.set_num_threads(1)`` for both sides (small networks on 2 cores run faster single-threaded, and
 ``params.yaml: train.threads`` is 1); numba's env kernels run one thread (the batch env's default). Outside every
 timer: the data is loaded, the env kernels compiled, and a tiny D3QN and SB3 DQN run (256 steps each) pays torch's
@@ -63,8 +75,8 @@ seed, so the same models): other processes share this machine and steal whole ti
 ±30 % (every repetition's rate and the load average are printed on stderr). The val figures evaluate the models of
 the last repetition.
 
-``--quick`` (< 1 min): one repetition, D3QN ``learning_starts`` 1,920 and 5,120 timed steps, PPO one warm-up + two
-timed updates (8,192 timed steps), 500 val sessions. Default: 2 repetitions, ``learning_starts`` 10,240
+``--quick`` (< 1 min on an idle box): one repetition, D3QN ``learning_starts`` 1,920 and 5,120 timed steps, PPO one
+warm-up + two timed updates (8,192 timed steps), 200 val sessions. Default: 2 repetitions, ``learning_starts`` 10,240
 (params.yaml: 10,000) and 40,960 timed steps, PPO 1 + 10 updates (40,960 timed steps), 2,000 val sessions (about
 four minutes).
 """
@@ -472,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     log(f"data: {train.n_sessions:,} train / {val.n_sessions:,} val sessions ({source}), {n_features} features, "
         f"context {context}, length {train.length}; mode {env_params.mode}")
 
-    val_sessions = args.val_sessions or (500 if args.quick else 2000)
+    val_sessions = args.val_sessions or (200 if args.quick else 2000)
     repeats = args.repeats or (1 if args.quick else 2)
     dcfg_section = dict(settings.d3qn)
     step_unit = int(dcfg_section.get("num_envs", 64)) * 10  # one log batch of ours (log_every = 10)
@@ -529,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         run, peer_p_desc = run_peer_ppo(pcfg, train, val, execution, env_params, ev, context, n_features)
         peer_runs.append(run)
         log(describe("SB3 PPO", run))
-        bounds.append(tb.ppo_bound(pcfg, train, n_actions))
+        bounds.append(tb.ppo_bound(pcfg, train, n_actions, calls=2 if args.quick else 4))
         log(bounds[-1].describe("PPO"))
     ours_p, peer_p = best_of("ours PPO", ours_runs), best_of("SB3 PPO", peer_runs)
     bound_p = best_bound("PPO compute bound", bounds)
