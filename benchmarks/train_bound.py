@@ -10,8 +10,10 @@ the peer's algorithm asks for (an upper limit of its own rate).
 Per env step, at ``num_envs`` envs per vector step:
 
 - D3QN: one acting forward pass of ``num_envs`` windows per vector step, plus ``num_envs × replay_ratio /
-  batch_size`` updates, each the double-DQN target (online AND target net forward over the batch's next
-  windows), the online forward + backward over the batch, clipping and an Adam step.
+  batch_size`` updates, each ``d3qn.learn_step`` as ``td_update`` calls it: the double-DQN target (online AND
+  target net forward over the batch's next windows; the online net's two passes share one convolution pass,
+  ``DuelingQNet.pair``, for the CNN encoder), the online forward + backward over the batch, clipping and an Adam
+  step.
 - SB3 DQN (same network and batch): its ε-greedy skips the network for the whole vector step with probability
   ε (the mean ε over the timed window is used), and its target is the target net's max (no online pass over
   the next windows).
@@ -56,11 +58,12 @@ def best_mean(fn: Callable[[], object], calls: int, blocks: int) -> float:
     return best
 
 
-def _inputs(data: SessionSet, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` real windows (decision rows drawn from the sessions) and random position states."""
+def _inputs(data: SessionSet, n: int, rng: np.random.Generator, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` real windows (decision rows drawn from the sessions; ``extra`` more bars after each) and random
+    position states."""
     feats = torch.from_numpy(np.ascontiguousarray(data.features))
-    rows = torch.from_numpy(rng.choice(data.start, n)) + torch.from_numpy(rng.integers(0, data.length, n))
-    windows = feats[rows[:, None] + torch.arange(-data.context, 0)]
+    rows = torch.from_numpy(rng.choice(data.start, n)) + torch.from_numpy(rng.integers(0, data.length - extra, n))
+    windows = feats[rows[:, None] + torch.arange(-data.context, extra)]
     return windows, torch.from_numpy(rng.normal(size=(n, N_STATE)).astype(np.float32))
 
 
@@ -91,8 +94,10 @@ def d3qn_bound(cfg: d3qn.D3QNConfig, data: SessionSet, n_actions: int, mean_eps:
     target.requires_grad_(False)
     opt = make_adam(online.parameters(), cfg.lr, torch.device("cpu"))
     act_w, act_s = _inputs(data, cfg.num_envs, rng)
-    w, s = _inputs(data, cfg.batch_size, rng)
-    nw, ns = _inputs(data, cfg.batch_size, rng)
+    shift = cfg.n_step if online.can_pair(data.context) else 0  # as train_d3qn (every batch qualifies there)
+    ext, s = _inputs(data, cfg.batch_size, rng, extra=cfg.n_step)
+    w, nw = ext[:, :data.context].contiguous(), ext[:, cfg.n_step:].contiguous()
+    _, ns = _inputs(data, cfg.batch_size, rng)
     mask = torch.ones(cfg.batch_size, n_actions, dtype=torch.bool)
     action = torch.from_numpy(rng.integers(0, n_actions, cfg.batch_size))
     ret = torch.from_numpy(rng.normal(size=cfg.batch_size).astype(np.float32))
@@ -103,21 +108,20 @@ def d3qn_bound(cfg: d3qn.D3QNConfig, data: SessionSet, n_actions: int, mean_eps:
         with torch.no_grad():
             online(act_w, act_s)
 
-    def step(y: torch.Tensor) -> None:
+    def update() -> None:  # ours: train_d3qn's learn_step on the same tensors td_update hands it
+        d3qn.learn_step(online, target, opt, cfg, windows=ext if shift else w, next_windows=None if shift else nw,
+                        state=s, action=action, next_state=ns, next_mask=mask, returns=ret, discount=disc,
+                        weights=weights, step=0, shift=shift)
+
+    def peer_update() -> None:  # SB3 DQN: max of the target net over the next windows, Huber loss, clip, Adam
+        with torch.no_grad():
+            y = ret + disc * target(nw, ns).max(dim=1).values
         q = online(w, s).gather(1, action[:, None]).squeeze(1)
-        loss = (weights * F.smooth_l1_loss(q, y, reduction="none")).mean()
+        loss = F.smooth_l1_loss(q, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         nn.utils.clip_grad_norm_(online.parameters(), cfg.grad_clip, foreach=True)
         opt.step()
-
-    def update() -> None:  # ours: double-DQN target, online and target nets over the next windows
-        step(d3qn.double_q_target(online, target, nw, ns, mask, ret, disc))
-
-    def peer_update() -> None:  # SB3 DQN: max of the target net over the next windows
-        with torch.no_grad():
-            y = ret + disc * target(nw, ns).max(dim=1).values
-        step(y)
 
     act_t = best_mean(act, 4 * calls, blocks)
     upd_t = best_mean(update, calls, blocks)

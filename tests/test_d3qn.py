@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from rltrader.agents import d3qn
-from rltrader.agents.common import TrainingError
+from rltrader.agents.common import ObsGather, TrainingError
 from rltrader.agents.d3qn import (
     D3QNConfig,
     build_q_net,
@@ -34,8 +34,9 @@ from rltrader.agents.d3qn import (
     train_d3qn,
 )
 from rltrader.agents.evaluate import Policy, evaluate
-from rltrader.agents.networks import NetConfig
+from rltrader.agents.networks import DuelingQNet, NetConfig
 from rltrader.dataset.split import SessionSet
+from rltrader.env.batch import BatchSessionEnv
 from rltrader.env.core import leak_column
 from rltrader.env.modes import EnvParams
 from rltrader.env.synthetic import synthetic_sessions
@@ -321,6 +322,65 @@ class _FixedQ(nn.Module):
 
     def forward(self, windows: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         return self.q.expand(len(windows), -1) + self.w
+
+
+@pytest.mark.parametrize("shift", [1, 3, 7])
+def test_paired_pass_equals_two_forward_passes(shift: int) -> None:
+    """One convolution pass over a window and the ``shift`` bars after it gives the online net's Q of both
+    windows, and the same gradient, as two separate forward passes (within float rounding)."""
+    torch.manual_seed(0)
+    net = DuelingQNet(5, 16, 4, 3, NetConfig(encoder="cnn", channels=8, hidden=16))
+    assert net.can_pair(16)
+    ext, state, next_state = torch.randn(9, 16 + shift, 5), torch.randn(9, 4), torch.randn(9, 4)
+    q, q_next = net.pair(ext, state, next_state, shift)
+    torch.testing.assert_close(q_next, net(ext[:, shift:], next_state), rtol=1e-5, atol=1e-6)
+    assert not q_next.requires_grad
+    q.square().sum().backward()  # type: ignore[no-untyped-call]
+    grads = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+    net.zero_grad()
+    ref = net(ext[:, :16], state)
+    torch.testing.assert_close(q, ref, rtol=1e-5, atol=1e-6)
+    ref.square().sum().backward()  # type: ignore[no-untyped-call]
+    for g, p in zip(grads, net.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+    tcn = DuelingQNet(5, 16, 4, 3, NetConfig(encoder="tcn", channels=8, hidden=16))
+    assert not tcn.can_pair(16)  # causal dilated blocks see the whole window: nothing to share
+
+
+def test_learn_step_with_shared_windows_matches_separate_windows() -> None:
+    """``learn_step`` on one extended gather (the shared-convolution path) and on two gathers gives the same loss,
+    TD errors and updated weights; transitions whose episode ended (discount 0) may bootstrap from any window."""
+    data, _, cfg = _tiny()
+    gather = ObsGather(BatchSessionEnv(data, ExecutionParams(), EnvParams(), num_envs=4), torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    n, b = cfg.n_step, 16
+    rows = rng.choice(data.start, b) + rng.integers(0, data.length - n, b)
+    rows[0] = len(data.features) - 1  # an ended episode at the matrix end: its extended rows are clamped
+    discount = torch.full((b,), cfg.gamma**n)
+    discount[0] = 0.0
+    kw = {"state": torch.randn(b, 8), "action": torch.from_numpy(rng.integers(0, 3, b)),
+          "next_state": torch.randn(b, 8), "next_mask": torch.ones(b, 3, dtype=torch.bool),
+          "returns": torch.randn(b), "discount": discount, "weights": torch.rand(b), "step": 0}
+    out = []
+    for shared in (False, True):
+        torch.manual_seed(1)
+        online = build_q_net({"n_features": 3, "context": 8, "n_state": 8, "n_actions": 3,
+                              "net": {"encoder": "cnn", "channels": 8, "hidden": 16}})
+        target = build_q_net({"n_features": 3, "context": 8, "n_state": 8, "n_actions": 3,
+                              "net": {"encoder": "cnn", "channels": 8, "hidden": 16}})
+        opt = torch.optim.Adam(online.parameters(), lr=1e-3)
+        if shared:
+            res = d3qn.learn_step(online, target, opt, cfg, windows=gather.extended(rows, n), next_windows=None,
+                                  shift=n, **kw)
+        else:
+            res = d3qn.learn_step(online, target, opt, cfg, windows=gather.windows(rows),
+                                  next_windows=gather.windows(np.minimum(rows + n, len(data.features) - 1)), **kw)
+        out.append((res, [p.detach().clone() for p in online.parameters()]))
+    (a, wa), (b_, wb) = out
+    for x, y in zip(a, b_, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    for x, y in zip(wa, wb, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
 def test_double_q_target_argmax_skips_masked_actions() -> None:

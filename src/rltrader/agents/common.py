@@ -82,6 +82,14 @@ class ObsGather:
         r = torch.as_tensor(rows, device=self.device, dtype=torch.long)
         return self.features[r[:, None] + self.offsets]
 
+    def extended(self, rows: np.ndarray | torch.Tensor, extra: int) -> torch.Tensor:
+        """``features[r - context : r + extra]`` per row: a window and the ``extra`` bars after it, so the window
+        ``extra`` decisions later is ``[:, extra:]``. Rows past the matrix end are clamped to its last row (only
+        transitions whose episode ended on the way reach there, and their successor window is not used)."""
+        r = torch.as_tensor(rows, device=self.device, dtype=torch.long)
+        idx = r[:, None] + torch.arange(-self.context, extra, device=self.device)
+        return self.features[idx.clamp_(max=len(self.features) - 1)]
+
 
 def decision_rows(env: BatchSessionEnv) -> np.ndarray:
     """Each account's next decision row (copy: the env reuses its buffers)."""

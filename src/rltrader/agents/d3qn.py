@@ -54,7 +54,7 @@ from rltrader.agents.common import (
 from rltrader.agents.configs import D3QNConfig
 from rltrader.agents.evaluate import Policy, evaluate
 from rltrader.agents.networks import DuelingQNet, NetConfig, masked_logits, n_params
-from rltrader.agents.replay import PrioritizedReplay
+from rltrader.agents.replay import Batch, PrioritizedReplay
 from rltrader.dataset.split import SessionSet
 from rltrader.env.batch import BatchSessionEnv
 from rltrader.env.core import N_STATE
@@ -156,36 +156,83 @@ def double_q_target(online: nn.Module, target: nn.Module, next_windows: torch.Te
     ``discount`` is 0 where the episode ended within the n steps (then ``s'`` is another episode's and unused).
     """
     with torch.no_grad():
-        best = masked_logits(online(next_windows, next_state), next_mask).argmax(dim=1, keepdim=True)
+        return bootstrap_target(online(next_windows, next_state), target, next_windows, next_state, next_mask,
+                                returns, discount)
+
+
+def bootstrap_target(q_next_online: torch.Tensor, target: nn.Module, next_windows: torch.Tensor,
+                     next_state: torch.Tensor, next_mask: torch.Tensor, returns: torch.Tensor,
+                     discount: torch.Tensor) -> torch.Tensor:
+    """``double_q_target`` given the online net's Q of the successor observations (computed by the caller)."""
+    with torch.no_grad():
+        best = masked_logits(q_next_online, next_mask).argmax(dim=1, keepdim=True)
         q_next: torch.Tensor = target(next_windows, next_state).gather(1, best).squeeze(1)
         return returns + discount * q_next
 
 
-def td_update(online: nn.Module, target: nn.Module, optimizer: torch.optim.Optimizer, gather: ObsGather,
-              replay: PrioritizedReplay, cfg: D3QNConfig, beta: float, rng: np.random.Generator,
-              step: int) -> dict[str, float]:
-    """One gradient step on a prioritized batch; updates the priorities. Returns loss / |TD| / Q means."""
-    dev = gather.device
-    b = replay.sample(cfg.batch_size, beta, rng)
-    windows, next_windows = gather.windows(b.rows), gather.windows(b.next_rows)
+def shared_windows(batch: Batch, n_step: int) -> bool:
+    """Whether every transition's bootstrap window is its own window ``n_step`` bars on (``next_row = row + n``),
+    or does not count (``discount`` 0: the episode ended within the n steps, the target is the reward sum alone)
+    — then one ``ObsGather.extended`` gather and ``DuelingQNet.pair`` serve both."""
+    return bool(((batch.next_rows == batch.rows + n_step) | (batch.discount == 0)).all())
 
-    def t(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(x).to(dev)
 
-    y = double_q_target(online, target, next_windows, t(b.next_state), t(b.next_mask),
-                        t(b.returns) * cfg.reward_scale, t(b.discount))
-    q_all = online(windows, t(b.state))
-    q = q_all.gather(1, t(b.action)[:, None]).squeeze(1)
+def learn_step(online: nn.Module, target: nn.Module, optimizer: torch.optim.Optimizer, cfg: D3QNConfig, *,
+               windows: torch.Tensor, next_windows: torch.Tensor | None, state: torch.Tensor, action: torch.Tensor,
+               next_state: torch.Tensor, next_mask: torch.Tensor, returns: torch.Tensor, discount: torch.Tensor,
+               weights: torch.Tensor, step: int, shift: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The network work of one update: double-DQN targets, the weighted Huber loss, backward, clipping, Adam.
+
+    ``shift`` = 0: ``windows`` / ``next_windows`` are the observation and successor windows. ``shift`` = n
+    (``next_windows`` None): ``windows`` holds each observation window plus the n bars after it
+    (``ObsGather.extended``; the successor window is ``[:, n:]``) and the online net's two passes share their
+    convolutions (``DuelingQNet.pair``, the same values). Returns (loss, TD errors, Q of the taken actions,
+    gradient norm). ``returns`` are already scaled by ``reward_scale``. The compute bound of
+    ``benchmarks/bench_train.py`` times this very function."""
+    if next_windows is None:
+        assert isinstance(online, DuelingQNet) and shift > 0
+        next_windows = windows[:, shift:]
+        q_all, q_next_online = online.pair(windows, state, next_state, shift)
+    else:
+        with torch.no_grad():
+            q_next_online = online(next_windows, next_state)
+        q_all = online(windows, state)
+    y = bootstrap_target(q_next_online, target, next_windows, next_state, next_mask, returns, discount)
+    q = q_all.gather(1, action[:, None]).squeeze(1)
     td = y - q
-    loss = (t(b.weights) * F.smooth_l1_loss(q, y, reduction="none")).mean()
+    loss = (weights * F.smooth_l1_loss(q, y, reduction="none")).mean()
     check_finite(step, loss=loss)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # type: ignore[no-untyped-call]
     grad_norm = nn.utils.clip_grad_norm_(online.parameters(), cfg.grad_clip, foreach=True)
     optimizer.step()
-    td_abs = td.detach().abs()
+    return loss.detach(), td.detach(), q.detach(), grad_norm
+
+
+def td_update(online: nn.Module, target: nn.Module, optimizer: torch.optim.Optimizer, gather: ObsGather,
+              replay: PrioritizedReplay, cfg: D3QNConfig, beta: float, rng: np.random.Generator,
+              step: int, can_pair: bool = False) -> dict[str, float]:
+    """One gradient step on a prioritized batch; updates the priorities. Returns loss / |TD| / Q means.
+
+    ``can_pair``: the online net has ``pair`` (``DuelingQNet.can_pair``); it is used when every transition of
+    the batch qualifies (``shared_windows``)."""
+    dev = gather.device
+    b = replay.sample(cfg.batch_size, beta, rng)
+    shift = cfg.n_step if can_pair and shared_windows(b, cfg.n_step) else 0
+    windows = gather.extended(b.rows, shift) if shift else gather.windows(b.rows)
+    next_windows = None if shift else gather.windows(b.next_rows)
+
+    def t(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x).to(dev)
+
+    loss, td, q, grad_norm = learn_step(
+        online, target, optimizer, cfg, windows=windows, next_windows=next_windows, state=t(b.state),
+        action=t(b.action), next_state=t(b.next_state), next_mask=t(b.next_mask),
+        returns=t(b.returns) * cfg.reward_scale, discount=t(b.discount), weights=t(b.weights), step=step, shift=shift)
+    td_abs = td.abs()
     replay.update_priorities(b.slots, td_abs.cpu().numpy().astype(np.float64))
-    return {"loss": float(loss.detach()), "td_abs": float(td_abs.mean()), "q_mean": float(q.detach().mean()),
+    return {"loss": float(loss), "td_abs": float(td_abs.mean()), "q_mean": float(q.mean()),
             "grad_norm": float(grad_norm)}
 
 
@@ -347,6 +394,8 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
     initial = execution.initial_cash
     updates_per_vec = cfg.updates_per_vector_step
     switch_mode = needs_mode_switch(online)
+    # one convolution pass over a transition's window and its successor's (a plain module only: not compiled)
+    can_pair = net_fwd is online and online.can_pair(int(context))
     t0, step0 = time.perf_counter(), c.step
     t_log, step_log, cpu_log = t0, c.step, time.process_time()  # cpu_sps: per CPU-second, blind to other load
     try:
@@ -376,7 +425,8 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
                 c.update_credit += updates_per_vec
                 while c.update_credit >= 1.0:
                     c.update_credit -= 1.0
-                    info = td_update(net_fwd, target, optimizer, gather, replay, cfg, cfg.beta(c.step), rng, c.step)
+                    info = td_update(net_fwd, target, optimizer, gather, replay, cfg, cfg.beta(c.step), rng, c.step,
+                                     can_pair)
                     c.updates += 1
                     _stat(c, "n_updates", 1.0)
                     for k, v in info.items():
@@ -428,6 +478,7 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
                       steps_per_second=sps)
 
 
-__all__ = ["CHECKPOINT_NAME", "D3QNConfig", "D3QNResult", "TrainingError", "build_q_net", "check_action_shape",
-           "double_q_target", "greedy_policy", "load_checkpoint", "q_values", "random_valid_actions",
-           "save_checkpoint", "select_actions", "sync_target", "td_update", "train_d3qn"]
+__all__ = ["CHECKPOINT_NAME", "D3QNConfig", "D3QNResult", "TrainingError", "bootstrap_target", "build_q_net",
+           "check_action_shape", "double_q_target", "greedy_policy", "learn_step", "load_checkpoint", "q_values",
+           "random_valid_actions", "save_checkpoint", "select_actions", "shared_windows", "sync_target", "td_update",
+           "train_d3qn"]
