@@ -48,26 +48,30 @@ class CNNEncoder(nn.Module):
         return e if 2 * e <= context else 0
 
     def pair(self, ext: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(forward(ext[:, :T]), forward(ext[:, shift:]))`` with ``T = ext.shape[1] - shift``, from ONE
-        convolution pass over the ``T + shift`` bars instead of two over ``T`` (a transition's window and its
-        n-step successor's overlap in ``T - shift`` bars).
+        """``(forward(ext[:, :T]), forward(ext[:, shift:]))`` with ``T = ext.shape[1] - shift``, the second
+        without gradient (it serves targets), for two windows that overlap in ``T - shift`` bars (a transition's
+        observation and its n-step successor's).
 
-        Outputs more than ``e`` positions from a window's ends (``edge``) do not see its zero padding, so they
-        are the same in the long pass; the ``e`` outputs at the inner ends (the first window's last, the second
-        window's first) are recomputed from the ``2e`` bars there with their own padding. Mathematically equal
-        to the two forward passes (float rounding order aside). The second result has no gradient (it serves
-        targets)."""
+        The first window runs as ``forward``. Outputs more than ``e`` positions (``edge``) from both windows' ends
+        do not see either window's zero padding, so the second window takes them from the first's pass; only its
+        ``e`` first outputs (from its first ``2e`` bars) and the outputs past the first window's interior (from
+        the last ``2e + shift`` bars) are computed: about half of a second pass (``shift`` 3, ``e`` 3, ``T``
+        30: 15 bars instead of 30). Mathematically equal to two forward passes (float rounding order aside)."""
         T = ext.shape[1] - shift
         e = self.edge(T)
         if e == 0 or shift < 1:
             raise ValueError(f"CNNEncoder.pair: needs 'same' convolutions, a window ≥ 2·edge and shift ≥ 1 "
                              f"(window {T}, edge {e}, shift {shift})")
         x = ext.transpose(1, 2)  # (B, F, T + shift)
-        y = self._convs(x)  # zero-padded at the two outer ends, as the first window's start and the second's end
-        first = torch.cat([y[:, :, :T - e], self._convs(x[:, :, T - 2 * e:T])[:, :, e:]], dim=2)
+        y = self._convs(x[:, :, :T])
         with torch.no_grad():
-            second = torch.cat([self._convs(x[:, :, shift:shift + 2 * e])[:, :, :e], y[:, :, shift + e:]], dim=2)
-        return self._pool(first), self._pool(second)
+            if shift > T - 2 * e:  # nothing in common but padding-affected outputs: a plain second pass
+                second = self._convs(x[:, :, shift:])
+            else:
+                second = torch.cat([self._convs(x[:, :, shift:shift + 2 * e])[:, :, :e],
+                                    y[:, :, shift + e:T - e],
+                                    self._convs(x[:, :, T - 2 * e:])[:, :, e:]], dim=2)
+        return self._pool(y), self._pool(second)
 
 
 class _CausalBlock(nn.Module):
