@@ -33,7 +33,8 @@ Figures
      that it samples as many transitions per env step (64 envs, ratio 4, batch 256: one update of 256 per vector
      step of 64 envs), and the same ``learning_starts``, buffer size (the whole run: nothing is evicted), n-step
      (3), target sync interval in env steps, ε schedule and gradient clip. Differences that remain, all ours:
-     prioritized replay (sum tree), double-DQN targets (one more forward pass of the batch per update), action
+     prioritized replay (sum tree), double-DQN targets (the online net over the next windows too: about half a
+     forward pass of the batch per update with the CNN encoder, ``DuelingQNet.pair``), action
      masks in acting and targets (the peer acts on all actions; invalid ones are no-ops in the env), and windows
      re-gathered from the feature matrix by row instead of stored flat observations. Ours is timed from its own
      per-log-batch rate log (``history['sps']``, log batches aligned to ``learning_starts``), the peer with a

@@ -9,7 +9,10 @@ One file, read top to bottom (CleanRL style):
   device from stored decision rows), n-step target ``R + γ^k · Q_target(s', argmax_a' Q_online(s', a'))`` with
   the argmax over the next state's MASKED Q (double DQN), Huber loss weighted by the importance-sampling weights
   (β annealed to 1), gradient clipping, new priorities ``|TD|``; the target net follows by hard copy every
-  ``target_sync`` updates (``tau = 1``) or Polyak averaging every update (``tau < 1``).
+  ``target_sync`` updates (``tau = 1``) or Polyak averaging every update (``tau < 1``). The network work is
+  ``learn_step``; with the CNN encoder the online net's passes over a transition's window and its successor's
+  (n bars later, overlapping in context − n bars) share their convolutions (``DuelingQNet.pair``: the same
+  values, about half a pass saved).
 - ``train_d3qn``: the loop — collect one step of every env, then ``num_envs × replay_ratio / batch_size``
   gradient updates (fractional ratios carry over), evaluate the greedy policy on val every ``eval_every`` env
   steps (the best one is kept), log to MLflow, checkpoint every ``checkpoint_every`` env steps. A resumed run
