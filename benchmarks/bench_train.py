@@ -33,7 +33,8 @@ Figures
      that it samples as many transitions per env step (64 envs, ratio 4, batch 256: one update of 256 per vector
      step of 64 envs), and the same ``learning_starts``, buffer size (the whole run: nothing is evicted), n-step
      (3), target sync interval in env steps, ε schedule and gradient clip. Differences that remain, all ours:
-     prioritized replay (sum tree), double-DQN targets (one more forward pass of the batch per update), action
+     prioritized replay (sum tree), double-DQN targets (the online net over the next windows too: about half a
+     forward pass of the batch per update with the CNN encoder, ``DuelingQNet.pair``), action
      masks in acting and targets (the peer acts on all actions; invalid ones are no-ops in the env), and windows
      re-gathered from the feature matrix by row instead of stored flat observations. Ours is timed from its own
      per-log-batch rate log (``history['sps']``, log batches aligned to ``learning_starts``), the peer with a
@@ -55,6 +56,18 @@ Figures
      the greedy policy never opens a position, as holding is free): they show whether the faster side learns
      less per env step, they do not rank the algorithms.
 
+Per CPU-second and the compute bound (keys of the two rate lines): ``value`` / ``peer_value`` / ``ratio`` are wall
+clock, as a user sees them; ``cpu_value`` / ``peer_cpu_value`` / ``cpu_ratio`` are the same windows' env steps per
+process CPU-second (both sides run one thread, so this is the rate on a core of their own; on the shared 2-core
+box wall-clock rates swing ±30 % with the other jobs, CPU-second rates far less). ``ceiling`` is the compute
+bound measured in the same run (``train_bound.py``): the networks' forward and backward passes, clipping and
+optimizer steps that the algorithm does per env step (acting forwards, double-DQN targets, minibatch updates) on
+prepared tensors, with no env, no replay and no Python bookkeeping, per CPU-second; ``fraction_of_ceiling`` =
+``cpu_value / ceiling``. ``peer_ceiling`` is the same for the peer's algorithm with the same network (SB3 DQN
+skips the acting pass with probability ε and has no online pass over the next windows, so its bound is higher:
+ours can only pass it by more than that margin with less network work per step); ``peer_fraction_of_ceiling``
+its rate as a fraction of that.
+
 Threads: ``torch.set_num_threads(1)`` for both sides (small networks on 2 cores run faster single-threaded, and
 ``params.yaml: train.threads`` is 1); numba's env kernels run one thread (the batch env's default). Outside every
 timer: the data is loaded, the env kernels compiled, and a tiny D3QN and SB3 DQN run (256 steps each) pays torch's
@@ -63,8 +76,8 @@ seed, so the same models): other processes share this machine and steal whole ti
 ±30 % (every repetition's rate and the load average are printed on stderr). The val figures evaluate the models of
 the last repetition.
 
-``--quick`` (< 1 min): one repetition, D3QN ``learning_starts`` 1,920 and 5,120 timed steps, PPO one warm-up + two
-timed updates (8,192 timed steps), 500 val sessions. Default: 2 repetitions, ``learning_starts`` 10,240
+``--quick`` (< 1 min on an idle box): one repetition, D3QN ``learning_starts`` 1,920 and 5,120 timed steps, PPO one
+warm-up + two timed updates (8,192 timed steps), 200 val sessions. Default: 2 repetitions, ``learning_starts`` 10,240
 (params.yaml: 10,000) and 40,960 timed steps, PPO 1 + 10 updates (40,960 timed steps), 2,000 val sessions (about
 four minutes).
 """
@@ -86,6 +99,7 @@ import _harness as h
 import gymnasium as gym
 import numpy as np
 import torch
+import train_bound as tb
 
 REPO = h.REPO  # _harness put src/ on the path when the package is not installed
 
@@ -190,12 +204,13 @@ class Clock(BaseCallback):
         super().__init__()
         self.start_step, self.start_rollout = start_step, start_rollout
         self.t0: float | None = None
+        self.cpu0 = 0.0
         self.step0 = 0
         self.rollouts = 0
 
     def _start(self) -> None:
         if self.t0 is None:
-            self.t0, self.step0 = time.perf_counter(), self.num_timesteps
+            self.t0, self.cpu0, self.step0 = time.perf_counter(), time.process_time(), self.num_timesteps
 
     def _on_rollout_start(self) -> None:
         self.rollouts += 1
@@ -222,10 +237,16 @@ class Run:
     val: dict[str, float]
     """``EvalResult.summary()`` of the final greedy policy (empty when not evaluated)."""
     wall: float
+    cpu_seconds: float = math.nan
+    """Process CPU seconds over the timed window (one thread: what it would take on an idle core)."""
 
     @property
     def rate(self) -> float:
         return self.steps / self.seconds
+
+    @property
+    def cpu_rate(self) -> float:
+        return self.steps / self.cpu_seconds
 
 
 def d3qn_config(section: dict[str, Any], learning_starts: int, timed: int, seed: int) -> d3qn.D3QNConfig:
@@ -242,18 +263,19 @@ def run_ours_d3qn(cfg: d3qn.D3QNConfig, train: SessionSet, val: SessionSet, exec
     res = d3qn.train_d3qn(train, None, cfg, execution, env_params, progress=False)
     wall = time.perf_counter() - t0
     rows = [r for r in res.history if "sps" in r]
-    prev, steps, seconds = 0.0, 0.0, 0.0
+    prev, steps, seconds, cpu = 0.0, 0.0, 0.0, 0.0
     for r in rows:
         if prev >= cfg.learning_starts:  # log batches fully after learning_starts
             steps += r["step"] - prev
             seconds += (r["step"] - prev) / r["sps"]
+            cpu += (r["step"] - prev) / r["cpu_sps"]
         prev = r["step"]
     assert steps == res.steps - cfg.learning_starts, (steps, res.steps, cfg.learning_starts)
     ev = evaluate(d3qn.greedy_policy(res.net), val, execution, env_params,
                   max_sessions=val_sessions).summary() if val_sessions else {}
     at_start = next(r["updates"] for r in rows if r["step"] == cfg.learning_starts)
     samples = (res.updates - at_start) * cfg.batch_size / steps  # updates after learning_starts
-    return Run(int(steps), seconds, res.steps, res.updates, samples, ev, wall)
+    return Run(int(steps), seconds, res.steps, res.updates, samples, ev, wall, cpu)
 
 
 def run_peer_dqn(cfg: d3qn.D3QNConfig, train: SessionSet, val: SessionSet, execution: ExecutionParams,
@@ -277,7 +299,7 @@ def run_peer_dqn(cfg: d3qn.D3QNConfig, train: SessionSet, val: SessionSet, execu
     clock = Clock(start_step=cfg.learning_starts)
     t0 = time.perf_counter()
     model.learn(total_timesteps=cfg.total_steps, callback=clock)
-    t1 = time.perf_counter()
+    t1, cpu1 = time.perf_counter(), time.process_time()
     wall = t1 - t0
     assert clock.t0 is not None and model.num_timesteps == cfg.total_steps, model.num_timesteps
     steps = model.num_timesteps - clock.step0
@@ -288,7 +310,8 @@ def run_peer_dqn(cfg: d3qn.D3QNConfig, train: SessionSet, val: SessionSet, execu
             f"{cfg.net.channels}/{cfg.net.hidden} + Linear (net_arch=[]), batch {cfg.batch_size}, train_freq "
             f"{train_freq} vector step(s) × {gradient_steps} gradient step(s) (replay ratio {cfg.replay_ratio:g}), "
             f"n_steps {cfg.n_step}, uniform replay, no masks")
-    return Run(steps, t1 - clock.t0, model.num_timesteps, model._n_updates, samples, ev, wall), desc
+    return Run(steps, t1 - clock.t0, model.num_timesteps, model._n_updates, samples, ev, wall,
+               cpu1 - clock.cpu0), desc
 
 
 def ppo_config(section: dict[str, Any], updates: int, seed: int) -> ppo.PPOConfig:
@@ -308,7 +331,8 @@ def run_ours_ppo(cfg: ppo.PPOConfig, train: SessionSet, val: SessionSet, executi
                   max_sessions=val_sessions).summary() if val_sessions else {}
     samples = cfg.update_epochs * cfg.batch_size * (res.updates - 1) / (res.global_step - first["step"])
     return Run(int(last["step"] - first["step"]), elapsed[1] - elapsed[0], res.global_step,
-               res.updates * cfg.update_epochs * cfg.minibatches, samples, ev, wall)
+               res.updates * cfg.update_epochs * cfg.minibatches, samples, ev, wall,
+               last["perf/cpu_s"] - first["perf/cpu_s"])
 
 
 def run_peer_ppo(cfg: ppo.PPOConfig, train: SessionSet, val: SessionSet, execution: ExecutionParams,
@@ -336,7 +360,7 @@ def run_peer_ppo(cfg: ppo.PPOConfig, train: SessionSet, val: SessionSet, executi
     clock = Clock(start_rollout=2)
     t0 = time.perf_counter()
     model.learn(total_timesteps=cfg.total_steps, callback=clock)
-    t1 = time.perf_counter()
+    t1, cpu1 = time.perf_counter(), time.process_time()
     assert clock.t0 is not None and model.num_timesteps == cfg.total_steps, model.num_timesteps
     ev = evaluate(sb3_ppo_policy(model), val, execution, env_params,
                   max_sessions=val_sessions).summary() if val_sessions else {}
@@ -346,7 +370,7 @@ def run_peer_ppo(cfg: ppo.PPOConfig, train: SessionSet, val: SessionSet, executi
             f"{cfg.net.channels}/{cfg.net.hidden} + Linear heads (net_arch=[]), n_steps {cfg.rollout_steps}, "
             f"batch {cfg.minibatch_size}, {cfg.update_epochs} epochs, no masks")
     grad_steps = model._n_updates * cfg.minibatches  # SB3 counts epochs
-    return Run(steps, t1 - clock.t0, model.num_timesteps, grad_steps, samples, ev, t1 - t0), desc
+    return Run(steps, t1 - clock.t0, model.num_timesteps, grad_steps, samples, ev, t1 - t0, cpu1 - clock.cpu0), desc
 
 
 # -- reporting -----------------------------------------------------------------------------------------------
@@ -357,6 +381,8 @@ class Figure:
     unit: str
     peer: str
     peer_value: float
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """More keys of the JSON line (the compute bound and the fractions of it)."""
 
     @property
     def is_return(self) -> bool:
@@ -370,6 +396,7 @@ class Figure:
 
     def line(self) -> dict[str, Any]:
         extra = {"diff": round(self.value - self.peer_value, 4)} if self.is_return else {}
+        extra.update(self.extra)
         return h.line(self.metric, self.value, self.unit, self.peer, self.peer_value,
                       digits=4 if self.is_return else 0, ratio_value=self.ratio, **extra)
 
@@ -404,12 +431,31 @@ def describe(name: str, r: Run) -> str:
 
 
 # -- main ----------------------------------------------------------------------------------------------------
+def bound_keys(ours: Run, peer: Run, bound: tb.Bound) -> dict[str, Any]:
+    """The compute bound (its best repetition) and each side's rate as a fraction of its own bound."""
+    return {"cpu_value": round(ours.cpu_rate), "peer_cpu_value": round(peer.cpu_rate),
+            "cpu_ratio": h.ratio(ours.cpu_rate, peer.cpu_rate), "cpu_unit": "steps per CPU-second",
+            "ceiling": round(bound.ours), "fraction_of_ceiling": round(ours.cpu_rate / bound.ours, 3),
+            "peer_ceiling": round(bound.peer), "peer_fraction_of_ceiling": round(peer.cpu_rate / bound.peer, 3),
+            "ceiling_what": "the networks' forward/backward passes and optimizer steps of the same run's "
+                            "algorithm alone, on prepared tensors (no env, no replay); see train_bound.py"}
+
+
+def best_bound(name: str, bounds: Sequence[tb.Bound]) -> tb.Bound:
+    best = max(bounds, key=lambda b: b.ours)
+    log(f"{name}: " + ", ".join(f"{b.ours:,.0f}" for b in bounds) + f" steps/s over {len(bounds)} repetition(s)")
+    return best
+
+
 def best_of(name: str, runs: Sequence[Run]) -> Run:
-    """The fastest repetition's rate, with the last repetition's (evaluated) model."""
+    """The fastest repetition's rate (wall clock and CPU time each), with the last repetition's (evaluated)
+    model."""
     best = max(runs, key=lambda r: r.rate)
-    rates = ", ".join(f"{r.rate:,.0f}" for r in runs)
+    best_cpu = max(runs, key=lambda r: r.cpu_rate)
+    rates = ", ".join(f"{r.rate:,.0f} ({r.cpu_rate:,.0f} per CPU-s)" for r in runs)
     log(f"{name}: {rates} steps/s over {len(runs)} repetition(s)")
-    return dataclasses.replace(runs[-1], steps=best.steps, seconds=best.seconds, wall=best.wall)
+    return dataclasses.replace(runs[-1], steps=best.steps, seconds=best.seconds, wall=best.wall,
+                               cpu_seconds=best_cpu.cpu_seconds * best.steps / best_cpu.steps)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -439,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     log(f"data: {train.n_sessions:,} train / {val.n_sessions:,} val sessions ({source}), {n_features} features, "
         f"context {context}, length {train.length}; mode {env_params.mode}")
 
-    val_sessions = args.val_sessions or (500 if args.quick else 2000)
+    val_sessions = args.val_sessions or (200 if args.quick else 2000)
     repeats = args.repeats or (1 if args.quick else 2)
     dcfg_section = dict(settings.d3qn)
     step_unit = int(dcfg_section.get("num_envs", 64)) * 10  # one log batch of ours (log_every = 10)
@@ -467,7 +513,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"net {dcfg.net}, {repeats} repetition(s)")
     ours_runs: list[Run] = []
     peer_runs: list[Run] = []
+    bounds: list[tb.Bound] = []
     peer_d_desc = ""
+    n_actions = int(probe.action_space.n)
+    mean_eps = float(np.mean([dcfg.epsilon(s) for s in range(dcfg.learning_starts, dcfg.total_steps, dcfg.num_envs)]))
     for i in range(repeats):
         ev = val_sessions if i == repeats - 1 else 0
         ours_runs.append(run_ours_d3qn(dcfg, train, val, execution, env_params, ev))
@@ -475,12 +524,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         run, peer_d_desc = run_peer_dqn(dcfg, train, val, execution, env_params, ev, context, n_features)
         peer_runs.append(run)
         log(describe("SB3 DQN", run))
+        bounds.append(tb.d3qn_bound(dcfg, train, n_actions, mean_eps))
+        log(bounds[-1].describe("D3QN"))
     ours_d, peer_d = best_of("ours D3QN", ours_runs), best_of("SB3 DQN", peer_runs)
-    emit(Figure("d3qn_train_steps_per_s", ours_d.rate, "steps/s", peer_d_desc, peer_d.rate), figures)
+    bound_d = best_bound("D3QN compute bound", bounds)
+    emit(Figure("d3qn_train_steps_per_s", ours_d.rate, "steps/s", peer_d_desc, peer_d.rate,
+                bound_keys(ours_d, peer_d, bound_d)), figures)
 
     log(f"PPO: {pcfg.num_envs} envs × {pcfg.rollout_steps} steps, 1 warm-up + {ppo_updates} timed updates, "
         f"net {pcfg.net}, {repeats} repetition(s)")
-    ours_runs, peer_runs = [], []
+    ours_runs, peer_runs, bounds = [], [], []
     peer_p_desc = ""
     for i in range(repeats):
         ev = val_sessions if i == repeats - 1 else 0
@@ -489,8 +542,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         run, peer_p_desc = run_peer_ppo(pcfg, train, val, execution, env_params, ev, context, n_features)
         peer_runs.append(run)
         log(describe("SB3 PPO", run))
+        bounds.append(tb.ppo_bound(pcfg, train, n_actions, calls=2 if args.quick else 4))
+        log(bounds[-1].describe("PPO"))
     ours_p, peer_p = best_of("ours PPO", ours_runs), best_of("SB3 PPO", peer_runs)
-    emit(Figure("ppo_train_steps_per_s", ours_p.rate, "steps/s", peer_p_desc, peer_p.rate), figures)
+    bound_p = best_bound("PPO compute bound", bounds)
+    emit(Figure("ppo_train_steps_per_s", ours_p.rate, "steps/s", peer_p_desc, peer_p.rate,
+                bound_keys(ours_p, peer_p, bound_p)), figures)
 
     val_desc = (f"{SB3} {{}} after the same {{:,}} env steps: greedy over masked outputs, mean return of "
                 f"{min(val_sessions, val.n_sessions):,} val sessions (agents.evaluate), percent")
@@ -502,6 +559,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     extra = [f"data: {source}; best of {repeats} repetition(s) per rate, val of the last",
              describe("ours D3QN", ours_d), describe("SB3 DQN ", peer_d), describe("ours PPO ", ours_p),
              describe("SB3 PPO ", peer_p), "",
+             bound_d.describe("D3QN") + f" (SB3 acting: mean ε {mean_eps:.2f} of the timed window)",
+             bound_p.describe("PPO"),
+             f"per CPU-second: D3QN ours {ours_d.cpu_rate:,.0f}, SB3 DQN {peer_d.cpu_rate:,.0f} "
+             f"({ours_d.cpu_rate / peer_d.cpu_rate:.2f}×); PPO ours {ours_p.cpu_rate:,.0f}, SB3 PPO "
+             f"{peer_p.cpu_rate:,.0f} ({ours_p.cpu_rate / peer_p.cpu_rate:.2f}×)",
+             f"fraction of the compute bound (per CPU-second): D3QN ours {ours_d.cpu_rate / bound_d.ours:.1%}, "
+             f"SB3 DQN {peer_d.cpu_rate / bound_d.peer:.1%} (of its own bound); PPO ours "
+             f"{ours_p.cpu_rate / bound_p.ours:.1%}, SB3 PPO {peer_p.cpu_rate / bound_p.peer:.1%}", "",
              f"d3qn config: {dcfg}", f"ppo config: {pcfg}", "",
              f"torch threads {torch.get_num_threads()}; load average (1 min) at start {load0:.1f}, at end "
              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: other processes share this machine, so rates "

@@ -8,6 +8,7 @@ pinned to one intra-op thread here: for nets this small two OpenMP threads on a 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from rltrader.agents import d3qn
-from rltrader.agents.common import TrainingError
+from rltrader.agents.common import ObsGather, TrainingError
 from rltrader.agents.d3qn import (
     D3QNConfig,
     build_q_net,
@@ -33,8 +34,9 @@ from rltrader.agents.d3qn import (
     train_d3qn,
 )
 from rltrader.agents.evaluate import Policy, evaluate
-from rltrader.agents.networks import NetConfig
+from rltrader.agents.networks import DuelingQNet, NetConfig
 from rltrader.dataset.split import SessionSet
+from rltrader.env.batch import BatchSessionEnv
 from rltrader.env.core import leak_column
 from rltrader.env.modes import EnvParams
 from rltrader.env.synthetic import synthetic_sessions
@@ -161,6 +163,20 @@ def _tiny() -> tuple[SessionSet, SessionSet, D3QNConfig]:
                      net=NetConfig(encoder="cnn", channels=8, hidden=16), eval_every=256, checkpoint_every=320,
                      log_every=5, seed=11)
     return data, val, cfg
+
+
+def test_same_seed_gives_the_same_weights() -> None:
+    """Two runs with one seed end with identical weights and learning curves (CPU, one thread); another seed
+    does not (the check can fail)."""
+    data, _, cfg = _tiny()
+    cfg = dataclasses.replace(cfg, total_steps=16 * 30, eval_every=0, checkpoint_every=0)
+    xp, ep = ExecutionParams(), EnvParams()
+    a, b = (train_d3qn(data, None, cfg, xp, ep, progress=False) for _ in range(2))
+    c = train_d3qn(data, None, dataclasses.replace(cfg, seed=cfg.seed + 1), xp, ep, progress=False)
+    assert a.updates == b.updates > 0
+    assert all(torch.equal(a.final_state[k], b.final_state[k]) for k in a.final_state)
+    assert [r.get("loss") for r in a.history] == [r.get("loss") for r in b.history]
+    assert not all(torch.equal(a.final_state[k], c.final_state[k]) for k in a.final_state)
 
 
 @pytest.mark.slow
@@ -306,6 +322,65 @@ class _FixedQ(nn.Module):
 
     def forward(self, windows: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         return self.q.expand(len(windows), -1) + self.w
+
+
+@pytest.mark.parametrize("shift", [1, 3, 7])
+def test_paired_pass_equals_two_forward_passes(shift: int) -> None:
+    """One convolution pass over a window and the ``shift`` bars after it gives the online net's Q of both
+    windows, and the same gradient, as two separate forward passes (within float rounding)."""
+    torch.manual_seed(0)
+    net = DuelingQNet(5, 16, 4, 3, NetConfig(encoder="cnn", channels=8, hidden=16))
+    assert net.can_pair(16)
+    ext, state, next_state = torch.randn(9, 16 + shift, 5), torch.randn(9, 4), torch.randn(9, 4)
+    q, q_next = net.pair(ext, state, next_state, shift)
+    torch.testing.assert_close(q_next, net(ext[:, shift:], next_state), rtol=1e-5, atol=1e-6)
+    assert not q_next.requires_grad
+    q.square().sum().backward()  # type: ignore[no-untyped-call]
+    grads = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+    net.zero_grad()
+    ref = net(ext[:, :16], state)
+    torch.testing.assert_close(q, ref, rtol=1e-5, atol=1e-6)
+    ref.square().sum().backward()  # type: ignore[no-untyped-call]
+    for g, p in zip(grads, net.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+    tcn = DuelingQNet(5, 16, 4, 3, NetConfig(encoder="tcn", channels=8, hidden=16))
+    assert not tcn.can_pair(16)  # causal dilated blocks see the whole window: nothing to share
+
+
+def test_learn_step_with_shared_windows_matches_separate_windows() -> None:
+    """``learn_step`` on one extended gather (the shared-convolution path) and on two gathers gives the same loss,
+    TD errors and updated weights; transitions whose episode ended (discount 0) may bootstrap from any window."""
+    data, _, cfg = _tiny()
+    gather = ObsGather(BatchSessionEnv(data, ExecutionParams(), EnvParams(), num_envs=4), torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    n, b = cfg.n_step, 16
+    rows = rng.choice(data.start, b) + rng.integers(0, data.length - n, b)
+    rows[0] = len(data.features) - 1  # an ended episode at the matrix end: its extended rows are clamped
+    discount = torch.full((b,), cfg.gamma**n)
+    discount[0] = 0.0
+    kw = {"state": torch.randn(b, 8), "action": torch.from_numpy(rng.integers(0, 3, b)),
+          "next_state": torch.randn(b, 8), "next_mask": torch.ones(b, 3, dtype=torch.bool),
+          "returns": torch.randn(b), "discount": discount, "weights": torch.rand(b), "step": 0}
+    out = []
+    for shared in (False, True):
+        torch.manual_seed(1)
+        online = build_q_net({"n_features": 3, "context": 8, "n_state": 8, "n_actions": 3,
+                              "net": {"encoder": "cnn", "channels": 8, "hidden": 16}})
+        target = build_q_net({"n_features": 3, "context": 8, "n_state": 8, "n_actions": 3,
+                              "net": {"encoder": "cnn", "channels": 8, "hidden": 16}})
+        opt = torch.optim.Adam(online.parameters(), lr=1e-3)
+        if shared:
+            res = d3qn.learn_step(online, target, opt, cfg, windows=gather.extended(rows, n), next_windows=None,
+                                  shift=n, **kw)
+        else:
+            res = d3qn.learn_step(online, target, opt, cfg, windows=gather.windows(rows),
+                                  next_windows=gather.windows(np.minimum(rows + n, len(data.features) - 1)), **kw)
+        out.append((res, [p.detach().clone() for p in online.parameters()]))
+    (a, wa), (b_, wb) = out
+    for x, y in zip(a, b_, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    for x, y in zip(wa, wb, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
 def test_double_q_target_argmax_skips_masked_actions() -> None:

@@ -61,3 +61,20 @@ def test_priorities_update_and_ring_wraps() -> None:
     assert (batch.rows >= 25 - 10).all() and (batch.next_rows == batch.rows + 2).all()
     rb.update_priorities(batch.slots, np.full(len(batch.slots), 5.0))
     assert rb.max_priority >= 5.0
+
+
+def test_sum_tree_updates_keep_every_node_the_sum_of_its_children() -> None:
+    """Batches of updates (repeated and unsorted indices, single leaves, whole blocks) leave each internal node
+    equal to the sum of its two children, bit for bit, and the leaves equal to the last value written."""
+    tree = SumTree(1000)
+    rng = np.random.default_rng(1)
+    leaves = np.zeros(tree.cap)
+    for n in (1, 1, 7, 64, 300, 1000, 3):
+        idx = rng.integers(0, 1000, n)
+        values = rng.random(n)
+        tree.update(idx, values)
+        for i, v in zip(idx, values, strict=True):
+            leaves[i] = v
+        np.testing.assert_array_equal(tree.tree[tree.cap:], leaves)
+        inner = np.arange(1, tree.cap)
+        np.testing.assert_array_equal(tree.tree[inner], tree.tree[2 * inner] + tree.tree[2 * inner + 1])

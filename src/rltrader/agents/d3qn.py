@@ -9,7 +9,10 @@ One file, read top to bottom (CleanRL style):
   device from stored decision rows), n-step target ``R + γ^k · Q_target(s', argmax_a' Q_online(s', a'))`` with
   the argmax over the next state's MASKED Q (double DQN), Huber loss weighted by the importance-sampling weights
   (β annealed to 1), gradient clipping, new priorities ``|TD|``; the target net follows by hard copy every
-  ``target_sync`` updates (``tau = 1``) or Polyak averaging every update (``tau < 1``).
+  ``target_sync`` updates (``tau = 1``) or Polyak averaging every update (``tau < 1``). The network work is
+  ``learn_step``; with the CNN encoder the online net's passes over a transition's window and its successor's
+  (n bars later, overlapping in context − n bars) share their convolutions (``DuelingQNet.pair``: the same
+  values, about half a pass saved).
 - ``train_d3qn``: the loop — collect one step of every env, then ``num_envs × replay_ratio / batch_size``
   gradient updates (fractional ratios carry over), evaluate the greedy policy on val every ``eval_every`` env
   steps (the best one is kept), log to MLflow, checkpoint every ``checkpoint_every`` env steps. A resumed run
@@ -43,7 +46,9 @@ from rltrader.agents.common import (
     env_state,
     load_checkpoint,
     load_env_state,
+    make_adam,
     masked_greedy_policy,
+    needs_mode_switch,
     pick_device,
     save_checkpoint,
     seed_everything,
@@ -52,7 +57,7 @@ from rltrader.agents.common import (
 from rltrader.agents.configs import D3QNConfig
 from rltrader.agents.evaluate import Policy, evaluate
 from rltrader.agents.networks import DuelingQNet, NetConfig, masked_logits, n_params
-from rltrader.agents.replay import PrioritizedReplay
+from rltrader.agents.replay import Batch, PrioritizedReplay
 from rltrader.dataset.split import SessionSet
 from rltrader.env.batch import BatchSessionEnv
 from rltrader.env.core import N_STATE
@@ -154,36 +159,83 @@ def double_q_target(online: nn.Module, target: nn.Module, next_windows: torch.Te
     ``discount`` is 0 where the episode ended within the n steps (then ``s'`` is another episode's and unused).
     """
     with torch.no_grad():
-        best = masked_logits(online(next_windows, next_state), next_mask).argmax(dim=1, keepdim=True)
+        return bootstrap_target(online(next_windows, next_state), target, next_windows, next_state, next_mask,
+                                returns, discount)
+
+
+def bootstrap_target(q_next_online: torch.Tensor, target: nn.Module, next_windows: torch.Tensor,
+                     next_state: torch.Tensor, next_mask: torch.Tensor, returns: torch.Tensor,
+                     discount: torch.Tensor) -> torch.Tensor:
+    """``double_q_target`` given the online net's Q of the successor observations (computed by the caller)."""
+    with torch.no_grad():
+        best = masked_logits(q_next_online, next_mask).argmax(dim=1, keepdim=True)
         q_next: torch.Tensor = target(next_windows, next_state).gather(1, best).squeeze(1)
         return returns + discount * q_next
 
 
+def shared_windows(batch: Batch, n_step: int) -> bool:
+    """Whether every transition's bootstrap window is its own window ``n_step`` bars on (``next_row = row + n``),
+    or does not count (``discount`` 0: the episode ended within the n steps, the target is the reward sum alone)
+    — then one ``ObsGather.extended`` gather and ``DuelingQNet.pair`` serve both."""
+    return bool(((batch.next_rows == batch.rows + n_step) | (batch.discount == 0)).all())
+
+
+def learn_step(online: nn.Module, target: nn.Module, optimizer: torch.optim.Optimizer, cfg: D3QNConfig, *,
+               windows: torch.Tensor, next_windows: torch.Tensor | None, state: torch.Tensor, action: torch.Tensor,
+               next_state: torch.Tensor, next_mask: torch.Tensor, returns: torch.Tensor, discount: torch.Tensor,
+               weights: torch.Tensor, step: int, shift: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The network work of one update: double-DQN targets, the weighted Huber loss, backward, clipping, Adam.
+
+    ``shift`` = 0: ``windows`` / ``next_windows`` are the observation and successor windows. ``shift`` = n
+    (``next_windows`` None): ``windows`` holds each observation window plus the n bars after it
+    (``ObsGather.extended``; the successor window is ``[:, n:]``) and the online net's two passes share their
+    convolutions (``DuelingQNet.pair``, the same values). Returns (loss, TD errors, Q of the taken actions,
+    gradient norm). ``returns`` are already scaled by ``reward_scale``. The compute bound of
+    ``benchmarks/bench_train.py`` times this very function."""
+    if next_windows is None:
+        assert isinstance(online, DuelingQNet) and shift > 0
+        next_windows = windows[:, shift:]
+        q_all, q_next_online = online.pair(windows, state, next_state, shift)
+    else:
+        with torch.no_grad():
+            q_next_online = online(next_windows, next_state)
+        q_all = online(windows, state)
+    y = bootstrap_target(q_next_online, target, next_windows, next_state, next_mask, returns, discount)
+    q = q_all.gather(1, action[:, None]).squeeze(1)
+    td = y - q
+    loss = (weights * F.smooth_l1_loss(q, y, reduction="none")).mean()
+    check_finite(step, loss=loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    grad_norm = nn.utils.clip_grad_norm_(online.parameters(), cfg.grad_clip, foreach=True)
+    optimizer.step()
+    return loss.detach(), td.detach(), q.detach(), grad_norm
+
+
 def td_update(online: nn.Module, target: nn.Module, optimizer: torch.optim.Optimizer, gather: ObsGather,
               replay: PrioritizedReplay, cfg: D3QNConfig, beta: float, rng: np.random.Generator,
-              step: int) -> dict[str, float]:
-    """One gradient step on a prioritized batch; updates the priorities. Returns loss / |TD| / Q means."""
+              step: int, can_pair: bool = False) -> dict[str, float]:
+    """One gradient step on a prioritized batch; updates the priorities. Returns loss / |TD| / Q means.
+
+    ``can_pair``: the online net has ``pair`` (``DuelingQNet.can_pair``); it is used when every transition of
+    the batch qualifies (``shared_windows``)."""
     dev = gather.device
     b = replay.sample(cfg.batch_size, beta, rng)
-    windows, next_windows = gather.windows(b.rows), gather.windows(b.next_rows)
+    shift = cfg.n_step if can_pair and shared_windows(b, cfg.n_step) else 0
+    windows = gather.extended(b.rows, shift) if shift else gather.windows(b.rows)
+    next_windows = None if shift else gather.windows(b.next_rows)
 
     def t(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x).to(dev)
 
-    y = double_q_target(online, target, next_windows, t(b.next_state), t(b.next_mask),
-                        t(b.returns) * cfg.reward_scale, t(b.discount))
-    q_all = online(windows, t(b.state))
-    q = q_all.gather(1, t(b.action)[:, None]).squeeze(1)
-    td = y - q
-    loss = (t(b.weights) * F.smooth_l1_loss(q, y, reduction="none")).mean()
-    check_finite(step, loss=loss)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()  # type: ignore[no-untyped-call]
-    grad_norm = nn.utils.clip_grad_norm_(online.parameters(), cfg.grad_clip)
-    optimizer.step()
-    td_abs = td.detach().abs()
+    loss, td, q, grad_norm = learn_step(
+        online, target, optimizer, cfg, windows=windows, next_windows=next_windows, state=t(b.state),
+        action=t(b.action), next_state=t(b.next_state), next_mask=t(b.next_mask),
+        returns=t(b.returns) * cfg.reward_scale, discount=t(b.discount), weights=t(b.weights), step=step, shift=shift)
+    td_abs = td.abs()
     replay.update_priorities(b.slots, td_abs.cpu().numpy().astype(np.float64))
-    return {"loss": float(loss.detach()), "td_abs": float(td_abs.mean()), "q_mean": float(q.detach().mean()),
+    return {"loss": float(loss), "td_abs": float(td_abs.mean()), "q_mean": float(q.mean()),
             "grad_norm": float(grad_norm)}
 
 
@@ -267,7 +319,7 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
     target = build_q_net(spec, device=device)
     target.load_state_dict(online.state_dict())
     target.requires_grad_(False)
-    optimizer = torch.optim.Adam(online.parameters(), lr=cfg.lr, eps=1e-5)
+    optimizer = make_adam(online.parameters(), cfg.lr, device)
     replay = PrioritizedReplay(cfg.buffer_size, cfg.num_envs, N_STATE, env.n_actions, alpha=cfg.per_alpha,
                                n_step=cfg.n_step, gamma=cfg.gamma)
     gather = ObsGather(env, device)
@@ -322,10 +374,10 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
 
             mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=c.step)
 
-    def flush_logs(sps: float) -> None:
+    def flush_logs(sps: float, cpu_sps: float) -> None:
         n_up = c.stats.pop("n_updates", 0.0)
         row: dict[str, float] = {"step": float(c.step), "epsilon": cfg.epsilon(c.step), "beta": cfg.beta(c.step),
-                                 "sps": sps, "updates": float(c.updates)}
+                                 "sps": sps, "cpu_sps": cpu_sps, "updates": float(c.updates)}
         for k, v in c.stats.items():
             row[k] = v / n_up if n_up else math.nan
         total = sum(c.action_counts)
@@ -344,8 +396,11 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
     bar = TrainingProgress("d3qn", cfg.total_steps, c.step, enabled=progress)
     initial = execution.initial_cash
     updates_per_vec = cfg.updates_per_vector_step
+    switch_mode = needs_mode_switch(online)
+    # one convolution pass over a transition's window and its successor's (a plain module only: not compiled)
+    can_pair = net_fwd is online and online.can_pair(int(context))
     t0, step0 = time.perf_counter(), c.step
-    t_log, step_log = t0, c.step
+    t_log, step_log, cpu_log = t0, c.step, time.process_time()  # cpu_sps: per CPU-second, blind to other load
     try:
         while c.step < cfg.total_steps:
             # 1. act in every env (ε-greedy over valid actions) and store the transition by decision row
@@ -353,10 +408,12 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
             rows = decision_rows(env)
             state, mask = core.state.copy(), core.mask.copy()
             eps = cfg.epsilon(c.step)
-            online.eval()
+            if switch_mode:
+                online.eval()
             actions, _ = select_actions(net_fwd, torch.from_numpy(core.window), torch.from_numpy(state), mask,
                                         eps, rng, c.step)
-            online.train()
+            if switch_mode:
+                online.train()
             out = env.step(actions)
             done = out.terminated | out.truncated
             replay.add(rows, state, mask, actions, out.reward, done)
@@ -371,7 +428,8 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
                 c.update_credit += updates_per_vec
                 while c.update_credit >= 1.0:
                     c.update_credit -= 1.0
-                    info = td_update(net_fwd, target, optimizer, gather, replay, cfg, cfg.beta(c.step), rng, c.step)
+                    info = td_update(net_fwd, target, optimizer, gather, replay, cfg, cfg.beta(c.step), rng, c.step,
+                                     can_pair)
                     c.updates += 1
                     _stat(c, "n_updates", 1.0)
                     for k, v in info.items():
@@ -384,9 +442,11 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
             if c.vec_steps >= cfg.log_every:
                 check_params_finite(c.step, online)
                 now = time.perf_counter()
+                cpu_now = time.process_time()
                 sps = (c.step - step_log) / max(now - t_log, 1e-9)
-                t_log, step_log = now, c.step
-                flush_logs(sps)
+                cpu_sps = (c.step - step_log) / max(cpu_now - cpu_log, 1e-9)
+                t_log, step_log, cpu_log = now, c.step, cpu_now
+                flush_logs(sps, cpu_sps)
                 bar.update(info=f"ε {eps:.2f}  {sps:,.0f} steps/s  loss {c.history[-1].get('loss', 0):.4f}")
             if cfg.eval_every and c.step // cfg.eval_every > c.last_eval // cfg.eval_every:
                 c.last_eval = c.step
@@ -403,7 +463,8 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
         c.last_eval = c.step
         run_eval()
     if c.vec_steps:
-        flush_logs((c.step - step_log) / max(time.perf_counter() - t_log, 1e-9))
+        flush_logs((c.step - step_log) / max(time.perf_counter() - t_log, 1e-9),
+                   (c.step - step_log) / max(time.process_time() - cpu_log, 1e-9))
     if c.last_ckpt != c.step:
         c.last_ckpt = c.step
         checkpoint()
@@ -420,6 +481,7 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
                       steps_per_second=sps)
 
 
-__all__ = ["CHECKPOINT_NAME", "D3QNConfig", "D3QNResult", "TrainingError", "build_q_net", "check_action_shape",
-           "double_q_target", "greedy_policy", "load_checkpoint", "q_values", "random_valid_actions",
-           "save_checkpoint", "select_actions", "sync_target", "td_update", "train_d3qn"]
+__all__ = ["CHECKPOINT_NAME", "D3QNConfig", "D3QNResult", "TrainingError", "bootstrap_target", "build_q_net",
+           "check_action_shape", "double_q_target", "greedy_policy", "learn_step", "load_checkpoint", "q_values",
+           "random_valid_actions", "save_checkpoint", "select_actions", "shared_windows", "sync_target", "td_update",
+           "train_d3qn"]

@@ -43,6 +43,7 @@ from rltrader.agents.common import (
     env_state,
     load_checkpoint,
     load_env_state,
+    make_adam,
     masked_greedy_policy,
     pick_device,
     save_checkpoint,
@@ -164,7 +165,7 @@ def train_ppo(train: SessionSet, val: SessionSet | None, cfg: PPOConfig, executi
     n_features, context, n_state = env.core.features.shape[1], train.context, env.core.state.shape[1]
     net = ActorCritic(n_features, context, n_state, env.n_actions, cfg.net).to(device)
     model: nn.Module = torch.compile(net) if cfg.compile else net  # type: ignore[assignment]
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, eps=1e-5)
+    optimizer = make_adam(net.parameters(), cfg.lr, device)
     action_names = env_params.action_names
 
     T, N, A, S = cfg.rollout_steps, cfg.num_envs, env.n_actions, n_state
@@ -221,7 +222,7 @@ def train_ppo(train: SessionSet, val: SessionSet | None, cfg: PPOConfig, executi
             "obs": {"rows": next_rows.cpu(), "state": next_state.cpu(), "mask": next_mask.cpu()}})
 
     bar = TrainingProgress("ppo", cfg.num_updates, update, enabled=progress)
-    start_time, start_step = time.perf_counter(), global_step
+    start_time, start_step, start_cpu = time.perf_counter(), global_step, time.process_time()
     initial_cash = execution.initial_cash
     try:
         while update < cfg.num_updates:
@@ -307,7 +308,7 @@ def train_ppo(train: SessionSet, val: SessionSet | None, cfg: PPOConfig, executi
                     check_finite(global_step, loss=loss)
                     optimizer.zero_grad()
                     loss.backward()  # type: ignore[no-untyped-call]
-                    nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+                    nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm, foreach=True)
                     optimizer.step()
                 epochs_done += 1
                 if cfg.target_kl is not None and float(approx_kl) > cfg.target_kl:
@@ -336,6 +337,7 @@ def train_ppo(train: SessionSet, val: SessionSet | None, cfg: PPOConfig, executi
                 "rollout/reward_mean": float(rewards_buf.mean()) / cfg.reward_scale,
                 "episode/count": float(len(ep_returns)),
                 "perf/sps": (global_step - start_step) / elapsed if elapsed > 0 else 0.0,
+                "perf/cpu_s": time.process_time() - start_cpu,  # this call's CPU seconds: blind to other load
                 **{f"actions/{name}": float(c) for name, c in zip(action_names, counts, strict=True)},
             }
             if ep_returns:
