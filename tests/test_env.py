@@ -125,6 +125,38 @@ def test_batch_env_matches_single_env(mode: str, latency: int, seed: int, reward
 
 
 @pytest.mark.parametrize("mode", list(MODES))
+def test_index_observations_gather_the_full_windows(mode: str) -> None:
+    """``windows=False``: the kernel copies no window, and the decision rows it hands out gather exactly the
+    windows (numpy and torch), states, masks, rewards and ends of the full-observation env, across auto-resets."""
+    import torch
+
+    ex, params = MODES[mode]
+    n = 5
+    schedule = np.random.default_rng(1).integers(0, DATA.n_sessions, (n, 6))
+    full = BatchSessionEnv(DATA, ex, params, num_envs=n, session_schedule=schedule)
+    idx = BatchSessionEnv(DATA, ex, params, num_envs=n, session_schedule=schedule, windows=False)
+    assert idx.observation_shape == full.observation_shape == (DATA.context, DATA.n_features)
+    w, s, m = full.reset(seed=0)
+    w_i, s_i, m_i = idx.reset(seed=0)
+    assert w_i.shape == (n, 0, DATA.n_features)  # nothing copied
+    np.testing.assert_array_equal(idx.gather(), w)
+    feats = torch.from_numpy(idx.features)
+    offsets = torch.arange(-DATA.context, 0)
+    rng = np.random.default_rng(2)
+    ends = 0
+    for _ in range(DATA.length * 4):
+        actions = rng.integers(0, full.n_actions, n)
+        a, b = full.step(actions), idx.step(actions)
+        np.testing.assert_array_equal(idx.gather(b.rows), a.window)
+        np.testing.assert_array_equal(feats[torch.from_numpy(b.rows)[:, None] + offsets].numpy(), a.window)
+        for name in ("state", "mask", "reward", "penalty", "terminated", "truncated", "final_equity", "filled",
+                     "rows"):
+            np.testing.assert_array_equal(getattr(b, name), getattr(a, name), err_msg=name)
+        ends += int((a.terminated | a.truncated).sum())
+    assert ends >= n
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("reward", ["log_return", "pnl"])
 def test_rewards_reconcile_with_the_equity_change(mode: str, reward: str) -> None:
     ex, params = MODES[mode]
