@@ -127,7 +127,8 @@ def test_batch_env_matches_single_env(mode: str, latency: int, seed: int, reward
 @pytest.mark.parametrize("mode", list(MODES))
 def test_index_observations_gather_the_full_windows(mode: str) -> None:
     """``windows=False``: the kernel copies no window, and the decision rows it hands out gather exactly the
-    windows (numpy and torch), states, masks, rewards and ends of the full-observation env, across auto-resets."""
+    windows (numpy, and torch through the agents' ``ObsGather``) of the full-observation env, with identical
+    states, masks, rewards and ends, across auto-resets."""
     import torch
 
     ex, params = MODES[mode]
@@ -140,15 +141,18 @@ def test_index_observations_gather_the_full_windows(mode: str) -> None:
     w_i, s_i, m_i = idx.reset(seed=0)
     assert w_i.shape == (n, 0, DATA.n_features)  # nothing copied
     np.testing.assert_array_equal(idx.gather(), w)
-    feats = torch.from_numpy(idx.features)
-    offsets = torch.arange(-DATA.context, 0)
+    np.testing.assert_array_equal(s_i, s)
+    np.testing.assert_array_equal(m_i, m)
+    from rltrader.agents.common import ObsGather
+
+    gather = ObsGather(idx, torch.device("cpu"))
     rng = np.random.default_rng(2)
     ends = 0
     for _ in range(DATA.length * 4):
         actions = rng.integers(0, full.n_actions, n)
         a, b = full.step(actions), idx.step(actions)
         np.testing.assert_array_equal(idx.gather(b.rows), a.window)
-        np.testing.assert_array_equal(feats[torch.from_numpy(b.rows)[:, None] + offsets].numpy(), a.window)
+        np.testing.assert_array_equal(gather.windows(b.rows).numpy(), a.window)
         for name in ("state", "mask", "reward", "penalty", "terminated", "truncated", "final_equity", "filled",
                      "rows"):
             np.testing.assert_array_equal(getattr(b, name), getattr(a, name), err_msg=name)
