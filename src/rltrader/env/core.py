@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
+from rltrader.borrow import borrow
 from rltrader.dataset.split import SessionSet
 from rltrader.env.modes import (
     E_DSR_A,
@@ -284,10 +285,20 @@ def step_observe(actions: np.ndarray, k: EnvArrays, autoreset: bool) -> int:
     return ended
 
 
+@njit(cache=True, inline="always")
+def borrowed(k: EnvArrays) -> EnvArrays:
+    """``k`` with every array borrowed (``rltrader.borrow``): no atomic reference counting in the kernels below
+    — for entry points called from Python, which hold the arrays for the call."""
+    return EnvArrays(borrow(k.acct), borrow(k.env), borrow(k.ptr), borrow(k.pending), borrow(k.sess),
+                     borrow(k.bars), borrow(k.time), borrow(k.features), borrow(k.xp), borrow(k.ep),
+                     borrow(k.next_session), borrow(k.window), borrow(k.state), borrow(k.mask), borrow(k.out_f),
+                     borrow(k.out_b))
+
+
 # --- flat entry points: what Python calls ------------------------------------------------------------------------
 # numba resolves a NamedTuple argument's type through its Python-level ``typeof`` on every call (measured ~3 µs
 # for the 16 arrays of ``EnvArrays``, more than a B = 1 step), while plain array arguments take the dispatcher's
-# C fast path. So Python passes the arrays one by one and the tuple is built inside compiled code.
+# C fast path. So Python passes the arrays one by one and the tuple is built inside compiled code, borrowed.
 
 @njit(cache=True)
 def step_flat(actions: np.ndarray, autoreset: bool, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray,
@@ -297,7 +308,7 @@ def step_flat(actions: np.ndarray, autoreset: bool, acct: np.ndarray, env: np.nd
     """``step_observe`` over ``EnvArrays(*arrays)`` (the arrays in ``EnvArrays``' field order)."""
     k = EnvArrays(acct, env, ptr, pending, sess, bars, time, features, xp, ep, next_session, window, state, mask,
                   out_f, out_b)
-    n: int = step_observe(actions, k, autoreset)
+    n: int = step_observe(borrow(actions), borrowed(k), autoreset)
     return n
 
 
@@ -309,7 +320,7 @@ def reset_flat(idx: np.ndarray, sessions: np.ndarray, acct: np.ndarray, env: np.
     """``reset_observe`` over ``EnvArrays(*arrays)``."""
     k = EnvArrays(acct, env, ptr, pending, sess, bars, time, features, xp, ep, next_session, window, state, mask,
                   out_f, out_b)
-    reset_observe(idx, sessions, k)
+    reset_observe(borrow(idx), borrow(sessions), borrowed(k))
 
 
 @njit(cache=True)
