@@ -324,3 +324,20 @@ def test_empty_session_set_is_refused() -> None:
                           "ctx_start": DATA.ctx_start[:0], "start": DATA.start[:0], "end": DATA.end[:0]})
     with pytest.raises(ConfigError, match="no sessions"):
         SessionEnv(empty)
+
+
+def test_borrowed_arrays_are_the_original_memory() -> None:
+    """``borrow`` (the kernels' entry points): the same data, shape and strides, writes land in the original."""
+    from numba import njit
+
+    from rltrader.borrow import borrow
+
+    @njit
+    def write_through(a: np.ndarray) -> float:
+        b = borrow(a)
+        b[1, 2] = 7.0
+        return float(b.sum()) + b.shape[0] * 100 + b.strides[0]
+
+    a = np.zeros((3, 4))
+    assert write_through(a) == 7.0 + 300 + 32
+    assert a[1, 2] == 7.0 and a.sum() == 7.0

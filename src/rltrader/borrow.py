@@ -14,23 +14,29 @@ the data pointer, shape and strides are the original's.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
+import numpy as np
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 
 @intrinsic
-def borrow(typingctx: Any, arr: Any) -> Any:
+def _borrow(typingctx: Any, arr: Any) -> Any:
     """``arr`` itself (same data, shape, strides and type) without reference counting (module docstring)."""
     if not isinstance(arr, types.Array):
         return None
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         src = context.make_array(arr)(context, builder, value=args[0])
-        src.meminfo = cgutils.get_null_value(src.meminfo.type)
-        src.parent = cgutils.get_null_value(src.parent.type)
+        src.meminfo = cgutils.get_null_value(src.meminfo.type)  # type: ignore[no-untyped-call]
+        src.parent = cgutils.get_null_value(src.parent.type)  # type: ignore[no-untyped-call]
         return src._getvalue()
 
     return arr(arr), codegen
+
+
+borrow = cast(Callable[[np.ndarray], np.ndarray], _borrow)
+"""``borrow(a)`` inside a numba kernel (the intrinsic, typed for callers)."""
