@@ -125,6 +125,42 @@ def test_batch_env_matches_single_env(mode: str, latency: int, seed: int, reward
 
 
 @pytest.mark.parametrize("mode", list(MODES))
+def test_index_observations_gather_the_full_windows(mode: str) -> None:
+    """``windows=False``: the kernel copies no window, and the decision rows it hands out gather exactly the
+    windows (numpy, and torch through the agents' ``ObsGather``) of the full-observation env, with identical
+    states, masks, rewards and ends, across auto-resets."""
+    import torch
+
+    ex, params = MODES[mode]
+    n = 5
+    schedule = np.random.default_rng(1).integers(0, DATA.n_sessions, (n, 6))
+    full = BatchSessionEnv(DATA, ex, params, num_envs=n, session_schedule=schedule)
+    idx = BatchSessionEnv(DATA, ex, params, num_envs=n, session_schedule=schedule, windows=False)
+    assert idx.observation_shape == full.observation_shape == (DATA.context, DATA.n_features)
+    w, s, m = full.reset(seed=0)
+    w_i, s_i, m_i = idx.reset(seed=0)
+    assert w_i.shape == (n, 0, DATA.n_features)  # nothing copied
+    np.testing.assert_array_equal(idx.gather(), w)
+    np.testing.assert_array_equal(s_i, s)
+    np.testing.assert_array_equal(m_i, m)
+    from rltrader.agents.common import ObsGather
+
+    gather = ObsGather(idx, torch.device("cpu"))
+    rng = np.random.default_rng(2)
+    ends = 0
+    for _ in range(DATA.length * 4):
+        actions = rng.integers(0, full.n_actions, n)
+        a, b = full.step(actions), idx.step(actions)
+        np.testing.assert_array_equal(idx.gather(b.rows), a.window)
+        np.testing.assert_array_equal(gather.windows(b.rows).numpy(), a.window)
+        for name in ("state", "mask", "reward", "penalty", "terminated", "truncated", "final_equity", "filled",
+                     "rows"):
+            np.testing.assert_array_equal(getattr(b, name), getattr(a, name), err_msg=name)
+        ends += int((a.terminated | a.truncated).sum())
+    assert ends >= n
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("reward", ["log_return", "pnl"])
 def test_rewards_reconcile_with_the_equity_change(mode: str, reward: str) -> None:
     ex, params = MODES[mode]
@@ -288,3 +324,20 @@ def test_empty_session_set_is_refused() -> None:
                           "ctx_start": DATA.ctx_start[:0], "start": DATA.start[:0], "end": DATA.end[:0]})
     with pytest.raises(ConfigError, match="no sessions"):
         SessionEnv(empty)
+
+
+def test_borrowed_arrays_are_the_original_memory() -> None:
+    """``borrow`` (the kernels' entry points): the same data, shape and strides, writes land in the original."""
+    from numba import njit
+
+    from rltrader.borrow import borrow
+
+    @njit
+    def write_through(a: np.ndarray) -> float:
+        b = borrow(a)
+        b[1, 2] = 7.0
+        return float(b.sum()) + b.shape[0] * 100 + b.strides[0]
+
+    a = np.zeros((3, 4))
+    assert write_through(a) == 7.0 + 300 + 32
+    assert a[1, 2] == 7.0 and a.sum() == 7.0

@@ -74,13 +74,18 @@ class ObsGather:
 
     def __init__(self, env: BatchSessionEnv, device: torch.device) -> None:
         self.features = torch.from_numpy(np.ascontiguousarray(env.core.features)).to(device)
-        self.context = env.core.data.context
-        self.offsets = torch.arange(-self.context, 0, device=device)
+        self.context = c = env.core.data.context
+        n, f = self.features.shape
+        # every window as a zero-copy view, (N - context + 1, context, F), window of row t at index t - context:
+        # one index_select copies whole contiguous blocks (~5× faster on the CPU than an advanced index over
+        # rows × offsets, which gathers element by element); the values are the same copies
+        self._views = torch.as_strided(self.features, (max(n - c + 1, 0), c, f), (f, f, 1))
         self.device = device
 
     def windows(self, rows: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``(len(rows), context, F)``: ``features[t - context : t]`` for each decision row ``t``."""
         r = torch.as_tensor(rows, device=self.device, dtype=torch.long)
-        return self.features[r[:, None] + self.offsets]
+        return self._views.index_select(0, r - self.context)
 
     def extended(self, rows: np.ndarray | torch.Tensor, extra: int) -> torch.Tensor:
         """``features[r - context : r + extra]`` per row: a window and the ``extra`` bars after it, so the window

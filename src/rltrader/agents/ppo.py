@@ -160,7 +160,7 @@ def train_ppo(train: SessionSet, val: SessionSet | None, cfg: PPOConfig, executi
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
 
-    env = BatchSessionEnv(train, execution, env_params, num_envs=cfg.num_envs)
+    env = BatchSessionEnv(train, execution, env_params, num_envs=cfg.num_envs, windows=False)  # rows: ObsGather
     gather = ObsGather(env, device)
     n_features, context, n_state = env.core.features.shape[1], train.context, env.core.state.shape[1]
     net = ActorCritic(n_features, context, n_state, env.n_actions, cfg.net).to(device)

@@ -9,6 +9,12 @@ Observations come from one preloaded float32 feature array; the kernel copies ea
 into a preallocated ``(B, context, F)`` buffer. The arrays returned by ``reset``/``step`` ARE those buffers: the
 next step overwrites them, so copy what you keep (``torch.from_numpy`` shares them without a copy).
 
+Index observations (``windows=False``): the kernel copies no window (the ``window`` buffer is ``(B, 0, F)``);
+each account's observation is its decision row ``rows[b]`` (window ``features[rows[b] - context : rows[b]]``)
+plus the state vector and mask, and the consumer gathers the windows where it computes — ``gather(rows)`` on the
+CPU, or one index into the feature matrix uploaded once as a tensor (``agents.common.ObsGather``). At B = 1024
+the full windows are ~3 MB per step, most of a step's memory traffic, which the agents then gather again anyway.
+
 One thread: a numba ``prange`` variant of the kernel was measured ~10× slower on the 2-core dev box (shared
 with other jobs, each step waits for the slowest thread), so it was left out.
 
@@ -33,6 +39,7 @@ from rltrader.env.core import (
     O_TRUNCATED,
     P_EPISODES,
     EnvCore,
+    gather_windows,
 )
 from rltrader.env.modes import EnvParams, lowrider_rule
 from rltrader.execution import ExecutionParams
@@ -57,19 +64,24 @@ class BatchStep:
     """(B,) equity after this step's bar: for accounts whose episode ended, that episode's final equity."""
     filled: np.ndarray
     """(B,) signed quantity filled in this step's bar (order and forced close)."""
+    rows: np.ndarray
+    """(B,) int64 next decision row of each account: ``window[b]`` is ``features[rows[b] - context : rows[b]]``."""
 
 
 class BatchSessionEnv:
     """B accounts over a ``SessionSet``: ``reset(seed)`` → (window, state, mask); ``step(actions)`` → ``BatchStep``."""
 
     def __init__(self, data: SessionSet, execution: ExecutionParams | None = None, params: EnvParams | None = None,
-                 num_envs: int = 1024, session_schedule: np.ndarray | None = None) -> None:
+                 num_envs: int = 1024, session_schedule: np.ndarray | None = None, windows: bool = True) -> None:
         if num_envs < 1:
             raise ValueError("num_envs must be ≥ 1")
-        self.core = EnvCore(data, execution or ExecutionParams(), params or EnvParams(), num_envs)
+        self.core = EnvCore(data, execution or ExecutionParams(), params or EnvParams(), num_envs, windows=windows)
         self.params, self.execution, self.num_envs = self.core.params, self.core.execution, num_envs
         self.n_actions = self.core.n_actions
-        self.observation_shape = self.core.window.shape[1:]
+        self.windows = windows
+        self.observation_shape = self.core.observation_shape
+        self.features = self.core.features
+        """(N, F) float32 feature matrix the decision rows index (``features[t - context : t]``)."""
         self.feature_names = self.core.feature_names
         if session_schedule is not None:
             session_schedule = np.asarray(session_schedule, np.int64)
@@ -102,7 +114,20 @@ class BatchSessionEnv:
             core.next_session[done] = self._draw(done, core.ptr[P_EPISODES, done] + 1)
         f, b = core.out_f, core.out_b
         return BatchStep(core.window, core.state, core.mask, f[O_REWARD], f[O_PENALTY], b[O_TERMINATED],
-                         b[O_TRUNCATED], f[O_FINAL_EQUITY], f[O_FILLED])
+                         b[O_TRUNCATED], f[O_FINAL_EQUITY], f[O_FILLED], core.rows)
+
+    @property
+    def rows(self) -> np.ndarray:
+        """(B,) each account's next decision row (a view of the env's pointers, valid until the next step)."""
+        return self.core.rows
+
+    def gather(self, rows: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """The ``(len(rows), context, F)`` windows of decision rows ``rows`` (default: the current ones) on the
+        CPU — what ``windows=True`` would have handed out; ``out``: a buffer to reuse."""
+        r = np.ascontiguousarray(self.core.rows if rows is None else rows, dtype=np.int64)
+        if out is None:
+            out = np.empty((len(r), *self.observation_shape), np.float32)
+        return gather_windows(self.core.features, r, out)
 
     def action_masks(self) -> np.ndarray:
         return self.core.mask

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
+from rltrader.borrow import borrow
 from rltrader.dataset.split import SessionSet
 from rltrader.env.modes import (
     E_DSR_A,
@@ -135,11 +136,13 @@ def _observe(b: int, k: EnvArrays) -> None:
     features = k.features
     window_out, state_out, mask_out = k.window, k.state, k.mask
     t = ptr[P_T, b]
-    # the window is one contiguous block of the feature matrix: one flat block copy
+    # the window is one contiguous block of the feature matrix: one flat block copy (none for a zero-width
+    # window buffer: index observations, where the consumer gathers ``features[t - context : t]`` itself)
     c, f = window_out.shape[1], window_out.shape[2]
     n = c * f
-    s0, d0 = (t - c) * f, b * n
-    window_out.reshape(-1)[d0:d0 + n] = features.reshape(-1)[s0:s0 + n]
+    if n > 0:
+        s0, d0 = (t - c) * f, b * n
+        window_out.reshape(-1)[d0:d0 + n] = features.reshape(-1)[s0:s0 + n]
     ref = close[t - 1]
     cash0 = xp[XP_CASH]
     q = acct[QTY, b]
@@ -282,6 +285,57 @@ def step_observe(actions: np.ndarray, k: EnvArrays, autoreset: bool) -> int:
     return ended
 
 
+@njit(cache=True, inline="always")
+def borrowed(k: EnvArrays) -> EnvArrays:
+    """``k`` with every array borrowed (``rltrader.borrow``): no atomic reference counting in the kernels below
+    — for entry points called from Python, which hold the arrays for the call."""
+    return EnvArrays(borrow(k.acct), borrow(k.env), borrow(k.ptr), borrow(k.pending), borrow(k.sess),
+                     borrow(k.bars), borrow(k.time), borrow(k.features), borrow(k.xp), borrow(k.ep),
+                     borrow(k.next_session), borrow(k.window), borrow(k.state), borrow(k.mask), borrow(k.out_f),
+                     borrow(k.out_b))
+
+
+# --- flat entry points: what Python calls ------------------------------------------------------------------------
+# numba resolves a NamedTuple argument's type through its Python-level ``typeof`` on every call (measured ~3 µs
+# for the 16 arrays of ``EnvArrays``, more than a B = 1 step), while plain array arguments take the dispatcher's
+# C fast path. So Python passes the arrays one by one and the tuple is built inside compiled code, borrowed.
+
+@njit(cache=True)
+def step_flat(actions: np.ndarray, autoreset: bool, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray,
+              pending: np.ndarray, sess: np.ndarray, bars: np.ndarray, time: np.ndarray, features: np.ndarray,
+              xp: np.ndarray, ep: np.ndarray, next_session: np.ndarray, window: np.ndarray, state: np.ndarray,
+              mask: np.ndarray, out_f: np.ndarray, out_b: np.ndarray) -> int:
+    """``step_observe`` over ``EnvArrays(*arrays)`` (the arrays in ``EnvArrays``' field order)."""
+    k = EnvArrays(acct, env, ptr, pending, sess, bars, time, features, xp, ep, next_session, window, state, mask,
+                  out_f, out_b)
+    n: int = step_observe(borrow(actions), borrowed(k), autoreset)
+    return n
+
+
+@njit(cache=True)
+def reset_flat(idx: np.ndarray, sessions: np.ndarray, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray,
+               pending: np.ndarray, sess: np.ndarray, bars: np.ndarray, time: np.ndarray, features: np.ndarray,
+               xp: np.ndarray, ep: np.ndarray, next_session: np.ndarray, window: np.ndarray, state: np.ndarray,
+               mask: np.ndarray, out_f: np.ndarray, out_b: np.ndarray) -> None:
+    """``reset_observe`` over ``EnvArrays(*arrays)``."""
+    k = EnvArrays(acct, env, ptr, pending, sess, bars, time, features, xp, ep, next_session, window, state, mask,
+                  out_f, out_b)
+    reset_observe(borrow(idx), borrow(sessions), borrowed(k))
+
+
+@njit(cache=True)
+def gather_windows(features: np.ndarray, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out[i] = features[rows[i] - context : rows[i]]`` (``context = out.shape[1]``): index observations'
+    windows on the CPU, one contiguous block copy each (what the kernel's own window copy does)."""
+    c, f = out.shape[1], out.shape[2]
+    n = c * f
+    src, dst = features.reshape(-1), out.reshape(-1)
+    for i in range(rows.shape[0]):
+        s0 = (rows[i] - c) * f
+        dst[i * n:(i + 1) * n] = src[s0:s0 + n]
+    return out
+
+
 def leak_column(data: SessionSet, latency: int, scale: float) -> np.ndarray:
     """The planted-leak feature: row ``r`` holds the log return of bar ``r + 1 + latency`` (``close/open``).
 
@@ -299,7 +353,8 @@ def leak_column(data: SessionSet, latency: int, scale: float) -> np.ndarray:
 class EnvCore:
     """Arrays and kernels for B accounts over one ``SessionSet``; both envs are thin APIs over this."""
 
-    def __init__(self, data: SessionSet, execution: ExecutionParams, params: EnvParams, n: int) -> None:
+    def __init__(self, data: SessionSet, execution: ExecutionParams, params: EnvParams, n: int,
+                 windows: bool = True) -> None:
         if data.n_sessions == 0:
             raise ConfigError("env: the session set has no sessions")
         if params.mode == "futures_session" and execution.market != "futures":
@@ -323,7 +378,11 @@ class EnvCore:
         self.ptr = np.zeros((N_PTR, n), np.int64)
         self.pending = np.zeros((n, execution.latency_bars + 1))
         self.n_actions = params.n_actions
-        self.window = np.zeros((n, data.context, feats.shape[1]), np.float32)
+        self.context = data.context
+        self.observation_shape = (data.context, feats.shape[1])
+        # windows=False: index observations — a zero-size window buffer, so the kernel copies nothing and the
+        # consumer gathers ``features[t - context : t]`` by decision row (``P_T``) where it computes
+        self.window = np.zeros((n, data.context, feats.shape[1]) if windows else (n, 0, feats.shape[1]), np.float32)
         self.state = np.zeros((n, N_STATE), np.float32)
         self.mask = np.zeros((n, self.n_actions), np.bool_)
         self.out_f = np.zeros((N_OUT_F, n))
@@ -337,10 +396,16 @@ class EnvCore:
         sessions = np.asarray(sessions, np.int64)
         if not checked and sessions.size and (sessions.min() < 0 or sessions.max() >= self.data.n_sessions):
             raise ValueError(f"session index out of range [0, {self.data.n_sessions})")
-        reset_observe(np.asarray(idx, np.int64), sessions, self.arrays)
+        reset_flat(np.asarray(idx, np.int64), sessions, *self.arrays)
 
     def step(self, actions: np.ndarray, autoreset: bool) -> int:
-        return int(step_observe(actions, self.arrays, autoreset))
+        return int(step_flat(actions, autoreset, *self.arrays))
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Each account's next decision row ``t`` (a view, overwritten by the next step): its observation window
+        is ``features[t - context : t]``."""
+        return np.asarray(self.ptr[P_T])
 
     @property
     def last_close(self) -> np.ndarray:

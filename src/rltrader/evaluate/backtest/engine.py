@@ -23,6 +23,7 @@ import numpy as np
 from numba import njit
 
 from rltrader.agents.packaging import head_scores, head_scratch
+from rltrader.borrow import borrow
 from rltrader.dataset.split import SessionSet
 from rltrader.env.continuous import (
     C_DONE,
@@ -32,7 +33,7 @@ from rltrader.env.continuous import (
     ContinuousRun,
     continuous_step,
 )
-from rltrader.env.core import P_SESSION, P_START, P_T, EnvArrays, EnvCore
+from rltrader.env.core import P_SESSION, P_START, P_T, EnvArrays, EnvCore, borrowed
 from rltrader.env.modes import EnvParams
 from rltrader.errors import ConfigError, DataError
 from rltrader.evaluate.backtest.data import backtest_params, continuous_split
@@ -85,6 +86,17 @@ def _advance(b: int, a: int, confident: bool, k: EnvArrays, run: Continuous, log
 
 
 @njit(cache=True, inline="always")
+def _borrowed(k: EnvArrays, run: Continuous, log: EventLog, f: FilterArrays) -> tuple[EnvArrays, Continuous,
+                                                                                     EventLog, FilterArrays]:
+    """The loops' arrays borrowed (``rltrader.borrow``: no atomic reference counting per account and bar); the
+    caller holds the real ones for the call."""
+    run_b = Continuous(borrow(run.chain_next), borrow(run.base), borrow(run.eq0), borrow(run.carry),
+                       borrow(run.curve_eq), borrow(run.curve_qty), borrow(run.curve_fees), run.repeat)
+    return borrowed(k), run_b, EventLog(borrow(log.data), borrow(log.cursor)), FilterArrays(borrow(f.params),
+                                                                                             borrow(f.state))
+
+
+@njit(cache=True, inline="always")
 def _log_full(log: EventLog, n_accounts: int) -> bool:
     return bool(log.cursor[CUR_N] + MAX_EVENTS_PER_BAR * n_accounts > log.data.shape[1])
 
@@ -95,6 +107,7 @@ def _run_rows(decisions: np.ndarray, order: np.ndarray, j0: int, k: EnvArrays, r
     """Precomputed decisions (``decisions[row]`` = action for the decision at bar ``row``): every account of
     ``order[j0:]`` run to its end, one after the other. Returns the index it stopped at — ``len(order)`` when
     done, earlier when the event log is nearly full."""
+    k, run, log, f = _borrowed(k, run, log, f)
     for j in range(j0, order.shape[0]):
         b = order[j]
         while run.carry[C_DONE, b] == 0.0:
@@ -109,6 +122,7 @@ def _run_rows(decisions: np.ndarray, order: np.ndarray, j0: int, k: EnvArrays, r
 def _step_batch(idx: np.ndarray, actions: np.ndarray, confident: np.ndarray, k: EnvArrays, run: Continuous,
                 log: EventLog, f: FilterArrays) -> None:
     """One bar for the accounts ``idx`` with their actions (the caller keeps the log's room for them)."""
+    k, run, log, f = _borrowed(k, run, log, f)
     for j in range(idx.shape[0]):
         _advance(idx[j], actions[j], confident[j], k, run, log, f)
 
@@ -121,6 +135,7 @@ def _run_split(pre: np.ndarray, q_lo: int, q_hi: int, qbase: np.ndarray, head: S
     precomputed row; ``q = qbase[stretch] + t - start``): every account of ``order[j0:]`` run until its next
     decision lies beyond the block (or it is done). Returns ``len(order)`` when the block is done, the index it
     stopped at when the event log is nearly full, -1 if an account's position went back."""
+    k, run, log, f = _borrowed(k, run, log, f)
     n_actions = k.mask.shape[1]
     h1, h2, out = head_scratch(head.hidden_weight_t, head.out_weight)
     sc = np.zeros(n_actions, np.float32)
