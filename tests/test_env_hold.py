@@ -191,12 +191,14 @@ def test_backtest_parity_with_env_episode(mode: str, market: str, latency: int, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kw", [{"decision_every": 5}, {"min_hold_bars": 4}, {"turnover_penalty": 0.002},
+@pytest.mark.parametrize("kw", [{"decision_every": 5}, {"min_hold_bars": 4}, {"turnover_penalty": 0.0003},
                                 {"decision_every": 3, "min_hold_bars": 6, "turnover_penalty": 0.001}],
                          ids=["every5", "minhold4", "turnover", "combined"])
 def test_d3qn_learns_the_planted_leak_in_every_hold_setting(kw: dict[str, Any]) -> None:
     """The leak reveals the return of the bars the next decision commits to (``EnvParams.leak_horizon``), so
-    "long if > 0 else short" (masked) is the oracle; D3QN must reach 90 % of it, as in the per-bar env."""
+    "long if > 0 else short" (masked) is the oracle; D3QN must reach 90 % of it, as in the per-bar env. The
+    turnover penalty is sized so the oracle still earns under the penalised reward (at 0.002 per notional a flip
+    costs more than a 1-bar leak earns, and the agent rightly learns to stay flat)."""
     from tests.test_d3qn import fast_config, masked_choice
 
     torch.set_num_threads(1)
@@ -208,8 +210,10 @@ def test_d3qn_learns_the_planted_leak_in_every_hold_setting(kw: dict[str, Any]) 
     def oracle(w: np.ndarray, s: np.ndarray, m: np.ndarray) -> np.ndarray:
         return masked_choice(np.where(w[:, -1, -1] > 0, 1, 2), m)
 
-    oracle_ret = evaluate(oracle, data, xp, ep).mean_return
-    assert oracle_ret > 0.01
+    ev = evaluate(oracle, data, xp, ep)
+    oracle_ret = ev.mean_return
+    # the oracle must also pay under the penalised reward, or "never trade" would be the learner's right answer
+    assert oracle_ret > 0.01 and ev.reward_sum.mean() > 0.005, (oracle_ret, ev.reward_sum.mean())
     res = train_d3qn(data, None, fast_config(10_000), xp, ep, progress=False)
     agent_ret = evaluate(greedy_policy(build_q_net(res.spec, res.final_state)), data, xp, ep).mean_return
     assert agent_ret >= 0.9 * oracle_ret, (agent_ret, oracle_ret)
