@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from rltrader.agents import ALGORITHMS
+from rltrader.agents import ALGORITHMS, TRAINED, VARIANTS
 from rltrader.agents.baselines import rule_baselines
 from rltrader.agents.common import mlflow_run
 from rltrader.agents.configs import config_from_params
@@ -119,25 +119,45 @@ def _train_algo(algo: str, settings: Settings, train: SessionSet, val: SessionSe
     raise ConfigError(f"train: unknown algorithm {algo!r} (one of {', '.join(ALGORITHMS)})")
 
 
+def variant_settings(settings: Settings, name: str) -> Settings:
+    """The settings a trained variant (``agents.VARIANTS``) runs in: ``lowrider`` is the Lowrider mode on spot
+    (no leverage, long only — what the rule-based Lowrider trades), with the settings' other env keys (its lots,
+    budget, profit target). Anything else: the settings unchanged."""
+    if name == "lowrider":
+        return settings.model_copy(update={
+            "env": replace(settings.env, mode="lowrider"),
+            "execution": replace(settings.execution, market="spot", leverage=1.0)})
+    return settings
+
+
 def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: bool = True,
               sessions_dir: Path | None = None, metrics_path: Path | None = None,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train ``algo`` on train, select on val, compare with baselines on val, log to MLflow, save the model."""
-    if algo not in ALGORITHMS:
-        raise ConfigError(f"train: unknown algorithm {algo!r} (one of {', '.join(ALGORITHMS)})")
+    """Train ``algo`` on train, select on val, compare with baselines on val, log to MLflow, save the model.
+    ``algo`` may be a variant (``agents.VARIANTS``): its algorithm trains in the variant's settings with the
+    variant's own params section, under the variant's name (MLflow run, model file, checkpoints)."""
+    if algo not in TRAINED:
+        raise ConfigError(f"train: unknown algorithm {algo!r} (one of {', '.join(TRAINED)})")
+    if algo in VARIANTS:
+        name, algo = algo, VARIANTS[algo]
+        t0 = settings.train
+        settings = variant_settings(settings, name).model_copy(update={
+            algo: getattr(settings, name), "train": t0.model_copy(update={"checkpoint_dir": t0.checkpoint_dir / name})})
+    else:
+        name = algo
     import mlflow
 
     sdir = sessions_dir or settings.data.dir / "sessions"
     train, val = load_split(sdir, "train"), load_split(sdir, "val")
     execution, env_params = params_from_settings(settings)
     t = settings.train
-    run_file = t.checkpoint_dir / f"{algo}.run_id"
+    run_file = t.checkpoint_dir / f"{name}.run_id"
     run_id = run_file.read_text().strip() if resume and run_file.exists() else None
     Path("mlflow").mkdir(exist_ok=True)
     if t.threads > 0:
         # small nets on few cores: one thread is faster than contended intra-op threads (measured 8× on 2 cores)
         torch.set_num_threads(t.threads)
-    with mlflow_run(t.tracking_uri, t.experiment, algo, t.artifact_root, run_id=run_id) as run:
+    with mlflow_run(t.tracking_uri, t.experiment, name, t.artifact_root, run_id=run_id) as run:
         t.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         run_file.write_text(run.info.run_id)
         if run_id is None:
@@ -147,6 +167,8 @@ def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: 
                              "data_fingerprint": json.dumps(train.meta.get("input_sha256", {}), sort_keys=True),
                              "dataset_code": json.dumps(train.meta.get("code", {}), sort_keys=True),
                              "params_hash": params_hash(settings, (*TRAIN_SECTIONS, algo))})
+            if name != algo:
+                mlflow.set_tag("rltrader.variant", name)
         module, history, cfg = _train_algo(algo, settings, train, val, execution, env_params, run, resume, progress,
                                            overrides or {})
         if run_id is None:
@@ -154,17 +176,17 @@ def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: 
         module.eval()
         module.meta["mlflow_run_id"] = run.info.run_id
         stamp_weights(module)  # the weights' hash travels in the pickled module: checked wherever it is loaded
-        rows = compare_on_split(algo, module.policy(), val, execution, env_params,
+        rows = compare_on_split(name, module.policy(), val, execution, env_params,
                                 max_sessions=t.val_sessions, seed=t.seed)
-        verdict = print_table(f"val split: {algo} vs baselines", rows, algo)
-        ours = next(r for r in rows if r["policy"] == algo)
+        verdict = print_table(f"val split: {name} vs baselines", rows, name)
+        ours = next(r for r in rows if r["policy"] == name)
         mlflow.log_metrics({f"val_{k}": float(v) for k, v in ours.items() if k != "policy"})
         mlflow.log_dict({"rows": rows, "verdict": verdict}, "val_comparison.json")
         from rltrader.agents.plots import plot_action_scores, plot_learning_curve
 
         art = Path(t.artifact_root).parent / "tmp" / run.info.run_id
         art.mkdir(parents=True, exist_ok=True)
-        plot_learning_curve(history, art / "learning_curve.png", algo)
+        plot_learning_curve(history, art / "learning_curve.png", name)
         plot_action_scores(module, val, execution, env_params, art / "action_scores.png")
         mlflow.log_artifacts(str(art), "plots")
         example = module.example_input()
@@ -181,8 +203,8 @@ def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: 
                       "n_actions": module.n_actions, **{k: v for k, v in module.meta.items()
                                                        if k in ("algo", "mode", "action_names", "feature_names")}})
         t.models_dir.mkdir(parents=True, exist_ok=True)
-        save_policy(module, t.models_dir / f"{algo}.pt", {"mlflow_run": run.info.run_id, "dvc_stage": f"train@{algo}"})
-        result = {"algo": algo, "run_id": run.info.run_id, "model_uri": info.model_uri,
+        save_policy(module, t.models_dir / f"{name}.pt", {"mlflow_run": run.info.run_id, "dvc_stage": f"train@{name}"})
+        result = {"algo": name, "run_id": run.info.run_id, "model_uri": info.model_uri,
                   "val": {k: v for k, v in ours.items() if k != "policy"}, "val_table": rows, "verdict": verdict,
                   "params": module.meta}
         if metrics_path is not None:
