@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-
 from rltrader.agents.packaging import load_policy_file
 from rltrader.config import Settings, load_settings
 from rltrader.dataset.build import run_sessions_stage

@@ -100,7 +100,8 @@ def test_min_hold_masks_close_and_flip(min_hold: int, latency: int) -> None:
         env.step(0)
     assert env.core.accounts.qty[0] == 0 and held_bars == min_hold
     # spot: the sell is masked the same way
-    spot = SessionEnv(DATA, replace(ex, market="spot", leverage=1.0), EnvParams(mode="spot_cycle", min_hold_bars=min_hold))
+    spot = SessionEnv(DATA, replace(ex, market="spot", leverage=1.0),
+                      EnvParams(mode="spot_cycle", min_hold_bars=min_hold))
     spot.reset(options={"session": 1})
     spot.step(int(SpotAction.BUY))
     for _ in range(latency):

@@ -157,7 +157,7 @@ def vol_scale(close: np.ndarray, t: int, lo: int, ep: np.ndarray) -> float:
             n += 1
     if n == 0 or ss <= 0.0:
         return 1.0
-    return min(1.0, ep[EP_VOL_TARGET] / math.sqrt(ss / n))
+    return float(min(1.0, ep[EP_VOL_TARGET] / math.sqrt(ss / n)))
 
 
 @njit(cache=True, inline="always")
