@@ -218,3 +218,18 @@ def test_d3qn_learns_the_planted_leak_in_every_hold_setting(kw: dict[str, Any]) 
     res = train_d3qn(data, None, fast_config(10_000), xp, ep, progress=False)
     agent_ret = evaluate(greedy_policy(build_q_net(res.spec, res.final_state)), data, xp, ep).mean_return
     assert agent_ret >= 0.9 * oracle_ret, (agent_ret, oracle_ret)
+
+
+@pytest.mark.parametrize("kw", [{"decision_every": 4, "min_hold_bars": 6}, {"decision_every": 7, "vol_target": 0.002}])
+def test_network_backtest_parity_with_env_episode(kw: dict[str, Any]) -> None:
+    """A network through the backtest's split path (head every bar, off-cadence actions held by the kernel) and
+    its generic path end each session where the env's k-bar episodes do."""
+    from tests.test_backtest import tiny_module
+
+    params = EnvParams(**kw)  # type: ignore[arg-type]
+    module = tiny_module(DATA, params.n_actions)
+    ev = evaluate(module.policy(), DATA, EX, params, num_envs=DATA.n_sessions)
+    for fast in (True, False):
+        res = backtest_sessions(DATA, module, EX, params, fast=fast)
+        assert np.array_equal(res.stretches["return"].to_numpy(), ev.session_return), fast
+        assert res.totals["fills"] > 0
