@@ -38,7 +38,7 @@ CONFIGS: list[dict[str, int]] = [
 ]
 
 
-def configured(base: Settings, cfg: dict[str, int], work: Path, steps: int) -> Settings:
+def configured(base: Settings, cfg: dict[str, int], work: Path, steps: int, seed: int) -> Settings:
     length = cfg["length"]
     d3qn = {**base.d3qn, "total_steps": steps, "learning_starts": max(1000, steps // 10),
             "eps_decay_steps": steps // 2, "buffer_size": max(steps, 20_000), "eval_every": steps // 3,
@@ -47,7 +47,7 @@ def configured(base: Settings, cfg: dict[str, int], work: Path, steps: int) -> S
         "sessions": base.sessions.model_copy(update={"length": length, "stride": length}),
         "env": replace(base.env, decision_every=cfg["decision_every"], min_hold_bars=cfg["min_hold_bars"]),
         "train": base.train.model_copy(update={"models_dir": work / "models", "checkpoint_dir": work / "ckpt",
-                                               "val_sessions": 300}),
+                                               "val_sessions": 300, "seed": seed}),
         "d3qn": d3qn,
     })
 
@@ -59,27 +59,30 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("data/sweep_hold"))
     ap.add_argument("--out", type=Path, default=Path("reports/sweep_hold.json"))
     ap.add_argument("--only", type=int, nargs="*", help="indices of CONFIGS to run (default all)")
+    ap.add_argument("--seed", type=int, default=0, help="train.seed of the runs (a second seed: robustness)")
     args = ap.parse_args()
     base = load_settings()
     rows: list[dict[str, Any]] = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
-    done = {(r["decision_every"], r["min_hold_bars"], r["length"]) for r in rows}
+    done = {(r["decision_every"], r["min_hold_bars"], r["length"], r.get("seed", 0)) for r in rows}
     val_data: dict[int, Any] = {}
     for i, cfg in enumerate(CONFIGS):
-        if (args.only and i not in args.only) or (cfg["decision_every"], cfg["min_hold_bars"], cfg["length"]) in done:
+        key = (cfg["decision_every"], cfg["min_hold_bars"], cfg["length"], args.seed)
+        if (args.only and i not in args.only) or key in done:
             continue
         t0 = time.perf_counter()
         sdir = args.work / f"sessions_len{cfg['length']}"
-        settings = configured(base, cfg, args.work, args.steps)
+        settings = configured(base, cfg, args.work, args.steps, args.seed)
         if not (sdir / "val").exists():
             run_sessions_stage(settings, features_dir=args.features, out_dir=sdir)
         res = run_train(settings, "d3qn", progress=False, sessions_dir=sdir)
         with mlflow.start_run(run_id=res["run_id"]):
-            mlflow.set_tags({"rltrader.sweep": "hold", **{f"sweep.{k}": str(v) for k, v in cfg.items()}})
+            mlflow.set_tags({"rltrader.sweep": "hold", "sweep.seed": str(args.seed),
+                             **{f"sweep.{k}": str(v) for k, v in cfg.items()}})
         module = load_policy_file(settings.train.models_dir / "d3qn.pt", {"dvc_stage": "train@d3qn"})
         train_s = time.perf_counter() - t0
         if cfg["length"] not in val_data:
             val_data[cfg["length"]] = continuous_split(settings, "val", sessions_dir=sdir, features_dir=args.features)
-        row: dict[str, Any] = {**cfg, "run_id": res["run_id"], "train_seconds": round(train_s, 1)}
+        row: dict[str, Any] = {**cfg, "seed": args.seed, "run_id": res["run_id"], "train_seconds": round(train_s, 1)}
         for name, pol in (("agent", module), ("buy_and_hold", "buy_and_hold")):
             bt = run_backtest(settings, pol, split="val", data=val_data[cfg["length"]])
             m = compute_metrics(bt.equity, bt.trades, initial_cash=bt.initial_cash, bootstrap=0)
