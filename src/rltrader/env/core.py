@@ -13,6 +13,12 @@ Timing of one step for an account whose next decision bar is ``t`` (session trad
 3. reward from the equity change, minus penalties; the episode ends after the last bar, when a spot/Lowrider
    cycle's sell has filled, or when the account is bankrupt.
 
+Holding (``env.decision_every`` k, ``env.min_hold_bars`` n): the kernel steps one bar at a time everywhere (the
+backtest and the live trader call it per bar), and only bars ``k·j`` of an episode/stretch take a decision — on the
+others the action is replaced by hold and the mask allows only hold. The training envs' ``step_observe`` runs the k
+bars of one decision in one call (rewards summed). ``order_for`` refuses a close/flip while the position has been
+open fewer than n bars (``E_HELD``, counted by ``update_held`` after each bar).
+
 Observations for the next decision (bar ``t + 1``): the window ``features[t + 1 - context : t + 1]``, a
 position-state vector (``STATE_NAMES``) and the action mask.
 """
