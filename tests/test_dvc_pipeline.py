@@ -60,6 +60,8 @@ TINY_TRAIN = {
             "checkpoint_every": 512, "net": {"channels": 8, "hidden": 16, "tcn_levels": 2}},
     "cnn": {"epochs": 1, "max_samples": 2000, "net": {"channels": 8, "hidden": 16}},
     "xgb": {"horizons": [15], "rounds": 20},
+    "lowrider": {"total_steps": 600, "num_envs": 16, "learning_starts": 200, "batch_size": 32, "buffer_size": 2000,
+                 "eval_every": 600, "eval_sessions": 30, "checkpoint_every": 0, "net": {"channels": 8, "hidden": 16}},
 }
 
 
@@ -87,12 +89,12 @@ def test_whole_pipeline_on_tiny_params(tmp_path: Path, shared_archive: Path) -> 
                                             "backtest": {"bootstrap": 200}})
     first = _run([sys.executable, "-m", "dvc", "repro"], repo)
     assert sorted(_ran(first)) == sorted(["ingest", "features", "sessions", "study", "train@d3qn", "train@ppo",
-                                          "train@cnn", "train@xgb", "backtest", "promote"]), first
+                                          "train@cnn", "train@xgb", "train@lowrider", "backtest", "promote"]), first
     assert (repo / "reports" / "study" / "report.html").is_file()
     decision = json.loads((repo / "reports" / "promotion.json").read_text())
     assert decision["action"] in ("promote", "refuse") and decision["gates"]
     assert decision["challenger"] in ("d3qn", "ppo", "xgb")
-    for algo in ("d3qn", "ppo", "cnn", "xgb"):
+    for algo in ("d3qn", "ppo", "cnn", "xgb", "lowrider"):
         assert (repo / "reports" / "backtest" / algo / "report.html").is_file()
     shown = _run([sys.executable, "-m", "dvc", "metrics", "show"], repo)
     assert "reports/backtest.json" in shown and "reports/promotion.json" in shown and "reports/study.json" in shown

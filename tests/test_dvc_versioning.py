@@ -134,7 +134,8 @@ def test_dvc_versions_data_models_metrics_and_experiments(tmp_path: Path, shared
 
     # tuning writes params.tuned.yaml: `dvc repro` retrains exactly the tuned configuration
     tuned = yaml.safe_load((repo / "params.tuned.yaml").read_text())
-    assert tuned == {"backtest": {}, "cnn": {}, "d3qn": {}, "ppo": {}, "study": {}, "xgb": {}}  # nothing tuned yet
+    assert tuned == {"backtest": {}, "cnn": {}, "d3qn": {}, "lowrider": {}, "ppo": {},  # nothing tuned as committed
+                     "study": {}, "xgb": {}}
     tuned["d3qn"] = {"lr": 0.0005}
     (repo / "params.tuned.yaml").write_text(yaml.safe_dump(tuned))
     assert _ran(_run([*DVC, "repro", "train@d3qn"], repo)) == ["train@d3qn"]

@@ -51,9 +51,16 @@ def _paper(settings: Settings, model: str, tmp: Path) -> tuple[Records, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("model", "latency"), [("sma_cross", 0), ("buy_and_hold", 0), ("sma_cross", 2)])
-def test_paper_parity_with_backtest(built: Settings, tmp_path: Path, model: str, latency: int) -> None:
+@pytest.mark.parametrize(("model", "latency", "hold"), [
+    ("sma_cross", 0, {}), ("buy_and_hold", 0, {}), ("sma_cross", 2, {}),
+    # the env's hold settings (issue 14): decisions every 5 bars, positions kept ≥ 7 bars, volatility-sized
+    ("sma_cross", 1, {"decision_every": 5, "min_hold_bars": 7, "vol_target": 0.001}),
+], ids=["sma", "buy_and_hold", "sma_latency2", "sma_hold_settings"])
+def test_paper_parity_with_backtest(built: Settings, tmp_path: Path, model: str, latency: int,
+                                    hold: dict[str, float]) -> None:
     settings = _with_latency(built, latency)
+    if hold:
+        settings = settings.model_copy(update={"env": replace(settings.env, **hold)})
     bt = run_backtest(settings, model, split="backtest")
     records, sid = _paper(settings, model, tmp_path)
     ref = bt.fills.filter(pl.col("symbol") == "NEARUSDT")

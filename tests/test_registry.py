@@ -68,11 +68,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Path]:
                  "eval_every": 600, "eval_sessions": 30, "checkpoint_every": 600, "net": {"channels": 8, "hidden": 16}}
     d["ppo"] = {"total_steps": 512, "num_envs": 16, "rollout_steps": 16, "eval_every": 512, "eval_max_sessions": 30,
                 "checkpoint_every": 512, "net": {"channels": 8, "hidden": 16, "tcn_levels": 2}}
+    d["lowrider"] = d["d3qn"]  # the Lowrider variant (train@lowrider), as small
     d["backtest"] = {"models": ["d3qn", "ppo"], "bootstrap": 200}
     d["promote"] = {"decision_path": str(tmp / "reports" / "promotion.json")}
     settings = Settings.model_validate(d)
     reports = tmp / "reports"
-    for algo in ("d3qn", "ppo"):
+    for algo in ("d3qn", "ppo", "lowrider"):
         run_train(settings, algo, progress=False, metrics_path=reports / f"train_{algo}.json")
     run_backtest_stage(settings, out_dir=reports / "backtest", metrics_path=reports / "backtest.json",
                        reports_dir=reports)
@@ -98,6 +99,15 @@ def test_backtest_stage_outputs(trained: tuple[Settings, Path]) -> None:
         run = mlflow.MlflowClient(settings.train.tracking_uri).get_run(summary["train_runs"][algo])
         assert "backtest_sharpe_daily_annualized" in run.data.metrics and "val_bt_total_return" in run.data.metrics
     assert (reports / "backtest" / "comparison.png").stat().st_size > 1000
+    # the Lowrider table: rule vs the trained lowrider-mode model, by regime, on both splits
+    low = summary["lowrider"]
+    assert set(low["tables"]) == {"val", "backtest"} and low["threshold"] == settings.backtest.regime_threshold
+    for split, rows in low["tables"].items():
+        assert {(r["policy"], r["regime"]) for r in rows} == {
+            (p, g) for p in ("lowrider_rule", "lowrider") for g in ("up", "down", "sideways", "all")}
+        assert len(low["verdicts"][split]) == 1 and low["verdicts"][split][0].startswith(f"[{split}] lowrider:")
+    assert "Lowrider, backtest split" in (reports / "backtest" / "d3qn" / "report.html").read_text()
+    assert json.loads((reports / "backtest" / "lowrider" / "lowrider.json").read_text())["tables"] == low["tables"]
 
 
 @pytest.mark.slow

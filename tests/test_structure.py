@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from rltrader.agents import ALGORITHMS
+from rltrader.agents import ALGORITHMS, TRAINED, VARIANTS
 from rltrader.agents.configs import CONFIGS
 from rltrader.config import Settings
 from rltrader.pipeline import STAGES
@@ -27,16 +27,16 @@ def test_dvc_stages_are_the_pipeline_chain() -> None:
 
 def test_dvc_train_foreach_is_the_algorithm_registry() -> None:
     stages = _dvc()["stages"]
-    assert tuple(stages["train"]["foreach"]) == ALGORITHMS
+    assert tuple(stages["train"]["foreach"]) == TRAINED
     deps = stages["backtest"]["deps"]
-    assert {f"reports/train_{a}.json" for a in ALGORITHMS} <= set(deps)
-    assert {d for d in deps if str(d).startswith("reports/train_")} == {f"reports/train_{a}.json" for a in ALGORITHMS}
+    assert {d for d in deps if str(d).startswith("reports/train_")} == {f"reports/train_{a}.json" for a in TRAINED}
 
 
 def test_every_algorithm_has_a_config_and_a_params_section() -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert set(CONFIGS) == set(ALGORITHMS)
-    assert all(a in params and a in Settings.model_fields for a in ALGORITHMS)
+    assert all(a in params and a in Settings.model_fields for a in TRAINED)
+    assert set(VARIANTS.values()) <= set(ALGORITHMS)
 
 
 def test_backtest_models_default_to_every_algorithm() -> None:
@@ -44,6 +44,7 @@ def test_backtest_models_default_to_every_algorithm() -> None:
     dvc.yaml's foreach does."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert tuple(Settings().backtest.models) == ALGORITHMS == tuple(params["backtest"]["models"])
+    assert tuple(Settings().backtest.lowrider_models) == tuple(VARIANTS) == tuple(params["backtest"]["lowrider_models"])
 
 
 def test_filters_close_action_matches_the_env_modes() -> None:

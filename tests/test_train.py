@@ -3,6 +3,7 @@ compares with every baseline; baselines themselves are causal."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,24 @@ def test_train_logs_a_complete_mlflow_run(settings: Settings, algo: str, tmp_pat
     with torch.no_grad():
         assert torch.equal(model(x), saved(x))
     assert model(x).shape == (5, 4)
+
+
+def test_lowrider_variant_trains_d3qn_in_lowrider_mode(settings: Settings, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rltrader train lowrider`` (train@lowrider): D3QN with the ``lowrider`` section, in Lowrider mode on spot,
+    under its own name (MLflow run, model file, checkpoints) — the d3qn model is left alone."""
+    monkeypatch.chdir(tmp_path)
+    s = settings.model_copy(update={"lowrider": {**settings.d3qn, "total_steps": 800}})
+    result = run_train(s, "lowrider", progress=False, metrics_path=tmp_path / "train_lowrider.json")
+    assert json.loads((tmp_path / "train_lowrider.json").read_text())["algo"] == "lowrider"
+    assert {r["policy"] for r in result["val_table"]} >= {"lowrider", "flat", "lowrider_rule"}
+    run = mlflow.MlflowClient(settings.train.tracking_uri).get_run(result["run_id"])
+    assert run.info.run_name == "lowrider" and run.data.tags["rltrader.variant"] == "lowrider"
+    assert run.data.params["env.mode"] == "lowrider" and run.data.params["execution.market"] == "spot"
+    assert run.data.params["d3qn.total_steps"] == "800"
+    saved = torch.load(settings.train.models_dir / "lowrider.pt", weights_only=False)
+    assert saved.meta["mode"] == "lowrider" and saved.n_actions == len(settings.env.lot_multipliers)
+    assert (settings.train.checkpoint_dir / "lowrider" / "lowrider.run_id").is_file()
 
 
 def test_unknown_algorithm_is_named(settings: Settings) -> None:

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rltrader.agents import ALGORITHMS
+from rltrader.agents import ALGORITHMS, TRAINED
 from rltrader.config import Settings, load_settings
 from rltrader.data.ingest import (
     archive_source,
@@ -412,7 +412,8 @@ def sessions_cmd(
 
 @app.command("train")
 def train_cmd(
-    algo: Annotated[str, typer.Argument(help=f"{', '.join(ALGORITHMS)} (cnn: the supervised baseline)")],
+    algo: Annotated[str, typer.Argument(help=f"{', '.join(TRAINED)} (cnn: the supervised baseline; lowrider: "
+                                              "D3QN sizing the Lowrider's lots)")],
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint (same MLflow run)")] = False,
     metrics: Annotated[Path | None, typer.Option(help="Metrics JSON (default reports/train_<algo>.json)")] = None,
 ) -> None:

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from rltrader.agents import ALGORITHMS
+from rltrader.agents import ALGORITHMS, VARIANTS
 from rltrader.agents.configs import CONFIGS, config_from_params
 from rltrader.env.modes import EnvParams
 from rltrader.errors import ConfigError
@@ -214,6 +214,12 @@ class BacktestSettings(BacktestFilters):
     """Seed of the ``random`` baseline."""
     models: list[str] = field(default_factory=lambda: list(ALGORITHMS))
     """Trained models (``<train.models_dir>/<name>.pt``) the ``backtest`` stage judges against the baselines."""
+    lowrider_models: list[str] = field(default_factory=lambda: ["lowrider"])
+    """Trained lowrider-mode models the ``backtest`` stage judges in its Lowrider table against the rule-based
+    Lowrider (by market regime); [] = the rule alone."""
+    regime_threshold: Annotated[float, Field(gt=0)] = 0.05
+    """A (symbol, UTC month) is *up* when its buy & hold return is above this, *down* below minus this, else
+    *sideways* (the Lowrider table's regimes)."""
     eval_splits: list[str] = field(default_factory=lambda: ["val", "backtest"])
     """Splits the ``backtest`` stage runs every policy over, continuously; promotion gates read val and backtest."""
     bootstrap: Annotated[int, Field(ge=0)] = 1000
@@ -411,6 +417,15 @@ class Settings(_Strict):
     """Validated by ``rltrader.agents.configs.CNNConfig``."""
     xgb: dict[str, Any] = Field(default_factory=dict)
     """Validated by ``rltrader.agents.configs.XGBConfig``."""
+    lowrider: dict[str, Any] = Field(default_factory=dict)
+    """The ``lowrider`` variant's D3QN knobs (``agents.VARIANTS``): validated by ``D3QNConfig`` like ``d3qn``."""
+
+    @field_validator("lowrider", mode="after")
+    @classmethod
+    def _variant_section(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        assert info.field_name is not None
+        config_from_params(CONFIGS[VARIANTS[info.field_name]], info.field_name, v)
+        return v
 
     @field_validator(*CONFIGS, mode="after")
     @classmethod

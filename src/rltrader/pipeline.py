@@ -17,8 +17,8 @@ from rltrader.config import Settings
 console = Console(stderr=True)
 STAGES = ("ingest", "features", "sessions", "study", "train", "backtest", "promote")
 """The stages in order; ``dvc.yaml`` declares the same ones (``tests/test_structure.py`` checks both). ``train``
-runs once per trained model (``backtest.models``, by default every algorithm of ``rltrader.agents.ALGORITHMS``,
-as dvc.yaml's ``train`` foreach)."""
+runs once per trained model (``backtest.models``, by default every algorithm of ``rltrader.agents.ALGORITHMS``, and
+``backtest.lowrider_models``, by default the ``lowrider`` variant — as dvc.yaml's ``train`` foreach)."""
 
 
 def run_pipeline(settings: Settings, *, reports_dir: Path = Path("reports"), progress: bool = False,
@@ -59,7 +59,7 @@ def run_pipeline(settings: Settings, *, reports_dir: Path = Path("reports"), pro
         settings, out_dir=reports_dir / "study", metrics_path=reports_dir / "study.json")["verdicts"])
     out["train"] = {algo: timed(f"train@{algo}", lambda a=algo: run_train(   # type: ignore[misc]
         settings, a, progress=progress, metrics_path=reports_dir / f"train_{a}.json"))
-        for algo in settings.backtest.models}
+        for algo in dict.fromkeys([*settings.backtest.models, *settings.backtest.lowrider_models])}
     out["backtest"] = timed("backtest", lambda: run_backtest_stage(
         settings, out_dir=reports_dir / "backtest", metrics_path=reports_dir / "backtest.json",
         reports_dir=reports_dir))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from rltrader.agents import ALGORITHMS
+from rltrader.agents import ALGORITHMS, TRAINED, VARIANTS
 from rltrader.agents.baselines import rule_baselines
 from rltrader.agents.common import mlflow_run
 from rltrader.agents.configs import config_from_params
@@ -129,15 +129,38 @@ def _train_algo(algo: str, settings: Settings, train: SessionSet, val: SessionSe
     raise ConfigError(f"train: unknown algorithm {algo!r} (one of {', '.join(ALGORITHMS)})")
 
 
+def variant_settings(settings: Settings, name: str) -> Settings:
+    """The settings a trained variant (``agents.VARIANTS``) runs in: ``lowrider`` is the Lowrider mode on spot
+    (no leverage, long only — what the rule-based Lowrider trades), with the settings' other env keys (its lots,
+    budget, profit target). Anything else: the settings unchanged."""
+    if name == "lowrider":
+        return settings.model_copy(update={
+            "env": replace(settings.env, mode="lowrider"),
+            "execution": replace(settings.execution, market="spot", leverage=1.0)})
+    return settings
+
+
 def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: bool = True,
               sessions_dir: Path | None = None, metrics_path: Path | None = None,
               overrides: dict[str, Any] | None = None, name: str | None = None) -> dict[str, Any]:
     """Train ``algo`` on train, select on val, compare with baselines on val, log to MLflow, save the model.
 
     ``name``: the model's name (file ``<models_dir>/<name>.pt``, resume record, MLflow tag
-    ``rltrader.model_name``); default the algorithm's. Ensemble members are ``<algo>_s<seed>`` (``run_ensemble``)."""
-    if algo not in ALGORITHMS:
-        raise ConfigError(f"train: unknown algorithm {algo!r} (one of {', '.join(ALGORITHMS)})")
+    ``rltrader.model_name``); default the algorithm's. Ensemble members are ``<algo>_s<seed>`` (``run_ensemble``).
+    ``algo`` may be a variant (``agents.VARIANTS``): its algorithm trains in the variant's settings with the
+    variant's own params section, under the variant's name (MLflow run, model file, checkpoints)."""
+    if algo not in TRAINED:
+        raise ConfigError(f"train: unknown algorithm {algo!r} (one of {', '.join(TRAINED)})")
+    # the run is named by the algorithm whatever the model's name: the deflated Sharpe counts training runs by
+    # algorithm (evaluate.stats.trials_run), and every seed of an ensemble is a configuration tried. A variant's
+    # run carries its own name: it answers another question (the Lowrider table) and is no promotion candidate.
+    run_name = algo
+    if algo in VARIANTS:
+        name, algo = algo, VARIANTS[algo]
+        run_name = name
+        t0 = settings.train
+        settings = variant_settings(settings, name).model_copy(update={
+            algo: getattr(settings, name), "train": t0.model_copy(update={"checkpoint_dir": t0.checkpoint_dir / name})})
     import mlflow
 
     name = name or algo
@@ -151,9 +174,7 @@ def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: 
     if t.threads > 0:
         # small nets on few cores: one thread is faster than contended intra-op threads (measured 8× on 2 cores)
         torch.set_num_threads(t.threads)
-    # the run is named by the algorithm whatever the model's name: the deflated Sharpe counts training runs by
-    # algorithm (evaluate.stats.trials_run), and every seed of an ensemble is a configuration tried
-    with mlflow_run(t.tracking_uri, t.experiment, algo, t.artifact_root, run_id=run_id) as run:
+    with mlflow_run(t.tracking_uri, t.experiment, run_name, t.artifact_root, run_id=run_id) as run:
         t.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         run_file.write_text(run.info.run_id)
         if run_id is None:
@@ -161,6 +182,8 @@ def run_train(settings: Settings, algo: str, *, resume: bool = False, progress: 
                                "seed": t.seed, "train_sessions": train.n_sessions, "val_sessions": val.n_sessions})
             _log_tags(settings, train, algo)
             mlflow.set_tag("rltrader.model_name", name)
+            if run_name != algo:
+                mlflow.set_tag("rltrader.variant", name)
         module, history, cfg = _train_algo(algo, settings, train, val, execution, env_params, run, resume, progress,
                                            overrides or {})
         if run_id is None:
@@ -218,7 +241,8 @@ def publish_model(settings: Settings, name: str, module: PolicyModule, history: 
                                                    if k in ("algo", "mode", "action_names", "feature_names")}})
     t.models_dir.mkdir(parents=True, exist_ok=True)
     save_policy(module, t.models_dir / f"{name}.pt", {"mlflow_run": run.info.run_id, "dvc_stage": stage})
-    result = {"algo": module.meta.get("algo", name), "run_id": run.info.run_id, "model_uri": info.model_uri,
+    algo = name if name in VARIANTS else module.meta.get("algo", name)  # a variant is judged by its name
+    result = {"algo": algo, "run_id": run.info.run_id, "model_uri": info.model_uri,
               "val": {k: v for k, v in ours.items() if k != "policy"}, "val_table": rows, "verdict": verdict,
               "params": module.meta}
     if metrics_path is not None:

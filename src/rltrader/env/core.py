@@ -13,6 +13,12 @@ Timing of one step for an account whose next decision bar is ``t`` (session trad
 3. reward from the equity change, minus penalties; the episode ends after the last bar, when a spot/Lowrider
    cycle's sell has filled, or when the account is bankrupt.
 
+Holding (``env.decision_every`` k, ``env.min_hold_bars`` n): the kernel steps one bar at a time everywhere (the
+backtest and the live trader call it per bar), and only bars ``k·j`` of an episode/stretch take a decision — on the
+others the action is replaced by hold and the mask allows only hold. The training envs' ``step_observe`` runs the k
+bars of one decision in one call (rewards summed). ``order_for`` refuses a close/flip while the position has been
+open fewer than n bars (``E_HELD``, counted by ``update_held`` after each bar).
+
 Observations for the next decision (bar ``t + 1``): the window ``features[t + 1 - context : t + 1]``, a
 position-state vector (``STATE_NAMES``) and the action mask.
 """
@@ -30,11 +36,14 @@ from rltrader.dataset.split import SessionSet
 from rltrader.env.modes import (
     E_DSR_A,
     E_DSR_B,
+    E_HELD,
     E_N_BUYS,
     E_PEAK,
     E_PREV_EQUITY,
+    E_VOL_SCALE,
     EP_DD_PEN,
     EP_DSR_ETA,
+    EP_EVERY,
     EP_FLIP_PEN,
     EP_FORCE_CLOSE,
     EP_HOLD_PEN,
@@ -42,6 +51,10 @@ from rltrader.env.modes import (
     EP_N_ACTIONS,
     EP_REWARD,
     EP_TRADE_PEN,
+    EP_TURNOVER_PEN,
+    EP_VOL_LOOKBACK,
+    EP_VOL_TARGET,
+    HOLD,
     MODE_FUTURES,
     MODE_LOWRIDER,
     N_ENV_FIELDS,
@@ -130,6 +143,31 @@ def _reset_one(b: int, s: int, k: EnvArrays) -> None:
 
 
 @njit(cache=True, inline="always")
+def is_decision_bar(kk: int, ep: np.ndarray) -> bool:
+    """Whether the episode's bar number ``kk`` (0 = its first) takes a decision (``env.decision_every``); on
+    the others the env holds."""
+    return kk % int(ep[EP_EVERY]) == 0
+
+
+@njit(cache=True)
+def vol_scale(close: np.ndarray, t: int, lo: int, ep: np.ndarray) -> float:
+    """``min(1, vol_target / σ)`` for a decision at bar ``t``: σ is the RMS 1-bar log return of the closes in
+    ``[max(t - vol_lookback, lo), t)`` (``lo``: the first row of the account's gap-free stretch), so only
+    closed bars of the same stretch are read. 1 when fewer than two closes or a flat price."""
+    i0 = max(t - int(ep[EP_VOL_LOOKBACK]), lo)
+    n = 0
+    ss = 0.0
+    for i in range(i0 + 1, t):
+        if close[i - 1] > 0.0 and close[i] > 0.0:
+            r = math.log(close[i] / close[i - 1])
+            ss += r * r
+            n += 1
+    if n == 0 or ss <= 0.0:
+        return 1.0
+    return float(min(1.0, ep[EP_VOL_TARGET] / math.sqrt(ss / n)))
+
+
+@njit(cache=True, inline="always")
 def _observe(b: int, k: EnvArrays) -> None:
     """Write account ``b``'s observation for its next decision bar: window, state vector, action mask."""
     acct, env, ptr, pending, close, xp, ep = k.acct, k.env, k.ptr, k.pending, k.bars[3], k.xp, k.ep
@@ -159,9 +197,12 @@ def _observe(b: int, k: EnvArrays) -> None:
     state_out[b, 5] = (ptr[P_END, b] - t) / (ptr[P_END, b] - ptr[P_START, b])
     state_out[b, 6] = (committed - q) * ref * inv_eq
     state_out[b, 7] = abs(q) * acct[AVG_ENTRY, b] / cash0
+    if ep[EP_VOL_TARGET] > 0.0:
+        env[E_VOL_SCALE, b] = vol_scale(close, t, max(ptr[P_START, b] - c, 0), ep)
     n_actions = mask_out.shape[1]
     mask_out[b, 0] = True
-    can_trade = t + int(xp[XP_LATENCY]) < ptr[P_END, b] and eq > EQUITY_FLOOR * cash0
+    can_trade = (t + int(xp[XP_LATENCY]) < ptr[P_END, b] and eq > EQUITY_FLOOR * cash0
+                 and is_decision_bar(ptr[P_K, b], ep))
     for a in range(1, n_actions):
         mask_out[b, a] = can_trade and order_for(a, committed, ref, acct, env, b, xp, ep) != 0.0
 
@@ -178,6 +219,18 @@ def reset_observe(idx: np.ndarray, sessions: np.ndarray, k: EnvArrays) -> None:
     for j in range(idx.shape[0]):
         _reset_one(idx[j], sessions[j], k)
         _observe(idx[j], k)
+
+
+@njit(cache=True, inline="always")
+def update_held(env: np.ndarray, b: int, q0: float, q1: float) -> None:
+    """Count the bars the position has been open (``E_HELD``, for ``min_hold_bars``): after a bar that went
+    from ``q0`` to ``q1``. Opened or flipped in this bar: 1; flat: 0; otherwise one more."""
+    if q1 == 0.0:
+        env[E_HELD, b] = 0.0
+    elif q0 == 0.0 or (q0 > 0.0) != (q1 > 0.0):
+        env[E_HELD, b] = 1.0
+    else:
+        env[E_HELD, b] += 1.0
 
 
 @njit(cache=True, inline="always")  # no per-account call: the arrays would each be ref-counted
@@ -199,6 +252,8 @@ def _step_one(b: int, a: int, k: EnvArrays, autoreset: bool, log: EventLog | Non
     committed = q0
     for s in range(nslot):
         committed += pending[b, s]
+    if not is_decision_bar(kk, ep):
+        a = HOLD  # between decisions the env holds, whatever the caller passes
     # 1. decision -> order sent now, due at bar t + latency
     dq = 0.0
     if t + lat < end and acct[EQUITY, b] > floor:
@@ -214,14 +269,18 @@ def _step_one(b: int, a: int, k: EnvArrays, autoreset: bool, log: EventLog | Non
         log.cursor[CUR_TIME], log.cursor[CUR_ROW], log.cursor[CUR_TAG] = time[t], t, ptr[P_SESSION, b]
     filled = process_bar(acct, b, due, time[t], bars[0, t], bars[1, t], bars[2, t], cl[t], bars[4, t], xp, log)
     traded = filled != 0.0
+    notional = abs(filled) * bars[0, t]
     if filled > 0.0:
         env[E_N_BUYS, b] += 1.0
     last = t == end - 1
     force = ep[EP_FORCE_CLOSE] > 0.0
     if last and force and acct[QTY, b] != 0.0:
-        filled += close_position(acct, b, cl[t], bars[4, t], xp, log)
+        closed = close_position(acct, b, cl[t], bars[4, t], xp, log)
+        filled += closed
+        notional += abs(closed) * cl[t]
         mark_to_market(acct, b, cl[t])
         traded = True
+    update_held(env, b, q0, acct[QTY, b])
     # 3. reward and penalties
     eq, prev = acct[EQUITY, b], env[E_PREV_EQUITY, b]
     reward_kind = int(ep[EP_REWARD])
@@ -249,6 +308,8 @@ def _step_one(b: int, a: int, k: EnvArrays, autoreset: bool, log: EventLog | Non
     env[E_PEAK, b] = peak
     if peak > 0.0:
         pen += ep[EP_DD_PEN] * (1.0 - eq / peak)
+    if ep[EP_TURNOVER_PEN] > 0.0 and notional > 0.0:
+        pen += ep[EP_TURNOVER_PEN] * notional / max(prev, floor)
     env[E_PREV_EQUITY, b] = eq
     out_f[O_REWARD, b] = r - pen
     out_f[O_PENALTY, b] = pen
@@ -277,11 +338,25 @@ def _step_one(b: int, a: int, k: EnvArrays, autoreset: bool, log: EventLog | Non
 
 @njit(cache=True)
 def step_observe(actions: np.ndarray, k: EnvArrays, autoreset: bool) -> int:
-    """Step every account one bar, auto-reset finished ones onto ``next_session[b]`` (if ``autoreset``), and
-    write the next observations. Returns how many episodes ended."""
+    """Step every account one decision — ``env.decision_every`` bars, or fewer when its episode ends first: the
+    action on the first, hold on the rest — auto-reset finished ones onto ``next_session[b]`` (if
+    ``autoreset``), and write the next observations. The step's reward, penalty and fill are the sums over its
+    bars. Returns how many episodes ended."""
     ended = 0
+    out_f = k.out_f
     for b in range(actions.shape[0]):
-        ended += _step_one(b, actions[b], k, autoreset)
+        a = actions[b]
+        r, pen, filled = 0.0, 0.0, 0.0
+        while True:
+            e = _step_one(b, a, k, autoreset)
+            r += out_f[O_REWARD, b]
+            pen += out_f[O_PENALTY, b]
+            filled += out_f[O_FILLED, b]
+            if e or is_decision_bar(k.ptr[P_K, b], k.ep):
+                break
+            a = HOLD
+        out_f[O_REWARD, b], out_f[O_PENALTY, b], out_f[O_FILLED, b] = r, pen, filled
+        ended += e
     return ended
 
 
@@ -336,17 +411,21 @@ def gather_windows(features: np.ndarray, rows: np.ndarray, out: np.ndarray) -> n
     return out
 
 
-def leak_column(data: SessionSet, latency: int, scale: float) -> np.ndarray:
-    """The planted-leak feature: row ``r`` holds the log return of bar ``r + 1 + latency`` (``close/open``).
+def leak_column(data: SessionSet, latency: int, scale: float, horizon: int = 1) -> np.ndarray:
+    """The planted-leak feature: row ``r`` holds the log return from the open of bar ``r + 1 + latency`` to the
+    close of bar ``r + latency + horizon``.
 
-    The decision for bar ``t`` sees rows up to ``t - 1``, so its newest row reveals the return of exactly the bar
-    its order fills in. Rows whose bar lies beyond the data hold 0.
+    The decision for bar ``t`` sees rows up to ``t - 1``, so its newest row reveals the return of exactly the
+    bars its order fills in and holds through (``horizon``: ``EnvParams.leak_horizon``, the bars one decision
+    commits to). Rows whose bars lie beyond the data hold 0.
     """
     n = len(data.close)
     col = np.zeros(n, np.float32)
     shift = 1 + latency
-    if n > shift:
-        col[:-shift] = scale * np.log(data.close[shift:] / data.open[shift:])
+    h = max(int(horizon), 1)
+    if n > shift + h - 1:
+        m = n - shift - h + 1
+        col[:m] = scale * np.log(data.close[shift + h - 1:shift + h - 1 + m] / data.open[shift:shift + m])
     return col
 
 
@@ -362,7 +441,8 @@ class EnvCore:
         self.data, self.execution, self.params, self.n = data, execution, params, n
         feats = np.ascontiguousarray(data.features, dtype=np.float32)
         if params.leak:
-            feats = np.concatenate([feats, leak_column(data, execution.latency_bars, params.leak_scale)[:, None]],
+            feats = np.concatenate([feats, leak_column(data, execution.latency_bars, params.leak_scale,
+                                                       params.leak_horizon)[:, None]],
                                    axis=1)
         self.features = feats
         self.feature_names = (*data.feature_names, *(("leak_next_return",) if params.leak else ()))

@@ -76,11 +76,14 @@ SPOT_ACTIONS = tuple(a.name.lower() for a in SpotAction)
 
 # --- env parameters packed for the kernels; lot multipliers follow from EP_MULTS on ----------------------------
 (EP_MODE, EP_REWARD, EP_SIZE, EP_FORCE_CLOSE, EP_HOLD_PEN, EP_FLIP_PEN, EP_TRADE_PEN, EP_DD_PEN, EP_DSR_ETA,
- EP_BASE_LOT, EP_BUDGET, EP_PROFIT_TARGET, EP_N_ACTIONS, EP_MULTS) = range(14)
+ EP_BASE_LOT, EP_BUDGET, EP_PROFIT_TARGET, EP_N_ACTIONS, EP_EVERY, EP_MIN_HOLD, EP_TURNOVER_PEN, EP_VOL_TARGET,
+ EP_VOL_LOOKBACK, EP_MULTS) = range(19)
 
 # --- per-account env state: rows of a (N_ENV_FIELDS, B) float64 array -------------------------------------------
-E_PREV_EQUITY, E_PEAK, E_DSR_A, E_DSR_B, E_N_BUYS = range(5)
-N_ENV_FIELDS = 5
+E_PREV_EQUITY, E_PEAK, E_DSR_A, E_DSR_B, E_N_BUYS, E_HELD, E_VOL_SCALE = range(7)
+N_ENV_FIELDS = 7
+"""``E_HELD``: bars the current position has been open (its opening fill's bar counts; 0 when flat);
+``E_VOL_SCALE``: the volatility-targeting size factor for the next decision (written by the observation)."""
 
 
 @dataclass(frozen=True)
@@ -120,8 +123,24 @@ class EnvParams:
     """Rule-based Lowrider: buy the next lot when the last close is this fraction below the average entry."""
     rule_schedule: tuple[int, ...] = field(default=(1, 1, 2, 3))
     """Rule-based Lowrider: action index of the 1st, 2nd, … buy (the last repeats)."""
+    decision_every: int = 1
+    """Bars between two decisions. In between the env holds (an action there sends nothing, the mask allows
+    only hold); one training step spans the k bars and its reward is their sum. 1: a decision every bar."""
+    min_hold_bars: int = 0
+    """An open position cannot be closed or flipped until it has been open this many bars (its fill bar
+    counts): those actions are masked. Lowrider's automatic take-profit and the forced close are exempt."""
+    turnover_penalty: float = 0.0
+    """Times the bar's traded notional / equity before the bar, subtracted from the reward (the fees are
+    already in the equity; this discourages churn beyond them)."""
+    vol_target: float = 0.0
+    """Volatility-scaled size: a long/short/buy commits ``position_size × min(1, vol_target / σ)``, σ the RMS
+    1-bar log return of the last ``vol_lookback`` closes before the decision (per bar, e.g. 0.001 = 0.1 %).
+    0: off (fixed ``position_size``). Lowrider sizes by its lots, not by this."""
+    vol_lookback: int = 60
+    """Bars of closes σ is measured over (capped at the session's context before its first bar)."""
     leak: bool = False
-    """Sanity option: append a feature that reveals the next fill bar's return (a learner must exploit it)."""
+    """Sanity option: append a feature that reveals the return of the bars the next decision commits to (the
+    fill bar, through ``max(decision_every, min_hold_bars)`` bars) — a learner must exploit it."""
     leak_scale: float = 1000.0
 
     def __post_init__(self) -> None:
@@ -154,6 +173,21 @@ class EnvParams:
             raise bad("rule_schedule", f"must be non-empty action indices in [1, {len(m) - 1}]")
         if not self.leak_scale > 0:
             raise bad("leak_scale", "must be > 0")
+        if not (isinstance(self.decision_every, int) and self.decision_every >= 1):
+            raise bad("decision_every", "must be an integer ≥ 1")
+        if not (isinstance(self.min_hold_bars, int) and self.min_hold_bars >= 0):
+            raise bad("min_hold_bars", "must be an integer ≥ 0")
+        if not (self.turnover_penalty >= 0 and math.isfinite(self.turnover_penalty)):
+            raise bad("turnover_penalty", "must be ≥ 0")
+        if not (self.vol_target >= 0 and math.isfinite(self.vol_target)):
+            raise bad("vol_target", "must be ≥ 0 (0 = off)")
+        if not (isinstance(self.vol_lookback, int) and self.vol_lookback >= 2):
+            raise bad("vol_lookback", "must be an integer ≥ 2")
+
+    @property
+    def leak_horizon(self) -> int:
+        """Bars the planted leak's return spans: what one decision's position is committed for."""
+        return max(self.decision_every, self.min_hold_bars, 1)
 
     @property
     def n_actions(self) -> int:
@@ -182,6 +216,9 @@ class EnvParams:
         ep[EP_TRADE_PEN], ep[EP_DD_PEN], ep[EP_DSR_ETA] = self.trade_penalty, self.drawdown_penalty, self.dsr_eta
         ep[EP_BASE_LOT], ep[EP_BUDGET] = self.base_lot, initial_cash / self.reluctance
         ep[EP_PROFIT_TARGET], ep[EP_N_ACTIONS] = self.profit_target, self.n_actions
+        ep[EP_EVERY], ep[EP_MIN_HOLD], ep[EP_TURNOVER_PEN] = self.decision_every, self.min_hold_bars, \
+            self.turnover_penalty
+        ep[EP_VOL_TARGET], ep[EP_VOL_LOOKBACK] = self.vol_target, self.vol_lookback
         ep[EP_MULTS:] = self.lot_multipliers
         return ep
 
@@ -212,14 +249,19 @@ def order_for(a: int, committed: float, ref: float, acct: np.ndarray, env: np.nd
     dq = 0.0
     if a == HOLD:
         return 0.0
+    # min hold: a position open (or opening) fewer than min_hold_bars bars may not be closed or flipped
+    locked = committed != 0.0 and env[E_HELD, b] < ep[EP_MIN_HOLD]
+    size = ep[EP_SIZE] * (env[E_VOL_SCALE, b] if ep[EP_VOL_TARGET] > 0.0 else 1.0)
     if mode == MODE_FUTURES:
+        if locked:
+            return 0.0  # close, or a long/short that would flip (the same side is refused below anyway)
         if a == CLOSE:
             dq = -committed
         else:
             side = 1.0 if a == LONG else -1.0
             if committed * side > 0.0:
                 return 0.0
-            target = round_qty(ep[EP_SIZE] * max_position(acct[EQUITY, b], ref, xp), step)
+            target = round_qty(size * max_position(acct[EQUITY, b], ref, xp), step)
             if target <= 0.0:
                 return 0.0
             dq = side * target - committed
@@ -227,8 +269,8 @@ def order_for(a: int, committed: float, ref: float, acct: np.ndarray, env: np.nd
         if a == BUY:
             if committed != 0.0 or env[E_N_BUYS, b] > 0.0:  # one cycle: no second buy
                 return 0.0
-            dq = round_qty(ep[EP_SIZE] * acct[CASH, b] / (ref * (1.0 + xp[XP_TAKER])), step)
-        elif a == SELL:
+            dq = round_qty(size * acct[CASH, b] / (ref * (1.0 + xp[XP_TAKER])), step)
+        elif a == SELL and not locked:
             dq = -committed if committed > 0.0 else 0.0
     else:
         if (committed == 0.0 and env[E_N_BUYS, b] > 0.0) or take_profit_due(acct, b, ref, xp, ep):

@@ -37,6 +37,7 @@ from rltrader.evaluate.backtest import (
     masked_softmax,
     run_backtest,
 )
+from rltrader.evaluate.lowrider import run_lowrider_tables
 from rltrader.evaluate.metrics import comparison_table, compute_metrics
 from rltrader.evaluate.report import (
     SIGNIFICANCE_KEYS,
@@ -183,8 +184,9 @@ def run_backtest_stage(settings: Settings, *, models: Sequence[str] | None = Non
     tables: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
     kept: dict[str, BacktestResult] = {}
     primary_data: SessionSet | None = None
+    datas: dict[str, SessionSet] = {}
     for split in splits:
-        data = continuous_split(settings, split, sessions_dir=sessions_dir, features_dir=features_dir)
+        data = datas[split] = continuous_split(settings, split, sessions_dir=sessions_dir, features_dir=features_dir)
         if split == primary:
             primary_data = data
         metrics[split] = {}
@@ -207,6 +209,12 @@ def run_backtest_stage(settings: Settings, *, models: Sequence[str] | None = Non
         for line in tables[split][1]:
             console.print(f"[{split}] {line}")
     assert primary_data is not None
+    # the Lowrider question (issue 14): rule vs RL lot sizing, by market regime, on every split
+    lowrider = run_lowrider_tables(settings, splits, bt.lowrider_models,
+                                   lambda n: load_trained(settings, n, models_dir), datas, out_dir / "lowrider")
+    for split in splits:
+        for line in lowrider["verdicts"][split]:
+            console.print(line)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     curves = pl.concat([kept[n].combined().select("time", "equity").with_columns(pl.lit(n).alias("symbol"))
@@ -218,6 +226,7 @@ def run_backtest_stage(settings: Settings, *, models: Sequence[str] | None = Non
     for name, module in agents.items():
         res = kept[name]
         other = {f"{s} split: agents vs baselines": tables[s][0] for s in splits if s != primary}
+        other.update({f"Lowrider, {s} split: rule vs RL lot sizing by regime": lowrider["tables"][s] for s in splits})
         files = write_backtest_report(
             out_dir / name, title=f"{name}: continuous backtest over {primary} {res.meta.get('range')}",
             equity=res.equity, trades=res.trades, metrics=metrics[primary][name], initial_cash=res.initial_cash,
@@ -253,6 +262,7 @@ def run_backtest_stage(settings: Settings, *, models: Sequence[str] | None = Non
         "train_runs": {n: (records[n] or {}).get("run_id") for n in names},
         "model_uris": {n: (records[n] or {}).get("model_uri") for n in names},
         "mlflow_runs": mlflow_runs,
+        "lowrider": lowrider,
     }
     write_report(out_dir / "summary.json", summary, BACKTEST_PRODUCER)
     if metrics_path is not None:

@@ -39,7 +39,19 @@ import numpy as np
 
 from rltrader.dataset.build import standardize
 from rltrader.dataset.split import read_metadata
-from rltrader.env.core import N_OUT_F, N_PTR, N_STATE, P_END, P_START, P_T, EnvArrays, observe
+from rltrader.env.core import (
+    N_OUT_F,
+    N_PTR,
+    N_STATE,
+    P_END,
+    P_K,
+    P_START,
+    P_T,
+    EnvArrays,
+    is_decision_bar,
+    observe,
+    update_held,
+)
 from rltrader.env.modes import (
     E_N_BUYS,
     E_PEAK,
@@ -332,8 +344,10 @@ class Trader:
         if self.risk is not None:
             self.risk.on_bar(symbol, valid=row is not None, repairing=symbol in self.catching_up)
         # settle bar r (paper: the kernel fills the order due in it), then the cycle bookkeeping
+        q_before = float(book.acct[QTY, 0])
         fills = self.gateway.broker.settle(symbol, bar, book.acct)
         self._book_fills(book, fills)
+        update_held(book.env, 0, q_before, float(book.acct[QTY, 0]))  # the env's min-hold count (bars open)
         self.records.record_mark(self.session_id, symbol, bar.time, book.equity, float(book.acct[QTY, 0]), bar.close)
         if self.risk is not None:
             self.risk.on_mark(symbol, float(book.acct[QTY, 0]), bar.close, book.equity, bar.time)
@@ -420,6 +434,7 @@ class Trader:
                 book.env[E_N_BUYS, 0] = 0.0
             book.ptr[P_END, 0] = (t + (self.until_us - nxt) // 60_000_000) if self.until_us is not None else FAR
         book.ptr[P_T, 0] = t
+        book.ptr[P_K, 0] = book.run - ctx  # bars into the stretch: the env's decision cadence counts from its start
         observe(0, EnvArrays(book.acct, book.env, book.ptr, book.pending, _NO_SESSIONS, book.bars, book.time,
                              book.feats, self.xp, self.ep, _NO_NEXT, book.window, book.state, book.mask,
                              _NO_OUT_F, _NO_OUT_B))
@@ -443,7 +458,7 @@ class Trader:
             if (int(self.ep[0]) == MODE_LOWRIDER and committed > 0.0
                     and take_profit_due(book.acct, 0, ref, self.xp, self.ep)):
                 dq, reason = -committed, "take_profit"
-            elif 0 < a < book.n_actions:
+            elif 0 < a < book.n_actions and is_decision_bar(int(book.ptr[P_K, 0]), self.ep):
                 dq = float(order_for(a, committed, ref, book.acct, book.env, 0, self.xp, self.ep))
         target = committed + dq if dq != 0.0 else None
         if dq != 0.0 and -dq == committed:
