@@ -52,6 +52,8 @@ from rltrader.env.modes import (
     take_profit_due,
 )
 from rltrader.errors import ConfigError, DataError
+from rltrader.evaluate.backtest.decisions import FS_LAST_FILL, FilterArrays, filter_decision, is_confident
+from rltrader.evaluate.filters import BacktestFilters
 from rltrader.execution import (
     AVG_ENTRY,
     CASH,
@@ -60,6 +62,8 @@ from rltrader.execution import (
     N_FIELDS,
     N_FILLS,
     QTY,
+    REASON_NAMES,
+    REASON_SIGNAL,
     XP_CASH,
     ExecutionParams,
     reset_account,
@@ -162,6 +166,9 @@ class SymbolBook:
     fees_carry: float = 0.0
     decided: int | None = None
     """Open time of the bar the last decision was for."""
+    filter_state: np.ndarray = field(init=False)
+    """The backtest filters' per-account state (``decisions.FilterArrays.state``, one column; its last-fill bar
+    is a row of ``time``)."""
 
     def __post_init__(self) -> None:
         self.bars = np.zeros((5, self.capacity))
@@ -176,10 +183,12 @@ class SymbolBook:
         self.window = np.zeros((1, self.context, self.n_features), np.float32)
         self.state = np.zeros((1, N_STATE), np.float32)
         self.mask = np.zeros((1, self.n_actions), np.bool_)
+        self.filter_state = FilterArrays.create(BacktestFilters(), "futures_session", 1).state
 
     def append(self, bar: Bar, row: np.ndarray | None) -> None:
-        """Add a closed bar (``row`` None: its features are not valid); keeps the last rows when full."""
-        if self.n == self.capacity:
+        """Add a closed bar (``row`` None: its features are not valid); keeps the last rows when full (always
+        one free row after it: the next bar's, whose open time the filters read at decision time)."""
+        if self.n >= self.capacity - 1:
             keep = self.context + 1
             s = self.n - keep
             self.bars[:, :keep] = self.bars[:, s:self.n]
@@ -189,6 +198,7 @@ class SymbolBook:
             for p in (P_T, P_START, P_END):
                 if self.ptr[p, 0] < FAR // 2:
                     self.ptr[p, 0] -= s
+            self.filter_state[FS_LAST_FILL, 0] -= s  # a row index too (a far-past one stays far past)
         i = self.n
         self.bars[:, i] = (bar.open, bar.high, bar.low, bar.close, bar.volume)
         self.time[i] = bar.time
@@ -226,7 +236,7 @@ class Trader:
     def __init__(self, *, policy: Any, policy_name: str, model_version: str | None, execution: ExecutionParams,
                  env_params: EnvParams, norm: Normalization, feature_settings: Any, symbols: Sequence[str],
                  gateway: OrderGateway, records: Records, session_id: str, repeat_cycles: bool = True,
-                 until_us: int | None = None, interval: str = "1m") -> None:
+                 until_us: int | None = None, interval: str = "1m", filters: BacktestFilters | None = None) -> None:
         self.policy, self.policy_name, self.model_version = policy, policy_name, model_version
         self.execution, self.env_params, self.norm = execution, env_params, norm
         self.xp = execution.to_array()
@@ -239,6 +249,10 @@ class Trader:
         self.views: dict[str, _View] = {}
         self.finished: set[str] = set()
         self.action_names = env_params.action_names
+        self.filters = filters or BacktestFilters()
+        self.filter_params = FilterArrays.create(self.filters, env_params.mode, 1).params
+        self.softmax = getattr(self.module, "kind", None) == "logits"
+        self.probs = np.zeros(env_params.n_actions)
         fe = IncrementalFeatures(feature_settings, interval)
         cols = [fe.names.index(n) for n in norm.names if n in fe.names]
         if len(cols) != len(norm.names):
@@ -333,6 +347,8 @@ class Trader:
             self.risk.on_bar(symbol, valid=row is not None, repairing=symbol in self.catching_up)
         # settle bar r (paper: the kernel fills the order due in it), then the cycle bookkeeping
         fills = self.gateway.broker.settle(symbol, bar, book.acct)
+        if fills:  # the cooldown counts from the bar of the last fill
+            book.filter_state[FS_LAST_FILL, 0] = book.n - 1
         self._book_fills(book, fills)
         self.records.record_mark(self.session_id, symbol, bar.time, book.equity, float(book.acct[QTY, 0]), bar.close)
         if self.risk is not None:
@@ -416,17 +432,23 @@ class Trader:
         t = book.n  # the next bar's row
         if book.run == ctx:  # a new stretch starts here (the backtest's fresh account, equity carried)
             book.ptr[P_START, 0] = t
+            book.filter_state[FS_LAST_FILL, 0] = -1e18  # no cooldown carried over a gap (the next stretch)
             if book.acct[QTY, 0] == 0.0 and not book.pending[0].any():
                 book.env[E_N_BUYS, 0] = 0.0
             book.ptr[P_END, 0] = (t + (self.until_us - nxt) // 60_000_000) if self.until_us is not None else FAR
         book.ptr[P_T, 0] = t
-        observe(0, EnvArrays(book.acct, book.env, book.ptr, book.pending, _NO_SESSIONS, book.bars, book.time,
-                             book.feats, self.xp, self.ep, _NO_NEXT, book.window, book.state, book.mask,
-                             _NO_OUT_F, _NO_OUT_B))
+        book.time[t] = nxt  # the decided bar's open time (the filters' UTC day)
+        arrays = EnvArrays(book.acct, book.env, book.ptr, book.pending, _NO_SESSIONS, book.bars, book.time,
+                           book.feats, self.xp, self.ep, _NO_NEXT, book.window, book.state, book.mask,
+                           _NO_OUT_F, _NO_OUT_B)
+        observe(0, arrays)
         scores = None
+        confident = True
         if self.module is not None:
             scores = self.module.scores(book.window, book.state)[0]
             a = int(np.where(book.mask[0], scores, -np.inf).argmax())
+            confident = bool(is_confident(np.ascontiguousarray(scores, np.float32), book.mask[0], a, self.softmax,
+                                          float(self.filters.confidence), self.probs))
         else:
             bind = getattr(self.policy, "bind", None)
             if bind is not None:
@@ -434,11 +456,15 @@ class Trader:
             a = int(np.asarray(self.policy(book.window, book.state, book.mask))[0])
         if a < 0 or a >= book.n_actions:
             a = 0
+        # the backtest's filters, its own code: a blocked decision becomes hold, a stop/take-profit the close
+        chosen = a
+        a, why = filter_decision(0, a, confident, arrays, FilterArrays(self.filter_params, book.filter_state))
+        a = int(a)
         # the env's order for this action (``_step_one``): Lowrider's automatic take-profit, else order_for
         ref = float(book.bars[3, t - 1])
         committed = book.committed()
         dq = 0.0
-        reason = "signal"
+        reason = REASON_NAMES[int(why)] if why != REASON_SIGNAL else ("filtered" if a != chosen else "signal")
         if t + lat < book.ptr[P_END, 0] and book.acct[EQUITY, 0] > EQUITY_FLOOR * self.xp[XP_CASH]:
             if (int(self.ep[0]) == MODE_LOWRIDER and committed > 0.0
                     and take_profit_due(book.acct, 0, ref, self.xp, self.ep)):
@@ -514,11 +540,6 @@ def build_trader(settings: Any, *, mode: str, symbols: Sequence[str], model: str
     if mode not in ("paper", "testnet", "live"):
         raise ConfigError(f"trade --mode {mode}: choose paper, testnet or live")
     bt = settings.backtest
-    active = {k: getattr(bt, k) for k in ("confidence", "cooldown_bars", "max_trades_per_day", "stop_loss",
-                                          "take_profit") if getattr(bt, k)}
-    if active:
-        raise ConfigError(f"trader: backtest filters {sorted(active)} are not applied by the trader yet; set them "
-                          "to 0 (the trader must trade exactly what the backtest of the same params trades)")
     execution, env_params = backtest_params(settings)
     resolved = resolve(settings, model, env_params.mode, bt.seed)
     meta_mode = getattr(resolved.policy, "meta", {}).get("mode")
@@ -540,7 +561,8 @@ def build_trader(settings: Any, *, mode: str, symbols: Sequence[str], model: str
     trader = Trader(policy=resolved.policy, policy_name=resolved.uri, model_version=resolved.version,
                     execution=execution, env_params=env_params, norm=norm, feature_settings=settings.features,
                     symbols=symbols, gateway=gateway, records=records, session_id=session_id,
-                    repeat_cycles=bt.repeat_cycles, until_us=until_us, interval=settings.ingest.interval)
+                    repeat_cycles=bt.repeat_cycles, until_us=until_us, interval=settings.ingest.interval,
+                    filters=BacktestFilters.from_settings(bt))
     trader.resolved = resolved
     trader.risk = risk
     return trader
