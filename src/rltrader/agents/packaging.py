@@ -56,6 +56,24 @@ class PolicyModule(nn.Module):
             scores = out[0] if isinstance(out, tuple) else out
         return np.asarray(scores.float().cpu().numpy())
 
+    def bound_scores(self, window: np.ndarray, state: np.ndarray) -> Callable[[], np.ndarray]:
+        """``scores`` for fixed float32 buffers (a live trader's one-row window and state, refilled in place
+        each bar): the tensors share the arrays' memory and are made once, the forward runs under
+        ``inference_mode`` — no per-call conversion, copy or autograd bookkeeping. The same network call as
+        ``scores``, so the same numbers. Falls back to ``scores`` off the CPU."""
+        if next(self.parameters()).device.type != "cpu" or window.dtype != np.float32 or state.dtype != np.float32 \
+                or not (window.flags.c_contiguous and state.flags.c_contiguous):
+            return lambda: self.scores(window, state)
+        w, s, net = torch.from_numpy(window), torch.from_numpy(state), self.net
+
+        def run() -> np.ndarray:
+            with torch.inference_mode():
+                out = net(w, s)
+                scores = out[0] if isinstance(out, tuple) else out
+                return np.asarray(scores.float().numpy())
+
+        return run
+
     def policy(self) -> Any:
         """A greedy ``evaluate``-compatible policy (masked argmax)."""
         module = self

@@ -26,8 +26,10 @@ to the websocket ingester's closed klines.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -183,6 +185,9 @@ class SymbolBook:
         self.window = np.zeros((1, self.context, self.n_features), np.float32)
         self.state = np.zeros((1, N_STATE), np.float32)
         self.mask = np.zeros((1, self.n_actions), np.bool_)
+        self.scorer: Any = None
+        """The policy module's forward bound to this book's window/state buffers (``bound_scores``)."""
+        self.scorer_of: Any = None
         self.filter_state = FilterArrays.create(BacktestFilters(), "futures_session", 1).state
 
     def append(self, bar: Bar, row: np.ndarray | None) -> None:
@@ -236,7 +241,8 @@ class Trader:
     def __init__(self, *, policy: Any, policy_name: str, model_version: str | None, execution: ExecutionParams,
                  env_params: EnvParams, norm: Normalization, feature_settings: Any, symbols: Sequence[str],
                  gateway: OrderGateway, records: Records, session_id: str, repeat_cycles: bool = True,
-                 until_us: int | None = None, interval: str = "1m", filters: BacktestFilters | None = None) -> None:
+                 until_us: int | None = None, interval: str = "1m", filters: BacktestFilters | None = None,
+                 realtime_priority: int = 0) -> None:
         self.policy, self.policy_name, self.model_version = policy, policy_name, model_version
         self.execution, self.env_params, self.norm = execution, env_params, norm
         self.xp = execution.to_array()
@@ -287,6 +293,10 @@ class Trader:
         self.last_bars: dict[str, Bar] = {}
         self.catching_up: set[str] = set()
         """Symbols whose current bar arrived long after its close (a REST repair catching up): no new risk."""
+        self.bars_seen = 0
+        self.frozen = False
+        self.realtime = _realtime_params(realtime_priority)
+        records.hold_checkpoints()  # checkpoints between bars (``between_bars``), never inside an order's commit
 
     # -- input -----------------------------------------------------------------------------------------
     def warm_up(self, symbol: str, bars: Iterable[Bar]) -> int:
@@ -332,10 +342,39 @@ class Trader:
         return len(fills)
 
     def on_bar(self, symbol: str, bar: Bar) -> Decision | None:
-        """A closed bar of ``symbol``: settle it, then decide (and send) the next bar's order."""
+        """A closed bar of ``symbol``: settle it, then decide (and send) the next bar's order — the critical
+        section from the closed candle to the order request, run with the garbage collector paused (a collection
+        of the process's heap, torch and polars included, takes milliseconds); ``between_bars`` does the rest."""
         t0 = time.perf_counter()
         if symbol in self.finished:
             return None
+        enabled = gc.isenabled()
+        gc.disable()
+        if self.realtime is not None:
+            os.sched_setscheduler(0, os.SCHED_FIFO, self.realtime[0])
+        try:
+            return self._on_bar(symbol, bar, t0)
+        finally:
+            if self.realtime is not None:
+                os.sched_setscheduler(0, os.SCHED_OTHER, self.realtime[1])
+            if enabled:
+                gc.enable()
+
+    def between_bars(self) -> None:
+        """What can wait until the order is out: commit the deferred decision and mark rows (one transaction),
+        checkpoint the SQLite WAL every hour of bars, and once, after the first bar, move the objects that live
+        for the whole session (modules, model, buffers) out of the collector's generations (``gc.freeze``), so
+        that later collections only walk what bars allocate."""
+        self.records.flush()
+        self.bars_seen += 1
+        if self.bars_seen % 60 == 0:
+            self.records.checkpoint()
+        if not self.frozen:
+            gc.collect()
+            gc.freeze()
+            self.frozen = True
+
+    def _on_bar(self, symbol: str, bar: Bar, t0: float) -> Decision | None:
         book = self.books[symbol]
         gap = book.last_time is not None and bar.time - book.last_time != 60_000_000
         raw, ok = self.features[symbol].update(bar.time, bar.open, bar.high, bar.low, bar.close, bar.volume,
@@ -350,7 +389,8 @@ class Trader:
         if fills:  # the cooldown counts from the bar of the last fill
             book.filter_state[FS_LAST_FILL, 0] = book.n - 1
         self._book_fills(book, fills)
-        self.records.record_mark(self.session_id, symbol, bar.time, book.equity, float(book.acct[QTY, 0]), bar.close)
+        self.records.record_mark(self.session_id, symbol, bar.time, book.equity, float(book.acct[QTY, 0]), bar.close,
+                                 deferred=True)
         if self.risk is not None:
             self.risk.on_mark(symbol, float(book.acct[QTY, 0]), bar.close, book.equity, bar.time)
         if self.until_us is not None and bar.time + 60_000_000 >= self.until_us:
@@ -427,7 +467,8 @@ class Trader:
         if book.run < ctx:
             reason = "warm-up" if book.run > 0 else "invalid features"
             self.records.record_decision(self.session_id, book.symbol, nxt, 0, "hold", None, None,
-                                         float(book.acct[QTY, 0]), f"no new risk: {reason}", self.model_version)
+                                         float(book.acct[QTY, 0]), f"no new risk: {reason}", self.model_version,
+                                         deferred=True)
             return Decision(book.symbol, nxt, 0, None, None, reason)
         t = book.n  # the next bar's row
         if book.run == ctx:  # a new stretch starts here (the backtest's fresh account, equity carried)
@@ -445,7 +486,12 @@ class Trader:
         scores = None
         confident = True
         if self.module is not None:
-            scores = self.module.scores(book.window, book.state)[0]
+            if book.scorer_of is not self.module:  # first bar, or a reloaded model
+                bind = getattr(self.module, "bound_scores", None)
+                book.scorer = bind(book.window, book.state) if bind is not None else (
+                    lambda m=self.module, b=book: m.scores(b.window, b.state))
+                book.scorer_of = self.module
+            scores = book.scorer()[0]
             a = int(np.where(book.mask[0], scores, -np.inf).argmax())
             confident = bool(is_confident(np.ascontiguousarray(scores, np.float32), book.mask[0], a, self.softmax,
                                           float(self.filters.confidence), self.probs))
@@ -474,14 +520,15 @@ class Trader:
         target = committed + dq if dq != 0.0 else None
         if dq != 0.0 and -dq == committed:
             target = 0.0
-        fresh = self.records.record_decision(self.session_id, book.symbol, nxt, a, self.action_names[a],
-                                             None if scores is None else scores.tolist(), target,
-                                             float(book.acct[QTY, 0]), reason, self.model_version)
+        # deferred: committed between bars, or with this bar's order intent (before it), whichever is first
+        self.records.record_decision(self.session_id, book.symbol, nxt, a, self.action_names[a],
+                                     None if scores is None else scores.tolist(), target,
+                                     float(book.acct[QTY, 0]), reason, self.model_version, deferred=True)
         self.decisions += 1
         # the backtest's pending queue: this bar's order goes out ``latency`` bars later
         k = book.k
         book.pending[0, k % nslot] = 0.0
-        del fresh  # a recomputed bar (a restart) re-derives the same order and client id: the journal dedupes it
+        # a recomputed bar (a restart) re-derives the same order and client id: the journal dedupes it
         if target is not None and not self.stopping:
             req = self.gateway.order_for_target(book.symbol, nxt, target, committed, ref, reason)
             if req is not None:
@@ -504,6 +551,7 @@ class Trader:
         """Drive the loop from an ordered stream of (symbol, closed bar)."""
         for sym, bar in bars:
             self.on_bar(sym, bar)
+            self.between_bars()
 
     def summary(self) -> dict[str, Any]:
         lat = np.asarray(self.latencies) * 1e3
@@ -514,6 +562,24 @@ class Trader:
                 "equity": float(sum(b.equity for b in self.books.values())),
                 "latency_ms_p50": float(np.quantile(lat, 0.5)) if lat.size else None,
                 "latency_ms_p99": float(np.quantile(lat, 0.99)) if lat.size else None}
+
+
+def _realtime_params(priority: int) -> tuple[Any, Any] | None:
+    """(the FIFO param, the normal one) for ``trader.realtime_priority``; None when 0. Checked here, at start:
+    a trader that cannot get the priority it was configured for refuses to start rather than run slower."""
+    if priority <= 0:
+        return None
+    if not hasattr(os, "sched_setscheduler"):
+        raise ConfigError("trader.realtime_priority: needs Linux's sched_setscheduler; set it to 0 here")
+    fifo, normal = os.sched_param(priority), os.sched_param(0)
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, fifo)
+        os.sched_setscheduler(0, os.SCHED_OTHER, normal)
+    except PermissionError as exc:
+        raise ConfigError(f"trader.realtime_priority {priority}: SCHED_FIFO refused ({exc}); it needs "
+                          "CAP_SYS_NICE (root, `setcap cap_sys_nice+ep` on the interpreter, or the container's "
+                          "--cap-add SYS_NICE), or set it to 0") from None
+    return fifo, normal
 
 
 def new_session_id() -> str:
@@ -562,7 +628,8 @@ def build_trader(settings: Any, *, mode: str, symbols: Sequence[str], model: str
                     execution=execution, env_params=env_params, norm=norm, feature_settings=settings.features,
                     symbols=symbols, gateway=gateway, records=records, session_id=session_id,
                     repeat_cycles=bt.repeat_cycles, until_us=until_us, interval=settings.ingest.interval,
-                    filters=BacktestFilters.from_settings(bt))
+                    filters=BacktestFilters.from_settings(bt),
+                    realtime_priority=settings.trader.realtime_priority)
     trader.resolved = resolved
     trader.risk = risk
     return trader
