@@ -249,8 +249,13 @@ class Records:
 
     # -- the risk engine's persisted state and the operator's commands --------------------------------------
     def kv_get(self, key: str) -> Any:
-        rows = self._query("SELECT value FROM risk_kv WHERE key = ?", (key,))
-        return json.loads(rows[0]["value"]) if rows else None
+        entry = self.kv_entry(key)
+        return None if entry is None else entry[0]
+
+    def kv_entry(self, key: str) -> tuple[Any, float] | None:
+        """(value, when it was written) of a key; None when never written."""
+        rows = self._query("SELECT value, updated_at FROM risk_kv WHERE key = ?", (key,))
+        return (json.loads(rows[0]["value"]), float(rows[0]["updated_at"])) if rows else None
 
     def kv_set(self, key: str, value: Any) -> None:
         self._exec("INSERT INTO risk_kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
