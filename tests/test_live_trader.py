@@ -174,8 +174,10 @@ def test_paper_run_over_the_replay_server_stream_equals_backtest(built: Settings
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("filters", [{}, {"cooldown_bars": 5, "max_trades_per_day": 25}], ids=["plain", "filters"])
 def test_testnet_mode_against_the_fake_exchange_equals_backtest(
-        built: Settings, shared_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        built: Settings, shared_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        filters: dict[str, float]) -> None:
     """`rltrader trade --mode testnet --rest-base <replay server>`: orders go over Binance's signed API to the
     replay exchange, which fills them in the execution kernel; the replay clock is stepped a bar at a time, each
     step waiting for the trader to have handled the bar (lock-step, so wall-clock speed cannot move a fill).
@@ -192,7 +194,7 @@ def test_testnet_mode_against_the_fake_exchange_equals_backtest(
         monkeypatch.setenv(var, val)
     settings = built.model_copy(update={
         "execution": replace(built.execution, step_size=1.0),  # NEARUSDT futures: whole NEAR
-        "backtest": replace(built.backtest, trade_size_quote=5000.0),  # below the leverage cap
+        "backtest": replace(built.backtest, trade_size_quote=5000.0, **filters),  # below the leverage cap
         "data": built.data.model_copy(update={"store_url": f"parquet://{tmp_path / 'store'}"}),
         "trader": built.trader.model_copy(update={"symbols": ["NEARUSDT"], "model": "sma_cross", "history_bars": 0,
                                                   "records_url": str(tmp_path / "t.db")})})
@@ -243,6 +245,9 @@ def test_testnet_mode_against_the_fake_exchange_equals_backtest(
         if t != last_bar:
             assert marks[t] == pytest.approx(e, rel=1e-9), t
     assert all(o["status"] == "filled" for o in records.orders(sid)[:-1])
+    if filters:  # the filters bound: decisions blocked, in the backtest and (as "filtered") in the journal
+        assert bt.totals["blocked_decisions"] > 0
+        assert any(d["reason"] == "filtered" for d in records.decisions(sid))
 
 
 def test_a_missing_bar_closes_and_takes_no_new_risk_until_the_window_is_whole(built: Settings, tmp_path: Path) -> None:

@@ -9,9 +9,24 @@ Per symbol and closed bar ``r`` (open time ``T``), in this order (the env's step
    cycle bookkeeping of the backtest (a new cycle once a sell filled);
 3. decide bar ``r + 1``: the observation (window of the last ``context`` rows, the position state and the
    action mask) is written by the env's own ``_observe``; the policy's masked argmax (or rule) picks an action;
+   the backtest's filters (``params.yaml: backtest``: confidence, cooldown, max trades per day, stop loss, take
+   profit) run on it through the backtest's own ``decisions.filter_decision`` and per-account filter state (a
+   blocked decision becomes hold, recorded with reason ``filtered``; a protective exit the close action);
    the action becomes a target position through the env's ``order_for`` (the backtest's sizing and exchange
    filters); the order = target − committed position goes through the ``OrderGateway`` — sent now (the next
    bar's open) with ``latency_bars = 0``, or held ``latency_bars`` bars as the backtest's pending queue does.
+
+Steps 1–3 are the per-bar critical section (``on_bar``: the collector paused, optionally under ``SCHED_FIFO``,
+decision and mark rows deferred); ``between_bars`` commits those rows, checkpoints the WAL and collects. An
+order's intent is always committed before its request leaves, together with the deferred rows before it.
+
+Why not ``env.continuous.ContinuousRun.step``: that step is "decide bar t AND play bar t" in one kernel call —
+the order for bar t is computed inside ``_step_one`` (``order_for``) and filled by ``process_bar`` on bar t's
+prices in the same call. A live trader must send that order at bar t's open, before bar t exists, through the
+``OrderGateway`` (journal intent, risk engine and operator hooks, client order id, an exchange that may reject,
+reduce or fill differently); and the run's stretches (``SessionSet``) are known in advance, where a live trader
+learns of a gap only when the next bar arrives. So the trader runs the same pieces split at the bar boundary:
+the env's ``observe`` and ``order_for``, the backtest's ``filter_decision``, the kernel's ``process_bar``.
 
 No new risk (decision recorded as hold, with the reason) when the window is not ``context`` consecutive valid
 rows: warm-up, a NaN feature, or a missing bar. A missing bar ends the stretch (as a gap ends a backtest stretch)
