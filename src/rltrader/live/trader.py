@@ -272,7 +272,6 @@ class Trader:
         self.action_names = env_params.action_names
         self.filters = filters or BacktestFilters()
         self.filter_params = FilterArrays.create(self.filters, env_params.mode, 1).params
-        self.softmax = getattr(self.module, "kind", None) == "logits"
         self.probs = np.zeros(env_params.n_actions)
         fe = IncrementalFeatures(feature_settings, interval)
         cols = [fe.names.index(n) for n in norm.names if n in fe.names]
@@ -508,8 +507,8 @@ class Trader:
                 book.scorer_of = self.module
             scores = book.scorer()[0]
             a = int(np.where(book.mask[0], scores, -np.inf).argmax())
-            confident = bool(is_confident(np.ascontiguousarray(scores, np.float32), book.mask[0], a, self.softmax,
-                                          float(self.filters.confidence), self.probs))
+            confident = bool(is_confident(np.ascontiguousarray(scores, np.float32), book.mask[0], a,
+                                          self.module.kind == "logits", float(self.filters.confidence), self.probs))
         else:
             bind = getattr(self.policy, "bind", None)
             if bind is not None:
