@@ -96,6 +96,9 @@ _NO_SESSIONS = np.zeros((2, 0), np.int64)
 _NO_NEXT = np.zeros(1, np.int64)
 _NO_OUT_F = np.zeros((N_OUT_F, 1))
 _NO_OUT_B = np.zeros((2, 1), np.bool_)
+CHECKPOINT_BARS = 360
+"""SQLite WAL checkpoint cadence (between bars): every 6 hours of 1m bars per symbol. A checkpoint's writes and
+fsync leave the CPU caches cold for the next bar, so it is kept rare; the WAL stays a few MB."""
 FAR = 1 << 60
 """``P_END`` when the run has no known end (``time_left`` ≈ 1)."""
 EQUITY_FLOOR = 1e-9
@@ -311,6 +314,7 @@ class Trader:
         self.frozen = False
         self.realtime = _realtime_params(realtime_priority)
         records.hold_checkpoints()  # checkpoints between bars (``between_bars``), never inside an order's commit
+        self._bind_scorers()
 
     # -- input -----------------------------------------------------------------------------------------
     def warm_up(self, symbol: str, bars: Iterable[Bar]) -> int:
@@ -376,17 +380,30 @@ class Trader:
 
     def between_bars(self) -> None:
         """What can wait until the order is out: commit the deferred decision and mark rows (one transaction),
-        checkpoint the SQLite WAL every hour of bars, and once, after the first bar, move the objects that live
-        for the whole session (modules, model, buffers) out of the collector's generations (``gc.freeze``), so
-        that later collections only walk what bars allocate."""
+        checkpoint the SQLite WAL every ``CHECKPOINT_BARS`` bars, bind a reloaded model's forward pass, and once,
+        after the first bar, move the objects that live for the whole session (modules, model, buffers) out of
+        the collector's generations (``gc.freeze``), so that later collections only walk what bars allocate."""
         self.records.flush()
         self.bars_seen += 1
-        if self.bars_seen % 60 == 0:
+        if self.bars_seen % CHECKPOINT_BARS == 0:
             self.records.checkpoint()
+        self._bind_scorers()  # a reloaded model is traced here, not in the next bar's critical section
         if not self.frozen:
             gc.collect()
             gc.freeze()
             self.frozen = True
+
+    def _bind_scorers(self) -> None:
+        """Each book's forward pass bound to its buffers (``PolicyModule.bound_scores``: traces the network, tens
+        of milliseconds) for the current module, outside the per-bar critical section."""
+        if self.module is None:
+            return
+        for book in self.books.values():
+            if book.scorer_of is not self.module:
+                bind = getattr(self.module, "bound_scores", None)
+                book.scorer = bind(book.window, book.state) if bind is not None else (
+                    lambda m=self.module, b=book: m.scores(b.window, b.state))
+                book.scorer_of = self.module
 
     def _on_bar(self, symbol: str, bar: Bar, t0: float) -> Decision | None:
         book = self.books[symbol]
@@ -500,11 +517,8 @@ class Trader:
         scores = None
         confident = True
         if self.module is not None:
-            if book.scorer_of is not self.module:  # first bar, or a reloaded model
-                bind = getattr(self.module, "bound_scores", None)
-                book.scorer = bind(book.window, book.state) if bind is not None else (
-                    lambda m=self.module, b=book: m.scores(b.window, b.state))
-                book.scorer_of = self.module
+            if book.scorer_of is not self.module:  # a model switched in without ``between_bars`` since
+                self._bind_scorers()
             scores = book.scorer()[0]
             a = int(np.where(book.mask[0], scores, -np.inf).argmax())
             confident = bool(is_confident(np.ascontiguousarray(scores, np.float32), book.mask[0], a,
