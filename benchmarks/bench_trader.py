@@ -9,6 +9,11 @@ decision, the order, the fills and the equity mark. The peer: every bar, the las
 frame, every indicator recomputed with ``ta`` plus pandas rolling statistics, the last ``context`` rows
 standardised, then the same torch forward and a masked argmax (no records written: favours the peer).
 
+The ceiling: the bare forward pass of the same network on a fixed one-row input (``PolicyModule.bound_scores``),
+as many times as there are bars — no trader can have a shorter tail than its own forward pass on the same box.
+``--realtime N``: ours, the ceiling and the peer each run their per-bar section under ``SCHED_FIFO`` priority N
+(``trader.realtime_priority``; Linux, CAP_SYS_NICE): on a busy machine the tail is the wait for a CPU.
+
 Prints one JSON line per figure: ``{"metric", "value", "unit", "peer", "peer_value", "ratio"}`` (latencies: ratio
 = peer / ours, > 1 means we are faster). ``--quick``: the first 300 bars of the day.
 Data: NEARUSDT USDⓈ-M 1m bars 2023-04-09 (warm-up) and 2023-04-10 (the replayed day) from the shared archive.
@@ -66,7 +71,43 @@ def make_module(n_features: int, context: int, n_actions: int) -> Any:
     return PolicyModule(net.eval(), "q_values", context, n_features, N_STATE, n_actions, {"algo": "d3qn"})
 
 
-def ours(bars: list[Any], warm: list[Any], module: Any, settings: Any, tmp: Path) -> np.ndarray:
+class Sched:
+    """The per-bar section under SCHED_FIFO (``--realtime``) or the normal scheduler, as the trader does it."""
+
+    def __init__(self, priority: int) -> None:
+        self.on = priority > 0
+        self.fifo, self.normal = os.sched_param(priority), os.sched_param(0)
+
+    def __enter__(self) -> None:
+        if self.on:
+            os.sched_setscheduler(0, os.SCHED_FIFO, self.fifo)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.on:
+            os.sched_setscheduler(0, os.SCHED_OTHER, self.normal)
+
+
+def ceiling(module: Any, n: int, context: int, priority: int) -> np.ndarray:
+    """The bare forward pass of the same net (``bound_scores``) on a fixed one-row input, ``n`` times."""
+    from rltrader.env.core import N_STATE
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((1, context, module.n_features)).astype(np.float32)
+    s = np.zeros((1, N_STATE), np.float32)
+    f = module.bound_scores(w, s)
+    for _ in range(50):
+        f()
+    lat = np.empty(n)
+    sched = Sched(priority)
+    for i in range(n):
+        with sched:
+            t0 = time.perf_counter()
+            f()
+            lat[i] = time.perf_counter() - t0
+    return lat
+
+
+def ours(bars: list[Any], warm: list[Any], module: Any, settings: Any, tmp: Path, priority: int = 0) -> np.ndarray:
     from rltrader.env import params_from_settings
     from rltrader.live.features import IncrementalFeatures
     from rltrader.live.gateway import OrderGateway, PaperBroker
@@ -86,19 +127,26 @@ def ours(bars: list[Any], warm: list[Any], module: Any, settings: Any, tmp: Path
     trader = Trader(policy=module, policy_name="d3qn", model_version=None, execution=execution,
                     env_params=env_params, norm=norm, feature_settings=settings.features, symbols=["NEARUSDT"],
                     gateway=OrderGateway(PaperBroker(xp), records, "bench", xp), records=records,
-                    session_id="bench")
+                    session_id="bench", realtime_priority=priority)
     trader.warm_up("NEARUSDT", warm)
-    lat = np.empty(len(bars))
+    after = np.empty(len(bars))
     for i, b in enumerate(bars):
-        t0 = time.perf_counter()
-        trader.on_bar("NEARUSDT", b)
-        lat[i] = time.perf_counter() - t0
+        trader.on_bar("NEARUSDT", b)  # records its own latency: entry → order ready (before leaving SCHED_FIFO)
+        t1 = time.perf_counter()
+        trader.between_bars()  # after the order is out: the deferred rows' commit, WAL checkpoint, gc
+        after[i] = time.perf_counter() - t1
+    lat = np.asarray(trader.latencies)
+    assert len(lat) == len(bars)
     print(json.dumps({"info": "ours", "fills": trader.summary()["symbols"]["NEARUSDT"]["fills"],
-                      "decisions": trader.decisions}), flush=True)
+                      "decisions": trader.decisions,
+                      "between_bars_ms_p50": round(float(np.quantile(after[1:], 0.5)) * 1e3, 4) if len(bars) > 1
+                      else None,
+                      "between_bars_ms_p99": round(float(np.quantile(after[1:], 0.99)) * 1e3, 4) if len(bars) > 1
+                      else None}), flush=True)
     return lat
 
 
-def naive(bars: list[Any], warm: list[Any], module: Any, settings: Any, window: int) -> np.ndarray:
+def naive(bars: list[Any], warm: list[Any], module: Any, settings: Any, window: int, priority: int = 0) -> np.ndarray:
     """What a newcomer writes: pandas + ta over the trailing window every bar, then the forward pass."""
     import pandas as pd
     import ta
@@ -109,7 +157,9 @@ def naive(bars: list[Any], warm: list[Any], module: Any, settings: Any, window: 
     hist = pd.DataFrame([b.__dict__ for b in warm])
     lat = np.empty(len(bars))
     state = torch.zeros((1, 8))
+    sched = Sched(priority)
     for i, b in enumerate(bars):
+        sched.__enter__()
         t0 = time.perf_counter()
         hist = pd.concat([hist, pd.DataFrame([b.__dict__])], ignore_index=True).iloc[-window:]
         c, h, lo, v = hist["close"], hist["high"], hist["low"], hist["volume"]
@@ -143,12 +193,15 @@ def naive(bars: list[Any], warm: list[Any], module: Any, settings: Any, window: 
         a = int(np.argmax(q))
         _order = a  # the action → order sizing is a few float operations; not the cost here
         lat[i] = time.perf_counter() - t0
+        sched.__exit__()
     return lat
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the first 300 bars of the day (< 1 min)")
+    ap.add_argument("--realtime", type=int, default=0, metavar="N",
+                    help="run every per-bar section (ours, the ceiling, the peer) under SCHED_FIFO priority N")
     args = ap.parse_args()
     import torch
 
@@ -165,17 +218,24 @@ def main() -> None:
 
     n_features = IncrementalFeatures(settings.features).n_features
     module = make_module(n_features, settings.sessions.context, 4)
+    rt = args.realtime
+    with tempfile.TemporaryDirectory() as tmp:  # numba compilation, torch warm-up: past the first decisions
+        ours(day[:settings.sessions.context + 50], warm, module, settings, Path(tmp), rt)
     with tempfile.TemporaryDirectory() as tmp:
-        ours(day[:20], warm, module, settings, Path(tmp))  # numba compilation, torch warm-up
-    with tempfile.TemporaryDirectory() as tmp:
-        a = ours(day, warm, module, settings, Path(tmp)) * 1e3
+        a = ours(day, warm, module, settings, Path(tmp), rt) * 1e3
+    c = ceiling(module, len(day), settings.sessions.context, rt) * 1e3
     window = IncrementalFeatures(settings.features).warmup + settings.sessions.context
-    b = naive(day, warm, module, settings, window) * 1e3
+    b = naive(day, warm, module, settings, window, rt) * 1e3
+    sfx = f"_fifo{rt}" if rt else ""
     peer = f"pandas+ta over the last {window} bars each bar, then torch"
     for q, name in ((0.5, "p50"), (0.99, "p99")):
-        emit(f"trader_bar_to_order_{name}", float(np.quantile(a, q)), "ms", peer, float(np.quantile(b, q)))
-    emit("trader_bar_to_order_mean", float(a.mean()), "ms", peer, float(b.mean()))
-    print(json.dumps({"info": "bars", "value": len(day)}), flush=True)
+        emit(f"trader_bar_to_order_{name}{sfx}", float(np.quantile(a, q)), "ms", peer, float(np.quantile(b, q)))
+    emit(f"trader_bar_to_order_mean{sfx}", float(a.mean()), "ms", peer, float(b.mean()))
+    for q, name in ((0.5, "p50"), (0.99, "p99")):
+        emit(f"trader_forward_only_{name}{sfx}", float(np.quantile(c, q)), "ms", "ours (whole bar)",
+             float(np.quantile(a, q)))
+    print(json.dumps({"info": "bars", "value": len(day), "scheduler": f"SCHED_FIFO {rt}" if rt else "normal",
+                      "loadavg": os.getloadavg()}), flush=True)
 
 
 if __name__ == "__main__":

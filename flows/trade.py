@@ -8,6 +8,7 @@ within 10 minutes whenever none is alive, and two never trade at once.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -25,11 +26,13 @@ def trade(
     ws_base: str | None = None,
     max_seconds: float | None = None,
     mlflow_summary: bool = True,
+    until: datetime | None = None,
 ) -> dict[str, Any]:
-    """Run the trader (``params.yaml`` ``trader`` section, overridable) until stopped or ``max_seconds``."""
+    """Run the trader (``params.yaml`` ``trader`` section, overridable) until stopped, ``max_seconds``, or — a
+    replayed window — the bar before ``until`` (its position closed there, as the backtest's last bar)."""
     summary = run_trader(load_settings(), mode=mode, symbols=symbols, model=model, rest_base=rest_base,
                          ws_base=ws_base, max_seconds=max_seconds, handle_signals=False,
-                         mlflow_summary=mlflow_summary)
+                         mlflow_summary=mlflow_summary, until=until)
     get_run_logger().info("trade %s finished: equity %.4f, %d decisions, session %s", mode, summary["equity"],
                           summary["decisions"], summary["session_id"])
     return summary

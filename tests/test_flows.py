@@ -189,3 +189,52 @@ def test_tune_deployments_are_declared() -> None:
     by_name = {d.name: d for d in deployments()}
     assert {"tune", "tune-worker"} <= set(by_name)
     assert by_name["tune"].concurrency_limit == 1
+
+
+def test_trade_flow_paper_over_the_replay_server(prefect_harness: None, shared_archive: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``trade`` flow (deployment ``trade-paper``) under Prefect: paper mode against the replay server for two
+    replayed hours of real NEARUSDT bars; the flow run completes and its session's fills are in the records."""
+    import polars as pl
+    import yaml
+    from conftest import NEAR_APRIL, build_near_april
+
+    from flows.trade import trade
+    from rltrader.data.archive import parse_klines, read_zip_member
+    from rltrader.live.records import Records
+    from rltrader.sim import ReplayData
+
+    built = build_near_april(shared_archive, tmp_path / "built")
+    day0 = datetime(2023, 4, 10, tzinfo=UTC)
+    until = datetime(2023, 4, 10, 2, tzinfo=UTC)
+    rows = parse_klines(read_zip_member(shared_archive / NEAR_APRIL), source=NEAR_APRIL, market=Market.FUTURES_UM,
+                        symbol="NEARUSDT", interval="1m").rows
+    store = ParquetStore(tmp_path / "store")  # the history before the window; the stream stores the window
+    store.write_klines(rows.filter(pl.col("open_time") < day0))
+    store.close()
+    params = {  # build_near_april's sections (its features and sessions metadata) + the trader's
+        "data": {"dir": str(built.data.dir), "store_url": f"parquet://{tmp_path / 'store'}"},
+        "ingest": {"market": "futures-um", "symbols": ["NEARUSDT"], "interval": "1m"},
+        "sessions": {"context": built.sessions.context, "length": 10, "stride": 10, "embargo": 60,
+                     "volatility_percentile": 0,
+                     "splits": {k: {"start": str(v.start), "end": str(v.end)}
+                                for k, v in built.sessions.splits.items()}},
+        "backtest": {"bootstrap": 0},
+        "trader": {"symbols": ["NEARUSDT"], "model": "sma_cross", "history_bars": 0,
+                   "records_url": str(tmp_path / "trader.db")},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    window = rows.filter((pl.col("open_time") >= day0) & (pl.col("open_time") < until + pl.duration(minutes=5)))
+    server = ReplayServer(ReplayData(Market.FUTURES_UM, window), day0, speed=0)
+    with run_in_thread(server) as srv:
+        summary = trade(mode="paper", rest_base=srv.rest_base_url, ws_base=srv.ws_base_url, max_seconds=240,
+                        mlflow_summary=False, until=until)
+    records = Records(tmp_path / "trader.db")
+    sid = str(summary["session_id"])
+    fills = records.fills(sid)
+    assert len(fills) >= 2 and "order" in {f["kind"] for f in fills}
+    assert all(day0.timestamp() * 1e6 <= f["time"] < until.timestamp() * 1e6 for f in fills)
+    assert summary["decisions"] >= 60 and records.status(sid)["session"]["ended_at"] is not None
+    assert sum(1 for o in records.orders(sid) if o["status"] == "filled") == sum(
+        1 for f in fills if f["kind"] == "order")

@@ -24,12 +24,11 @@ from typing import Any
 
 import polars as pl
 import pytest
+from conftest import build_near_april
 
 from rltrader.config import Settings
 from rltrader.data.archive import parse_klines, read_zip_member
-from rltrader.data.parquet_store import ParquetStore
 from rltrader.data.schema import Market
-from rltrader.dataset.build import run_features_stage, run_sessions_stage
 from rltrader.live.gateway import KILL_VAR
 from rltrader.live.records import Records
 from rltrader.sim import ReplayClock, ReplayData, ReplayServer, run_in_thread
@@ -46,26 +45,14 @@ MIN_KILLS = 20
 @pytest.fixture(scope="module")
 def setup(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pl.DataFrame]:
     tmp = tmp_path_factory.mktemp("crash")
-    settings = Settings.model_validate({
-        "data": {"dir": str(tmp / "data")},
-        "ingest": {"market": "futures-um", "symbols": ["NEARUSDT"], "interval": "1m"},
-        "sessions": {"context": 30, "length": 10, "stride": 10, "embargo": 60, "volatility_percentile": 0,
-                     "splits": {"train": {"start": "2023-04-01", "end": "2023-04-07"},
-                                "val": {"start": "2023-04-07", "end": "2023-04-08"},
-                                "test": {"start": "2023-04-08", "end": "2023-04-10"},
-                                "backtest": {"start": "2023-04-10", "end": "2023-04-11"}}},
-        "execution": {"step_size": 1.0},  # NEARUSDT futures: whole NEAR
-        "backtest": {"bootstrap": 0, "trade_size_quote": 5000.0},  # below the 1x leverage cap
-        "trader": {"symbols": ["NEARUSDT"], "model": "sma_cross", "history_bars": 1440},
-        "risk": {"stale_after_s": 0},
-    })
-    store = ParquetStore(tmp / "data" / "store")
+    settings = build_near_april(  # build_near_april's bars (< DAY1), features and sessions, plus:
+        shared_archive, tmp,
+        execution={"step_size": 1.0},  # NEARUSDT futures: whole NEAR
+        backtest={"trade_size_quote": 5000.0},  # below the 1x leverage cap
+        trader={"symbols": ["NEARUSDT"], "model": "sma_cross", "history_bars": 1440},
+        risk={"stale_after_s": 0})
     rows = parse_klines(read_zip_member(shared_archive / NEAR), source=NEAR, market=Market.FUTURES_UM,
                         symbol="NEARUSDT", interval="1m").rows
-    store.write_klines(rows.filter(pl.col("open_time") < DAY1))
-    run_features_stage(settings, store)
-    run_sessions_stage(settings)
-    store.close()
     path = tmp / "settings.json"
     path.write_text(settings.model_dump_json())
     window = rows.filter((pl.col("open_time") >= W0) & (pl.col("open_time") < W1 + timedelta(minutes=5)))

@@ -72,3 +72,25 @@ def test_zero_price_bar_is_not_valid() -> None:
     assert ok and np.isfinite(row).all()
     row, ok = inc.update(400 * 60_000_000, 1.0, 1.0, 0.0, 0.0, 10.0, 5, 4.0)
     assert not ok and np.isnan(row).any()
+
+
+@pytest.mark.parametrize(("net_name", "encoder"), [("d3qn", "cnn"), ("d3qn", "tcn"), ("ppo", "cnn")])
+def test_bound_scores_equal_the_modules_scores(net_name: str, encoder: str) -> None:
+    """The trader's per-bar forward (``PolicyModule.bound_scores``: zero-copy buffers, the net traced and frozen
+    when that is bit-identical) gives exactly ``scores`` on the same buffers, refilled in place bar after bar."""
+    import torch
+
+    from rltrader.agents.networks import ActorCritic, DuelingQNet, NetConfig
+    from rltrader.agents.packaging import PolicyModule
+
+    torch.manual_seed(1)
+    cls = DuelingQNet if net_name == "d3qn" else ActorCritic
+    net = cls(7, 12, 8, 4, NetConfig(encoder=encoder, channels=8, hidden=16)).eval()
+    module = PolicyModule(net, "q_values" if net_name == "d3qn" else "logits", 12, 7, 8, 4)
+    window, state = np.zeros((1, 12, 7), np.float32), np.zeros((1, 8), np.float32)
+    run = module.bound_scores(window, state)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        window[:] = rng.standard_normal(window.shape)
+        state[:] = rng.standard_normal(state.shape)
+        assert np.array_equal(run(), module.scores(window, state))

@@ -169,3 +169,28 @@ def test_trade_paper_deployment_is_supervised() -> None:
 
     dep = {d.name: d for d in deployments()}["trade-paper"]
     assert dep.concurrency_limit == 1 and dep.schedules and dep.parameters == {"mode": "paper"}
+
+
+def test_deferred_rows_are_committed_with_the_next_order_intent_before_it(tmp_path: Path) -> None:
+    """The trader defers decision and mark rows off the per-bar critical path; they reach the disk at the next
+    ``flush`` (between bars) or in the same commit as the next immediate write — an order's intent — so the
+    journal's order on disk stays the order of the calls. Another connection sees nothing before that."""
+    import sqlite3
+
+    rec = Records(tmp_path / "t.db")
+    other = sqlite3.connect(tmp_path / "t.db")
+    count = lambda table: other.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]  # noqa: E731
+    rec.start_session("s1", mode="paper", model="m", model_version=None, symbols=["X"], params={})
+    rec.record_decision("s1", "X", 60_000_000, 1, "long", [0.1, 0.2], 1.0, 0.0, "signal", deferred=True)
+    rec.record_mark("s1", "X", 0, 100.0, 0.0, 10.0, deferred=True)
+    assert (count("decisions"), count("marks")) == (0, 0)
+    assert rec.record_order("s1", "X", 60_000_000, "cid-1", 1.0, 10.0, "signal")
+    assert (count("decisions"), count("marks"), count("orders")) == (1, 1, 1)
+    ids = other.execute("SELECT MAX(written_at) FROM decisions").fetchone()[0]
+    assert ids <= other.execute("SELECT written_at FROM orders").fetchone()[0]
+    rec.record_decision("s1", "X", 120_000_000, 0, "hold", None, None, 1.0, "signal", deferred=True)
+    rec.flush()
+    assert count("decisions") == 2
+    rec.record_decision("s1", "X", 180_000_000, 0, "hold", None, None, 1.0, "signal", deferred=True)
+    assert len(rec.decisions("s1")) == 3  # this connection's reads see its deferred rows
+    rec.close()

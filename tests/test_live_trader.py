@@ -16,7 +16,7 @@ from rltrader.data.archive import parse_klines, read_zip_member
 from rltrader.data.parquet_store import ParquetStore
 from rltrader.data.schema import Market
 from rltrader.errors import ConfigError
-from rltrader.evaluate.backtest import run_backtest
+from rltrader.evaluate.backtest import BacktestResult, run_backtest
 from rltrader.live.features import IncrementalFeatures
 from rltrader.live.gateway import PaperBroker
 from rltrader.live.records import Records
@@ -50,19 +50,8 @@ def _paper(settings: Settings, model: str, tmp: Path) -> tuple[Records, str]:
     return records, trader.session_id
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("model", "latency", "hold"), [
-    ("sma_cross", 0, {}), ("buy_and_hold", 0, {}), ("sma_cross", 2, {}),
-    # the env's hold settings (issue 14): decisions every 5 bars, positions kept ≥ 7 bars, volatility-sized
-    ("sma_cross", 1, {"decision_every": 5, "min_hold_bars": 7, "vol_target": 0.001}),
-], ids=["sma", "buy_and_hold", "sma_latency2", "sma_hold_settings"])
-def test_paper_parity_with_backtest(built: Settings, tmp_path: Path, model: str, latency: int,
-                                    hold: dict[str, float]) -> None:
-    settings = _with_latency(built, latency)
-    if hold:
-        settings = settings.model_copy(update={"env": replace(settings.env, **hold)})
-    bt = run_backtest(settings, model, split="backtest")
-    records, sid = _paper(settings, model, tmp_path)
+def _assert_parity(bt: BacktestResult, records: Records, sid: str) -> None:
+    """Fills (time, kind, qty, price, fee) and every bar's equity of the paper session equal the backtest's."""
     ref = bt.fills.filter(pl.col("symbol") == "NEARUSDT")
     ours = records.fills(sid)
     assert ref.height >= 2 and len(ours) == ref.height, (len(ours), ref.height)
@@ -83,6 +72,54 @@ def test_paper_parity_with_backtest(built: Settings, tmp_path: Path, model: str,
     assert len({o["client_order_id"] for o in orders}) == len(orders)
     assert sum(1 for f in ours if f["kind"] == "order") == sum(1 for o in orders if o["status"] == "filled")
     assert len(records.decisions(sid)) >= 1440 - 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "latency", "hold"), [
+    ("sma_cross", 0, {}), ("buy_and_hold", 0, {}), ("sma_cross", 2, {}),
+    # the env's hold settings (issue 14): decisions every 5 bars, positions kept ≥ 7 bars, volatility-sized
+    ("sma_cross", 1, {"decision_every": 5, "min_hold_bars": 7, "vol_target": 0.001}),
+], ids=["sma", "buy_and_hold", "sma_latency2", "sma_hold_settings"])
+def test_paper_parity_with_backtest(built: Settings, tmp_path: Path, model: str, latency: int,
+                                    hold: dict[str, float]) -> None:
+    settings = _with_latency(built, latency)
+    if hold:
+        settings = settings.model_copy(update={"env": replace(settings.env, **hold)})
+    bt = run_backtest(settings, model, split="backtest")
+    records, sid = _paper(settings, model, tmp_path)
+    _assert_parity(bt, records, sid)
+
+
+def _with_filters(settings: Settings, **filters: float) -> Settings:
+    return settings.model_copy(update={"backtest": replace(settings.backtest, **filters)})
+
+
+FILTER_CASES = {
+    "cooldown": {"cooldown_bars": 20},
+    "max_trades_per_day": {"max_trades_per_day": 7},
+    "stop_loss": {"stop_loss": 0.003},
+    "take_profit": {"take_profit": 0.003},
+    "all": {"cooldown_bars": 5, "max_trades_per_day": 25, "stop_loss": 0.004, "take_profit": 0.004},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("case", "latency"), [*((c, 0) for c in FILTER_CASES), ("cooldown", 2), ("all", 2)])
+def test_paper_parity_with_backtest_filters(built: Settings, tmp_path: Path, case: str, latency: int) -> None:
+    """The backtest's filters run in the trader as the backtest's own code (``decisions.filter_decision``):
+    with each one set, and all together, the paper session's fills and equity are the backtest's. Each filter
+    must bind on this day (else the case proves nothing): fewer fills than unfiltered, or protective exits."""
+    settings = _with_latency(_with_filters(built, **FILTER_CASES[case]), latency)
+    bt = run_backtest(settings, "sma_cross", split="backtest")
+    records, sid = _paper(settings, "sma_cross", tmp_path)
+    _assert_parity(bt, records, sid)
+    plain = run_backtest(_with_latency(built, latency), "sma_cross", split="backtest")
+    if case in ("stop_loss", "take_profit"):
+        assert case in bt.trades["exit_reason"].to_list()
+        assert any(d["reason"] == case for d in records.decisions(sid))
+    else:
+        assert bt.totals["blocked_decisions"] > 0 and bt.fills.height < plain.fills.height
+        assert any(d["reason"] == "filtered" for d in records.decisions(sid))
 
 
 def test_live_mode_refuses_without_the_flag_and_keys(built: Settings, tmp_path: Path,
@@ -144,8 +181,10 @@ def test_paper_run_over_the_replay_server_stream_equals_backtest(built: Settings
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("filters", [{}, {"cooldown_bars": 5, "max_trades_per_day": 25}], ids=["plain", "filters"])
 def test_testnet_mode_against_the_fake_exchange_equals_backtest(
-        built: Settings, shared_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        built: Settings, shared_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        filters: dict[str, float]) -> None:
     """`rltrader trade --mode testnet --rest-base <replay server>`: orders go over Binance's signed API to the
     replay exchange, which fills them in the execution kernel; the replay clock is stepped a bar at a time, each
     step waiting for the trader to have handled the bar (lock-step, so wall-clock speed cannot move a fill).
@@ -162,7 +201,7 @@ def test_testnet_mode_against_the_fake_exchange_equals_backtest(
         monkeypatch.setenv(var, val)
     settings = built.model_copy(update={
         "execution": replace(built.execution, step_size=1.0),  # NEARUSDT futures: whole NEAR
-        "backtest": replace(built.backtest, trade_size_quote=5000.0),  # below the leverage cap
+        "backtest": replace(built.backtest, trade_size_quote=5000.0, **filters),  # below the leverage cap
         "data": built.data.model_copy(update={"store_url": f"parquet://{tmp_path / 'store'}"}),
         "trader": built.trader.model_copy(update={"symbols": ["NEARUSDT"], "model": "sma_cross", "history_bars": 0,
                                                   "records_url": str(tmp_path / "t.db")})})
@@ -213,6 +252,9 @@ def test_testnet_mode_against_the_fake_exchange_equals_backtest(
         if t != last_bar:
             assert marks[t] == pytest.approx(e, rel=1e-9), t
     assert all(o["status"] == "filled" for o in records.orders(sid)[:-1])
+    if filters:  # the filters bound: decisions blocked, in the backtest and (as "filtered") in the journal
+        assert bt.totals["blocked_decisions"] > 0
+        assert any(d["reason"] == "filtered" for d in records.decisions(sid))
 
 
 def test_a_missing_bar_closes_and_takes_no_new_risk_until_the_window_is_whole(built: Settings, tmp_path: Path) -> None:
@@ -268,6 +310,20 @@ def test_paper_parity_with_backtest_for_a_network(built: Settings, tmp_path: Pat
     _assert_same_fills(bt.fills, records.fills(sid))
     scores = [d["scores"] for d in records.decisions(sid) if d["scores"] is not None]
     assert len(scores) > 1000 and all(len(s) == 4 for s in scores)  # every decision recorded its action scores
+    # the confidence filter (q_values: Q(chosen) - Q(hold)), at the median gap of the unfiltered run's orders,
+    # and with every other filter on top: the backtest's decisions, through its own filter code
+    gaps = [d["scores"][d["action"]] - d["scores"][0] for d in records.decisions(sid)
+            if d["scores"] is not None and d["target"] is not None]
+    threshold = float(np.median(gaps))
+    for filters in ({"confidence": threshold},
+                    {"confidence": threshold, "cooldown_bars": 3, "max_trades_per_day": 40, "stop_loss": 0.004,
+                     "take_profit": 0.004}):
+        settings = _with_filters(built, **filters)
+        bt_f = run_backtest(settings, str(path), split="backtest")
+        (tmp_path / f"f{len(filters)}").mkdir()
+        records_f, sid_f = _paper(settings, str(path), tmp_path / f"f{len(filters)}")
+        _assert_parity(bt_f, records_f, sid_f)
+        assert bt_f.totals["blocked_decisions"] > 0 and bt_f.fills.height < bt.fills.height
 
 
 @pytest.mark.slow

@@ -353,6 +353,10 @@ class TraderSettings(_Strict):
     """Stored bars before the start that warm the incremental features up (EWMs converge in a few hundred)."""
     flatten_on_stop: bool = False
     """Close every position when the run ends (a replay to a known end does, as the backtest's last bar)."""
+    realtime_priority: int = Field(default=0, ge=0, le=99)
+    """> 0: each closed bar's critical section (features → policy → order) runs under ``SCHED_FIFO`` at this
+    priority (Linux; needs CAP_SYS_NICE), so other processes cannot preempt it; 0 = the normal scheduler. On a
+    busy machine the per-bar latency's tail is the time spent waiting for a CPU, not our code."""
 
     @field_validator("symbols", mode="before")
     @classmethod

@@ -15,6 +15,7 @@ on fills, so a backtest computes it for all decision rows in large batches and r
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,29 @@ def module_device(module: nn.Module) -> torch.device:
     for t in (*module.parameters(), *module.buffers()):
         return t.device
     return torch.device("cpu")
+
+
+def _first(out: Any) -> torch.Tensor:
+    first: torch.Tensor = out[0] if isinstance(out, tuple) else out
+    return first
+
+
+def _traced(net: nn.Module, w: torch.Tensor, s: torch.Tensor) -> Callable[..., Any]:
+    """``net`` traced and frozen for the shapes of ``w``/``s`` when that is bit-identical to ``net`` on random
+    probes of those shapes (and ``net`` is in eval mode: no dropout to freeze); else ``net`` itself."""
+    if net.training:
+        return net
+    gen = torch.Generator().manual_seed(0)
+    probes = [(torch.randn(w.shape, generator=gen), torch.randn(s.shape, generator=gen)) for _ in range(3)]
+    try:  # torch.jit is deprecated upstream (2.13 warns) but works; when it is gone, the eager net is used
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            traced = torch.jit.freeze(torch.jit.trace(  # type: ignore[no-untyped-call]
+                net, (w.clone(), s.clone()), check_trace=False))
+            same = all(torch.equal(_first(traced(pw, ps)), _first(net(pw, ps))) for pw, ps in probes)
+    except Exception:  # an untraceable network: the eager one is correct, only slower
+        return net
+    return traced if same else net
 
 
 class PolicyModule(nn.Module):
@@ -62,6 +86,28 @@ class PolicyModule(nn.Module):
             out = self.net(w, s)
             scores = out[0] if isinstance(out, tuple) else out
         return np.asarray(scores.float().cpu().numpy())
+
+    def bound_scores(self, window: np.ndarray, state: np.ndarray) -> Callable[[], np.ndarray]:
+        """``scores`` for fixed float32 buffers (a live trader's one-row window and state, refilled in place
+        each bar): the tensors share the arrays' memory and are made once, the forward runs under
+        ``inference_mode`` — no per-call conversion, copy or autograd bookkeeping — through the network traced
+        and frozen for these shapes (``torch.jit.trace`` + ``freeze``: the per-op Python dispatch, most of a
+        one-row forward's time, is gone). The traced net is used only when it gives bit-identical scores to the
+        module's own forward on probe inputs (else, or when tracing fails, the eager net). Falls back to
+        ``scores`` off the CPU."""
+        if next(self.parameters()).device.type != "cpu" or window.dtype != np.float32 or state.dtype != np.float32 \
+                or not (window.flags.c_contiguous and state.flags.c_contiguous):
+            return lambda: self.scores(window, state)
+        w, s = torch.from_numpy(window), torch.from_numpy(state)
+        net = _traced(self.net, w, s)
+
+        def run() -> np.ndarray:
+            with torch.inference_mode():
+                out = net(w, s)
+                scores = out[0] if isinstance(out, tuple) else out
+                return np.asarray(scores.float().numpy())
+
+        return run
 
     def policy(self) -> Any:
         """A greedy ``evaluate``-compatible policy (masked argmax)."""

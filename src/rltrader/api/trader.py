@@ -46,7 +46,6 @@ def records_of(request: Request) -> Records:
                 rec = open_records(settings.trader.records_url, settings.data.dir)
             else:
                 rec = Records(url)
-            control.ensure_schema(rec)
             state.trader_records = rec
         return rec
 

@@ -2,8 +2,8 @@
 
 Why through the database and not a call into the trader: ``rltrader trade halt``, the HTTP API (in the trader's
 process or in ``rltrader api serve`` on another host) and the risk engine all act on the same journal, and the
-trader may not even be running. Storage is the risk engine's (branch ``risk``: ``risk_kv`` key ``risk_state``,
-``risk_events``, ``commands`` — the same tables and columns, so the two merge onto one journal):
+trader may not even be running. The state is the risk engine's (``live.risk.state_of`` / ``set_state``: ``risk_kv``
+key ``risk_state`` and ``risk_events``; commands in ``commands``), one journal and one reader/writer of it:
 
 - state changes take effect at once: ``halt`` → HALTED (nothing is sent), ``stop`` (no new entries) and ``reduce``
   → REDUCING (only orders that bring a position closer to flat), ``start``/``resume`` → ACTIVE. The state is
@@ -26,72 +26,29 @@ from typing import Any, Literal
 
 from rltrader.errors import ConfigError
 from rltrader.live.records import Records
+from rltrader.live.risk import RiskState
+from rltrader.live.risk import set_state as set_state  # re-exported: the one state writer
+from rltrader.live.risk import state_of as state_of  # re-exported: the one state reader
 
 log = logging.getLogger(__name__)
 State = Literal["ACTIVE", "REDUCING", "HALTED"]
 STATES: tuple[State, ...] = ("ACTIVE", "REDUCING", "HALTED")
-STATE_KEY = "risk_state"
 COMMANDS = ("start", "stop", "reduce", "halt", "resume", "flatten", "reload", "reconcile")
 _STATE_OF: dict[str, State] = {"start": "ACTIVE", "resume": "ACTIVE", "stop": "REDUCING", "reduce": "REDUCING",
                                "halt": "HALTED"}
 QUEUED = ("flatten", "reload", "reconcile")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS risk_kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at DOUBLE PRECISION NOT NULL);
-CREATE TABLE IF NOT EXISTS risk_events (
-    id {serial}, at DOUBLE PRECISION NOT NULL, state_from TEXT NOT NULL, state_to TEXT NOT NULL,
-    reason TEXT NOT NULL, numbers TEXT);
-CREATE TABLE IF NOT EXISTS commands (
-    id {serial}, command TEXT NOT NULL, issued_at DOUBLE PRECISION NOT NULL, taken_at DOUBLE PRECISION,
-    result TEXT)
-"""
-
-
-def ensure_schema(records: Records) -> None:
-    serial = "BIGSERIAL PRIMARY KEY" if records.postgres else "INTEGER PRIMARY KEY AUTOINCREMENT"
-    for stmt in _SCHEMA.format(serial=serial).split(";"):
-        if stmt.strip():
-            records._exec(stmt)
-
-
-def state_of(records: Records) -> dict[str, Any]:
-    """The persisted state (``{"state", "reason", "updated_at"}``); ACTIVE when nothing was ever written."""
-    ensure_schema(records)
-    rows = records._query("SELECT value, updated_at FROM risk_kv WHERE key = ?", (STATE_KEY,))
-    if not rows:
-        return {"state": "ACTIVE", "reason": "initial", "updated_at": None}
-    st = json.loads(rows[0]["value"])
-    return {"state": st.get("state", "ACTIVE"), "reason": st.get("reason", ""), "updated_at": rows[0]["updated_at"]}
-
-
-def set_state(records: Records, new: State, reason: str) -> bool:
-    """Persist a transition (with a ``risk_events`` row); False when already in that state for that reason."""
-    old = state_of(records)
-    if old["state"] == new and old["reason"] == reason:
-        return False
-    now = time.time()
-    with records.transaction():
-        records._exec("INSERT INTO risk_kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE"
-                      " SET value = excluded.value, updated_at = excluded.updated_at",
-                      (STATE_KEY, json.dumps({"state": new, "reason": reason, "numbers": {}}), now))
-        records._exec("INSERT INTO risk_events (at, state_from, state_to, reason, numbers) VALUES (?, ?, ?, ?, ?)",
-                      (now, old["state"], new, reason, "{}"))
-    log.warning(json.dumps({"event": "risk_state", "from": old["state"], "to": new, "reason": reason}))
-    return True
-
-
 def issue(records: Records, command: str, reason: str = "") -> dict[str, Any]:
     """Apply a state change now / queue an action for the running trader; the command's row."""
     if command not in COMMANDS:
         raise ConfigError(f"trade control: unknown command {command!r}; expected one of {', '.join(COMMANDS)}")
-    ensure_schema(records)
     why = f"operator: {command}" + (f" ({reason})" if reason else "")
     with records._lock:
         cur = records.conn.execute(records._sql("INSERT INTO commands (command, issued_at) VALUES (?, ?) RETURNING id"),
                                    (command, time.time()))
         cid = int(cur.fetchone()[0])
     if command in _STATE_OF:
-        set_state(records, _STATE_OF[command], why)
+        set_state(records, RiskState(_STATE_OF[command]), why)
         records._exec("UPDATE commands SET taken_at = ?, result = ? WHERE id = ?",
                       (time.time(), f"state {_STATE_OF[command]}: {why}", cid))
     else:
@@ -133,12 +90,10 @@ def reconcile(records: Records, reason: str = "") -> dict[str, Any]:
 
 def pending(records: Records) -> list[dict[str, Any]]:
     """Queued actions the running trader has not taken yet."""
-    ensure_schema(records)
     return records._query("SELECT * FROM commands WHERE taken_at IS NULL ORDER BY id")
 
 
 def recent(records: Records, limit: int = 20) -> list[dict[str, Any]]:
-    ensure_schema(records)
     return records._query("SELECT * FROM commands ORDER BY id DESC LIMIT ?", (limit,))
 
 
@@ -150,7 +105,6 @@ class Controller:
 
     def __init__(self, trader: Any, *, reload: Callable[[], str] | None = None) -> None:
         self.trader, self.records, self._reload = trader, trader.records, reload
-        ensure_schema(self.records)
         trader.gateway.hooks.append(self.pre_send)
         self.last_bar: dict[str, Any] = {}
 
@@ -192,7 +146,7 @@ class Controller:
                 if sym not in self.trader.finished:
                     self.trader._flatten(sym, bar, "flatten")
                     done.append(sym)
-            set_state(self.records, "REDUCING", "operator: flatten")
+            set_state(self.records, RiskState.REDUCING, "operator: flatten")
             result = f"flattened {','.join(done) or 'nothing'}; REDUCING until resume"
         elif command == "reload":
             result = self._reload() if self._reload is not None else "reload not available for this trader"

@@ -84,6 +84,8 @@ class Records:
         self.postgres = text.startswith(("postgresql://", "postgres://"))
         self._lock = threading.RLock()  # re-entrant: writes inside ``transaction``
         self._depth = 0
+        self._pending: list[tuple[str, tuple[Any, ...]]] = []
+        """Deferred writes (``defer``): committed by the next ``flush`` or with the next immediate write."""
         self.conn: Any
         if self.postgres:
             import psycopg
@@ -107,10 +109,54 @@ class Records:
         return sql.replace("?", "%s") if self.postgres else sql
 
     def _exec(self, sql: str, args: Sequence[Any] = ()) -> None:
+        self._write(sql, args)
+
+    def _write(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """An immediate write (committed when the call returns, or with the enclosing ``transaction``); deferred
+        rows still waiting are committed with it, before it, in one transaction — the journal's order on disk is
+        the order of the calls. Returns the row count."""
         with self._lock:
-            self.conn.execute(self._sql(sql), tuple(args))
+            if self._pending and not self._depth:
+                with self.transaction():
+                    return int(self.conn.execute(self._sql(sql), tuple(args)).rowcount)
+            return int(self.conn.execute(self._sql(sql), tuple(args)).rowcount)
+
+    def defer(self, sql: str, args: Sequence[Any]) -> None:
+        """A write that need not be on disk before anything happens (a decision row, an equity mark): kept in
+        memory and committed by ``flush`` (the trader calls it between bars) or together with the next
+        immediate write (an order's intent), whichever comes first. A crash loses at most the rows since the
+        last commit, which a restarted trader recomputes."""
+        with self._lock:
+            self._pending.append((self._sql(sql), tuple(args)))
+
+    def flush(self) -> None:
+        """Commit the deferred writes (one transaction)."""
+        with self._lock:
+            if self._pending and not self._depth:
+                with self.transaction():
+                    pass
+
+    def _drain(self) -> None:
+        pending, self._pending = self._pending, []
+        for sql, args in pending:
+            self.conn.execute(sql, args)
+
+    def checkpoint(self) -> None:
+        """SQLite: copy the WAL back into the database now (a passive checkpoint, between bars), instead of
+        inside whichever commit crosses the auto-checkpoint size (``hold_checkpoints``)."""
+        if not self.postgres:
+            with self._lock:
+                self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def hold_checkpoints(self) -> None:
+        """No automatic WAL checkpoint inside this connection's commits (the trader checkpoints between bars);
+        a checkpoint with its fsync inside an order's intent commit would be the per-bar latency's tail."""
+        if not self.postgres:
+            with self._lock:
+                self.conn.execute("PRAGMA wal_autocheckpoint=0")
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        self.flush()  # this connection reads what it wrote
         with self._lock:
             cur = self.conn.execute(self._sql(sql), tuple(args))
             cols = [d[0] for d in cur.description]
@@ -132,10 +178,12 @@ class Records:
             try:
                 if self.postgres:
                     with self.conn.transaction():
+                        self._drain()
                         yield
                 else:
                     self.conn.execute("BEGIN IMMEDIATE")
                     try:
+                        self._drain()
                         yield
                     except BaseException:
                         self.conn.execute("ROLLBACK")
@@ -146,6 +194,7 @@ class Records:
 
     def close(self) -> None:
         with self._lock:
+            self.flush()
             self.conn.close()
 
     # -- writes -------------------------------------------------------------------------------------------
@@ -167,17 +216,19 @@ class Records:
 
     def record_decision(self, session_id: str, symbol: str, bar_time: int, action: int, action_name: str,
                         scores: Sequence[float] | None, target: float | None, position: float, reason: str,
-                        model_version: str | None = None) -> bool:
-        """Insert a bar's decision; False when that bar was already decided (nothing is overwritten)."""
+                        model_version: str | None = None, *, deferred: bool = False) -> bool:
+        """Insert a bar's decision; False when that bar was already decided (nothing is overwritten).
+        ``deferred``: committed later (``defer``; the result is then always True)."""
         sql = ("INSERT INTO decisions (session_id, symbol, bar_time, action, action_name, scores, target, position,"
                " reason, model_version, written_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                " ON CONFLICT (session_id, symbol, bar_time) DO NOTHING")
         args = (session_id, symbol, int(bar_time), int(action), action_name,
                 None if scores is None else json.dumps([float(x) for x in scores]),
                 None if target is None else float(target), float(position), reason, model_version, time.time())
-        with self._lock:
-            cur = self.conn.execute(self._sql(sql), args)
-            return bool(cur.rowcount)
+        if deferred:
+            self.defer(sql, args)
+            return True
+        return bool(self._write(sql, args))
 
     def record_order(self, session_id: str, symbol: str, bar_time: int, client_order_id: str, qty: float,
                      ref_price: float, reason: str, status: str = "new") -> bool:
@@ -186,10 +237,8 @@ class Records:
         sql = ("INSERT INTO orders (session_id, symbol, bar_time, client_order_id, qty, ref_price, status, reason,"
                " written_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                " ON CONFLICT (client_order_id) DO NOTHING")
-        with self._lock:
-            cur = self.conn.execute(self._sql(sql), (session_id, symbol, int(bar_time), client_order_id, float(qty),
-                                                     float(ref_price), status, reason, now, now))
-            return bool(cur.rowcount)
+        return bool(self._write(sql, (session_id, symbol, int(bar_time), client_order_id, float(qty),
+                                      float(ref_price), status, reason, now, now)))
 
     def update_order(self, client_order_id: str, status: str, *, exchange_order_id: str | None = None,
                      detail: str | None = None, qty: float | None = None) -> None:
@@ -200,8 +249,13 @@ class Records:
 
     # -- the risk engine's persisted state and the operator's commands --------------------------------------
     def kv_get(self, key: str) -> Any:
-        rows = self._query("SELECT value FROM risk_kv WHERE key = ?", (key,))
-        return json.loads(rows[0]["value"]) if rows else None
+        entry = self.kv_entry(key)
+        return None if entry is None else entry[0]
+
+    def kv_entry(self, key: str) -> tuple[Any, float] | None:
+        """(value, when it was written) of a key; None when never written."""
+        rows = self._query("SELECT value, updated_at FROM risk_kv WHERE key = ?", (key,))
+        return (json.loads(rows[0]["value"]), float(rows[0]["updated_at"])) if rows else None
 
     def kv_set(self, key: str, value: Any) -> None:
         self._exec("INSERT INTO risk_kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
@@ -250,11 +304,15 @@ class Records:
                     float(slippage), float(realized), float(position_after), time.time()))
 
     def record_mark(self, session_id: str, symbol: str, bar_time: int, equity: float, position: float,
-                    price: float) -> None:
-        self._exec("INSERT INTO marks (session_id, symbol, bar_time, equity, position, price) VALUES (?, ?, ?, ?, ?, ?)"
-                   " ON CONFLICT (session_id, symbol, bar_time) DO UPDATE SET equity = excluded.equity,"
-                   " position = excluded.position, price = excluded.price",
-                   (session_id, symbol, int(bar_time), float(equity), float(position), float(price)))
+                    price: float, *, deferred: bool = False) -> None:
+        sql = ("INSERT INTO marks (session_id, symbol, bar_time, equity, position, price) VALUES (?, ?, ?, ?, ?, ?)"
+               " ON CONFLICT (session_id, symbol, bar_time) DO UPDATE SET equity = excluded.equity,"
+               " position = excluded.position, price = excluded.price")
+        args = (session_id, symbol, int(bar_time), float(equity), float(position), float(price))
+        if deferred:
+            self.defer(sql, args)
+        else:
+            self._exec(sql, args)
 
     # -- queries ------------------------------------------------------------------------------------------
     def unfinished_session(self, mode: str, symbols: Sequence[str]) -> str | None:

@@ -87,9 +87,15 @@ def _floor_step(q: float, step: float) -> float:
 
 
 def state_of(records: Records) -> dict[str, Any]:
-    """The persisted state (``{"state": …, "reason": …}``); ACTIVE when nothing was ever written."""
-    st = records.kv_get(STATE_KEY)
-    return st if isinstance(st, dict) else {"state": RiskState.ACTIVE.value, "reason": "initial"}
+    """The persisted state (``{"state", "reason", "numbers", "updated_at"}``; ``updated_at`` is the wall clock
+    of the transition); ACTIVE when nothing was ever written. The one reader of the state: the risk engine, the
+    operator's commands (``live.control``), the CLI and the HTTP API."""
+    entry = records.kv_entry(STATE_KEY)
+    if entry is None or not isinstance(entry[0], dict):
+        return {"state": RiskState.ACTIVE.value, "reason": "initial", "numbers": {}, "updated_at": None}
+    st, at = entry
+    return {"state": st.get("state", RiskState.ACTIVE.value), "reason": st.get("reason", ""),
+            "numbers": st.get("numbers", {}), "updated_at": at}
 
 
 def set_state(records: Records, new: RiskState, reason: str, **numbers: Any) -> bool:
@@ -98,8 +104,9 @@ def set_state(records: Records, new: RiskState, reason: str, **numbers: Any) -> 
     old = state_of(records)
     if old["state"] == new.value and old.get("reason") == reason:
         return False
-    records.kv_set(STATE_KEY, {"state": new.value, "reason": reason, "numbers": numbers})
-    records.record_risk_event(old["state"], new.value, reason, numbers)
+    with records.transaction():  # the state and its event together
+        records.kv_set(STATE_KEY, {"state": new.value, "reason": reason, "numbers": numbers})
+        records.record_risk_event(old["state"], new.value, reason, numbers)
     log.warning(json.dumps({"event": "risk_state", "from": old["state"], "to": new.value, "reason": reason,
                             **numbers}, default=str))
     return True

@@ -157,6 +157,10 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
                           until_us=until_us, session_id=resume_id)
     if resume_id is not None:
         _event("session_resumed", session_id=resume_id)
+    if trader.module is not None:
+        import torch
+
+        torch.set_num_threads(1)  # one row per bar: intra-op threads only add wake-ups to the latency
     controller = Controller(trader, reload=lambda: reload_model(trader, settings))
     if isinstance(broker, BinanceBroker):
         start_exchange_trader(settings, trader, broker, symbols, mode)
@@ -238,6 +242,7 @@ def step(trader: Trader, controller: Any, notifier: Any, symbol: str, bar: Bar) 
                         confidence(decision.scores, decision.action), decision.bar_time)
     if controller is not None:
         controller.on_bar(symbol, bar)
+    trader.between_bars()  # the order is out: commit the decision rows, checkpoint, gc
     return decision
 
 

@@ -9,9 +9,24 @@ Per symbol and closed bar ``r`` (open time ``T``), in this order (the env's step
    cycle bookkeeping of the backtest (a new cycle once a sell filled);
 3. decide bar ``r + 1``: the observation (window of the last ``context`` rows, the position state and the
    action mask) is written by the env's own ``_observe``; the policy's masked argmax (or rule) picks an action;
+   the backtest's filters (``params.yaml: backtest``: confidence, cooldown, max trades per day, stop loss, take
+   profit) run on it through the backtest's own ``decisions.filter_decision`` and per-account filter state (a
+   blocked decision becomes hold, recorded with reason ``filtered``; a protective exit the close action);
    the action becomes a target position through the env's ``order_for`` (the backtest's sizing and exchange
    filters); the order = target − committed position goes through the ``OrderGateway`` — sent now (the next
    bar's open) with ``latency_bars = 0``, or held ``latency_bars`` bars as the backtest's pending queue does.
+
+Steps 1–3 are the per-bar critical section (``on_bar``: the collector paused, optionally under ``SCHED_FIFO``,
+decision and mark rows deferred); ``between_bars`` commits those rows, checkpoints the WAL and collects. An
+order's intent is always committed before its request leaves, together with the deferred rows before it.
+
+Why not ``env.continuous.ContinuousRun.step``: that step is "decide bar t AND play bar t" in one kernel call —
+the order for bar t is computed inside ``_step_one`` (``order_for``) and filled by ``process_bar`` on bar t's
+prices in the same call. A live trader must send that order at bar t's open, before bar t exists, through the
+``OrderGateway`` (journal intent, risk engine and operator hooks, client order id, an exchange that may reject,
+reduce or fill differently); and the run's stretches (``SessionSet``) are known in advance, where a live trader
+learns of a gap only when the next bar arrives. So the trader runs the same pieces split at the bar boundary:
+the env's ``observe`` and ``order_for``, the backtest's ``filter_decision``, the kernel's ``process_bar``.
 
 No new risk (decision recorded as hold, with the reason) when the window is not ``context`` consecutive valid
 rows: warm-up, a NaN feature, or a missing bar. A missing bar ends the stretch (as a gap ends a backtest stretch)
@@ -26,8 +41,10 @@ to the websocket ingester's closed klines.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -64,6 +81,8 @@ from rltrader.env.modes import (
     take_profit_due,
 )
 from rltrader.errors import ConfigError, DataError
+from rltrader.evaluate.backtest.decisions import FS_LAST_FILL, FilterArrays, filter_decision, is_confident
+from rltrader.evaluate.filters import BacktestFilters
 from rltrader.execution import (
     AVG_ENTRY,
     CASH,
@@ -72,6 +91,8 @@ from rltrader.execution import (
     N_FIELDS,
     N_FILLS,
     QTY,
+    REASON_NAMES,
+    REASON_SIGNAL,
     XP_CASH,
     ExecutionParams,
     reset_account,
@@ -87,6 +108,9 @@ _NO_SESSIONS = np.zeros((2, 0), np.int64)
 _NO_NEXT = np.zeros(1, np.int64)
 _NO_OUT_F = np.zeros((N_OUT_F, 1))
 _NO_OUT_B = np.zeros((2, 1), np.bool_)
+CHECKPOINT_BARS = 360
+"""SQLite WAL checkpoint cadence (between bars): every 6 hours of 1m bars per symbol. A checkpoint's writes and
+fsync leave the CPU caches cold for the next bar, so it is kept rare; the WAL stays a few MB."""
 FAR = 1 << 60
 """``P_END`` when the run has no known end (``time_left`` ≈ 1)."""
 EQUITY_FLOOR = 1e-9
@@ -174,6 +198,9 @@ class SymbolBook:
     fees_carry: float = 0.0
     decided: int | None = None
     """Open time of the bar the last decision was for."""
+    filter_state: np.ndarray = field(init=False)
+    """The backtest filters' per-account state (``decisions.FilterArrays.state``, one column; its last-fill bar
+    is a row of ``time``)."""
 
     def __post_init__(self) -> None:
         self.bars = np.zeros((5, self.capacity))
@@ -188,10 +215,15 @@ class SymbolBook:
         self.window = np.zeros((1, self.context, self.n_features), np.float32)
         self.state = np.zeros((1, N_STATE), np.float32)
         self.mask = np.zeros((1, self.n_actions), np.bool_)
+        self.scorer: Any = None
+        """The policy module's forward bound to this book's window/state buffers (``bound_scores``)."""
+        self.scorer_of: Any = None
+        self.filter_state = FilterArrays.create(BacktestFilters(), "futures_session", 1).state
 
     def append(self, bar: Bar, row: np.ndarray | None) -> None:
-        """Add a closed bar (``row`` None: its features are not valid); keeps the last rows when full."""
-        if self.n == self.capacity:
+        """Add a closed bar (``row`` None: its features are not valid); keeps the last rows when full (always
+        one free row after it: the next bar's, whose open time the filters read at decision time)."""
+        if self.n >= self.capacity - 1:
             keep = self.context + 1
             s = self.n - keep
             self.bars[:, :keep] = self.bars[:, s:self.n]
@@ -201,6 +233,7 @@ class SymbolBook:
             for p in (P_T, P_START, P_END):
                 if self.ptr[p, 0] < FAR // 2:
                     self.ptr[p, 0] -= s
+            self.filter_state[FS_LAST_FILL, 0] -= s  # a row index too (a far-past one stays far past)
         i = self.n
         self.bars[:, i] = (bar.open, bar.high, bar.low, bar.close, bar.volume)
         self.time[i] = bar.time
@@ -238,7 +271,8 @@ class Trader:
     def __init__(self, *, policy: Any, policy_name: str, model_version: str | None, execution: ExecutionParams,
                  env_params: EnvParams, norm: Normalization, feature_settings: Any, symbols: Sequence[str],
                  gateway: OrderGateway, records: Records, session_id: str, repeat_cycles: bool = True,
-                 until_us: int | None = None, interval: str = "1m") -> None:
+                 until_us: int | None = None, interval: str = "1m", filters: BacktestFilters | None = None,
+                 realtime_priority: int = 0) -> None:
         self.policy, self.policy_name, self.model_version = policy, policy_name, model_version
         self.execution, self.env_params, self.norm = execution, env_params, norm
         self.xp = execution.to_array()
@@ -251,6 +285,9 @@ class Trader:
         self.views: dict[str, _View] = {}
         self.finished: set[str] = set()
         self.action_names = env_params.action_names
+        self.filters = filters or BacktestFilters()
+        self.filter_params = FilterArrays.create(self.filters, env_params.mode, 1).params
+        self.probs = np.zeros(env_params.n_actions)
         fe = IncrementalFeatures(feature_settings, interval)
         cols = [fe.names.index(n) for n in norm.names if n in fe.names]
         if len(cols) != len(norm.names):
@@ -285,6 +322,11 @@ class Trader:
         self.last_bars: dict[str, Bar] = {}
         self.catching_up: set[str] = set()
         """Symbols whose current bar arrived long after its close (a REST repair catching up): no new risk."""
+        self.bars_seen = 0
+        self.frozen = False
+        self.realtime = _realtime_params(realtime_priority)
+        records.hold_checkpoints()  # checkpoints between bars (``between_bars``), never inside an order's commit
+        self._bind_scorers()
 
     # -- input -----------------------------------------------------------------------------------------
     def warm_up(self, symbol: str, bars: Iterable[Bar]) -> int:
@@ -330,10 +372,52 @@ class Trader:
         return len(fills)
 
     def on_bar(self, symbol: str, bar: Bar) -> Decision | None:
-        """A closed bar of ``symbol``: settle it, then decide (and send) the next bar's order."""
+        """A closed bar of ``symbol``: settle it, then decide (and send) the next bar's order — the critical
+        section from the closed candle to the order request, run with the garbage collector paused (a collection
+        of the process's heap, torch and polars included, takes milliseconds); ``between_bars`` does the rest."""
         t0 = time.perf_counter()
         if symbol in self.finished:
             return None
+        enabled = gc.isenabled()
+        gc.disable()
+        if self.realtime is not None:
+            os.sched_setscheduler(0, os.SCHED_FIFO, self.realtime[0])
+        try:
+            return self._on_bar(symbol, bar, t0)
+        finally:
+            if self.realtime is not None:
+                os.sched_setscheduler(0, os.SCHED_OTHER, self.realtime[1])
+            if enabled:
+                gc.enable()
+
+    def between_bars(self) -> None:
+        """What can wait until the order is out: commit the deferred decision and mark rows (one transaction),
+        checkpoint the SQLite WAL every ``CHECKPOINT_BARS`` bars, bind a reloaded model's forward pass, and once,
+        after the first bar, move the objects that live for the whole session (modules, model, buffers) out of
+        the collector's generations (``gc.freeze``), so that later collections only walk what bars allocate."""
+        self.records.flush()
+        self.bars_seen += 1
+        if self.bars_seen % CHECKPOINT_BARS == 0:
+            self.records.checkpoint()
+        self._bind_scorers()  # a reloaded model is traced here, not in the next bar's critical section
+        if not self.frozen:
+            gc.collect()
+            gc.freeze()
+            self.frozen = True
+
+    def _bind_scorers(self) -> None:
+        """Each book's forward pass bound to its buffers (``PolicyModule.bound_scores``: traces the network, tens
+        of milliseconds) for the current module, outside the per-bar critical section."""
+        if self.module is None:
+            return
+        for book in self.books.values():
+            if book.scorer_of is not self.module:
+                bind = getattr(self.module, "bound_scores", None)
+                book.scorer = bind(book.window, book.state) if bind is not None else (
+                    lambda m=self.module, b=book: m.scores(b.window, b.state))
+                book.scorer_of = self.module
+
+    def _on_bar(self, symbol: str, bar: Bar, t0: float) -> Decision | None:
         book = self.books[symbol]
         gap = book.last_time is not None and bar.time - book.last_time != 60_000_000
         raw, ok = self.features[symbol].update(bar.time, bar.open, bar.high, bar.low, bar.close, bar.volume,
@@ -346,9 +430,12 @@ class Trader:
         # settle bar r (paper: the kernel fills the order due in it), then the cycle bookkeeping
         q_before = float(book.acct[QTY, 0])
         fills = self.gateway.broker.settle(symbol, bar, book.acct)
+        if fills:  # the cooldown counts from the bar of the last fill
+            book.filter_state[FS_LAST_FILL, 0] = book.n - 1
         self._book_fills(book, fills)
         update_held(book.env, 0, q_before, float(book.acct[QTY, 0]))  # the env's min-hold count (bars open)
-        self.records.record_mark(self.session_id, symbol, bar.time, book.equity, float(book.acct[QTY, 0]), bar.close)
+        self.records.record_mark(self.session_id, symbol, bar.time, book.equity, float(book.acct[QTY, 0]), bar.close,
+                                 deferred=True)
         if self.risk is not None:
             self.risk.on_mark(symbol, float(book.acct[QTY, 0]), bar.close, book.equity, bar.time)
         if self.until_us is not None and bar.time + 60_000_000 >= self.until_us:
@@ -425,23 +512,32 @@ class Trader:
         if book.run < ctx:
             reason = "warm-up" if book.run > 0 else "invalid features"
             self.records.record_decision(self.session_id, book.symbol, nxt, 0, "hold", None, None,
-                                         float(book.acct[QTY, 0]), f"no new risk: {reason}", self.model_version)
+                                         float(book.acct[QTY, 0]), f"no new risk: {reason}", self.model_version,
+                                         deferred=True)
             return Decision(book.symbol, nxt, 0, None, None, reason)
         t = book.n  # the next bar's row
         if book.run == ctx:  # a new stretch starts here (the backtest's fresh account, equity carried)
             book.ptr[P_START, 0] = t
+            book.filter_state[FS_LAST_FILL, 0] = -1e18  # no cooldown carried over a gap (the next stretch)
             if book.acct[QTY, 0] == 0.0 and not book.pending[0].any():
                 book.env[E_N_BUYS, 0] = 0.0
             book.ptr[P_END, 0] = (t + (self.until_us - nxt) // 60_000_000) if self.until_us is not None else FAR
         book.ptr[P_T, 0] = t
         book.ptr[P_K, 0] = book.run - ctx  # bars into the stretch: the env's decision cadence counts from its start
-        observe(0, EnvArrays(book.acct, book.env, book.ptr, book.pending, _NO_SESSIONS, book.bars, book.time,
-                             book.feats, self.xp, self.ep, _NO_NEXT, book.window, book.state, book.mask,
-                             _NO_OUT_F, _NO_OUT_B))
+        book.time[t] = nxt  # the decided bar's open time (the filters' UTC day)
+        arrays = EnvArrays(book.acct, book.env, book.ptr, book.pending, _NO_SESSIONS, book.bars, book.time,
+                           book.feats, self.xp, self.ep, _NO_NEXT, book.window, book.state, book.mask,
+                           _NO_OUT_F, _NO_OUT_B)
+        observe(0, arrays)
         scores = None
+        confident = True
         if self.module is not None:
-            scores = self.module.scores(book.window, book.state)[0]
+            if book.scorer_of is not self.module:  # a model switched in without ``between_bars`` since
+                self._bind_scorers()
+            scores = book.scorer()[0]
             a = int(np.where(book.mask[0], scores, -np.inf).argmax())
+            confident = bool(is_confident(np.ascontiguousarray(scores, np.float32), book.mask[0], a,
+                                          self.module.kind == "logits", float(self.filters.confidence), self.probs))
         else:
             bind = getattr(self.policy, "bind", None)
             if bind is not None:
@@ -449,11 +545,15 @@ class Trader:
             a = int(np.asarray(self.policy(book.window, book.state, book.mask))[0])
         if a < 0 or a >= book.n_actions:
             a = 0
+        # the backtest's filters, its own code: a blocked decision becomes hold, a stop/take-profit the close
+        chosen = a
+        a, why = filter_decision(0, a, confident, arrays, FilterArrays(self.filter_params, book.filter_state))
+        a = int(a)
         # the env's order for this action (``_step_one``): Lowrider's automatic take-profit, else order_for
         ref = float(book.bars[3, t - 1])
         committed = book.committed()
         dq = 0.0
-        reason = "signal"
+        reason = REASON_NAMES[int(why)] if why != REASON_SIGNAL else ("filtered" if a != chosen else "signal")
         if t + lat < book.ptr[P_END, 0] and book.acct[EQUITY, 0] > EQUITY_FLOOR * self.xp[XP_CASH]:
             if (int(self.ep[0]) == MODE_LOWRIDER and committed > 0.0
                     and take_profit_due(book.acct, 0, ref, self.xp, self.ep)):
@@ -463,14 +563,15 @@ class Trader:
         target = committed + dq if dq != 0.0 else None
         if dq != 0.0 and -dq == committed:
             target = 0.0
-        fresh = self.records.record_decision(self.session_id, book.symbol, nxt, a, self.action_names[a],
-                                             None if scores is None else scores.tolist(), target,
-                                             float(book.acct[QTY, 0]), reason, self.model_version)
+        # deferred: committed between bars, or with this bar's order intent (before it), whichever is first
+        self.records.record_decision(self.session_id, book.symbol, nxt, a, self.action_names[a],
+                                     None if scores is None else scores.tolist(), target,
+                                     float(book.acct[QTY, 0]), reason, self.model_version, deferred=True)
         self.decisions += 1
         # the backtest's pending queue: this bar's order goes out ``latency`` bars later
         k = book.k
         book.pending[0, k % nslot] = 0.0
-        del fresh  # a recomputed bar (a restart) re-derives the same order and client id: the journal dedupes it
+        # a recomputed bar (a restart) re-derives the same order and client id: the journal dedupes it
         if target is not None and not self.stopping:
             req = self.gateway.order_for_target(book.symbol, nxt, target, committed, ref, reason)
             if req is not None:
@@ -493,6 +594,7 @@ class Trader:
         """Drive the loop from an ordered stream of (symbol, closed bar)."""
         for sym, bar in bars:
             self.on_bar(sym, bar)
+            self.between_bars()
 
     def summary(self) -> dict[str, Any]:
         lat = np.asarray(self.latencies) * 1e3
@@ -503,6 +605,24 @@ class Trader:
                 "equity": float(sum(b.equity for b in self.books.values())),
                 "latency_ms_p50": float(np.quantile(lat, 0.5)) if lat.size else None,
                 "latency_ms_p99": float(np.quantile(lat, 0.99)) if lat.size else None}
+
+
+def _realtime_params(priority: int) -> tuple[Any, Any] | None:
+    """(the FIFO param, the normal one) for ``trader.realtime_priority``; None when 0. Checked here, at start:
+    a trader that cannot get the priority it was configured for refuses to start rather than run slower."""
+    if priority <= 0:
+        return None
+    if not hasattr(os, "sched_setscheduler"):
+        raise ConfigError("trader.realtime_priority: needs Linux's sched_setscheduler; set it to 0 here")
+    fifo, normal = os.sched_param(priority), os.sched_param(0)
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, fifo)
+        os.sched_setscheduler(0, os.SCHED_OTHER, normal)
+    except PermissionError as exc:
+        raise ConfigError(f"trader.realtime_priority {priority}: SCHED_FIFO refused ({exc}); it needs "
+                          "CAP_SYS_NICE (root, `setcap cap_sys_nice+ep` on the interpreter, or the container's "
+                          "--cap-add SYS_NICE), or set it to 0") from None
+    return fifo, normal
 
 
 def new_session_id() -> str:
@@ -529,11 +649,6 @@ def build_trader(settings: Any, *, mode: str, symbols: Sequence[str], model: str
     if mode not in ("paper", "testnet", "live"):
         raise ConfigError(f"trade --mode {mode}: choose paper, testnet or live")
     bt = settings.backtest
-    active = {k: getattr(bt, k) for k in ("confidence", "cooldown_bars", "max_trades_per_day", "stop_loss",
-                                          "take_profit") if getattr(bt, k)}
-    if active:
-        raise ConfigError(f"trader: backtest filters {sorted(active)} are not applied by the trader yet; set them "
-                          "to 0 (the trader must trade exactly what the backtest of the same params trades)")
     execution, env_params = backtest_params(settings)
     resolved = resolve(settings, model, env_params.mode, bt.seed)
     meta_mode = getattr(resolved.policy, "meta", {}).get("mode")
@@ -555,7 +670,9 @@ def build_trader(settings: Any, *, mode: str, symbols: Sequence[str], model: str
     trader = Trader(policy=resolved.policy, policy_name=resolved.uri, model_version=resolved.version,
                     execution=execution, env_params=env_params, norm=norm, feature_settings=settings.features,
                     symbols=symbols, gateway=gateway, records=records, session_id=session_id,
-                    repeat_cycles=bt.repeat_cycles, until_us=until_us, interval=settings.ingest.interval)
+                    repeat_cycles=bt.repeat_cycles, until_us=until_us, interval=settings.ingest.interval,
+                    filters=BacktestFilters.from_settings(bt),
+                    realtime_priority=settings.trader.realtime_priority)
     trader.resolved = resolved
     trader.risk = risk
     return trader
