@@ -89,12 +89,13 @@ def test_whole_pipeline_on_tiny_params(tmp_path: Path, shared_archive: Path) -> 
                                             "backtest": {"bootstrap": 200}})
     first = _run([sys.executable, "-m", "dvc", "repro"], repo)
     assert sorted(_ran(first)) == sorted(["ingest", "features", "sessions", "study", "train@d3qn", "train@ppo",
-                                          "train@cnn", "train@xgb", "train@lowrider", "backtest", "promote"]), first
+                                          "train@cnn", "train@xgb", "train@lowrider", "ensemble", "backtest",
+                                          "promote"]), first
     assert (repo / "reports" / "study" / "report.html").is_file()
     decision = json.loads((repo / "reports" / "promotion.json").read_text())
     assert decision["action"] in ("promote", "refuse") and decision["gates"]
-    assert decision["challenger"] in ("d3qn", "ppo", "xgb")
-    for algo in ("d3qn", "ppo", "cnn", "xgb", "lowrider"):
+    assert decision["challenger"] in ("d3qn", "ppo", "xgb", "d3qn_ens")
+    for algo in ("d3qn", "ppo", "cnn", "xgb", "lowrider", "d3qn_ens"):
         assert (repo / "reports" / "backtest" / algo / "report.html").is_file()
     shown = _run([sys.executable, "-m", "dvc", "metrics", "show"], repo)
     assert "reports/backtest.json" in shown and "reports/promotion.json" in shown and "reports/study.json" in shown

@@ -134,8 +134,9 @@ def test_nightly_retrain_backfills_rebuilds_and_decides(prefect_harness: None, w
     # reported as a gap, not an error
     assert summary["backfill"]["inserted"] == (28 + 30) * 1440 and summary["gaps"] >= 1
     assert summary["rebuild"]["stages"] == ["ingest", "features", "sessions", "study", "train@d3qn", "train@ppo",
-                                            "train@cnn", "train@xgb", "backtest", "promote"]
-    assert summary["decision"] in ("promote", "refuse") and summary["challenger"] in ("d3qn", "ppo", "xgb")
+                                            "train@cnn", "train@xgb", "train@lowrider", "ensemble@d3qn_ens",
+                                            "backtest", "promote"]
+    assert summary["decision"] in ("promote", "refuse") and summary["challenger"] in ("d3qn", "ppo", "xgb", "d3qn_ens")
     decision = json.loads((workdir / "reports" / "promotion.json").read_text())
     assert decision["action"] == summary["decision"]
     assert summary["failed_gates"] == [g["name"] for g in decision["gates"] if not g["passed"]]

@@ -29,7 +29,21 @@ def test_dvc_train_foreach_is_the_algorithm_registry() -> None:
     stages = _dvc()["stages"]
     assert tuple(stages["train"]["foreach"]) == TRAINED
     deps = stages["backtest"]["deps"]
-    assert {d for d in deps if str(d).startswith("reports/train_")} == {f"reports/train_{a}.json" for a in TRAINED}
+    ensembles = yaml.safe_load((REPO / "params.yaml").read_text())["ensembles"]
+    assert {d for d in deps if str(d).startswith("reports/train_")} == {f"reports/train_{a}.json"
+                                                                       for a in (*TRAINED, *ensembles)}
+
+
+def test_dvc_ensemble_stage_builds_the_default_ensembles() -> None:
+    """dvc.yaml's ``ensemble`` stage builds every ensemble params.yaml defines, with each member as an out (a
+    member file left from other params is never reused: the stage retrains)."""
+    stage = _dvc()["stages"]["ensemble"]
+    ensembles = yaml.safe_load((REPO / "params.yaml").read_text())["ensembles"]
+    assert "--retrain" in stage["cmd"]
+    expected = {f"data/models/{n}.pt" for n in ensembles} | {f"data/models/{e['algo']}_s{s}.pt"
+                                                             for e in ensembles.values() for s in e["seeds"]}
+    assert set(stage["outs"]) == expected
+    assert all(f"rltrader ensemble {n} " in stage["cmd"] for n in ensembles)
 
 
 def test_every_algorithm_has_a_config_and_a_params_section() -> None:
@@ -43,7 +57,8 @@ def test_backtest_models_default_to_every_algorithm() -> None:
     """The pipeline trains ``backtest.models``: by default (and in params.yaml) every registered algorithm, as
     dvc.yaml's foreach does."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert tuple(Settings().backtest.models) == ALGORITHMS == tuple(params["backtest"]["models"])
+    assert tuple(Settings().backtest.models) == ALGORITHMS
+    assert tuple(params["backtest"]["models"]) == (*ALGORITHMS, *params["ensembles"])  # and the default ensembles
     assert tuple(Settings().backtest.lowrider_models) == tuple(VARIANTS) == tuple(params["backtest"]["lowrider_models"])
 
 

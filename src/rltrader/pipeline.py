@@ -15,10 +15,12 @@ from rich.console import Console
 from rltrader.config import Settings
 
 console = Console(stderr=True)
-STAGES = ("ingest", "features", "sessions", "study", "train", "backtest", "promote")
+STAGES = ("ingest", "features", "sessions", "study", "train", "ensemble", "backtest", "promote")
 """The stages in order; ``dvc.yaml`` declares the same ones (``tests/test_structure.py`` checks both). ``train``
 runs once per trained model (``backtest.models``, by default every algorithm of ``rltrader.agents.ALGORITHMS``, and
-``backtest.lowrider_models``, by default the ``lowrider`` variant — as dvc.yaml's ``train`` foreach)."""
+``backtest.lowrider_models``, by default the ``lowrider`` variant — as dvc.yaml's ``train`` foreach); ``ensemble``
+builds the ``ensembles`` judged by the backtest (members retrained: a member file left from other params must never
+be reused), as dvc.yaml's ``ensemble`` stage does for the default ``d3qn_ens``."""
 
 
 def run_pipeline(settings: Settings, *, reports_dir: Path = Path("reports"), progress: bool = False,
@@ -31,7 +33,7 @@ def run_pipeline(settings: Settings, *, reports_dir: Path = Path("reports"), pro
     from rltrader.evaluate.stage import run_backtest_stage
     from rltrader.registry import promote
     from rltrader.study.stage import run_study_stage
-    from rltrader.train import run_train
+    from rltrader.train import run_ensemble, run_train
     from rltrader.utils import write_json
 
     out: dict[str, Any] = {"seconds": {}}
@@ -59,7 +61,11 @@ def run_pipeline(settings: Settings, *, reports_dir: Path = Path("reports"), pro
         settings, out_dir=reports_dir / "study", metrics_path=reports_dir / "study.json")["verdicts"])
     out["train"] = {algo: timed(f"train@{algo}", lambda a=algo: run_train(   # type: ignore[misc]
         settings, a, progress=progress, metrics_path=reports_dir / f"train_{a}.json"))
-        for algo in dict.fromkeys([*settings.backtest.models, *settings.backtest.lowrider_models])}
+        for algo in dict.fromkeys([*settings.backtest.models, *settings.backtest.lowrider_models])
+        if algo not in settings.ensembles}
+    out["ensemble"] = {name: timed(f"ensemble@{name}", lambda n=name: run_ensemble(  # type: ignore[misc]
+        settings, n, progress=progress, retrain=True, metrics_path=reports_dir / f"train_{n}.json"))
+        for name in settings.ensembles if name in settings.backtest.models}
     out["backtest"] = timed("backtest", lambda: run_backtest_stage(
         settings, out_dir=reports_dir / "backtest", metrics_path=reports_dir / "backtest.json",
         reports_dir=reports_dir))
