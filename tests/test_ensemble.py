@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_sessions import fill_store, make_settings
+from test_sessions import TINY_D3QN, make_settings, training_settings
 
 from rltrader import registry
 from rltrader.agents.configs import NetConfig
@@ -18,12 +18,12 @@ from rltrader.agents.ensemble import ensemble_module
 from rltrader.agents.networks import ActorCritic, DuelingQNet
 from rltrader.agents.packaging import PolicyModule, load_mlflow_policy, load_policy_file
 from rltrader.config import Settings
-from rltrader.dataset.build import run_features_stage, run_sessions_stage
 from rltrader.env.core import N_STATE
 from rltrader.errors import ConfigError
 from rltrader.evaluate.backtest import backtest_params, backtest_sessions, continuous_split, masked_softmax
 from rltrader.evaluate.filters import BacktestFilters
 from rltrader.evaluate.stage import run_backtest_stage
+from rltrader.integrity import BACKTEST_PRODUCER, write_report
 from rltrader.train import run_ensemble
 
 NET = NetConfig(encoder="cnn", channels=8, hidden=16)
@@ -78,18 +78,11 @@ def test_members_must_match() -> None:
 @pytest.fixture(scope="module")
 def ensembled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Path]:
     tmp = tmp_path_factory.mktemp("ens")
-    base = make_settings(tmp)
-    run_features_stage(base, fill_store(tmp))
-    run_sessions_stage(base)
-    d = base.model_dump(mode="json")
-    d["train"] = {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "artifact_root": str(tmp / "artifacts"),
-                  "checkpoint_dir": str(tmp / "ckpt"), "models_dir": str(tmp / "models"), "val_sessions": 100}
-    d["d3qn"] = {"total_steps": 600, "num_envs": 16, "learning_starts": 200, "batch_size": 32, "buffer_size": 2000,
-                 "eval_every": 600, "eval_sessions": 30, "checkpoint_every": 600, "net": {"channels": 8, "hidden": 16}}
-    d["ensembles"] = {"d3qn_ens": {"algo": "d3qn", "seeds": [0, 1]}, "d3qn_one": {"algo": "d3qn", "seeds": [1]}}
-    d["backtest"] = {"models": ["d3qn_ens", "d3qn_one", "d3qn_s1"], "bootstrap": 200}
-    d["promote"] = {"decision_path": str(tmp / "reports" / "promotion.json"), "candidates": ["d3qn_ens"]}
-    settings = Settings.model_validate(d)
+    settings = training_settings(
+        tmp, d3qn=TINY_D3QN,
+        ensembles={"d3qn_ens": {"algo": "d3qn", "seeds": [0, 1]}, "d3qn_one": {"algo": "d3qn", "seeds": [1]}},
+        backtest={"models": ["d3qn_ens", "d3qn_one", "d3qn_s1"], "lowrider_models": [], "bootstrap": 200},
+        promote={"candidates": ["d3qn_ens"]})
     reports = tmp / "reports"
     run_ensemble(settings, "d3qn_ens", progress=False, metrics_path=reports / "train_d3qn_ens.json")
     run_ensemble(settings, "d3qn_one", progress=False, metrics_path=reports / "train_d3qn_one.json")
@@ -123,7 +116,7 @@ def test_ensemble_is_published_judged_and_promoted_like_a_model(ensembled: tuple
     for split in ("val", "backtest"):
         summary["metrics"][split]["d3qn_ens"].update(sharpe_daily_annualized=9.0, total_return=0.5, max_drawdown=0.01)
     doctored = reports / "doctored.json"
-    doctored.write_text(json.dumps(summary))
+    write_report(doctored, summary, BACKTEST_PRODUCER)  # re-signed: an edited summary is otherwise refused
     decision = registry.promote(settings, summary_path=doctored)
     assert decision.promoted and decision.challenger == "d3qn_ens"
     champion = load_mlflow_policy(f"models:/{settings.promote.model_name}@champion")

@@ -12,20 +12,20 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_sessions import fill_store, make_settings
+from test_sessions import training_settings
 
 from rltrader import registry
 from rltrader.agents.configs import XGBConfig
 from rltrader.agents.forecast_policy import ForecastActions, XGBForecaster
 from rltrader.agents.packaging import PolicyModule, check_weights, load_mlflow_policy, load_policy_file
 from rltrader.config import Settings
-from rltrader.dataset.build import run_features_stage, run_sessions_stage
 from rltrader.env.core import N_STATE
 from rltrader.env.modes import FuturesAction
 from rltrader.errors import ConfigError, DataError
 from rltrader.evaluate.backtest import backtest_params, backtest_sessions, continuous_split
 from rltrader.evaluate.filters import BacktestFilters
 from rltrader.evaluate.stage import run_backtest_stage
+from rltrader.integrity import BACKTEST_PRODUCER, write_report
 from rltrader.train import run_train
 
 XGB_TINY = {"horizons": [5, 15], "thresholds": [0, 0.1], "rounds": 20, "min_trades": 5, "train_stride": 2,
@@ -35,16 +35,9 @@ XGB_TINY = {"horizons": [5, 15], "thresholds": [0, 0.1], "rounds": 20, "min_trad
 @pytest.fixture(scope="module")
 def trained_xgb(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Path]:
     tmp = tmp_path_factory.mktemp("xgb")
-    base = make_settings(tmp)
-    run_features_stage(base, fill_store(tmp))
-    run_sessions_stage(base)
-    d = base.model_dump(mode="json")
-    d["train"] = {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "artifact_root": str(tmp / "artifacts"),
-                  "checkpoint_dir": str(tmp / "ckpt"), "models_dir": str(tmp / "models"), "val_sessions": 100}
-    d["xgb"] = XGB_TINY
-    d["backtest"] = {"models": ["xgb"], "bootstrap": 200}
-    d["promote"] = {"decision_path": str(tmp / "reports" / "promotion.json"), "candidates": ["d3qn", "ppo", "xgb"]}
-    settings = Settings.model_validate(d)
+    settings = training_settings(tmp, xgb=XGB_TINY,
+                                 backtest={"models": ["xgb"], "lowrider_models": [], "bootstrap": 200},
+                                 promote={"candidates": ["d3qn", "ppo", "xgb"]})
     reports = tmp / "reports"
     run_train(settings, "xgb", progress=False, metrics_path=reports / "train_xgb.json")
     run_backtest_stage(settings, out_dir=reports / "backtest", metrics_path=reports / "backtest.json",
@@ -101,7 +94,7 @@ def test_xgb_is_promoted_through_the_registry(trained_xgb: tuple[Settings, Path]
     for split in ("val", "backtest"):  # chosen numbers that pass every gate (the real ones are the stage's)
         summary["metrics"][split]["xgb"].update(sharpe_daily_annualized=9.0, total_return=0.5, max_drawdown=0.01)
     doctored = reports / "doctored.json"
-    doctored.write_text(json.dumps(summary))
+    write_report(doctored, summary, BACKTEST_PRODUCER)  # re-signed: an edited summary is otherwise refused
     decision = registry.promote(settings, summary_path=doctored)
     assert decision.promoted and decision.challenger == "xgb" and all(g.passed for g in decision.gates)
     champion = load_mlflow_policy(f"models:/{settings.promote.model_name}@champion")

@@ -10,12 +10,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_sessions import fill_store, make_settings
+from test_sessions import TINY_D3QN, make_settings, training_settings
 
 import mlflow
 from rltrader import registry
 from rltrader.config import PromoteSettings, Settings
-from rltrader.dataset.build import run_features_stage, run_sessions_stage
 from rltrader.errors import DataError
 from rltrader.evaluate.stage import run_backtest_stage, run_one_backtest
 from rltrader.integrity import BACKTEST_PRODUCER, write_report
@@ -58,20 +57,11 @@ def test_gates_against_champion_margin_drawdown_and_nan() -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Path]:
     tmp = tmp_path_factory.mktemp("registry")
-    base = make_settings(tmp)
-    run_features_stage(base, fill_store(tmp))
-    run_sessions_stage(base)
-    d = base.model_dump(mode="json")
-    d["train"] = {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "artifact_root": str(tmp / "artifacts"),
-                  "checkpoint_dir": str(tmp / "ckpt"), "models_dir": str(tmp / "models"), "val_sessions": 100}
-    d["d3qn"] = {"total_steps": 600, "num_envs": 16, "learning_starts": 200, "batch_size": 32, "buffer_size": 2000,
-                 "eval_every": 600, "eval_sessions": 30, "checkpoint_every": 600, "net": {"channels": 8, "hidden": 16}}
-    d["ppo"] = {"total_steps": 512, "num_envs": 16, "rollout_steps": 16, "eval_every": 512, "eval_max_sessions": 30,
-                "checkpoint_every": 512, "net": {"channels": 8, "hidden": 16, "tcn_levels": 2}}
-    d["lowrider"] = d["d3qn"]  # the Lowrider variant (train@lowrider), as small
-    d["backtest"] = {"models": ["d3qn", "ppo"], "bootstrap": 200}
-    d["promote"] = {"decision_path": str(tmp / "reports" / "promotion.json")}
-    settings = Settings.model_validate(d)
+    ppo = {"total_steps": 512, "num_envs": 16, "rollout_steps": 16, "eval_every": 512, "eval_max_sessions": 30,
+           "checkpoint_every": 512, "net": {"channels": 8, "hidden": 16, "tcn_levels": 2}}
+    settings = training_settings(tmp, d3qn=TINY_D3QN, ppo=ppo,
+                                 lowrider=TINY_D3QN,  # the Lowrider variant (train@lowrider), as small
+                                 backtest={"models": ["d3qn", "ppo"], "bootstrap": 200})
     reports = tmp / "reports"
     for algo in ("d3qn", "ppo", "lowrider"):
         run_train(settings, algo, progress=False, metrics_path=reports / f"train_{algo}.json")

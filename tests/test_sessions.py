@@ -47,6 +47,26 @@ def fill_store(tmp: Path, gap: tuple[int, int] = (2 * DAY + 100, 2 * DAY + 160),
     return store
 
 
+TINY_D3QN = {"total_steps": 600, "num_envs": 16, "learning_starts": 200, "batch_size": 32, "buffer_size": 2000,
+             "eval_every": 600, "eval_sessions": 30, "checkpoint_every": 600, "net": {"channels": 8, "hidden": 16}}
+"""A D3QN that trains in seconds on the synthetic sessions (tests of what happens to a trained model)."""
+
+
+def training_settings(tmp: Path, **sections: Any) -> Settings:
+    """Synthetic features and sessions built under ``tmp``, MLflow / checkpoints / models there too, and the given
+    sections (e.g. ``d3qn=TINY_D3QN``, ``backtest={...}``) on top: what the trained-model tests share."""
+    base = make_settings(tmp)
+    run_features_stage(base, fill_store(tmp))
+    run_sessions_stage(base)
+    d = base.model_dump(mode="json")
+    d["train"] = {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "artifact_root": str(tmp / "artifacts"),
+                  "checkpoint_dir": str(tmp / "ckpt"), "models_dir": str(tmp / "models"), "val_sessions": 100}
+    d["promote"] = {"decision_path": str(tmp / "reports" / "promotion.json")}
+    for name, values in sections.items():
+        d[name] = {**d.get(name, {}), **values} if name == "promote" else values
+    return Settings.model_validate(d)
+
+
 @pytest.fixture
 def built(tmp_path: Path) -> tuple[Settings, dict[str, Any]]:
     settings = make_settings(tmp_path)
