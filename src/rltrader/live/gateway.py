@@ -514,7 +514,7 @@ class OrderGateway:
         booked through the broker (``BinanceBroker.adopt``) unless they are in the account already; a broker
         without ``adopt`` (paper: its sessions are not resumed) books nothing."""
         if client_order_id not in self.booked:
-            self.adopt_fills([fill_from_row(r) for r in self.records.order_fills(client_order_id)
+            self.adopt_fills([fill_from_row(r) for r in self.records.order_fills(self.session_id, client_order_id)
                               if r["kind"] == "order"], acct)
 
     def adopt_fills(self, fills: Sequence[Fill], acct: np.ndarray) -> bool:

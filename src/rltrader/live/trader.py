@@ -201,6 +201,9 @@ class SymbolBook:
     filter_state: np.ndarray = field(init=False)
     """The backtest filters' per-account state (``decisions.FilterArrays.state``, one column; its last-fill bar
     is a row of ``time``)."""
+    unbooked: list[str] = field(default_factory=list)
+    """A resumed session: client ids of journaled fills after the bar it handles again first, booked when its
+    recomputed decision finds the order filled, or after that decision in any case."""
 
     def __post_init__(self) -> None:
         self.bars = np.zeros((5, self.capacity))
@@ -377,7 +380,9 @@ class Trader:
         for r in rows:
             f = fill_from_row(r)
             if rehandle is not None and f.time > rehandle and f.kind == "order":
-                continue  # booked when the recomputed decision finds its order filled
+                if f.client_order_id is not None:  # booked when the recomputed decision finds its order filled
+                    book.unbooked.append(f.client_order_id)
+                continue
             if rehandle is not None and f.time == rehandle and f.kind == "order":
                 at_rehandle.append(f)
                 continue
@@ -510,6 +515,10 @@ class Trader:
             if book.committed() != 0.0:
                 self._send_target(book, bar.time + 60_000_000, 0.0, bar.close, "gap" if gap else "invalid_features")
         decision = self._decide(book, bar)
+        if book.unbooked:  # a resumed session's first decision: every journaled fill is in the account from here
+            for cid in book.unbooked:
+                self.gateway.adopt(cid, book.acct)
+            book.unbooked.clear()
         self.latencies.append(time.perf_counter() - t0)
         return decision
 
