@@ -27,7 +27,7 @@ from rltrader.data.parquet_store import ParquetStore
 from rltrader.data.schema import Market
 from rltrader.evaluate.backtest import run_backtest
 from rltrader.evaluate.backtest.decisions import FS_BLOCKED, FS_COUNT, FS_DAY, FS_LAST_FILL
-from rltrader.live.gateway import Bar, BinanceBroker
+from rltrader.live.gateway import Bar, BinanceBroker, PaperBroker
 from rltrader.live.records import Records
 from rltrader.live.risk import state_of
 from rltrader.live.runner import KEY_VARS, exchange_client, start_exchange_trader
@@ -147,6 +147,12 @@ def test_a_resumed_session_with_filters_decides_as_an_uninterrupted_one(
         whole = Session(settings, srv, clock, tmp_path / "whole.db", bars)
         ref = whole.play([])
     sid = str(whole.sid)
+    # a trader that starts on new bars after a crash (``rltrader trade``: nothing handled again) keeps the day's
+    # trade count and blocked decisions (a crash loop must not reset the daily cap)
+    late = build_trader(settings, mode="testnet", symbols=[SYM], model="sma_cross", records=ref,
+                        broker=PaperBroker(np.zeros(0)), session_id=sid)
+    assert late.restore_from_journal(SYM) > 0
+    assert _snapshot(late.books[SYM])[1:] == whole.snapshots[max(whole.snapshots)][1:]
     order_fills = [f for f in ref.fills(sid) if f["kind"] == "order"]
     # restart around a fill after some trades were counted, before the day's cap is reached: the day's count, the
     # cooldown after that fill and the filled position (stop loss / take profit on its entry) must carry over
