@@ -55,7 +55,7 @@ def main(settings_path: str, db: str, rest: str, start_iso: str, end_iso: str) -
     history = [b for b in bars if b.time < start][-settings.trader.history_bars:]
     trader.warm_up(SYM, history)
     trader.warm_up_book(SYM, (b for b in bars if start <= b.time < resume_at))
-    start_exchange_trader(settings, trader, broker, [SYM])
+    start_exchange_trader(settings, trader, broker, [SYM], rehandle={SYM: resume_at} if sid else None)
     if state_of(records)["state"] == "HALTED":
         print(json.dumps({"halted": state_of(records)}), flush=True)
         return 3

@@ -138,6 +138,21 @@ class Fill:
 PreSendHook = Callable[[OrderRequest], "str | Reduced | None"]
 
 
+def fill_from_row(row: dict[str, Any]) -> Fill:
+    """A journaled fill (a ``fills`` row) as the brokers report it."""
+    return Fill(str(row["symbol"]), int(row["time"]), str(row["kind"]), float(row["qty"]), float(row["price"]),
+                float(row["fee"]), float(row["slippage"]), float(row["realized"]), float(row["position_after"]),
+                row["client_order_id"])
+
+
+def book_fill(acct: np.ndarray, fill: Fill) -> None:
+    """Book a fill the exchange reported (or the journal holds) into the account: ``execution.apply_fill`` at its
+    price with its fee, no fill model."""
+    q, px = fill.qty, fill.price
+    if q != 0.0 and px > 0.0:
+        apply_fill(acct, 0, q, px, fill.fee / (abs(q) * px), px)
+
+
 def order_delta(target: float, committed: float, ref: float, xp: np.ndarray) -> tuple[float, bool]:
     """``target − committed`` rounded as the kernel rounds; (0, …) when the exchange would refuse it."""
     dq = target - committed
@@ -378,6 +393,15 @@ class BinanceBroker:
                 float(acct[REALIZED, 0]) - r0, q0 + signed, req.client_order_id))
         return True
 
+    def adopt(self, fills: Sequence[Fill], acct: np.ndarray) -> None:
+        """A resumed session: fills of its orders that the journal holds but this process has not booked (an
+        order decided before the restart, or found filled by recovery) are booked now, as ``_book`` booked them
+        when the answer came, and handed to the trader at the next ``settle`` — so the resumed account, its
+        marks and the filters' last-fill bar are the uninterrupted run's."""
+        for f in fills:
+            book_fill(acct, f)
+            self.pending.setdefault(f.symbol, []).append(f)
+
     def settle(self, symbol: str, bar: Bar, acct: np.ndarray) -> list[Fill]:
         for cid, req in list(self.open.items()):
             if req.symbol == symbol:
@@ -427,6 +451,9 @@ class OrderGateway:
         self.broker, self.records, self.session_id, self.xp = broker, records, session_id, xp
         self.hooks = list(hooks)
         self.journaled: set[str] = set()
+        self.booked: set[str] = set()
+        """Client ids whose journaled fills a resumed session has booked into its account (``Trader.
+        restore_from_journal``, ``adopt``): never booked twice."""
         self.fill_listeners: list[Callable[[Sequence[Fill]], None]] = []
         """Called with each batch of recorded fills (the notifier); must not block."""
 
@@ -445,6 +472,8 @@ class OrderGateway:
             known = self.records.order(req.client_order_id)
             if known is None or known["status"] != "absent":
                 log.info('{"event":"order_exists","client_order_id":"%s"}', req.client_order_id)
+                if known is not None and known["status"] == "filled":
+                    self.adopt(req.client_order_id, acct)
                 return False
             # recovery proved it absent (the process died before the request left): the recomputed bar sends
             # it now, under the same id
@@ -480,6 +509,27 @@ class OrderGateway:
                 self.record_fills(mine)
         return True
 
+    def adopt(self, client_order_id: str, acct: np.ndarray) -> None:
+        """A recomputed bar (a resumed session) whose order filled before the restart: its journaled fills are
+        booked through the broker (``BinanceBroker.adopt``) unless they are in the account already; a broker
+        without ``adopt`` (paper: its sessions are not resumed) books nothing."""
+        if client_order_id not in self.booked:
+            self.adopt_fills([fill_from_row(r) for r in self.records.order_fills(self.session_id, client_order_id)
+                              if r["kind"] == "order"], acct)
+
+    def adopt_fills(self, fills: Sequence[Fill], acct: np.ndarray) -> bool:
+        """Journaled fills booked through the broker's ``adopt`` (reported again at its next ``settle``, never
+        journaled again); False (nothing booked) when the broker has no ``adopt``."""
+        adopt = getattr(self.broker, "adopt", None)
+        if adopt is None:
+            return False
+        adopt(fills, acct)
+        for f in fills:
+            if f.client_order_id is not None:
+                self.booked.add(f.client_order_id)
+                self.journaled.add(f.client_order_id)
+        return True
+
     def record_fills(self, fills: Sequence[Fill]) -> None:
         """Journal fills (each exchange order's fill once: the gateway journals it right after the answer, and
         the broker's ``settle`` hands the same fill to the trader's bookkeeping again)."""
@@ -498,4 +548,5 @@ class OrderGateway:
 
 
 __all__ = ["Bar", "BinanceBroker", "Broker", "Fill", "OrderGateway", "OrderRequest", "OutcomeUnknown", "PaperBroker",
-           "Reduced", "crash_point", "kernel_bar", "kernel_close", "order_delta", "unknown_outcome"]
+           "Reduced", "book_fill", "crash_point", "fill_from_row", "kernel_bar", "kernel_close", "order_delta",
+           "unknown_outcome"]

@@ -353,6 +353,18 @@ class Records:
         sid = self._session(session_id)
         return self._query("SELECT * FROM fills WHERE session_id = ? ORDER BY symbol, time, id", (sid,))
 
+    def order_fills(self, session_id: str, client_order_id: str) -> list[dict[str, Any]]:
+        """The journaled fills of one order (a resumed session books an order that filled before the restart)."""
+        return self._query("SELECT * FROM fills WHERE session_id = ? AND client_order_id = ? ORDER BY id",
+                           (session_id, client_order_id))
+
+    def decision_outcomes(self, session_id: str, symbol: str, through: int | None = None) -> list[dict[str, Any]]:
+        """bar_time, action, target and reason of a symbol's decisions (up to bar ``through``), in bar order,
+        without the scores: what a resumed trader rebuilds the backtest filters' state from."""
+        return self._query("SELECT bar_time, action, target, reason FROM decisions WHERE session_id = ? AND symbol = ?"
+                           " AND bar_time <= ? ORDER BY bar_time",
+                           (session_id, symbol, (1 << 62) if through is None else int(through)))
+
     def marks(self, session_id: str | None = None) -> list[dict[str, Any]]:
         sid = self._session(session_id)
         return self._query("SELECT * FROM marks WHERE session_id = ? ORDER BY symbol, bar_time", (sid,))

@@ -26,7 +26,6 @@ import numpy as np
 from rltrader.data.schema import Market
 from rltrader.data.store import open_store
 from rltrader.errors import ConfigError
-from rltrader.execution import QTY
 from rltrader.live.gateway import Bar, BinanceBroker, PaperBroker
 from rltrader.live.records import open_records
 from rltrader.live.risk import RiskState, set_state
@@ -77,9 +76,11 @@ def _broker(mode: str, market: str, rest_base: str | None, grace_s: float = 2.0)
 
 
 def start_exchange_trader(settings: Any, trader: Trader, broker: BinanceBroker, symbols: Sequence[str],
-                          mode: str = "testnet") -> Any:
+                          mode: str = "testnet", rehandle: dict[str, int] | None = None) -> Any:
     """testnet/live start: account settings checked (refused otherwise), then recovery; the trader starts
-    from the exchange's positions and stays HALTED unless recovery passed (see ``live.recovery``)."""
+    from the exchange's positions and stays HALTED unless recovery passed (see ``live.recovery``). A resumed
+    session restores its account and filter state from the journal (``Trader.restore_from_journal``;
+    ``rehandle``: per symbol, the bar it handles again first)."""
     from rltrader.live.recovery import check_account_settings, recover
 
     risk = settings.risk
@@ -92,9 +93,9 @@ def start_exchange_trader(settings: Any, trader: Trader, broker: BinanceBroker, 
     for sym, (q, entry) in rec.positions.items():
         if sym not in trader.books:
             continue
-        if not trader.restore_from_journal(sym):  # a new session: start from the exchange's position
-            trader.seed_position(sym, q, entry)
-        mine = float(trader.books[sym].acct[QTY, 0])
+        if not trader.restore_from_journal(sym, (rehandle or {}).get(sym)):  # a new session: start from the
+            trader.seed_position(sym, q, entry)  # exchange's position
+        mine = trader.session_position(sym)
         if abs(mine - q) > risk.position_tolerance:
             set_state(trader.records, RiskState.HALTED,
                       f"{sym}: session account {mine:g} differs from the exchange position {q:g}")

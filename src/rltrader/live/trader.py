@@ -201,6 +201,9 @@ class SymbolBook:
     filter_state: np.ndarray = field(init=False)
     """The backtest filters' per-account state (``decisions.FilterArrays.state``, one column; its last-fill bar
     is a row of ``time``)."""
+    unbooked: list[str] = field(default_factory=list)
+    """A resumed session: client ids of journaled fills after the bar it handles again first, booked when its
+    recomputed decision finds the order filled, or after that decision in any case."""
 
     def __post_init__(self) -> None:
         self.bars = np.zeros((5, self.capacity))
@@ -356,20 +359,85 @@ class Trader:
             n += 1
         return n
 
-    def restore_from_journal(self, symbol: str) -> int:
-        """A resumed session's account: its journaled fills booked again in order (``execution.apply_fill``),
-        so cash, position, entry, fees and realized PnL — hence the sizing — are the uninterrupted run's."""
-        from rltrader.execution import apply_fill
+    def restore_from_journal(self, symbol: str, rehandle: int | None = None) -> int:
+        """A resumed session (same session id, after a crash): its account and the backtest filters' state rebuilt
+        from its journal, so that it decides as the uninterrupted run would have. Returns the number of the
+        session's journaled fills of ``symbol`` (0: nothing to resume).
 
-        acct = self.books[symbol].acct
-        fills = [f for f in self.records.fills(self.session_id) if f["symbol"] == symbol]
-        for f in fills:
-            q, px = float(f["qty"]), float(f["price"])
-            if q != 0.0 and px > 0.0:
-                apply_fill(acct, 0, q, px, float(f["fee"]) / (abs(q) * px), px)
-        if fills:
-            _event("account_restored", symbol=symbol, fills=len(fills), position=float(acct[QTY, 0]))
-        return len(fills)
+        ``rehandle``: the open time of the first bar this trader handles again — its last marked bar, whose
+        next-bar decision it recomputes (the crash may have come before that decision's order left; the journal
+        dedupes it otherwise) — with the bars before it already in the book (``warm_up_book``). The journal's
+        fills are then booked where the uninterrupted run booked them: before that bar, into the account
+        (``execution.apply_fill``); of that bar, through the broker's ``adopt``, so its ``settle`` reports them as
+        it would have; after it (the order its recomputed decision sends), when that decision finds its order
+        filled (``OrderGateway.submit``). ``None`` (a trader that starts on new bars): every fill now."""
+        from rltrader.live.gateway import book_fill, fill_from_row
+
+        book = self.books[symbol]
+        rows = [f for f in self.records.fills(self.session_id) if f["symbol"] == symbol]
+        at_rehandle = []
+        fill_times = set()
+        for r in rows:
+            f = fill_from_row(r)
+            if rehandle is not None and f.time > rehandle and f.kind == "order":
+                if f.client_order_id is not None:  # booked when the recomputed decision finds its order filled
+                    book.unbooked.append(f.client_order_id)
+                continue
+            if rehandle is not None and f.time == rehandle and f.kind == "order":
+                at_rehandle.append(f)
+                continue
+            book_fill(book.acct, f)
+            if f.client_order_id is not None:
+                self.gateway.booked.add(f.client_order_id)
+                self.gateway.journaled.add(f.client_order_id)
+            if f.kind in ("order", "liquidation"):
+                fill_times.add(f.time)
+        if at_rehandle and not self.gateway.adopt_fills(at_rehandle, book.acct):
+            for f in at_rehandle:  # a broker that cannot report them again: booked now
+                book_fill(book.acct, f)
+        self._restore_filters(book, fill_times, rehandle)
+        if rows:
+            _event("account_restored", symbol=symbol, fills=len(rows), position=float(book.acct[QTY, 0]),
+                   filter_state=book.filter_state[:, 0].tolist())
+        return len(rows)
+
+    def _restore_filters(self, book: SymbolBook, fill_times: set[int], rehandle: int | None) -> None:
+        """The backtest filters' per-account state (``decisions.FS_*``) as ``_decide`` left it after deciding the
+        bar ``rehandle`` (all journaled decisions when None), derived from the journal alone:
+
+        - last fill: the last book row in the current stretch whose bar settled a fill (``_on_bar``; a stretch
+          start clears it, as ``_decide`` does);
+        - UTC day and count: the day of the last decision that went through the filters (every decision but the
+          "no new risk" holds) and how many decisions of that day sent an order — ``filter_decision`` counts a
+          valid non-hold action, and a valid action is exactly one whose ``order_for`` is non-zero, i.e. a
+          decision recorded with a target; the one exception is Lowrider's automatic take-profit (target 0, every
+          buy masked then); without ``max_trades_per_day`` the count never restarts (all such decisions);
+        - blocked: the decisions recorded as ``filtered``."""
+        from rltrader.evaluate.backtest.decisions import DAY_US, FS_BLOCKED, FS_COUNT, FS_DAY
+        from rltrader.evaluate.filters import F_MAX_DAY
+
+        fs = book.filter_state
+        fs[:, 0] = FilterArrays.create(self.filters, self.env_params.mode, 1).state[:, 0]
+        start = int(book.ptr[P_START, 0])
+        for i in range(book.n - 1, max(start, 0) - 1, -1):
+            if int(book.time[i]) in fill_times:
+                fs[FS_LAST_FILL, 0] = i
+                break
+        lowrider = int(self.ep[0]) == MODE_LOWRIDER
+        rows = [d for d in self.records.decision_outcomes(self.session_id, book.symbol, rehandle)
+                if not str(d["reason"]).startswith("no new risk")]
+        fs[FS_BLOCKED, 0] = sum(1 for d in rows if d["reason"] == "filtered")
+        by_day = self.filter_params[F_MAX_DAY] > 0.0
+        if by_day and rows:
+            fs[FS_DAY, 0] = int(rows[-1]["bar_time"]) // DAY_US
+        fs[FS_COUNT, 0] = sum(1 for d in rows if d["target"] is not None
+                              and not (lowrider and d["reason"] == "take_profit")
+                              and (not by_day or int(d["bar_time"]) // DAY_US == fs[FS_DAY, 0]))
+
+    def session_position(self, symbol: str) -> float:
+        """The position this session's journaled fills add up to: its account's, once a resumed session has
+        booked the fill its recomputed decision finds (``restore_from_journal``)."""
+        return float(sum(f["qty"] for f in self.records.fills(self.session_id) if f["symbol"] == symbol))
 
     def on_bar(self, symbol: str, bar: Bar) -> Decision | None:
         """A closed bar of ``symbol``: settle it, then decide (and send) the next bar's order — the critical
@@ -447,6 +515,10 @@ class Trader:
             if book.committed() != 0.0:
                 self._send_target(book, bar.time + 60_000_000, 0.0, bar.close, "gap" if gap else "invalid_features")
         decision = self._decide(book, bar)
+        if book.unbooked:  # a resumed session's first decision: every journaled fill is in the account from here
+            for cid in book.unbooked:
+                self.gateway.adopt(cid, book.acct)
+            book.unbooked.clear()
         self.latencies.append(time.perf_counter() - t0)
         return decision
 
