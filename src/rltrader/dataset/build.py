@@ -125,14 +125,17 @@ def read_features(features_dir: Path, symbol: str) -> tuple[pl.DataFrame, dict[s
         return read_parquet(path, "features file", FEATURES_HINT), read_metadata(path)
 
 
-def _read_feature_columns(features_dir: Path, symbol: str, columns: list[str], n_rows: int) -> pl.DataFrame:
-    """Some columns of a symbol's features file, for the sessions stage's later passes over it; refuses a file
-    that changed length since the first pass (rewritten underneath the stage)."""
+def _read_feature_columns(features_dir: Path, symbol: str, columns: list[str], n_rows: int | None = None
+                          ) -> pl.DataFrame:
+    """Some columns of a symbol's features file, for the sessions stage's passes over it; refuses a file that
+    changed length since the first pass (``n_rows``: rewritten underneath the stage)."""
     path = features_dir / f"{symbol}.parquet"
+    if not path.exists():
+        raise DataError(f"{path}: no features for {symbol} (run `rltrader dataset features`)")
     with reading(path, "features file", FEATURES_HINT):
         frame = pl.from_arrow(read_arrow(path, "features file", FEATURES_HINT, columns=columns))
     assert isinstance(frame, pl.DataFrame)
-    if frame.height != n_rows:
+    if n_rows is not None and frame.height != n_rows:
         raise DataError(f"{path}: {frame.height} rows, {n_rows} when the sessions stage first read it "
                         f"(rewritten while the stage ran?); {FEATURES_HINT}")
     return frame
@@ -248,7 +251,8 @@ def run_sessions_stage(settings: Settings, features_dir: Path | None = None, out
     names: tuple[str, ...] | None = None
     longest = 0
     for sym in symbols:  # pass 1
-        frame, fmeta = read_features(fdir, sym)
+        frame = _read_feature_columns(fdir, sym, ["open_time", "close", "segment", "valid"])
+        fmeta = read_metadata(fdir / f"{sym}.parquet")
         names = tuple(fmeta["features"])
         inputs[sym] = fmeta["input_sha256"]
         cands.append(_candidates(sym, frame, s, ranges, step_us))
@@ -313,6 +317,9 @@ def run_sessions_stage(settings: Settings, features_dir: Path | None = None, out
     return summary
 
 
+_SLICE_ROWS = 1 << 16
+
+
 def _write_split(directory: Path, name: str, meta: dict[str, Any], fdir: Path, symbols: tuple[str, ...],
                  names: tuple[str, ...], n_rows: list[int], starts_by_sym: list[np.ndarray], s: SessionSettings,
                  mean: np.ndarray, std: np.ndarray, wanted: dict[int, int],
@@ -320,24 +327,30 @@ def _write_split(directory: Path, name: str, meta: dict[str, Any], fdir: Path, s
     """One split, a symbol at a time: the rows covered by any kept session (stored once), standardised
     features and the session offsets, appended to the split's ``SplitWriter``; the split's summary entry.
     ``wanted`` maps session numbers in the split to example-plot slots, filled into ``examples``."""
-    covers = [_covered(n, st, s) if len(st) else None for n, st in zip(n_rows, starts_by_sym, strict=True)]
-    total = sum(int(m.sum()) for m in covers if m is not None)
+    # the split's row count first (the writer sizes its buffer by it); masks are recomputed per symbol below
+    total = sum(int(_covered(n, st, s).sum()) for n, st in zip(n_rows, starts_by_sym, strict=True) if len(st))
     t_lo, t_hi, sessions = np.iinfo(np.int64).max, np.iinfo(np.int64).min, 0
     per_symbol: dict[str, int] = {}
     cols = [*names, *PRICE_COLUMNS, "open_time"]
     with SplitWriter(directory, name, meta, symbols, names, s.context, s.length, total) as w:
         for sym_id, (sym, starts) in enumerate(zip(symbols, starts_by_sym, strict=True)):
-            mask = covers[sym_id]
-            if mask is None:
+            if len(starts) == 0:
                 continue
-            covers[sym_id] = None
+            mask = _covered(n_rows[sym_id], starts, s)
             rows = _read_feature_columns(fdir, sym, cols, n_rows[sym_id]).filter(pl.Series(mask))
             b = (np.cumsum(mask) - 1)[starts]  # session starts as row numbers among the covered rows
-            x = standardize(rows.select(names).to_numpy(), mean, std, s.clip)
+            raw = rows.select(names).to_numpy()
             prices = {k: rows[k].to_numpy().astype(np.float64) for k in PRICE_COLUMNS}
             t_us = rows["open_time"].dt.epoch("us").to_numpy()
             del rows
-            w.append(x, prices, t_us, np.full(len(x), sym_id, dtype=np.int16), b - s.context, b, b + s.length)
+            w.add_sessions(w.rows + b - s.context, w.rows + b, w.rows + b + s.length, t_us[b],
+                           np.full(len(b), sym_id, dtype=np.int16))
+            # standardised in slices: elementwise, so the same values, without float64 temporaries of the symbol
+            for a in range(0, len(raw), _SLICE_ROWS):
+                sl = slice(a, a + _SLICE_ROWS)
+                w.append(standardize(raw[sl], mean, std, s.clip), {k: v[sl] for k, v in prices.items()}, t_us[sl],
+                         np.full(len(t_us[sl]), sym_id, dtype=np.int16))
+            del raw
             t_lo = min(t_lo, int(t_us[b - s.context].min()))
             t_hi = max(t_hi, int(t_us[b + s.length - 1].max()))
             for i, slot in wanted.items():
@@ -349,7 +362,7 @@ def _write_split(directory: Path, name: str, meta: dict[str, Any], fdir: Path, s
                                                     int(t_us[st]), s.context)
             sessions += len(b)
             per_symbol[sym] = len(b)
-            del x, prices, t_us
+            del prices, t_us
     return {"sessions": sessions, "rows": total, "start": _ts(t_lo), "end": _ts(t_hi), "symbols": per_symbol}
 
 

@@ -145,14 +145,19 @@ class SplitWriter:
         """Rows appended so far (the next piece's first row offset)."""
         return self._written + self._fill
 
+    def add_sessions(self, ctx_start: np.ndarray, start: np.ndarray, end: np.ndarray, time_start: np.ndarray,
+                     symbol_id: np.ndarray) -> None:
+        """Sessions, in order: row offsets into the whole split, their first traded bar's time and symbol."""
+        self._index.append((ctx_start.astype(np.int64), start.astype(np.int64), end.astype(np.int64),
+                            time_start.astype(np.int64), symbol_id.astype(np.int16)))
+
     def append(self, features: np.ndarray, prices: dict[str, np.ndarray], time: np.ndarray,
-               symbol_id: np.ndarray, ctx_start: np.ndarray, start: np.ndarray, end: np.ndarray) -> None:
-        """Append rows and the sessions over them; the offsets count from this piece's first row."""
-        n, base = len(features), self.rows
-        if base + n > self.n_rows:
+               symbol_id: np.ndarray) -> None:
+        """Append rows (the next ``len(features)`` row offsets, from ``rows``)."""
+        n = len(features)
+        if self.rows + n > self.n_rows:
             raise DataError(f"{self.directory}: more rows than the {self.n_rows} announced")
         sym = symbol_id.astype(np.int16)
-        self._index.append((ctx_start + base, start + base, end + base, time[start].astype(np.int64), sym[start]))
         done = 0
         while done < n:
             take = min(n - done, len(self._time) - self._fill)
@@ -204,7 +209,8 @@ def write_split(set_: SessionSet, directory: Path, split: str, metadata: dict[st
     with SplitWriter(directory, split, metadata, set_.symbols, set_.feature_names, set_.context, set_.length,
                      len(set_.features)) as w:
         w.append(set_.features, {n: getattr(set_, n).astype(np.float64) for n in PRICE_COLUMNS},
-                 set_.time.astype(np.int64), set_.symbol_id, set_.ctx_start, set_.start, set_.end)
+                 set_.time.astype(np.int64), set_.symbol_id)
+        w.add_sessions(set_.ctx_start, set_.start, set_.end, set_.time[set_.start], set_.symbol_id[set_.start])
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
