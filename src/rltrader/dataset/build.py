@@ -125,10 +125,10 @@ def read_features(features_dir: Path, symbol: str) -> tuple[pl.DataFrame, dict[s
         return read_parquet(path, "features file", FEATURES_HINT), read_metadata(path)
 
 
-def _read_feature_columns(features_dir: Path, symbol: str, columns: list[str], n_rows: int | None = None
+def _read_feature_columns(features_dir: Path, symbol: str, columns: list[str] | None, n_rows: int | None = None
                           ) -> pl.DataFrame:
-    """Some columns of a symbol's features file, for the sessions stage's passes over it; refuses a file that
-    changed length since the first pass (``n_rows``: rewritten underneath the stage)."""
+    """Some columns (None: all) of a symbol's features file, for the sessions stage's passes over it, page CRCs
+    verified; refuses a file that changed length since the first pass (``n_rows``: rewritten underneath)."""
     path = features_dir / f"{symbol}.parquet"
     if not path.exists():
         raise DataError(f"{path}: no features for {symbol} (run `rltrader dataset features`)")
@@ -283,6 +283,11 @@ def run_sessions_stage(settings: Settings, features_dir: Path | None = None, out
                             f"with windows of sessions.context + sessions.length = {s.context + s.length} bars "
                             f"(is there data in that range? else shorten the windows, relax "
                             f"sessions.volatility_percentile / min_abs_move or sessions.embargo)")
+    for k, sym in enumerate(symbols):
+        if not any(len(split[k]) for split in chosen):
+            # passes 2 and 3 never read this symbol's feature columns: check every page's CRC here, so a
+            # damaged features file is refused whether or not it has sessions (as when the stage read it whole)
+            _read_feature_columns(fdir, sym, None, n_rows[k])
     mean, std = _train_stats(fdir, symbols, n_rows, chosen[train], s, names)  # pass 2
 
     meta_common = {"params": {"sessions": s.model_dump(mode="json"),
