@@ -1,6 +1,7 @@
 """Growth: the features + sessions stages and a continuous backtest over 1×, 4× and 16× the default data.
 
-    python benchmarks/bench_scale.py [--quick] [--bars N] [--sizes 1,4,16]
+    python benchmarks/bench_scale.py [--quick] [--bars N] [--sizes 1,4,16] [--stages features,sessions]
+                                     [--peer-src /tmp/before/src]
 
 Data: the default run has ``ingest.symbols`` (6) symbols; size k has 6·k synthetic symbols of ``--bars`` 1m bars
 each (default 300 k ≈ the real data's 1.9 M rows / 6 per symbol; ``--quick``: 8 k). Each synthetic symbol is a
@@ -24,6 +25,11 @@ and size, then per stage the growth figures::
      "ratio": 16 / value}          # ratio ≥ 1: at most linear
     {"metric": "scale_<stage>_peak_mem_growth", "value": peak(16×) MB, "unit": "MB", "peer": "1× size",
      "peer_value": peak(1×) MB, "ratio": peak(1×) / peak(16×)}   # ≈ 1: bounded, not growing with the data
+
+``--stages`` picks the stages (the later ones read what ``features`` writes, so it always runs). ``--peer-src``
+runs every stage a second time, right after ours on the same data, with another source tree's ``rltrader``
+(e.g. the commit before a change, from ``git archive <ref> src | tar -x -C /tmp/before``): the per-size lines
+then carry that tree's seconds and peak memory as the peer, from the same run.
 """
 
 from __future__ import annotations
@@ -138,7 +144,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def child(stage: str, size: int, bars: int, workdir: Path) -> None:
+def child(stage: str, size: int, bars: int, workdir: Path, stages: tuple[str, ...] = STAGES) -> None:
     """Hidden entry point: one stage of one size in this fresh process (``fill`` writes the store, untimed);
     prints one JSON object for the timed stages."""
     symbols = [f"S{i:03d}USDT" for i in range(BASE_SYMBOLS * size)]
@@ -151,7 +157,7 @@ def child(stage: str, size: int, bars: int, workdir: Path) -> None:
             store.write_klines(synthetic(src, sym, bars, seed=i))
         del src
     if stage == "all":
-        for one in STAGES:
+        for one in stages:
             _stage(one, settings, store, symbols, bars)
     elif stage != "fill":
         _stage(stage, settings, store, symbols, bars)
@@ -179,10 +185,13 @@ def _stage(stage: str, settings: Settings, store: ParquetStore, symbols: list[st
           flush=True)
 
 
-def run_child(stage: str, size: int, bars: int, workdir: Path) -> dict[str, dict[str, Any]]:
+def run_child(stage: str, size: int, bars: int, workdir: Path, stages: tuple[str, ...] = STAGES,
+              src: str | None = None) -> dict[str, dict[str, Any]]:
+    """One child process; ``src``: another tree's ``rltrader`` (first on its PYTHONPATH)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", stage, "--_size", str(size), "--bars",
-           str(bars), "--_dir", str(workdir)]
-    p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+           str(bars), "--_dir", str(workdir), "--stages", ",".join(stages)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env if src else None)
     if p.returncode != 0:
         raise SystemExit(f"{stage} at size {size}x failed:\n{p.stderr[-3000:]}")
     return {d["stage"]: d for d in map(json.loads, p.stdout.strip().splitlines()) if d}
@@ -197,32 +206,46 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="8 k bars per symbol (under a minute in all)")
     ap.add_argument("--bars", type=int, default=0, help="bars per synthetic symbol (default 300 k, 20 k quick)")
     ap.add_argument("--sizes", default="1,4,16", help="multiples of the default data's symbol count")
+    ap.add_argument("--stages", default=",".join(STAGES), help="stages to time (features always runs)")
+    ap.add_argument("--peer-src", help="another tree's src folder: run each stage with it too, as the peer")
     ap.add_argument("--_child", choices=("fill", "all", *STAGES), help=argparse.SUPPRESS)
     ap.add_argument("--_size", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     bars = args.bars or (8_000 if args.quick else 300_000)
+    stages = tuple(st for st in STAGES if st in {"features", *args.stages.split(",")})
     if args._child:
-        child(args._child, args._size, bars, Path(args._dir))
+        child(args._child, args._size, bars, Path(args._dir), stages)
         return
     load0 = os.getloadavg()[0]
     sizes = [int(s) for s in args.sizes.split(",")]
     res: dict[int, dict[str, Any]] = {}
+    peer: dict[int, dict[str, Any]] = {}
     for k in sizes:
         with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
             if args.quick:
-                res[k] = run_child("all", k, bars, Path(tmp))
+                res[k] = run_child("all", k, bars, Path(tmp), stages)
+                if args.peer_src:
+                    with tempfile.TemporaryDirectory(prefix="bench-scale-peer-") as tmp2:
+                        peer[k] = run_child("all", k, bars, Path(tmp2), stages, args.peer_src)
             else:
                 run_child("fill", k, bars, Path(tmp))
-                res[k] = {stage: run_child(stage, k, bars, Path(tmp))[stage] for stage in STAGES}
-        for stage in STAGES:
-            r = res[k][stage]
+                res[k], peer[k] = {}, {}
+                for stage in stages:  # the peer right after ours, on the same data
+                    res[k][stage] = run_child(stage, k, bars, Path(tmp), stages)[stage]
+                    if args.peer_src:
+                        peer[k][stage] = run_child(stage, k, bars, Path(tmp), stages, args.peer_src)[stage]
+        for stage in stages:
+            r, q = res[k][stage], peer.get(k, {}).get(stage)
             emit({"metric": f"scale_{stage}_{k}x", "value": round(r["seconds"], 3), "unit": "s",
-                  "peer": None, "peer_value": None, "ratio": None, "rows": r["rows"], "symbols": r["symbols"],
-                  "peak_mem_mb": round(r["peak_mb"], 1), "rows_per_s": round(r["rows"] / r["seconds"])})
+                  "peer": f"tree {args.peer_src}" if q else None, "peer_value": round(q["seconds"], 3) if q else None,
+                  "ratio": round(q["seconds"] / r["seconds"], 2) if q else None, "rows": r["rows"],
+                  "symbols": r["symbols"], "peak_mem_mb": round(r["peak_mb"], 1),
+                  "peer_peak_mem_mb": round(q["peak_mb"], 1) if q else None,
+                  "rows_per_s": round(r["rows"] / r["seconds"])})
     lo, hi = sizes[0], sizes[-1]
     grow = hi / lo
-    for stage in STAGES:
+    for stage in stages:
         t_lo, t_hi = res[lo][stage]["seconds"], res[hi][stage]["seconds"]
         m_lo, m_hi = res[lo][stage]["peak_mb"], res[hi][stage]["peak_mb"]
         emit({"metric": f"scale_{stage}_time_growth", "value": round(t_hi / t_lo, 2), "unit": "x",
@@ -230,6 +253,11 @@ def main() -> None:
         emit({"metric": f"scale_{stage}_peak_mem_growth", "value": round(m_hi, 1), "unit": "MB",
               "peer": f"peak at {lo}x data", "peer_value": round(m_lo, 1),
               "ratio": round(m_lo / m_hi, 2) if m_hi > 0 else None})
+        if args.peer_src:
+            p_lo, p_hi = peer[lo][stage]["peak_mb"], peer[hi][stage]["peak_mb"]
+            emit({"metric": f"scale_{stage}_peak_mem_growth_peer_tree", "value": round(p_hi, 1), "unit": "MB",
+                  "peer": f"tree {args.peer_src}: peak at {lo}x data", "peer_value": round(p_lo, 1),
+                  "ratio": round(p_lo / p_hi, 2) if p_hi > 0 else None})
     print(f"[bench_scale] {bars:,} bars per symbol, {BASE_SYMBOLS} symbols per 1x; load average (1 min) "
           f"{load0:.1f} at start, {os.getloadavg()[0]:.1f} at end on {os.cpu_count()} CPUs (shared machine)",
           file=sys.stderr)

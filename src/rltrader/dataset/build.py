@@ -26,9 +26,10 @@ from rltrader.data.ingest import klines_fingerprint
 from rltrader.data.schema import interval_us
 from rltrader.data.store import Store
 from rltrader.dataset.market_features import compute_all_features, full_feature_spec
-from rltrader.dataset.split import META_KEY, SessionSet, read_metadata, write_split
+from rltrader.dataset.plots import ExampleSession
+from rltrader.dataset.split import META_KEY, PRICE_COLUMNS, SplitWriter, read_metadata
 from rltrader.errors import ConfigError, DataError
-from rltrader.integrity import read_parquet, reading
+from rltrader.integrity import read_arrow, read_parquet, reading
 from rltrader.utils import atomic_dir, git_commit, parse_day, write_json
 
 FEATURES_DIR = "features"
@@ -124,18 +125,37 @@ def read_features(features_dir: Path, symbol: str) -> tuple[pl.DataFrame, dict[s
         return read_parquet(path, "features file", FEATURES_HINT), read_metadata(path)
 
 
+def _read_feature_columns(features_dir: Path, symbol: str, columns: list[str] | None, n_rows: int | None = None
+                          ) -> pl.DataFrame:
+    """Some columns (None: all) of a symbol's features file, for the sessions stage's passes over it, page CRCs
+    verified; refuses a file that changed length since the first pass (``n_rows``: rewritten underneath)."""
+    path = features_dir / f"{symbol}.parquet"
+    if not path.exists():
+        raise DataError(f"{path}: no features for {symbol} (run `rltrader dataset features`)")
+    with reading(path, "features file", FEATURES_HINT):
+        frame = pl.from_arrow(read_arrow(path, "features file", FEATURES_HINT, columns=columns))
+    assert isinstance(frame, pl.DataFrame)
+    if n_rows is not None and frame.height != n_rows:
+        raise DataError(f"{path}: {frame.height} rows, {n_rows} when the sessions stage first read it "
+                        f"(rewritten while the stage ran?); {FEATURES_HINT}")
+    return frame
+
+
 # ---------------------------------------------------------------------------------------------- sessions stage
 
 
 @dataclass
 class _Candidates:
-    """Per symbol: the bars (numpy) and every admissible session start with its context statistics."""
+    """Per symbol, what the first pass keeps once its frame is dropped: the session starts that fall inside a
+    split (row numbers), that split (index into the sorted ranges), the context volatility and whether the
+    context moved at least ``min_abs_move``. About 2 bytes per bar, against the frame's ~150."""
 
     symbol: str
-    frame: pl.DataFrame
+    n_rows: int
     starts: np.ndarray
+    split: np.ndarray
     vol: np.ndarray
-    move: np.ndarray
+    move_ok: np.ndarray
 
 
 def _check_session_params(s: SessionSettings) -> list[tuple[str, int, int]]:
@@ -158,8 +178,10 @@ def _check_session_params(s: SessionSettings) -> list[tuple[str, int, int]]:
     return ranges
 
 
-def _candidates(symbol: str, frame: pl.DataFrame, s: SessionSettings, step_us: int) -> _Candidates:
-    """Every start ``t`` on the stride grid whose window ``[t - context, t + length)`` is gap-free and valid."""
+def _candidates(symbol: str, frame: pl.DataFrame, s: SessionSettings, ranges: list[tuple[str, int, int]],
+                step_us: int) -> _Candidates:
+    """Every start ``t`` on the stride grid whose window ``[t - context, t + length)`` is gap-free and valid and
+    lies inside a split (context and last bar included), clear of the embargo after a boundary."""
     window = s.context + s.length
     valid = frame["valid"].to_numpy()
     seg = frame["segment"].to_numpy()
@@ -188,21 +210,17 @@ def _candidates(symbol: str, frame: pl.DataFrame, s: SessionSettings, step_us: i
         vol = np.sqrt(np.maximum((cs2[hi] - cs2[lo]) / n - mean * mean, 0.0))
     else:
         vol = np.abs(move)
-    return _Candidates(symbol, frame, starts, vol, move)
-
-
-def _split_sessions(c: _Candidates, s: SessionSettings, lo: int, hi: int, embargo_from: int | None,
-                    step_us: int) -> np.ndarray:
-    """Mask over ``c.starts``: sessions inside ``[lo, hi)`` (context and last bar included), clear of the
-    embargo after a boundary."""
-    t_us = c.frame["open_time"].dt.epoch("us").to_numpy()
-    ctx_time = t_us[c.starts - s.context]
-    end_time = t_us[c.starts + s.length - 1] + step_us
-    keep = (ctx_time >= lo) & (end_time <= hi)
-    if embargo_from is not None:
-        keep &= ctx_time >= embargo_from + s.embargo * step_us
-    mask: np.ndarray = keep
-    return mask
+    ctx_time = t_us[starts - s.context]
+    end_time = t_us[starts + s.length - 1] + step_us
+    split = np.full(len(starts), -1, dtype=np.int8)
+    for i, (_, lo_us, hi_us) in enumerate(ranges):  # ranges are sorted and disjoint: at most one split each
+        keep = (ctx_time >= lo_us) & (end_time <= hi_us)
+        if i > 0:  # embargo after a boundary: no context may reach back across it
+            keep &= ctx_time >= lo_us + s.embargo * step_us
+        split[keep] = i
+    inside = split >= 0
+    return _Candidates(symbol, frame.height, starts[inside], split[inside], vol[inside],
+                       (np.abs(move) >= s.min_abs_move)[inside])
 
 
 def _covered(n: int, starts: np.ndarray, s: SessionSettings) -> np.ndarray:
@@ -213,48 +231,15 @@ def _covered(n: int, starts: np.ndarray, s: SessionSettings) -> np.ndarray:
     return np.cumsum(cover[:n]) > 0
 
 
-def _assemble(cands: list[_Candidates], keeps: list[np.ndarray], s: SessionSettings, names: tuple[str, ...],
-              symbols: tuple[str, ...], mean: np.ndarray, std: np.ndarray, meta: dict[str, Any]) -> SessionSet:
-    """Rows covered by any kept session (stored once), standardised features, and the session offsets."""
-    parts: list[dict[str, np.ndarray]] = []
-    ctx, st, en = [], [], []
-    offset = 0
-    for sym_id, (c, keep) in enumerate(zip(cands, keeps, strict=True)):
-        starts = c.starts[keep]
-        if len(starts) == 0:
-            continue
-        mask = _covered(c.frame.height, starts, s)
-        new_index = np.cumsum(mask) - 1
-        rows = c.frame.filter(pl.Series(mask))
-        x = standardize(rows.select(names).to_numpy(), mean, std, s.clip)
-        parts.append({
-            "features": x,
-            **{k: rows[k].to_numpy().astype(np.float64) for k in ("open", "high", "low", "close", "volume")},
-            "time": rows["open_time"].dt.epoch("us").to_numpy(),
-            "symbol_id": np.full(rows.height, sym_id, dtype=np.int16),
-        })
-        b = new_index[starts] + offset
-        ctx.append(b - s.context)
-        st.append(b)
-        en.append(b + s.length)
-        offset += rows.height
-    cat = {k: np.concatenate([p[k] for p in parts]) if parts else np.empty((0, len(names)) if k == "features"
-                                                                              else 0) for k in
-           ("features", "open", "high", "low", "close", "volume", "time", "symbol_id")}
-    empty = np.empty(0, dtype=np.int64)
-    return SessionSet(
-        features=np.ascontiguousarray(cat["features"], dtype=np.float32),
-        open=cat["open"], high=cat["high"], low=cat["low"], close=cat["close"], volume=cat["volume"],
-        time=cat["time"].astype(np.int64), symbol_id=cat["symbol_id"].astype(np.int16),
-        ctx_start=np.concatenate(ctx) if ctx else empty, start=np.concatenate(st) if st else empty,
-        end=np.concatenate(en) if en else empty,
-        symbols=symbols, feature_names=names, context=s.context, length=s.length, meta=meta,
-    )
-
-
 def run_sessions_stage(settings: Settings, features_dir: Path | None = None, out_dir: Path | None = None,
                        metrics_path: Path | None = None, plot_path: Path | None = None) -> dict[str, Any]:
-    """``sessions`` stage: split by date, select sessions, standardise on train, write splits + summary + plot."""
+    """``sessions`` stage: split by date, select sessions, standardise on train, write splits + summary + plot.
+
+    Three passes over the features files, one symbol at a time, so peak memory is one symbol's frame plus one
+    row group's buffer (``SplitWriter``) whatever the number of symbols: (1) the candidate sessions and their
+    context statistics, (2) once the train volatility threshold is known, the train mean/std (float64 sums per
+    symbol, in symbol order), (3) per split, each symbol's covered rows standardised and appended.
+    """
     s = settings.sessions
     ranges = _check_session_params(s)
     fdir = features_dir or settings.data.dir / FEATURES_DIR
@@ -265,36 +250,45 @@ def run_sessions_stage(settings: Settings, features_dir: Path | None = None, out
     inputs: dict[str, str] = {}
     names: tuple[str, ...] | None = None
     longest = 0
-    for sym in symbols:
-        frame, fmeta = read_features(fdir, sym)
+    for sym in symbols:  # pass 1
+        frame = _read_feature_columns(fdir, sym, ["open_time", "close", "segment", "valid"])
+        fmeta = read_metadata(fdir / f"{sym}.parquet")
         names = tuple(fmeta["features"])
         inputs[sym] = fmeta["input_sha256"]
-        cands.append(_candidates(sym, frame, s, step_us))
+        cands.append(_candidates(sym, frame, s, ranges, step_us))
         seg_sizes = frame.filter(pl.col("valid")).group_by("segment").len()["len"]
         longest = max(longest, int(seg_sizes.max() or 0))  # type: ignore[arg-type]
+        del frame
     assert names is not None
     if longest < s.context + s.length:
         raise DataError(f"sessions.context + sessions.length = {s.context + s.length} bars is longer than any "
                         f"gap-free stretch of valid bars ({longest}) for {', '.join(symbols)}")
 
     # selection thresholds and standardisation are fitted on the train split only (never on later data)
-    keeps: dict[str, list[np.ndarray]] = {}
-    prev_end: int | None = None
-    for name, lo, hi in ranges:
-        keeps[name] = [_split_sessions(c, s, lo, hi, lo if prev_end is not None else None, step_us) for c in cands]
-        prev_end = hi
-    train_vol = np.concatenate([c.vol[k] for c, k in zip(cands, keeps["train"], strict=True)])
+    train = next(i for i, (name, _, _) in enumerate(ranges) if name == "train")
+    train_vol = np.concatenate([c.vol[c.split == train] for c in cands])
     vol_threshold = float(np.percentile(train_vol, s.volatility_percentile)) if len(train_vol) else 0.0
-    for name in keeps:
-        keeps[name] = [k & (c.vol >= vol_threshold) & (np.abs(c.move) >= s.min_abs_move)
-                       for c, k in zip(cands, keeps[name], strict=True)]
-    for name, lo, hi in ranges:
-        if not any(k.any() for k in keeps[name]):
+    del train_vol
+    # chosen[i][k]: the session starts (row numbers in symbol k's file) of split ranges[i]
+    chosen: list[list[np.ndarray]] = [[] for _ in ranges]
+    for c in cands:
+        ok = (c.vol >= vol_threshold) & c.move_ok
+        for i in range(len(ranges)):
+            chosen[i].append(c.starts[(c.split == i) & ok])
+    n_rows = [c.n_rows for c in cands]
+    del cands
+    for (name, lo, hi), starts in zip(ranges, chosen, strict=True):
+        if not any(len(st) for st in starts):
             raise DataError(f"sessions.splits.{name}: no sessions in [{_ts(lo)}, {_ts(hi)}) for {', '.join(symbols)} "
                             f"with windows of sessions.context + sessions.length = {s.context + s.length} bars "
                             f"(is there data in that range? else shorten the windows, relax "
                             f"sessions.volatility_percentile / min_abs_move or sessions.embargo)")
-    mean, std = _train_stats(cands, keeps["train"], s, names)
+    for k, sym in enumerate(symbols):
+        if not any(len(split[k]) for split in chosen):
+            # passes 2 and 3 never read this symbol's feature columns: check every page's CRC here, so a
+            # damaged features file is refused whether or not it has sessions (as when the stage read it whole)
+            _read_feature_columns(fdir, sym, None, n_rows[k])
+    mean, std = _train_stats(fdir, symbols, n_rows, chosen[train], s, names)  # pass 2
 
     meta_common = {"params": {"sessions": s.model_dump(mode="json"),
                               "features": settings.features.model_dump(mode="json"),
@@ -304,42 +298,93 @@ def run_sessions_stage(settings: Settings, features_dir: Path | None = None, out
                    "volatility_threshold": vol_threshold}
     summary: dict[str, Any] = {"context": s.context, "length": s.length, "features": len(names),
                                "volatility_threshold": vol_threshold, "splits": {}}
-    sets: dict[str, SessionSet] = {}
+    picks: list[tuple[str, int]] = []
+    if plot_path is not None:
+        from rltrader.dataset.plots import pick_examples
+
+        picks = pick_examples({name: sum(len(st) for st in starts)
+                               for (name, _, _), starts in zip(ranges, chosen, strict=True)}, s.example_plots)
+    examples: dict[int, ExampleSession] = {}
     with atomic_dir(out) as tmp:
-        for name, _, _ in ranges:
-            set_ = _assemble(cands, keeps[name], s, names, symbols, mean, std, meta_common)
-            write_split(set_, tmp / name, name, meta_common)
-            sets[name] = set_
-            per_symbol = np.bincount(set_.symbol_id[set_.start], minlength=len(symbols))
-            summary["splits"][name] = {
-                "sessions": set_.n_sessions, "rows": len(set_.features),
-                "start": _ts(int(set_.time[set_.ctx_start].min())), "end": _ts(int(set_.time[set_.end - 1].max())),
-                "symbols": {sym: int(n) for sym, n in zip(symbols, per_symbol, strict=True) if n},
-            }
+        for (name, _, _), starts_by_sym in zip(ranges, chosen, strict=True):  # pass 3, a split at a time
+            wanted = {i: k for k, (split, i) in enumerate(picks) if split == name}
+            summary["splits"][name] = _write_split(tmp / name, name, meta_common, fdir, symbols, names, n_rows,
+                                                   starts_by_sym, s, mean, std, wanted, examples)
         write_json(tmp / "summary.json", summary)
     summary["feature_stats"] = {n: {"train_mean": float(m), "train_std": float(v)}
                                 for n, m, v in zip(names, mean, std, strict=True)}
     if metrics_path is not None:
         write_json(metrics_path, summary)
     if plot_path is not None:
-        from rltrader.dataset.plots import plot_example_sessions
+        from rltrader.dataset.plots import plot_examples
 
-        plot_example_sessions(sets, plot_path, s.example_plots)
+        plot_examples([examples[k] for k in range(len(picks))], plot_path)
     return summary
 
 
-def _train_stats(cands: list[_Candidates], keeps: list[np.ndarray], s: SessionSettings,
-                 names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean/std of each feature over the bars train sessions use (context included), float64."""
+_SLICE_ROWS = 1 << 16
+
+
+def _write_split(directory: Path, name: str, meta: dict[str, Any], fdir: Path, symbols: tuple[str, ...],
+                 names: tuple[str, ...], n_rows: list[int], starts_by_sym: list[np.ndarray], s: SessionSettings,
+                 mean: np.ndarray, std: np.ndarray, wanted: dict[int, int],
+                 examples: dict[int, ExampleSession]) -> dict[str, Any]:
+    """One split, a symbol at a time: the rows covered by any kept session (stored once), standardised
+    features and the session offsets, appended to the split's ``SplitWriter``; the split's summary entry.
+    ``wanted`` maps session numbers in the split to example-plot slots, filled into ``examples``."""
+    # the split's row count first (the writer sizes its buffer by it); masks are recomputed per symbol below
+    total = sum(int(_covered(n, st, s).sum()) for n, st in zip(n_rows, starts_by_sym, strict=True) if len(st))
+    t_lo, t_hi, sessions = np.iinfo(np.int64).max, np.iinfo(np.int64).min, 0
+    per_symbol: dict[str, int] = {}
+    cols = [*names, *PRICE_COLUMNS, "open_time"]
+    with SplitWriter(directory, name, meta, symbols, names, s.context, s.length, total) as w:
+        for sym_id, (sym, starts) in enumerate(zip(symbols, starts_by_sym, strict=True)):
+            if len(starts) == 0:
+                continue
+            mask = _covered(n_rows[sym_id], starts, s)
+            rows = _read_feature_columns(fdir, sym, cols, n_rows[sym_id]).filter(pl.Series(mask))
+            b = (np.cumsum(mask) - 1)[starts]  # session starts as row numbers among the covered rows
+            raw = rows.select(names).to_numpy()
+            prices = {k: rows[k].to_numpy().astype(np.float64) for k in PRICE_COLUMNS}
+            t_us = rows["open_time"].dt.epoch("us").to_numpy()
+            del rows
+            w.add_sessions(w.rows + b - s.context, w.rows + b, w.rows + b + s.length, t_us[b],
+                           np.full(len(b), sym_id, dtype=np.int16))
+            # standardised in slices: elementwise, so the same values, without float64 temporaries of the symbol
+            for a in range(0, len(raw), _SLICE_ROWS):
+                sl = slice(a, a + _SLICE_ROWS)
+                w.append(standardize(raw[sl], mean, std, s.clip), {k: v[sl] for k, v in prices.items()}, t_us[sl],
+                         np.full(len(t_us[sl]), sym_id, dtype=np.int16))
+            del raw
+            t_lo = min(t_lo, int(t_us[b - s.context].min()))
+            t_hi = max(t_hi, int(t_us[b + s.length - 1].max()))
+            for i, slot in wanted.items():
+                if sessions <= i < sessions + len(b):
+                    st = int(b[i - sessions])
+                    lo, en = st - s.context, st + s.length
+                    examples[slot] = ExampleSession(name, sym, prices["close"][lo:en].copy(),
+                                                    prices["low"][lo:en].copy(), prices["high"][lo:en].copy(),
+                                                    int(t_us[st]), s.context)
+            sessions += len(b)
+            per_symbol[sym] = len(b)
+            del prices, t_us
+    return {"sessions": sessions, "rows": total, "start": _ts(t_lo), "end": _ts(t_hi), "symbols": per_symbol}
+
+
+def _train_stats(features_dir: Path, symbols: tuple[str, ...], n_rows: list[int], starts_by_sym: list[np.ndarray],
+                 s: SessionSettings, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean/std of each feature over the bars train sessions use (context included), float64; a symbol's
+    frame at a time, summed in symbol order."""
     total = np.zeros(len(names))
     total2 = np.zeros(len(names))
     count = 0
-    for c, keep in zip(cands, keeps, strict=True):
-        starts = c.starts[keep]
+    for sym, n, starts in zip(symbols, n_rows, starts_by_sym, strict=True):
         if len(starts) == 0:
             continue
-        mask = _covered(c.frame.height, starts, s)
-        x = c.frame.filter(pl.Series(mask)).select(names).to_numpy().astype(np.float64)
+        mask = _covered(n, starts, s)
+        frame = _read_feature_columns(features_dir, sym, list(names), n)
+        x = frame.filter(pl.Series(mask)).select(names).to_numpy().astype(np.float64)
+        del frame
         total += x.sum(axis=0)
         total2 += (x * x).sum(axis=0)
         count += len(x)

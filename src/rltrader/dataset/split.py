@@ -91,33 +91,126 @@ class SessionSet:
         return np.asarray(rows)[:, None] - self.context + np.arange(self.context)
 
 
+ROW_GROUP_ROWS = 1 << 20
+"""Rows per row group of ``rows.parquet``."""
+
+
+class SplitWriter:
+    """Writes one split's ``rows.parquet`` and ``index.parquet`` from pieces (a symbol's rows at a time), so the
+    sessions stage never holds a whole split: memory is one row group's buffer, whatever the data's size.
+
+    The files are byte-identical to writing the assembled split in one ``pq.write_table`` call: row groups are
+    cut at the same ``ROW_GROUP_ROWS`` boundaries, and each is written from one contiguous buffer. (pyarrow
+    cuts data pages at write-batch boundaries counted from the start of each array it is handed, so a row group
+    passed as several chunks could page differently.) ``n_rows`` is the split's total, known up front, so the
+    buffer is no larger than the split.
+    """
+
+    def __init__(self, directory: Path, split: str, metadata: dict[str, Any], symbols: tuple[str, ...],
+                 feature_names: tuple[str, ...], context: int, length: int, n_rows: int) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory, self.symbols, self.n_rows = directory, symbols, n_rows
+        self.meta = {META_KEY: json.dumps({**metadata, "split": split, "context": context, "length": length,
+                                           "symbols": list(symbols), "features": list(feature_names)}).encode()}
+        fields = [pa.field("symbol", pa.dictionary(pa.int16(), pa.string())),
+                  pa.field("time", pa.timestamp("us", "UTC")),
+                  *(pa.field(n, pa.float64()) for n in PRICE_COLUMNS),
+                  *(pa.field(n, pa.float32()) for n in feature_names)]
+        self.schema = pa.schema(fields).with_metadata(self.meta)
+        self._dictionary = pa.array(list(symbols), pa.string())
+        cap = min(ROW_GROUP_ROWS, n_rows)
+        self._feat = np.empty((len(feature_names), cap), dtype=np.float32)  # one contiguous row per column
+        self._price = np.empty((len(PRICE_COLUMNS), cap), dtype=np.float64)
+        self._time = np.empty(cap, dtype=np.int64)
+        self._sym = np.empty(cap, dtype=np.int16)
+        self._fill = 0  # rows in the buffer
+        self._written = 0  # rows already in row groups
+        self._index: list[tuple[np.ndarray, ...]] = []
+        # uncompressed, no dictionary for floats: reading back is a straight copy into the feature matrix;
+        # a CRC per page: flipped bytes are refused
+        self._writer = pq.ParquetWriter(directory / "rows.parquet", self.schema, compression="none",
+                                        use_dictionary=["symbol"], write_page_checksum=True)
+
+    def __enter__(self) -> SplitWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the caller's temporary folder is discarded; just release the file
+            self._writer.close()
+
+    @property
+    def rows(self) -> int:
+        """Rows appended so far (the next piece's first row offset)."""
+        return self._written + self._fill
+
+    def add_sessions(self, ctx_start: np.ndarray, start: np.ndarray, end: np.ndarray, time_start: np.ndarray,
+                     symbol_id: np.ndarray) -> None:
+        """Sessions, in order: row offsets into the whole split, their first traded bar's time and symbol."""
+        self._index.append((ctx_start.astype(np.int64), start.astype(np.int64), end.astype(np.int64),
+                            time_start.astype(np.int64), symbol_id.astype(np.int16)))
+
+    def append(self, features: np.ndarray, prices: dict[str, np.ndarray], time: np.ndarray,
+               symbol_id: np.ndarray) -> None:
+        """Append rows (the next ``len(features)`` row offsets, from ``rows``)."""
+        n = len(features)
+        if self.rows + n > self.n_rows:
+            raise DataError(f"{self.directory}: more rows than the {self.n_rows} announced")
+        sym = symbol_id.astype(np.int16)
+        done = 0
+        while done < n:
+            take = min(n - done, len(self._time) - self._fill)
+            dst, src = slice(self._fill, self._fill + take), slice(done, done + take)
+            self._feat[:, dst] = features[src].T
+            for k, name in enumerate(PRICE_COLUMNS):
+                self._price[k, dst] = prices[name][src]
+            self._time[dst] = time[src]
+            self._sym[dst] = sym[src]
+            self._fill += take
+            done += take
+            if self._fill == len(self._time):
+                self._flush()
+
+    def _flush(self) -> None:
+        m = self._fill
+        cols: list[Any] = [pa.DictionaryArray.from_arrays(pa.array(self._sym[:m]), self._dictionary),
+                           pa.array(self._time[:m]).cast(pa.timestamp("us", "UTC"))]
+        cols += [pa.array(self._price[k, :m]) for k in range(len(PRICE_COLUMNS))]
+        cols += [pa.array(self._feat[j, :m], pa.float32()) for j in range(len(self._feat))]
+        self._writer.write_table(pa.Table.from_arrays(cols, schema=self.schema), row_group_size=ROW_GROUP_ROWS)
+        self._written += m
+        self._fill = 0
+
+    def close(self) -> None:
+        """Write the last row group and ``index.parquet``."""
+        if self.rows != self.n_rows:
+            raise DataError(f"{self.directory}: {self.rows} rows written, {self.n_rows} announced")
+        if self._fill or not self._written:  # an empty split still gets its (empty) row group
+            self._flush()
+        self._writer.close()
+        parts = list(zip(*self._index, strict=True)) if self._index else [[np.empty(0, np.int64)]] * 4 + [
+            [np.empty(0, np.int16)]]
+        ctx, st, en, t0, sid = (np.concatenate(p) for p in parts)
+        index = pa.table({
+            "session": pa.array(np.arange(len(st), dtype=np.int64)),
+            "symbol": pa.DictionaryArray.from_arrays(pa.array(sid), self._dictionary).dictionary_decode(),
+            "ctx_start": pa.array(ctx.astype(np.int64)),
+            "start": pa.array(st.astype(np.int64)),
+            "end": pa.array(en.astype(np.int64)),
+            "time_start": pa.array(t0).cast(pa.timestamp("us", "UTC")),
+        }).replace_schema_metadata(self.meta)
+        pq.write_table(index, self.directory / "index.parquet", write_page_checksum=True)
+
+
 def write_split(set_: SessionSet, directory: Path, split: str, metadata: dict[str, Any]) -> None:
-    """Write ``rows.parquet`` and ``index.parquet`` for one split (into ``directory``, which the caller renames)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    meta = {META_KEY: json.dumps({**metadata, "split": split, "context": set_.context, "length": set_.length,
-                                  "symbols": list(set_.symbols), "features": list(set_.feature_names)}).encode()}
-    cols: dict[str, Any] = {
-        "symbol": pa.DictionaryArray.from_arrays(pa.array(set_.symbol_id.astype(np.int16)),
-                                                 pa.array(list(set_.symbols), pa.string())),
-        "time": pa.array(set_.time.astype(np.int64)).cast(pa.timestamp("us", "UTC")),
-    }
-    for name in PRICE_COLUMNS:
-        cols[name] = pa.array(getattr(set_, name).astype(np.float64))
-    for j, name in enumerate(set_.feature_names):
-        cols[name] = pa.array(np.ascontiguousarray(set_.features[:, j]), pa.float32())
-    rows = pa.table(cols).replace_schema_metadata(meta)
-    # uncompressed, no dictionary for floats: reading back is a straight copy into the feature matrix
-    pq.write_table(rows, directory / "rows.parquet", compression="none", use_dictionary=["symbol"],
-                   row_group_size=1 << 20, write_page_checksum=True)  # a CRC per page: flipped bytes are refused
-    index = pa.table({
-        "session": pa.array(np.arange(set_.n_sessions, dtype=np.int64)),
-        "symbol": pa.array([set_.symbols[int(set_.symbol_id[s])] for s in set_.start], pa.string()),
-        "ctx_start": pa.array(set_.ctx_start.astype(np.int64)),
-        "start": pa.array(set_.start.astype(np.int64)),
-        "end": pa.array(set_.end.astype(np.int64)),
-        "time_start": pa.array(set_.time[set_.start].astype(np.int64)).cast(pa.timestamp("us", "UTC")),
-    }).replace_schema_metadata(meta)
-    pq.write_table(index, directory / "index.parquet", write_page_checksum=True)
+    """Write ``rows.parquet`` and ``index.parquet`` for one split held in memory (into ``directory``, which the
+    caller renames)."""
+    with SplitWriter(directory, split, metadata, set_.symbols, set_.feature_names, set_.context, set_.length,
+                     len(set_.features)) as w:
+        w.append(set_.features, {n: getattr(set_, n).astype(np.float64) for n in PRICE_COLUMNS},
+                 set_.time.astype(np.int64), set_.symbol_id)
+        w.add_sessions(set_.ctx_start, set_.start, set_.end, set_.time[set_.start], set_.symbol_id[set_.start])
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
