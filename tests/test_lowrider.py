@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 import torch
 from conftest import build_near_april
-from torch import nn
+from test_backtest import TinyNet
 
 from rltrader.agents.packaging import PolicyModule
 from rltrader.config import Settings
@@ -28,18 +28,6 @@ from rltrader.evaluate.lowrider import (
 from rltrader.train import variant_settings
 
 
-class Linear(nn.Module):
-    """A linear scorer over the flat observation: a real network through the model path (module level: picklable)."""
-
-    def __init__(self, n_in: int, n_actions: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(n_in, n_actions)
-
-    def forward(self, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.lin(torch.cat([w.flatten(1), s], dim=1)) * 5.0
-        return out
-
-
 @pytest.fixture(scope="module")
 def built(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """NEARUSDT, April 2023 (real bars); a Lowrider that cycles often: 0.3 % profit target, 200-quote lots."""
@@ -50,7 +38,7 @@ def built(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Set
 def lowrider_model(settings: Settings, n_features: int, seed: int = 0) -> PolicyModule:
     torch.manual_seed(seed)
     ctx, n_act = settings.sessions.context, variant_settings(settings, "lowrider").env.n_actions
-    net = Linear(ctx * n_features + N_STATE, n_act)
+    net = TinyNet(ctx * n_features + N_STATE, n_act)
     return PolicyModule(net, "q_values", ctx, n_features, N_STATE, n_act, {"algo": "d3qn", "mode": "lowrider"})
 
 
