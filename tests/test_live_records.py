@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -194,3 +195,13 @@ def test_deferred_rows_are_committed_with_the_next_order_intent_before_it(tmp_pa
     rec.record_decision("s1", "X", 180_000_000, 0, "hold", None, None, 1.0, "signal", deferred=True)
     assert len(rec.decisions("s1")) == 3  # this connection's reads see its deferred rows
     rec.close()
+
+
+def test_order_ids_of_sessions_started_in_the_same_hour_differ() -> None:
+    """Session ids begin with their start time; two sessions started within the hour on one account must not derive
+    the same client order id for the same bar (the exchange would refuse one as a duplicate)."""
+    a, b = "20261201165400a1b2c3", "20261201165912d4e5f6"
+    assert order_id_for(a, "BTCUSDT", T0) != order_id_for(b, "BTCUSDT", T0)
+    assert order_id_for(a, "BTCUSDT", T0) == order_id_for(a, "BTCUSDT", T0)  # deterministic: recovery relies on it
+    oid = order_id_for(a, "1000SHIBUSDT", T0 + 10 ** 15, seq=1)
+    assert len(oid) <= 36 and re.fullmatch(r"[.A-Z:/a-z0-9_-]{1,36}", oid)

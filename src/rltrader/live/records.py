@@ -21,6 +21,7 @@ parameter style and the auto-increment type differ.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -71,8 +72,14 @@ CREATE INDEX IF NOT EXISTS fills_session ON fills (session_id, symbol, time);
 
 def order_id_for(session_id: str, symbol: str, bar_time_us: int, seq: int = 0) -> str:
     """The client order id of a bar's order: deterministic, so a recomputed decision maps to the same order
-    (Binance accepts ``[.A-Z:/a-z0-9_-]{1,36}``)."""
-    return f"rl{session_id[:10]}-{symbol[:10]}-{bar_time_us // 60_000_000}-{seq}"[:36]
+    (Binance accepts ``[.A-Z:/a-z0-9_-]{1,36}``).
+
+    The session is named by a 10-hex-digit digest of its WHOLE id, not by a prefix: session ids start with their
+    start time (``YYYYmmddHHMMSS`` + random), so a prefix made two sessions started in the same hour on one
+    exchange account derive the same id for the same bar, and Binance would refuse the second session's order as
+    a duplicate (or recovery would adopt the other session's order as its own)."""
+    tag = hashlib.blake2b(session_id.encode(), digest_size=5).hexdigest()
+    return f"rl{tag}-{symbol[:10]}-{bar_time_us // 60_000_000}-{seq}"[:36]
 
 
 class Records:
