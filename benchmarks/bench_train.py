@@ -66,7 +66,12 @@ prepared tensors, with no env, no replay and no Python bookkeeping, per CPU-seco
 ``cpu_value / ceiling``. ``peer_ceiling`` is the same for the peer's algorithm with the same network (SB3 DQN
 skips the acting pass with probability ε and has no online pass over the next windows, so its bound is higher:
 ours can only pass it by more than that margin with less network work per step); ``peer_fraction_of_ceiling``
-its rate as a fraction of that.
+its rate as a fraction of that. And the metal under the bound: ``bound_gflop_per_s`` is the bound's arithmetic
+rate (its convolutions' and matrix products' FLOPs, forward and backward, counted by torch's ``FlopCounterMode``),
+``matmul_peak_gflop_per_s`` this core's single-thread fp32 peak (a 1024³ ``torch.mm``, same run),
+``bound_of_matmul_peak`` their ratio, and ``twice_peer_needs_of_matmul_peak`` the fraction of that peak our
+algorithm's arithmetic would have to run at to train at twice the peer's steps per CPU-second with no overhead
+at all.
 
 Threads: ``torch.set_num_threads(1)`` for both sides (small networks on 2 cores run faster single-threaded, and
 ``params.yaml: train.threads`` is 1); numba's env kernels run one thread (the batch env's default). Outside every
@@ -431,9 +436,14 @@ def describe(name: str, r: Run) -> str:
 
 
 # -- main ----------------------------------------------------------------------------------------------------
-def bound_keys(ours: Run, peer: Run, bound: tb.Bound) -> dict[str, Any]:
-    """The compute bound (its best repetition) and each side's rate as a fraction of its own bound."""
-    return {"cpu_value": round(ours.cpu_rate), "peer_cpu_value": round(peer.cpu_rate),
+def bound_keys(ours: Run, peer: Run, bound: tb.Bound, peak: float) -> dict[str, Any]:
+    """The compute bound (its best repetition) and each side's rate as a fraction of its own bound; the bound's
+    arithmetic rate against the core's matrix-multiply peak ``peak`` (GFLOP/s), and the rate twice the peer's
+    per-CPU-second speed would need from our algorithm's arithmetic (as a fraction of that peak)."""
+    return {"bound_gflop_per_s": round(bound.gflops, 1), "matmul_peak_gflop_per_s": round(peak, 1),
+            "bound_of_matmul_peak": round(bound.gflops / peak, 3),
+            "twice_peer_needs_of_matmul_peak": round(2 * peer.cpu_rate * bound.flop_per_step / 1e9 / peak, 3),
+            "cpu_value": round(ours.cpu_rate), "peer_cpu_value": round(peer.cpu_rate),
             "cpu_ratio": h.ratio(ours.cpu_rate, peer.cpu_rate), "cpu_unit": "steps per CPU-second",
             "ceiling": round(bound.ours), "fraction_of_ceiling": round(ours.cpu_rate / bound.ours, 3),
             "peer_ceiling": round(bound.peer), "peer_fraction_of_ceiling": round(peer.cpu_rate / bound.peer, 3),
@@ -528,8 +538,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         log(bounds[-1].describe("D3QN"))
     ours_d, peer_d = best_of("ours D3QN", ours_runs), best_of("SB3 DQN", peer_runs)
     bound_d = best_bound("D3QN compute bound", bounds)
+    peak = tb.matmul_peak()
+    log(f"this core's fp32 matrix-multiply peak (1024³ torch.mm, one thread): {peak:.1f} GFLOP/s")
     emit(Figure("d3qn_train_steps_per_s", ours_d.rate, "steps/s", peer_d_desc, peer_d.rate,
-                bound_keys(ours_d, peer_d, bound_d)), figures)
+                bound_keys(ours_d, peer_d, bound_d, peak)), figures)
 
     log(f"PPO: {pcfg.num_envs} envs × {pcfg.rollout_steps} steps, 1 warm-up + {ppo_updates} timed updates, "
         f"net {pcfg.net}, {repeats} repetition(s)")
@@ -547,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ours_p, peer_p = best_of("ours PPO", ours_runs), best_of("SB3 PPO", peer_runs)
     bound_p = best_bound("PPO compute bound", bounds)
     emit(Figure("ppo_train_steps_per_s", ours_p.rate, "steps/s", peer_p_desc, peer_p.rate,
-                bound_keys(ours_p, peer_p, bound_p)), figures)
+                bound_keys(ours_p, peer_p, bound_p, peak)), figures)
 
     val_desc = (f"{SB3} {{}} after the same {{:,}} env steps: greedy over masked outputs, mean return of "
                 f"{min(val_sessions, val.n_sessions):,} val sessions (agents.evaluate), percent")
@@ -566,7 +578,11 @@ def main(argv: Sequence[str] | None = None) -> None:
              f"{peer_p.cpu_rate:,.0f} ({ours_p.cpu_rate / peer_p.cpu_rate:.2f}×)",
              f"fraction of the compute bound (per CPU-second): D3QN ours {ours_d.cpu_rate / bound_d.ours:.1%}, "
              f"SB3 DQN {peer_d.cpu_rate / bound_d.peer:.1%} (of its own bound); PPO ours "
-             f"{ours_p.cpu_rate / bound_p.ours:.1%}, SB3 PPO {peer_p.cpu_rate / bound_p.peer:.1%}", "",
+             f"{ours_p.cpu_rate / bound_p.ours:.1%}, SB3 PPO {peer_p.cpu_rate / bound_p.peer:.1%}",
+             f"the bounds' arithmetic against this core's matmul peak ({peak:.1f} GFLOP/s): D3QN "
+             f"{bound_d.gflops / peak:.0%}, PPO {bound_p.gflops / peak:.0%}; twice the peer's rate per CPU-second "
+             f"would need D3QN {2 * peer_d.cpu_rate * bound_d.flop_per_step / 1e9 / peak:.0%}, PPO "
+             f"{2 * peer_p.cpu_rate * bound_p.flop_per_step / 1e9 / peak:.0%} of it", "",
              f"d3qn config: {dcfg}", f"ppo config: {pcfg}", "",
              f"torch threads {torch.get_num_threads()}; load average (1 min) at start {load0:.1f}, at end "
              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: other processes share this machine, so rates "

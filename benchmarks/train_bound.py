@@ -23,6 +23,13 @@ Per env step, at ``num_envs`` envs per vector step:
 
 Each piece is timed in process CPU seconds (blind to the other processes on a shared machine), the best mean
 over a few timed blocks, so the bound is optimistic, as a ceiling should be.
+
+How close the bound itself is to the metal: each piece's floating-point operations are counted once
+(``torch.utils.flop_counter.FlopCounterMode``: convolutions and matrix products, forward and backward), so the
+bound has a GFLOP/s figure, compared with this core's single-thread fp32 matrix-multiply peak measured in the same
+run (``matmul_peak``: a 1024³ ``torch.mm``, the best case of the same BLAS). Small convolutions over 30-bar
+windows cannot reach a large GEMM's rate; the gap says how much any implementation of the same arithmetic could
+still gain on this CPU.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from rltrader.agents import d3qn, ppo
 from rltrader.agents.common import make_adam
@@ -67,6 +75,19 @@ def _inputs(data: SessionSet, n: int, rng: np.random.Generator, extra: int = 0) 
     return windows, torch.from_numpy(rng.normal(size=(n, N_STATE)).astype(np.float32))
 
 
+def flops_of(fn: Callable[[], object]) -> int:
+    """Floating-point operations of one call (convolutions and matrix products, forward and backward)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(n: int = 1024, calls: int = 8, blocks: int = 3) -> float:
+    """GFLOP/s of one thread's fp32 ``n × n`` matrix product: the core's practical arithmetic peak."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / best_mean(lambda: torch.mm(a, b), calls, blocks) / 1e9
+
+
 @dataclass
 class Bound:
     ours: float
@@ -76,11 +97,20 @@ class Bound:
     act_ms: float
     update_ms: float
     peer_update_ms: float
+    flop_per_step: float
+    """Floating-point operations of our algorithm's network work per env step."""
+    peer_flop_per_step: float
+
+    @property
+    def gflops(self) -> float:
+        """The arithmetic rate the bound runs at (GFLOP per CPU-second)."""
+        return self.ours * self.flop_per_step / 1e9
 
     def describe(self, name: str) -> str:
         return (f"{name} compute bound: {self.ours:,.0f} steps per CPU-second (acting forward {self.act_ms:.2f} ms "
-                f"per vector step, update {self.update_ms:.2f} ms); peer's own bound {self.peer:,.0f} (update "
-                f"{self.peer_update_ms:.2f} ms)")
+                f"per vector step, update {self.update_ms:.2f} ms; {self.flop_per_step / 1e6:.2f} MFLOP per env "
+                f"step = {self.gflops:.1f} GFLOP/s); peer's own bound {self.peer:,.0f} (update "
+                f"{self.peer_update_ms:.2f} ms, {self.peer_flop_per_step / 1e6:.2f} MFLOP per env step)")
 
 
 def d3qn_bound(cfg: d3qn.D3QNConfig, data: SessionSet, n_actions: int, mean_eps: float, blocks: int = 3,
@@ -129,7 +159,9 @@ def d3qn_bound(cfg: d3qn.D3QNConfig, data: SessionSet, n_actions: int, mean_eps:
     per_vec = cfg.updates_per_vector_step
     ours = cfg.num_envs / (act_t + per_vec * upd_t)
     peer = cfg.num_envs / ((1.0 - mean_eps) * act_t + per_vec * peer_t)
-    return Bound(ours, peer, 1e3 * act_t, 1e3 * upd_t, 1e3 * peer_t)
+    act_f, upd_f, peer_f = flops_of(act), flops_of(update), flops_of(peer_update)
+    return Bound(ours, peer, 1e3 * act_t, 1e3 * upd_t, 1e3 * peer_t, (act_f + per_vec * upd_f) / cfg.num_envs,
+                 ((1.0 - mean_eps) * act_f + per_vec * peer_f) / cfg.num_envs)
 
 
 def ppo_bound(cfg: ppo.PPOConfig, data: SessionSet, n_actions: int, blocks: int = 2, calls: int = 4) -> Bound:
@@ -169,4 +201,6 @@ def ppo_bound(cfg: ppo.PPOConfig, data: SessionSet, n_actions: int, blocks: int 
     mb_t = best_mean(minibatch, calls, blocks)
     per_update = (cfg.rollout_steps + 1) * act_t + cfg.update_epochs * cfg.minibatches * mb_t
     rate = cfg.rollout_steps * cfg.num_envs / per_update
-    return Bound(rate, rate, 1e3 * act_t, 1e3 * per_update, 1e3 * per_update)
+    steps = cfg.rollout_steps * cfg.num_envs
+    flop = ((cfg.rollout_steps + 1) * flops_of(act) + cfg.update_epochs * cfg.minibatches * flops_of(minibatch)) / steps
+    return Bound(rate, rate, 1e3 * act_t, 1e3 * per_update, 1e3 * per_update, flop, flop)
