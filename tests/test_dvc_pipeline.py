@@ -101,7 +101,7 @@ def test_whole_pipeline_on_tiny_params(tmp_path: Path, shared_archive: Path) -> 
     assert "reports/backtest.json" in shown and "reports/promotion.json" in shown and "reports/study.json" in shown
     plots = _run([sys.executable, "-m", "dvc", "plots", "show", "--out", str(tmp_path / "plots")], repo)
     assert (tmp_path / "plots" / "index.html").is_file(), plots
-    assert _ran(_run([sys.executable, "-m", "dvc", "repro"], repo)) == []
+    assert _ran(_run([sys.executable, "-m", "dvc", "repro"], repo)) == ["ingest"]  # re-checks the archive only
 
 
 def test_dvc_repro_runs_only_what_a_change_touches(tmp_path: Path, shared_archive: Path) -> None:
@@ -112,14 +112,36 @@ def test_dvc_repro_runs_only_what_a_change_touches(tmp_path: Path, shared_archiv
     assert (repo / "data" / "sessions" / "backtest" / "rows.parquet").exists()
     assert (repo / "reports" / "plots" / "sessions.png").exists()
 
-    assert _ran(_run([sys.executable, "-m", "dvc", "repro", "sessions"], repo)) == []
+    # ingest always runs (its input is outside the repo) and leaves its metrics byte-identical, so nothing after it
+    assert _ran(_run([sys.executable, "-m", "dvc", "repro", "sessions"], repo)) == ["ingest"]
 
     _set(repo, "sessions", "length", 15)
-    assert _ran(_run([sys.executable, "-m", "dvc", "repro", "sessions"], repo)) == ["sessions"]
+    assert _ran(_run([sys.executable, "-m", "dvc", "repro", "sessions"], repo)) == ["ingest", "sessions"]
 
     _set(repo, "features", "rsi", 10)
-    assert _ran(_run([sys.executable, "-m", "dvc", "repro", "sessions"], repo)) == ["features", "sessions"]
+    assert _ran(_run([sys.executable, "-m", "dvc", "repro", "sessions"], repo)) == ["ingest", "features", "sessions"]
 
-    assert _ran(_run([sys.executable, "-m", "dvc", "repro", "sessions"], repo)) == []
+    assert _ran(_run([sys.executable, "-m", "dvc", "repro", "sessions"], repo)) == ["ingest"]
     metrics = _run([sys.executable, "-m", "dvc", "metrics", "show"], repo)
     assert "reports/sessions.json" in metrics
+
+
+def test_a_fresh_clone_fills_its_empty_store_and_rebuilds(tmp_path: Path, shared_archive: Path) -> None:
+    """What the README's one command meets on a new machine: dvc.lock and the metrics files come with the clone,
+    the store and the data do not. The ingest stage must run (it used to be skipped as up to date, and features
+    then failed on the empty store), and the rebuilt store must be the one the lock describes."""
+    repo = _repo(tmp_path, shared_archive)
+    (repo / ".gitignore").write_text("/data/\n/mlflow/\n")  # metrics are committed, as in this project
+    _run([sys.executable, "-m", "dvc", "repro", "sessions"], repo)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "built"], repo)
+
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    assert not (clone / "data").exists()
+    ran = _ran(_run([sys.executable, "-m", "dvc", "repro", "sessions"], clone))
+    assert ran == ["ingest", "features", "sessions"], ran
+    assert (clone / "data" / "sessions" / "backtest" / "rows.parquet").is_file()
+    for name in ("ingest.json", "features.json", "sessions.json"):  # the same stored bars and derived data
+        assert (clone / "reports" / name).read_bytes() == (repo / "reports" / name).read_bytes(), name
+    assert _run(["git", "status", "--porcelain"], clone).strip() == ""  # nothing to commit: the lock still holds

@@ -90,7 +90,7 @@ def test_dvc_versions_data_models_metrics_and_experiments(tmp_path: Path, shared
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["sessions"]["length"] = 15
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_run([*DVC, "repro", "train@d3qn"], repo)) == ["sessions", "train@d3qn"]
+    assert _ran(_run([*DVC, "repro", "train@d3qn"], repo)) == ["ingest", "sessions", "train@d3qn"]
     b = _commit(repo, "B")
     at_b = _digest(repo, *VERSIONED)
     assert at_a[next(k for k in at_a if k.startswith("data/sessions/train"))] != \
@@ -111,7 +111,7 @@ def test_dvc_versions_data_models_metrics_and_experiments(tmp_path: Path, shared
     _run(["git", "checkout", "-q", a], repo)
     _run([*DVC, "checkout", "--force", "--with-deps", "train@d3qn"], repo)  # the stages run here
     assert _digest(repo, *VERSIONED) == at_a
-    assert _ran(_run([*DVC, "repro", "train@d3qn"], repo)) == []  # and DVC sees it as up to date
+    assert _ran(_run([*DVC, "repro", "train@d3qn"], repo)) == ["ingest"]  # and DVC sees the rest as up to date
 
     # pull round trip: without cache and outputs, `dvc pull` restores them from the remote
     for p in (".dvc/cache", "data/features", "data/sessions", "data/models"):
@@ -138,7 +138,7 @@ def test_dvc_versions_data_models_metrics_and_experiments(tmp_path: Path, shared
                      "study": {}, "xgb": {}}
     tuned["d3qn"] = {"lr": 0.0005}
     (repo / "params.tuned.yaml").write_text(yaml.safe_dump(tuned))
-    assert _ran(_run([*DVC, "repro", "train@d3qn"], repo)) == ["train@d3qn"]
+    assert _ran(_run([*DVC, "repro", "train@d3qn"], repo)) == ["ingest", "train@d3qn"]
     from mlflow.tracking import MlflowClient
 
     run_id = json.loads((repo / "reports" / "train_d3qn.json").read_text())["run_id"]

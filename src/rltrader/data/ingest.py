@@ -221,9 +221,21 @@ def klines_fingerprint(df: pl.DataFrame) -> str:
     return h.hexdigest()
 
 
+RUN_COUNTS = ("inserted", "skipped")
+"""What one ingest run did (not the stored state): printed by the stage, kept out of its metrics file."""
+
+
 def run_ingest_stage(settings: Settings, store: Store, metrics_path: Path, *, progress: bool = False
                      ) -> dict[str, object]:
-    """DVC ``ingest`` stage: backfill params.yaml's ``ingest`` section, write metrics (counts, gaps, stats)."""
+    """DVC ``ingest`` stage: backfill params.yaml's ``ingest`` section, write the stored state's metrics.
+
+    The metrics file describes the STORE, not this run: archive files, gaps and, per series, rows, range and a
+    content fingerprint. It is the features stage's dependency, so it must come out byte-identical whenever the
+    stored bars are the same — which is why this run's ``inserted`` / ``skipped`` counts (all rows inserted on a
+    fresh machine, all skipped on a re-run) are returned and printed but not written there. The stage is
+    ``always_changed`` in dvc.yaml: its real input (the archive, the store) is outside the repo, so it runs on
+    every ``dvc repro`` (seconds when everything is stored) and a fresh clone with an empty store fills it, while
+    the stages after it re-run only when the fingerprints move."""
     cfg = settings.ingest
     source = archive_source(settings)
     report = backfill(store, source, cfg.market, cfg.symbols, cfg.start, cfg.end, interval=cfg.interval,
@@ -235,11 +247,13 @@ def run_ingest_stage(settings: Settings, store: Store, metrics_path: Path, *, pr
         if s.kind == "klines" and s.market == cfg.market.value and s.symbol in cfg.symbols
         and s.interval == cfg.interval
     ]
+    state = {k: v for k, v in result.items() if k not in RUN_COUNTS}
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = metrics_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
     tmp.replace(metrics_path)
     return result
+
 
 
 def fill_gaps_from_rest(store: Store, rest_base: str | None, gaps: Sequence[Gap]) -> IngestReport:
