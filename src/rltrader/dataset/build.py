@@ -30,7 +30,7 @@ from rltrader.dataset.plots import ExampleSession
 from rltrader.dataset.split import META_KEY, PRICE_COLUMNS, SplitWriter, read_metadata
 from rltrader.errors import ConfigError, DataError
 from rltrader.integrity import read_arrow, read_parquet, reading
-from rltrader.utils import atomic_dir, git_commit, parse_day, write_json
+from rltrader.utils import atomic_dir, parse_day, write_json
 
 FEATURES_DIR = "features"
 FEATURES_HINT = "re-run `rltrader dataset features` (`dvc repro features`)"
@@ -41,12 +41,18 @@ SESSIONS_DIR = "sessions"
 
 
 def code_version() -> dict[str, str | None]:
-    """Package version, git commit and a hash of the dataset code: recorded in every output's metadata."""
+    """Package version and a hash of the dataset code: recorded in every output's metadata.
+
+    Not the git commit: an output must be a function of its inputs (stored bars, params, this code), so that a
+    stage re-run in a later commit writes the same bytes and DVC re-runs nothing after it. With the commit in
+    the footer, any re-run of ``features`` (e.g. after an unrelated commit touched ``reports/ingest.json``)
+    changed every file's hash and retrained every model. Which commit built an output is in git already:
+    ``dvc.lock`` records its hash next to the code of that commit."""
     src = Path(__file__).parent
     h = hashlib.sha256()
     for f in sorted(src.glob("*.py")):
         h.update(f.read_bytes())
-    return {"rltrader": rltrader.__version__, "git_commit": git_commit(), "dataset_code_sha256": h.hexdigest()[:16]}
+    return {"rltrader": rltrader.__version__, "dataset_code_sha256": h.hexdigest()[:16]}
 
 
 def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray, clip: float) -> np.ndarray:
