@@ -48,6 +48,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
+import orjson
 import polars as pl
 
 from rltrader.config import Settings, StreamSettings
@@ -62,7 +63,6 @@ from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, Market, close_t
 from rltrader.data.store import Store, WriteResult, open_store
 from rltrader.data.stream_common import (
     BAD,
-    CONN_ERROR,
     DUP,
     GAP_KLINE,
     GAP_TRADE,
@@ -74,7 +74,8 @@ from rltrader.data.stream_common import (
     event,
 )
 from rltrader.data.stream_repair import RestRepair
-from rltrader.data.ws_reader import close_socket, decoder, read_loop
+from rltrader.data.ws_reader import WebSocketClosed, WebSocketProtocolError, WsConnection
+from rltrader.data.ws_reader import connect as ws_connect
 
 StopEvent = asyncio.Event | threading.Event
 
@@ -331,34 +332,37 @@ class StreamIngester(RestRepair):
             self._state[sym] = _SymbolState(epoch_us(kl) if kl is not None else None, last_id, builder)
 
     # -- one connection ----------------------------------------------------------------------------------
-    async def _session(self) -> bool:
-        """Connect, repair the hole since the cursors, stream until stop/stale/error; True if data flowed."""
-        bm = make_socket_manager(self._client, self.ws_base, max_queue_size=self.queue_size)
+    def _socket_url(self) -> str:
+        """The combined-stream URL, built by python-binance (base URL, path, ``timeUnit``) but not opened by it."""
+        bm = make_socket_manager(self._client, self.ws_base)
         if self.market is Market.SPOT:
             sock = bm.multiplex_socket(self.streams)
         else:
             sock = bm.futures_multiplex_socket(self.streams)
-        sock.MAX_RECONNECTS = 0  # reconnects are ours: python-binance's would hide the hole from us
-        sock._handle_message = decoder(sock, self.stats)  # skip malformed frames instead of ending the read loop
-        sock._read_loop = read_loop(sock)  # started by __aenter__; python-binance's costs ~3 loop turns/msg
-        await sock.__aenter__()
+        return f"{sock._url}{getattr(sock, '_prefix', '')}{sock._path}"
+
+    async def _session(self) -> bool:
+        """Connect, repair the hole since the cursors, stream until stop/stale/error; True if data flowed.
+
+        The socket is our own (:mod:`rltrader.data.ws_reader`), not python-binance's: it has no silent
+        reconnect of its own (which would hide a hole from us) and costs a fraction of the CPU per message.
+        """
+        conn = await ws_connect(self._socket_url(), high_water=min(self.queue_size, 200_000))
         self.stats.connections += 1
         before = self.stats.messages
         try:
             event(logging.INFO, "stream_connected", streams=len(self.streams), connection=self.stats.connections)
             for sym in self.symbols:
                 await self._repair(sym)
-            await self._consume(sock)
+            await self._consume(conn)
         finally:
-            await close_socket(sock)
+            await conn.close()
         return self.stats.messages > before
 
-    async def _consume(self, sock: Any) -> None:
-        from binance.exceptions import ReadLoopClosed
-
-        # Fast path: take what python-binance has already queued without one recv() (a wait_for and a Task)
-        # per message; recv() alone caps a connection at ~5k msgs/s. Falls back to recv() if the queue moves.
-        queue: asyncio.Queue[Any] | None = getattr(sock, "_queue", None)
+    async def _consume(self, conn: WsConnection) -> None:
+        """Take the messages the socket has buffered in batches, decode and account them; raise to reconnect."""
+        loads, decode_error = orjson.loads, orjson.JSONDecodeError
+        on_message = self._on_message
         last_msg = time.monotonic()
         while not self._stopping():
             wait = min(0.25, self.stale_seconds - (time.monotonic() - last_msg))
@@ -366,31 +370,29 @@ class StreamIngester(RestRepair):
                 self.stats.stale_reconnects += 1
                 event(logging.WARNING, "stream_stale", silent_s=round(time.monotonic() - last_msg, 3))
                 raise Reconnect(f"no message for {self.stale_seconds} s")
-            closed = False
             try:
-                batch = [await asyncio.wait_for(sock.recv(), wait)]
-            except TimeoutError:
+                batch = await conn.batch(wait)
+            except (WebSocketClosed, WebSocketProtocolError) as exc:
+                event(logging.WARNING, "websocket_error", type=type(exc).__name__, detail=str(exc)[:300])
+                raise Reconnect(f"websocket closed: {exc}") from exc
+            if not batch:
                 continue
-            except ReadLoopClosed:
-                batch, closed = [], True
-            if queue is not None:
-                while not queue.empty() and len(batch) < 20_000:
-                    batch.append(queue.get_nowait())
             last_msg = time.monotonic()
             self.stats.messages += len(batch)
-            on_message = self._on_message
-            for msg in batch:
+            for raw in batch:
+                try:
+                    msg = loads(raw)
+                except decode_error:
+                    self.stats.messages -= 1
+                    self.stats.malformed += 1
+                    event(logging.WARNING, "malformed_frame", reason="not json", frame=str(raw)[:200])
+                    continue
                 code = on_message(msg)
                 if code in (GAP_TRADE, GAP_KLINE):
-                    code = await self._resolve_gap(msg, code)
-                if code == CONN_ERROR:
-                    closed = True
-                    break
+                    await self._resolve_gap(msg, code)
             self._after_batch()
             if self._pending_rows() >= self.max_pending_rows:
                 await self._flush()  # back-pressure: the store is slower than the stream
-            if closed:
-                raise Reconnect("websocket closed")
 
     # -- messages ----------------------------------------------------------------------------------------
     def _on_message(self, msg: Any) -> int:
@@ -406,9 +408,6 @@ class StreamIngester(RestRepair):
                 return self._on_trade(data)
             if kind == "kline":
                 return self._on_kline(data)
-            if kind == "error":  # python-binance reports connection trouble in-band
-                event(logging.WARNING, "websocket_error", type=data.get("type"), detail=str(data.get("m"))[:300])
-                return CONN_ERROR
             raise ValueError(f"unexpected event type {kind!r}")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             self.stats.malformed += 1
