@@ -393,6 +393,7 @@ class StreamIngester(RestRepair):
             self._after_batch()
             if self._pending_rows() >= self.max_pending_rows:
                 await self._flush()  # back-pressure: the store is slower than the stream
+            await asyncio.sleep(0)  # batch() does not suspend while messages wait: let the writer and reads run
 
     # -- messages ----------------------------------------------------------------------------------------
     def _on_message(self, msg: Any) -> int:
