@@ -59,7 +59,7 @@ class FrameParser:
     """
 
     def __init__(self, max_size: int = MAX_MESSAGE) -> None:
-        self.max_size = max_size
+        self.max_size = max(max_size, 125)
         self.messages: list[bytes] = []
         self.controls: list[tuple[int, bytes]] = []
         self._buf = b""
@@ -102,10 +102,10 @@ class FrameParser:
                     raise WebSocketProtocolError("frame length has its most significant bit set")
             else:
                 raise WebSocketProtocolError("masked frame from the server")
+            if ln > 125 and ln > self.max_size:  # (max_size is at least 125: every frame < 126 passes)
+                raise WebSocketProtocolError(f"frame of {ln} bytes exceeds the limit of {self.max_size}")
             end = start + ln
             if end > n:
-                if ln > self.max_size:
-                    raise WebSocketProtocolError(f"frame of {ln} bytes exceeds the limit of {self.max_size}")
                 if end - pos > 65536:  # a long frame: collect its reads, join once
                     self._pending = [buf[pos:]]
                     self._pending_have = n - pos
