@@ -59,7 +59,15 @@ from rltrader.data.rest import (
     make_async_client,
     make_socket_manager,
 )
-from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, Market, close_time_us, epoch_to_us, interval_us
+from rltrader.data.schema import (
+    AGG_TRADE_SCHEMA,
+    KLINE_SCHEMA,
+    US_THRESHOLD,
+    Market,
+    close_time_us,
+    epoch_to_us,
+    interval_us,
+)
 from rltrader.data.store import Store, WriteResult, open_store
 from rltrader.data.stream_common import (
     BAD,
@@ -200,6 +208,7 @@ class StreamIngester(RestRepair):
             raise ValueError("flush_seconds, stale_seconds and metrics_seconds must be > 0")
         self.store = store
         self.market = Market(market)
+        self._market_value = self.market.value
         self.symbols = [s.strip().upper() for s in symbols]
         self.rest_base = rest_base
         self.ws_base = ws_base
@@ -397,7 +406,11 @@ class StreamIngester(RestRepair):
 
     # -- messages ----------------------------------------------------------------------------------------
     def _on_message(self, msg: Any) -> int:
-        """Account one decoded frame. Everything is parsed before any state changes, so a bad frame is inert."""
+        """Account one decoded frame. Everything is parsed before any state changes, so a bad frame is inert.
+
+        The in-progress kline update (most of a kline-only feed) is handled inline: at 50 k+ msgs/s the three
+        calls it took (``_on_kline``, ``epoch_to_us``, ``BarBuilder.advance``) were a tenth of a message's CPU.
+        """
         if msg is None:
             return IGNORED
         try:
@@ -408,7 +421,23 @@ class StreamIngester(RestRepair):
             if kind == "aggTrade":
                 return self._on_trade(data)
             if kind == "kline":
-                return self._on_kline(data)
+                k = data["k"]
+                st = self._state[data["s"]]
+                e_us = int(data["E"])
+                if e_us < US_THRESHOLD:  # epoch_to_us, inline
+                    e_us *= 1000
+                if k["i"] != self.interval:
+                    raise ValueError(f"kline interval {k['i']!r}, subscribed {self.interval!r}")
+                closed = k["x"]
+                if closed is False:
+                    self.stats.kline_updates += 1
+                    bars = st.bars  # BarBuilder.advance, inline: the exchange's clock moved to E
+                    if bars.watermark is None or e_us - 1 > bars.watermark:
+                        bars.watermark = e_us - 1
+                    return OK
+                if closed is not True:
+                    raise TypeError("kline x is not a boolean")
+                return self._on_closed_kline(data, k, st, e_us)
             raise ValueError(f"unexpected event type {kind!r}")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             self.stats.malformed += 1
@@ -420,7 +449,7 @@ class StreamIngester(RestRepair):
         sym = d["s"]
         st = self._state[sym]
         a = int(d["a"])
-        row = (self.market.value, sym, a, float(d["p"]), float(d["q"]), int(d["f"]), int(d["l"]),
+        row = (self._market_value, sym, a, float(d["p"]), float(d["q"]), int(d["f"]), int(d["l"]),
                epoch_to_us(int(d["T"])), bool(d["m"]), bool(d.get("M", True)))
         e = epoch_to_us(int(d["E"])) / 1e6
         last = st.last_trade_id
@@ -437,21 +466,9 @@ class StreamIngester(RestRepair):
         st.bars.add(row[7], a, row[3], row[4], row[8])
         return OK
 
-    def _on_kline(self, d: dict[str, Any]) -> int:
-        k = d["k"]
-        st = self._state[d["s"]]
-        e_us = epoch_to_us(int(d["E"]))
-        if k["i"] != self.interval:
-            raise ValueError(f"kline interval {k['i']!r}, subscribed {self.interval!r}")
-        closed = k["x"]
-        if not isinstance(closed, bool):
-            raise TypeError("kline x is not a boolean")
-        if not closed:
-            self.stats.kline_updates += 1
-            st.bars.advance(e_us - 1)  # the exchange's clock moved; trades up to it have been published
-            return OK
+    def _on_closed_kline(self, d: dict[str, Any], k: dict[str, Any], st: _SymbolState, e_us: int) -> int:
         open_us = epoch_to_us(int(k["t"]))
-        row = (self.market.value, d["s"], self.interval, open_us, float(k["o"]), float(k["h"]), float(k["l"]),
+        row = (self._market_value, d["s"], self.interval, open_us, float(k["o"]), float(k["h"]), float(k["l"]),
                float(k["c"]), float(k["v"]), close_time_us(int(k["T"])), float(k["q"]), int(k["n"]), float(k["V"]),
                float(k["Q"]))
         st.bars.advance(e_us - 1)
