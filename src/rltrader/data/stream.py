@@ -1,7 +1,8 @@
 """Live ingestion: Binance combined websocket streams → store, with REST repair so nothing closed is missed.
 
 One connection per market carries every symbol's ``<symbol>@aggTrade`` and ``<symbol>@kline_1m`` streams
-(python-binance's ``BinanceSocketManager`` multiplex socket). Stored are every aggregate trade, every *closed*
+(the URL python-binance's ``BinanceSocketManager`` builds for a multiplex socket, opened by our own client,
+:mod:`rltrader.data.ws_reader`). Stored are every aggregate trade, every *closed*
 kline (``x = true``; an open candle is never final) and 5 s bars built from the trades
 (:mod:`rltrader.data.bars`, including ``trades = 0`` rows for windows without trades).
 
@@ -15,11 +16,13 @@ Correctness rests on per-symbol cursors, not on the connection behaving:
   timing of drops, reconnects and restarts.
 * **Reconnect**: the websocket is opened *before* the REST repair, so anything newer than the repair is
   already buffered; then the repair runs from the cursors to the server's now (closed candles only), then the
-  buffered stream is consumed. Reconnects use exponential back-off with jitter. python-binance's own silent
-  reconnect is switched off (``MAX_RECONNECTS = 0``): it would reconnect without telling us, leaving a hole.
+  buffered stream is consumed (the socket keeps reading during the repair; past ``queue_size`` buffered
+  messages, at most 200 k, it stops reading and TCP holds the rest). Reconnects use exponential back-off with
+  jitter; the socket never reconnects by itself (python-binance's did, silently, leaving a hole).
 * **Staleness**: no message for ``stale_seconds`` → the connection is presumed dead and replaced (logged).
 * **Malformed frames** are logged, counted and skipped; they never reach the buffers (a message is fully
-  parsed before any state changes). python-binance would otherwise end its read loop on a non-JSON frame.
+  parsed before any state changes). A frame that breaks the websocket protocol itself ends the connection
+  (reconnect and repair).
 * **Batching**: rows go to in-memory buffers; a writer task commits them (COPY on PostgreSQL) as soon as the
   previous commit finished and at least ``min_flush_seconds`` passed, and at the latest every
   ``flush_seconds`` — an adaptive group commit: small batches and low lag when the store keeps up, larger
