@@ -79,6 +79,7 @@ from rltrader.data.stream_common import (
     GAP_TRADE,
     IGNORED,
     OK,
+    Columns,
     Reconnect,
     dt,
     epoch_us,
@@ -235,8 +236,8 @@ class StreamIngester(RestRepair):
         self.on_kline = on_kline
         self.streams = [f"{s.lower()}@{k}" for s in self.symbols for k in ("aggTrade", f"kline_{kline_interval}")]
         self._state: dict[str, _SymbolState] = {}
-        self._trades: list[tuple[Any, ...]] = []
-        self._klines: list[tuple[Any, ...]] = []
+        self._trades = Columns(AGG_TRADE_SCHEMA, ("transact_time",))
+        self._klines = Columns(KLINE_SCHEMA, ("open_time", "close_time"))
         self._bars: list[BarRow] = []
         self._events: list[float] = []  # exchange event times (s) of live rows in the buffers
         self._interval_lags: list[float] = []
@@ -452,8 +453,9 @@ class StreamIngester(RestRepair):
         sym = d["s"]
         st = self._state[sym]
         a = int(d["a"])
-        row = (self._market_value, sym, a, float(d["p"]), float(d["q"]), int(d["f"]), int(d["l"]),
-               epoch_to_us(int(d["T"])), bool(d["m"]), bool(d.get("M", True)))
+        price, qty, first, last_id = float(d["p"]), float(d["q"]), int(d["f"]), int(d["l"])
+        t_us = epoch_to_us(int(d["T"]))
+        maker, best = bool(d["m"]), bool(d.get("M", True))
         e = epoch_to_us(int(d["E"])) / 1e6
         last = st.last_trade_id
         if last is not None:
@@ -464,9 +466,19 @@ class StreamIngester(RestRepair):
                 return GAP_TRADE
         self.stats.trades_received += 1
         st.last_trade_id = a
-        self._trades.append(row)
+        c = self._trades.cols  # AGG_TRADE_SCHEMA order
+        c[0].append(self._market_value)
+        c[1].append(sym)
+        c[2].append(a)
+        c[3].append(price)
+        c[4].append(qty)
+        c[5].append(first)
+        c[6].append(last_id)
+        c[7].append(t_us)
+        c[8].append(maker)
+        c[9].append(best)
         self._events.append(e)
-        st.bars.add(row[7], a, row[3], row[4], row[8])
+        st.bars.add(t_us, a, price, qty, maker)
         return OK
 
     def _on_closed_kline(self, d: dict[str, Any], k: dict[str, Any], st: _SymbolState, e_us: int) -> int:
@@ -495,7 +507,7 @@ class StreamIngester(RestRepair):
             if st.bars.watermark is not None:
                 self._bars += st.bars.drain()
         self.stats.late_trades = sum(st.bars.late_trades for st in self._state.values())
-        if self._trades or self._klines or self._bars:
+        if len(self._trades) or len(self._klines) or self._bars:
             self._wake.set()
     # -- writing -----------------------------------------------------------------------------------------
     def _pending_rows(self) -> int:
@@ -512,9 +524,9 @@ class StreamIngester(RestRepair):
     async def _flush(self) -> None:
         async with self._flush_lock:
             trades, klines, bars, events = self._trades, self._klines, self._bars, self._events
-            if not (trades or klines or bars):
+            if not (len(trades) or len(klines) or bars):
                 return
-            self._trades, self._klines, self._bars, self._events = [], [], [], []
+            self._trades, self._klines, self._bars, self._events = trades.empty(), klines.empty(), [], []
             write = asyncio.ensure_future(asyncio.to_thread(self._write, trades, klines, bars))
             try:
                 results = await asyncio.shield(write)
@@ -526,8 +538,8 @@ class StreamIngester(RestRepair):
             committed = time.time()
         self._account(results, trades, klines, bars, events, committed)
 
-    def _account(self, results: tuple[WriteResult, WriteResult, WriteResult], trades: list[Any],
-                 klines: list[Any], bars: list[Any], events: list[float], committed: float) -> None:
+    def _account(self, results: tuple[WriteResult, WriteResult, WriteResult], trades: Columns,
+                 klines: Columns, bars: list[Any], events: list[float], committed: float) -> None:
         clock = self.event_clock
         lags = [committed - (clock(e) if clock else e) for e in events]
         self.stats.lag_samples.extend(lags)
@@ -539,16 +551,16 @@ class StreamIngester(RestRepair):
         self.stats.rows_committed += len(trades) + len(klines) + len(bars)
         self.stats.flushes += 1
 
-    def _write(self, trades: list[tuple[Any, ...]], klines: list[tuple[Any, ...]],
+    def _write(self, trades: Columns, klines: Columns,
                bars: list[BarRow]) -> tuple[WriteResult, WriteResult, WriteResult]:
         """Trades, then bars, then klines; each call atomic. Retries transient failures, then gives up loudly
         (in-memory rows are then lost, but the cursors in the store are behind them: the next start repairs)."""
         attempt = 0
         while True:
             try:
-                t = self.store.write_agg_trades(_frame(trades, AGG_TRADE_SCHEMA, ("transact_time",)))
+                t = self.store.write_agg_trades(trades.frame())
                 b = self.store.write_bars(bars_frame(bars), self.bar_width)
-                k = self.store.write_klines(_frame(klines, KLINE_SCHEMA, ("open_time", "close_time")))
+                k = self.store.write_klines(klines.frame())
                 return t, k, b
             except Exception as exc:
                 if attempt >= 4:
@@ -582,14 +594,6 @@ class StreamIngester(RestRepair):
         }
         fields.update({k: v for k, v in self.stats.as_dict().items() if not k.startswith("lag_")})
         event(logging.INFO, "stream_final" if final else "stream_metrics", **fields)
-
-
-def _frame(rows: list[tuple[Any, ...]], schema: dict[str, pl.DataType], time_cols: tuple[str, ...]) -> pl.DataFrame:
-    if not rows:
-        return pl.DataFrame(schema=schema)
-    overrides = {c: (pl.Int64() if c in time_cols else t) for c, t in schema.items()}
-    return pl.DataFrame(rows, schema=overrides, orient="row").with_columns(
-        *[pl.col(c).cast(pl.Datetime("us", "UTC")) for c in time_cols])
 
 
 # -- entry points --------------------------------------------------------------------------------------------
