@@ -62,29 +62,10 @@ from rltrader.data.rest import (
     make_async_client,
     make_socket_manager,
 )
-from rltrader.data.schema import (
-    AGG_TRADE_SCHEMA,
-    KLINE_SCHEMA,
-    US_THRESHOLD,
-    Market,
-    close_time_us,
-    epoch_to_us,
-    interval_us,
-)
+from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, Market, interval_us
 from rltrader.data.store import Store, WriteResult, open_store
-from rltrader.data.stream_common import (
-    BAD,
-    DUP,
-    GAP_KLINE,
-    GAP_TRADE,
-    IGNORED,
-    OK,
-    Columns,
-    Reconnect,
-    dt,
-    epoch_us,
-    event,
-)
+from rltrader.data.stream_common import GAP_KLINE, GAP_TRADE, Columns, Reconnect, dt, epoch_us, event
+from rltrader.data.stream_messages import MessageAccounting
 from rltrader.data.stream_repair import RestRepair
 from rltrader.data.ws_reader import WebSocketClosed, WebSocketProtocolError, WsConnection
 from rltrader.data.ws_reader import connect as ws_connect
@@ -176,7 +157,7 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 
 # -- the ingester --------------------------------------------------------------------------------------------
-class StreamIngester(RestRepair):
+class StreamIngester(MessageAccounting, RestRepair):
     """State and loops of one live ingestion run (one market, many symbols). Use :func:`run_stream`."""
 
     def __init__(
@@ -408,100 +389,7 @@ class StreamIngester(RestRepair):
                 await self._flush()  # back-pressure: the store is slower than the stream
             await asyncio.sleep(0)  # batch() does not suspend while messages wait: let the writer and reads run
 
-    # -- messages ----------------------------------------------------------------------------------------
-    def _on_message(self, msg: Any) -> int:
-        """Account one decoded frame. Everything is parsed before any state changes, so a bad frame is inert.
-
-        The in-progress kline update (most of a kline-only feed) is handled inline: at 50 k+ msgs/s the three
-        calls it took (``_on_kline``, ``epoch_to_us``, ``BarBuilder.advance``) were a tenth of a message's CPU.
-        """
-        if msg is None:
-            return IGNORED
-        try:
-            data = msg.get("data", msg) if isinstance(msg, dict) else None
-            if not isinstance(data, dict):
-                raise TypeError("frame is not an object")
-            kind = data.get("e")
-            if kind == "aggTrade":
-                return self._on_trade(data)
-            if kind == "kline":
-                k = data["k"]
-                st = self._state[data["s"]]
-                e_us = int(data["E"])
-                if e_us < US_THRESHOLD:  # epoch_to_us, inline
-                    e_us *= 1000
-                if k["i"] != self.interval:
-                    raise ValueError(f"kline interval {k['i']!r}, subscribed {self.interval!r}")
-                closed = k["x"]
-                if closed is False:
-                    self.stats.kline_updates += 1
-                    bars = st.bars  # BarBuilder.advance, inline: the exchange's clock moved to E
-                    if bars.watermark is None or e_us - 1 > bars.watermark:
-                        bars.watermark = e_us - 1
-                    return OK
-                if closed is not True:
-                    raise TypeError("kline x is not a boolean")
-                return self._on_closed_kline(data, k, st, e_us)
-            raise ValueError(f"unexpected event type {kind!r}")
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            self.stats.malformed += 1
-            event(logging.WARNING, "malformed_frame", reason=f"{type(exc).__name__}: {exc}"[:200],
-                   frame=str(msg)[:200])
-            return BAD
-
-    def _on_trade(self, d: dict[str, Any]) -> int:
-        sym = d["s"]
-        st = self._state[sym]
-        a = int(d["a"])
-        price, qty, first, last_id = float(d["p"]), float(d["q"]), int(d["f"]), int(d["l"])
-        t_us = epoch_to_us(int(d["T"]))
-        maker, best = bool(d["m"]), bool(d.get("M", True))
-        e = epoch_to_us(int(d["E"])) / 1e6
-        last = st.last_trade_id
-        if last is not None:
-            if a <= last:
-                self.stats.duplicates += 1
-                return DUP
-            if a != last + 1:
-                return GAP_TRADE
-        self.stats.trades_received += 1
-        st.last_trade_id = a
-        c = self._trades.cols  # AGG_TRADE_SCHEMA order
-        c[0].append(self._market_value)
-        c[1].append(sym)
-        c[2].append(a)
-        c[3].append(price)
-        c[4].append(qty)
-        c[5].append(first)
-        c[6].append(last_id)
-        c[7].append(t_us)
-        c[8].append(maker)
-        c[9].append(best)
-        self._events.append(e)
-        st.bars.add(t_us, a, price, qty, maker)
-        return OK
-
-    def _on_closed_kline(self, d: dict[str, Any], k: dict[str, Any], st: _SymbolState, e_us: int) -> int:
-        open_us = epoch_to_us(int(k["t"]))
-        row = (self._market_value, d["s"], self.interval, open_us, float(k["o"]), float(k["h"]), float(k["l"]),
-               float(k["c"]), float(k["v"]), close_time_us(int(k["T"])), float(k["q"]), int(k["n"]), float(k["V"]),
-               float(k["Q"]))
-        st.bars.advance(e_us - 1)
-        last = st.last_kline_us
-        if last is not None:
-            if open_us <= last:
-                self.stats.duplicates += 1
-                return DUP
-            if open_us != last + self.step_us:
-                return GAP_KLINE
-        self.stats.klines_received += 1
-        st.last_kline_us = open_us
-        self._klines.append(row)
-        self._events.append(e_us / 1e6)
-        if self.on_kline is not None:
-            self.on_kline(row)
-        return OK
-
+    # -- after each batch (the messages themselves: stream_messages.MessageAccounting) ----------------
     def _after_batch(self) -> None:
         for st in self._state.values():
             if st.bars.watermark is not None:
