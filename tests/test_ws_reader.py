@@ -201,3 +201,26 @@ def test_batch_times_out_empty_and_caps_its_size() -> None:
         assert got == [b"0", *(str(i).encode() for i in range(50))]
 
     asyncio.run(main())
+
+
+def test_connect_failures_are_connection_errors_or_timeouts() -> None:
+    """What the ingester reconnects on: a refused port, a server that never answers the handshake."""
+    from rltrader.testing import free_port
+
+    async def main() -> None:
+        with pytest.raises(ConnectionError):
+            await connect(f"ws://127.0.0.1:{free_port()}/")
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(65536)
+            await asyncio.sleep(5)
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            with pytest.raises(TimeoutError):
+                await connect(f"ws://127.0.0.1:{port}/", timeout=0.2)
+        with pytest.raises(ValueError, match="not a websocket URL"):
+            await connect("http://127.0.0.1/")
+
+    asyncio.run(main())

@@ -350,6 +350,7 @@ async def connect(url: str, *, timeout: float = 10.0, max_size: int = MAX_MESSAG
         try:
             await conn.opened
         except BaseException:
+            conn.opened.cancel()  # (no-op if already failed) nobody awaits it any more: no "never retrieved" noise
             transport.abort()
             raise
     return conn
