@@ -20,7 +20,8 @@ Run: ``.venv/bin/python benchmarks/bench_stream.py [--quick]``. Prints one JSON 
   wrote the event.
 * Lag (``*_lag_p50/p99``): paced at ~3 k msgs/s (a busy real connection), as before.
 * Machine ceiling (``ceiling`` field): a bare ``websockets`` client receiving the same frames and decoding each
-  with orjson, nothing stored: the most a Python consumer of this connection gets on this machine.
+  with orjson, nothing stored: the most a Python consumer built on that library gets on this machine. Ours does
+  not use it (its own frame parser, :mod:`rltrader.data.ws_reader`), so it can pass this figure.
 * Peer ``naive-executemany``: python-binance ``recv()`` per message, psycopg ``executemany`` INSERT … ON
   CONFLICT DO NOTHING per batch of 1000 messages (or 1 s), synchronously on the event loop.
 

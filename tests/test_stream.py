@@ -213,3 +213,20 @@ def test_sigterm_flushes_everything(tmp_path: Path) -> None:
     assert stored.height == stats["trades_stored"] == stats["trades_received"] - stats["duplicates"]
     ids = stored.get_column("agg_trade_id")
     assert ids.is_sorted() and ids.diff().drop_nulls().eq(1).all()  # contiguous: nothing lost at the stop
+
+
+def test_heartbeat_pings_answered_on_one_connection(tmp_path: Path) -> None:
+    """The replay server pings every 0.2 s and drops a connection whose pong does not come within 0.1 s (aiohttp's
+    heartbeat): our own websocket client must answer every ping, so one connection carries the whole run."""
+    store = make_store("parquet", None, tmp_path, "heartbeat")
+    try:
+        srv = ReplayServer.from_archive(str(ARCHIVE), Market.SPOT, ["BTCUSDT"], D0, D0, agg_trades=False,
+                                        clock=ReplayClock(D0 + timedelta(hours=1), 600.0), heartbeat_s=0.2)
+        with run_in_thread(srv):
+            started = time.monotonic()
+            stats = run_until(srv, store, lambda s: s.klines_received >= 15, stale_seconds=5.0)
+            assert time.monotonic() - started > 1.0  # long enough for several pings
+        assert stats.connections == 1 and stats.reconnects == 0 and stats.stale_reconnects == 0
+        assert stats.malformed == 0 and stats.klines_stored >= 15
+    finally:
+        store.close()

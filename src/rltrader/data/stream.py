@@ -1,7 +1,8 @@
 """Live ingestion: Binance combined websocket streams → store, with REST repair so nothing closed is missed.
 
 One connection per market carries every symbol's ``<symbol>@aggTrade`` and ``<symbol>@kline_1m`` streams
-(python-binance's ``BinanceSocketManager`` multiplex socket). Stored are every aggregate trade, every *closed*
+(the URL python-binance's ``BinanceSocketManager`` builds for a multiplex socket, opened by our own client,
+:mod:`rltrader.data.ws_reader`). Stored are every aggregate trade, every *closed*
 kline (``x = true``; an open candle is never final) and 5 s bars built from the trades
 (:mod:`rltrader.data.bars`, including ``trades = 0`` rows for windows without trades).
 
@@ -15,11 +16,13 @@ Correctness rests on per-symbol cursors, not on the connection behaving:
   timing of drops, reconnects and restarts.
 * **Reconnect**: the websocket is opened *before* the REST repair, so anything newer than the repair is
   already buffered; then the repair runs from the cursors to the server's now (closed candles only), then the
-  buffered stream is consumed. Reconnects use exponential back-off with jitter. python-binance's own silent
-  reconnect is switched off (``MAX_RECONNECTS = 0``): it would reconnect without telling us, leaving a hole.
+  buffered stream is consumed (the socket keeps reading during the repair; past ``queue_size`` buffered
+  messages, at most 200 k, it stops reading and TCP holds the rest). Reconnects use exponential back-off with
+  jitter; the socket never reconnects by itself (python-binance's did, silently, leaving a hole).
 * **Staleness**: no message for ``stale_seconds`` → the connection is presumed dead and replaced (logged).
 * **Malformed frames** are logged, counted and skipped; they never reach the buffers (a message is fully
-  parsed before any state changes). python-binance would otherwise end its read loop on a non-JSON frame.
+  parsed before any state changes). A frame that breaks the websocket protocol itself ends the connection
+  (reconnect and repair).
 * **Batching**: rows go to in-memory buffers; a writer task commits them (COPY on PostgreSQL) as soon as the
   previous commit finished and at least ``min_flush_seconds`` passed, and at the latest every
   ``flush_seconds`` — an adaptive group commit: small batches and low lag when the store keeps up, larger
@@ -48,6 +51,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
+import orjson
 import polars as pl
 
 from rltrader.config import Settings, StreamSettings
@@ -58,23 +62,13 @@ from rltrader.data.rest import (
     make_async_client,
     make_socket_manager,
 )
-from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, Market, close_time_us, epoch_to_us, interval_us
+from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, Market, interval_us
 from rltrader.data.store import Store, WriteResult, open_store
-from rltrader.data.stream_common import (
-    BAD,
-    CONN_ERROR,
-    DUP,
-    GAP_KLINE,
-    GAP_TRADE,
-    IGNORED,
-    OK,
-    Reconnect,
-    dt,
-    epoch_us,
-    event,
-)
+from rltrader.data.stream_common import GAP_KLINE, GAP_TRADE, Columns, Reconnect, dt, epoch_us, event
+from rltrader.data.stream_messages import MessageAccounting
 from rltrader.data.stream_repair import RestRepair
-from rltrader.data.ws_reader import close_socket, decoder, read_loop
+from rltrader.data.ws_reader import WebSocketClosed, WebSocketProtocolError, WsConnection
+from rltrader.data.ws_reader import connect as ws_connect
 
 StopEvent = asyncio.Event | threading.Event
 
@@ -163,7 +157,7 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 
 # -- the ingester --------------------------------------------------------------------------------------------
-class StreamIngester(RestRepair):
+class StreamIngester(MessageAccounting, RestRepair):
     """State and loops of one live ingestion run (one market, many symbols). Use :func:`run_stream`."""
 
     def __init__(
@@ -199,6 +193,7 @@ class StreamIngester(RestRepair):
             raise ValueError("flush_seconds, stale_seconds and metrics_seconds must be > 0")
         self.store = store
         self.market = Market(market)
+        self._market_value = self.market.value
         self.symbols = [s.strip().upper() for s in symbols]
         self.rest_base = rest_base
         self.ws_base = ws_base
@@ -222,8 +217,8 @@ class StreamIngester(RestRepair):
         self.on_kline = on_kline
         self.streams = [f"{s.lower()}@{k}" for s in self.symbols for k in ("aggTrade", f"kline_{kline_interval}")]
         self._state: dict[str, _SymbolState] = {}
-        self._trades: list[tuple[Any, ...]] = []
-        self._klines: list[tuple[Any, ...]] = []
+        self._trades = Columns(AGG_TRADE_SCHEMA, ("transact_time",))
+        self._klines = Columns(KLINE_SCHEMA, ("open_time", "close_time"))
         self._bars: list[BarRow] = []
         self._events: list[float] = []  # exchange event times (s) of live rows in the buffers
         self._interval_lags: list[float] = []
@@ -331,34 +326,37 @@ class StreamIngester(RestRepair):
             self._state[sym] = _SymbolState(epoch_us(kl) if kl is not None else None, last_id, builder)
 
     # -- one connection ----------------------------------------------------------------------------------
-    async def _session(self) -> bool:
-        """Connect, repair the hole since the cursors, stream until stop/stale/error; True if data flowed."""
-        bm = make_socket_manager(self._client, self.ws_base, max_queue_size=self.queue_size)
+    def _socket_url(self) -> str:
+        """The combined-stream URL, built by python-binance (base URL, path, ``timeUnit``) but not opened by it."""
+        bm = make_socket_manager(self._client, self.ws_base)
         if self.market is Market.SPOT:
             sock = bm.multiplex_socket(self.streams)
         else:
             sock = bm.futures_multiplex_socket(self.streams)
-        sock.MAX_RECONNECTS = 0  # reconnects are ours: python-binance's would hide the hole from us
-        sock._handle_message = decoder(sock, self.stats)  # skip malformed frames instead of ending the read loop
-        sock._read_loop = read_loop(sock)  # started by __aenter__; python-binance's costs ~3 loop turns/msg
-        await sock.__aenter__()
+        return f"{sock._url}{getattr(sock, '_prefix', '')}{sock._path}"
+
+    async def _session(self) -> bool:
+        """Connect, repair the hole since the cursors, stream until stop/stale/error; True if data flowed.
+
+        The socket is our own (:mod:`rltrader.data.ws_reader`), not python-binance's: it has no silent
+        reconnect of its own (which would hide a hole from us) and costs a fraction of the CPU per message.
+        """
+        conn = await ws_connect(self._socket_url(), high_water=min(self.queue_size, 200_000))
         self.stats.connections += 1
         before = self.stats.messages
         try:
             event(logging.INFO, "stream_connected", streams=len(self.streams), connection=self.stats.connections)
             for sym in self.symbols:
                 await self._repair(sym)
-            await self._consume(sock)
+            await self._consume(conn)
         finally:
-            await close_socket(sock)
+            await conn.close()
         return self.stats.messages > before
 
-    async def _consume(self, sock: Any) -> None:
-        from binance.exceptions import ReadLoopClosed
-
-        # Fast path: take what python-binance has already queued without one recv() (a wait_for and a Task)
-        # per message; recv() alone caps a connection at ~5k msgs/s. Falls back to recv() if the queue moves.
-        queue: asyncio.Queue[Any] | None = getattr(sock, "_queue", None)
+    async def _consume(self, conn: WsConnection) -> None:
+        """Take the messages the socket has buffered in batches, decode and account them; raise to reconnect."""
+        loads, decode_error = orjson.loads, orjson.JSONDecodeError
+        on_message = self._on_message
         last_msg = time.monotonic()
         while not self._stopping():
             wait = min(0.25, self.stale_seconds - (time.monotonic() - last_msg))
@@ -366,116 +364,38 @@ class StreamIngester(RestRepair):
                 self.stats.stale_reconnects += 1
                 event(logging.WARNING, "stream_stale", silent_s=round(time.monotonic() - last_msg, 3))
                 raise Reconnect(f"no message for {self.stale_seconds} s")
-            closed = False
             try:
-                batch = [await asyncio.wait_for(sock.recv(), wait)]
-            except TimeoutError:
+                batch = await conn.batch(wait)
+            except (WebSocketClosed, WebSocketProtocolError) as exc:
+                event(logging.WARNING, "websocket_error", type=type(exc).__name__, detail=str(exc)[:300])
+                raise Reconnect(f"websocket closed: {exc}") from exc
+            if not batch:
                 continue
-            except ReadLoopClosed:
-                batch, closed = [], True
-            if queue is not None:
-                while not queue.empty() and len(batch) < 20_000:
-                    batch.append(queue.get_nowait())
             last_msg = time.monotonic()
             self.stats.messages += len(batch)
-            on_message = self._on_message
-            for msg in batch:
+            for raw in batch:
+                try:
+                    msg = loads(raw)
+                except decode_error:
+                    self.stats.messages -= 1
+                    self.stats.malformed += 1
+                    event(logging.WARNING, "malformed_frame", reason="not json", frame=str(raw)[:200])
+                    continue
                 code = on_message(msg)
                 if code in (GAP_TRADE, GAP_KLINE):
-                    code = await self._resolve_gap(msg, code)
-                if code == CONN_ERROR:
-                    closed = True
-                    break
+                    await self._resolve_gap(msg, code)
             self._after_batch()
             if self._pending_rows() >= self.max_pending_rows:
                 await self._flush()  # back-pressure: the store is slower than the stream
-            if closed:
-                raise Reconnect("websocket closed")
+            await asyncio.sleep(0)  # batch() does not suspend while messages wait: let the writer and reads run
 
-    # -- messages ----------------------------------------------------------------------------------------
-    def _on_message(self, msg: Any) -> int:
-        """Account one decoded frame. Everything is parsed before any state changes, so a bad frame is inert."""
-        if msg is None:
-            return IGNORED
-        try:
-            data = msg.get("data", msg) if isinstance(msg, dict) else None
-            if not isinstance(data, dict):
-                raise TypeError("frame is not an object")
-            kind = data.get("e")
-            if kind == "aggTrade":
-                return self._on_trade(data)
-            if kind == "kline":
-                return self._on_kline(data)
-            if kind == "error":  # python-binance reports connection trouble in-band
-                event(logging.WARNING, "websocket_error", type=data.get("type"), detail=str(data.get("m"))[:300])
-                return CONN_ERROR
-            raise ValueError(f"unexpected event type {kind!r}")
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            self.stats.malformed += 1
-            event(logging.WARNING, "malformed_frame", reason=f"{type(exc).__name__}: {exc}"[:200],
-                   frame=str(msg)[:200])
-            return BAD
-
-    def _on_trade(self, d: dict[str, Any]) -> int:
-        sym = d["s"]
-        st = self._state[sym]
-        a = int(d["a"])
-        row = (self.market.value, sym, a, float(d["p"]), float(d["q"]), int(d["f"]), int(d["l"]),
-               epoch_to_us(int(d["T"])), bool(d["m"]), bool(d.get("M", True)))
-        e = epoch_to_us(int(d["E"])) / 1e6
-        last = st.last_trade_id
-        if last is not None:
-            if a <= last:
-                self.stats.duplicates += 1
-                return DUP
-            if a != last + 1:
-                return GAP_TRADE
-        self.stats.trades_received += 1
-        st.last_trade_id = a
-        self._trades.append(row)
-        self._events.append(e)
-        st.bars.add(row[7], a, row[3], row[4], row[8])
-        return OK
-
-    def _on_kline(self, d: dict[str, Any]) -> int:
-        k = d["k"]
-        st = self._state[d["s"]]
-        e_us = epoch_to_us(int(d["E"]))
-        if k["i"] != self.interval:
-            raise ValueError(f"kline interval {k['i']!r}, subscribed {self.interval!r}")
-        closed = k["x"]
-        if not isinstance(closed, bool):
-            raise TypeError("kline x is not a boolean")
-        if not closed:
-            self.stats.kline_updates += 1
-            st.bars.advance(e_us - 1)  # the exchange's clock moved; trades up to it have been published
-            return OK
-        open_us = epoch_to_us(int(k["t"]))
-        row = (self.market.value, d["s"], self.interval, open_us, float(k["o"]), float(k["h"]), float(k["l"]),
-               float(k["c"]), float(k["v"]), close_time_us(int(k["T"])), float(k["q"]), int(k["n"]), float(k["V"]),
-               float(k["Q"]))
-        st.bars.advance(e_us - 1)
-        last = st.last_kline_us
-        if last is not None:
-            if open_us <= last:
-                self.stats.duplicates += 1
-                return DUP
-            if open_us != last + self.step_us:
-                return GAP_KLINE
-        self.stats.klines_received += 1
-        st.last_kline_us = open_us
-        self._klines.append(row)
-        self._events.append(e_us / 1e6)
-        if self.on_kline is not None:
-            self.on_kline(row)
-        return OK
-
+    # -- after each batch (the messages themselves: stream_messages.MessageAccounting) ----------------
     def _after_batch(self) -> None:
         for st in self._state.values():
             if st.bars.watermark is not None:
                 self._bars += st.bars.drain()
         self.stats.late_trades = sum(st.bars.late_trades for st in self._state.values())
-        if self._trades or self._klines or self._bars:
+        if len(self._trades) or len(self._klines) or self._bars:
             self._wake.set()
     # -- writing -----------------------------------------------------------------------------------------
     def _pending_rows(self) -> int:
@@ -492,9 +412,9 @@ class StreamIngester(RestRepair):
     async def _flush(self) -> None:
         async with self._flush_lock:
             trades, klines, bars, events = self._trades, self._klines, self._bars, self._events
-            if not (trades or klines or bars):
+            if not (len(trades) or len(klines) or bars):
                 return
-            self._trades, self._klines, self._bars, self._events = [], [], [], []
+            self._trades, self._klines, self._bars, self._events = trades.empty(), klines.empty(), [], []
             write = asyncio.ensure_future(asyncio.to_thread(self._write, trades, klines, bars))
             try:
                 results = await asyncio.shield(write)
@@ -506,8 +426,8 @@ class StreamIngester(RestRepair):
             committed = time.time()
         self._account(results, trades, klines, bars, events, committed)
 
-    def _account(self, results: tuple[WriteResult, WriteResult, WriteResult], trades: list[Any],
-                 klines: list[Any], bars: list[Any], events: list[float], committed: float) -> None:
+    def _account(self, results: tuple[WriteResult, WriteResult, WriteResult], trades: Columns,
+                 klines: Columns, bars: list[Any], events: list[float], committed: float) -> None:
         clock = self.event_clock
         lags = [committed - (clock(e) if clock else e) for e in events]
         self.stats.lag_samples.extend(lags)
@@ -519,16 +439,16 @@ class StreamIngester(RestRepair):
         self.stats.rows_committed += len(trades) + len(klines) + len(bars)
         self.stats.flushes += 1
 
-    def _write(self, trades: list[tuple[Any, ...]], klines: list[tuple[Any, ...]],
+    def _write(self, trades: Columns, klines: Columns,
                bars: list[BarRow]) -> tuple[WriteResult, WriteResult, WriteResult]:
         """Trades, then bars, then klines; each call atomic. Retries transient failures, then gives up loudly
         (in-memory rows are then lost, but the cursors in the store are behind them: the next start repairs)."""
         attempt = 0
         while True:
             try:
-                t = self.store.write_agg_trades(_frame(trades, AGG_TRADE_SCHEMA, ("transact_time",)))
+                t = self.store.write_agg_trades(trades.frame())
                 b = self.store.write_bars(bars_frame(bars), self.bar_width)
-                k = self.store.write_klines(_frame(klines, KLINE_SCHEMA, ("open_time", "close_time")))
+                k = self.store.write_klines(klines.frame())
                 return t, k, b
             except Exception as exc:
                 if attempt >= 4:
@@ -562,14 +482,6 @@ class StreamIngester(RestRepair):
         }
         fields.update({k: v for k, v in self.stats.as_dict().items() if not k.startswith("lag_")})
         event(logging.INFO, "stream_final" if final else "stream_metrics", **fields)
-
-
-def _frame(rows: list[tuple[Any, ...]], schema: dict[str, pl.DataType], time_cols: tuple[str, ...]) -> pl.DataFrame:
-    if not rows:
-        return pl.DataFrame(schema=schema)
-    overrides = {c: (pl.Int64() if c in time_cols else t) for c, t in schema.items()}
-    return pl.DataFrame(rows, schema=overrides, orient="row").with_columns(
-        *[pl.col(c).cast(pl.Datetime("us", "UTC")) for c in time_cols])
 
 
 # -- entry points --------------------------------------------------------------------------------------------

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
+
+import polars as pl
 
 log = logging.getLogger("rltrader.data.stream")
 
@@ -34,3 +37,39 @@ def epoch_us(t: datetime) -> int:
 
 class Reconnect(Exception):
     """The current connection is unusable; the run loop reconnects."""
+
+
+class Columns:
+    """Rows buffered column by column, turned into one frame per commit.
+
+    Why: ``pl.DataFrame(rows, orient="row")`` costs ~1.6 µs per 14-field kline row (measured); appending each
+    field to its column list as the row is accepted and building the frame from the columns costs ~0.6 µs.
+    ``cols`` is public so the hot paths append field by field without building a tuple first.
+    """
+
+    __slots__ = ("cols", "schema", "time_cols")
+
+    def __init__(self, schema: dict[str, pl.DataType], time_cols: tuple[str, ...]) -> None:
+        self.schema = schema
+        self.time_cols = time_cols
+        self.cols: tuple[list[Any], ...] = tuple([] for _ in schema)
+
+    def __len__(self) -> int:
+        return len(self.cols[0])
+
+    def append(self, row: Sequence[Any]) -> None:
+        """One row in schema order (times as µs epochs)."""
+        if len(row) != len(self.cols):
+            raise ValueError(f"row of {len(row)} fields, {len(self.cols)} columns")
+        any(map(list.append, self.cols, row))  # appends field by field in C (list.append returns None)
+
+    def empty(self) -> Columns:
+        return Columns(self.schema, self.time_cols)
+
+    def frame(self) -> pl.DataFrame:
+        """The buffered rows as a frame of ``schema``; time columns from µs epochs to UTC datetimes."""
+        if not len(self):
+            return pl.DataFrame(schema=self.schema)
+        overrides = {c: (pl.Int64() if c in self.time_cols else t) for c, t in self.schema.items()}
+        return pl.DataFrame(dict(zip(self.schema, self.cols, strict=True)), schema=overrides).with_columns(
+            *[pl.col(c).cast(pl.Datetime("us", "UTC")) for c in self.time_cols])

@@ -17,7 +17,7 @@ import polars as pl
 
 from rltrader.data.rest import RestPolicy, fetch_agg_trades_async, fetch_klines_async
 from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, Market, epoch_to_us
-from rltrader.data.stream_common import GAP_KLINE, GAP_TRADE, Reconnect, dt, epoch_us, event
+from rltrader.data.stream_common import GAP_KLINE, GAP_TRADE, Columns, Reconnect, dt, epoch_us, event
 
 if TYPE_CHECKING:
     from rltrader.data.stream import StreamStats, _SymbolState
@@ -35,8 +35,8 @@ class RestRepair:
     stats: StreamStats
     _state: dict[str, _SymbolState]
     _client: Any
-    _klines: list[tuple[Any, ...]]
-    _trades: list[tuple[Any, ...]]
+    _klines: Columns
+    _trades: Columns
     _wake: asyncio.Event
 
     def _on_message(self, msg: Any) -> int:
