@@ -127,7 +127,8 @@ class BatchSessionEnv:
         r = np.ascontiguousarray(self.core.rows if rows is None else rows, dtype=np.int64)
         if out is None:
             out = np.empty((len(r), *self.observation_shape), np.float32)
-        return gather_windows(self.core.features, r, out)
+        gather_windows(self.core.features, r, out)
+        return out
 
     def action_masks(self) -> np.ndarray:
         return self.core.mask
