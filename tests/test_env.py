@@ -146,6 +146,8 @@ def test_index_observations_gather_the_full_windows(mode: str) -> None:
     from rltrader.agents.common import ObsGather
 
     gather = ObsGather(idx, torch.device("cpu"))
+    buf = torch.full((n, *idx.observation_shape), np.nan)
+    np_buf = np.full((n, *idx.observation_shape), np.nan, np.float32)
     rng = np.random.default_rng(2)
     ends = 0
     for _ in range(DATA.length * 4):
@@ -153,11 +155,39 @@ def test_index_observations_gather_the_full_windows(mode: str) -> None:
         a, b = full.step(actions), idx.step(actions)
         np.testing.assert_array_equal(idx.gather(b.rows), a.window)
         np.testing.assert_array_equal(gather.windows(b.rows).numpy(), a.window)
+        # into reused buffers (the acting loop's path), rows as a tensor too: the same bytes
+        assert gather.windows(torch.from_numpy(b.rows), out=buf) is buf
+        np.testing.assert_array_equal(buf.numpy(), a.window)
+        assert idx.gather(b.rows, out=np_buf) is np_buf
+        np.testing.assert_array_equal(np_buf, a.window)
         for name in ("state", "mask", "reward", "penalty", "terminated", "truncated", "final_equity", "filled",
                      "rows"):
             np.testing.assert_array_equal(getattr(b, name), getattr(a, name), err_msg=name)
         ends += int((a.terminated | a.truncated).sum())
     assert ends >= n
+
+
+def test_window_gather_refuses_rows_outside_the_feature_matrix_and_bad_buffers() -> None:
+    """The CPU gather copies blocks without bounds checks, so rows whose window would leave the feature matrix
+    and output buffers of the wrong shape or layout are refused before it runs."""
+    import torch
+
+    from rltrader.agents.common import ObsGather
+
+    env = BatchSessionEnv(DATA, num_envs=3, windows=False)
+    env.reset(seed=0)
+    gather = ObsGather(env, torch.device("cpu"))
+    c, n_rows = DATA.context, len(env.features)
+    np.testing.assert_array_equal(env.gather(np.array([c, n_rows]))[1], env.features[n_rows - c:])
+    for bad in (np.array([c - 1]), np.array([n_rows + 1]), np.array([c, -5])):
+        with pytest.raises(ValueError, match="decision rows must lie in"):
+            env.gather(bad)
+        with pytest.raises(ValueError, match="decision rows must lie in"):
+            gather.windows(bad)
+    with pytest.raises(ValueError, match="out must be"):
+        env.gather(np.array([c, c + 1]), out=np.zeros((2, c + 1, DATA.n_features), np.float32))
+    with pytest.raises(ValueError, match="out must be"):
+        gather.windows(np.array([c, c + 1]), out=torch.zeros((2, DATA.n_features, c)).transpose(1, 2))
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -83,6 +83,7 @@ from rltrader.execution import (
     process_bar,
     reset_account,
 )
+from rltrader.memcopy import copy_block
 
 # Every kernel in this module is compiled WITHOUT numba's runtime (``_nrt=False``): no reference counting at all.
 # With borrowed arrays (``rltrader.borrow``) the refcounts were NULL, so no atomics, but numba still emitted ~40
@@ -90,7 +91,7 @@ from rltrader.execution import (
 # call that returns at its NULL check plus the register spills around it: measured at B = 1024 index
 # observations, 430 → 255 ns per account step (same outputs, bit for bit). The kernels allocate nothing, so they
 # need no runtime; the one construct that would (a slice-to-slice copy, which numba may stage through a temporary
-# when the slices could overlap) is an element loop instead.
+# when the slices could overlap) is a ``memcopy.copy_block`` instead.
 
 # --- pointers per account: rows of a (N_PTR, B) int64 array ---------------------------------------------------
 P_T, P_START, P_END, P_SESSION, P_K, P_EPISODES = range(6)
@@ -188,9 +189,7 @@ def _observe(b: int, k: EnvArrays) -> None:
     n = c * f
     if n > 0:
         s0, d0 = (t - c) * f, b * n
-        src, dst = features.reshape(-1), window_out.reshape(-1)
-        for i in range(n):  # an element loop: a slice copy needs NRT (numba may allocate for overlapping slices)
-            dst[d0 + i] = src[s0 + i]
+        copy_block(window_out, d0, features, s0, n)
     ref = close[t - 1]
     cash0 = xp[XP_CASH]
     q = acct[QTY, b]
@@ -412,14 +411,22 @@ def reset_flat(idx: np.ndarray, sessions: np.ndarray, acct: np.ndarray, env: np.
 @njit(cache=True, _nrt=False)
 def gather_windows(features: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
     """``out[i] = features[rows[i] - context : rows[i]]`` (``context = out.shape[1]``): index observations'
-    windows on the CPU, one contiguous block copy each (what the kernel's own window copy does)."""
+    windows on the CPU, one contiguous block copy (``memcpy``) each, as the kernel's own window copy. No bounds
+    check here: the caller checks ``context ≤ rows ≤ len(features)`` (``check_rows``)."""
     c, f = out.shape[1], out.shape[2]
     n = c * f
-    src, dst = features.reshape(-1), out.reshape(-1)
     for i in range(rows.shape[0]):
-        s0, d0 = (rows[i] - c) * f, i * n
-        for j in range(n):
-            dst[d0 + j] = src[s0 + j]
+        copy_block(out, i * n, features, (rows[i] - c) * f, n)
+
+
+def check_rows(rows: np.ndarray, context: int, n_rows: int) -> np.ndarray:
+    """``rows`` as contiguous int64, refused unless every window ``[r - context, r)`` lies inside the feature
+    matrix (``gather_windows`` copies without bounds checks)."""
+    r = np.ascontiguousarray(rows, dtype=np.int64)
+    if r.size and (int(r.min()) < context or int(r.max()) > n_rows):
+        raise ValueError(f"decision rows must lie in [{context}, {n_rows}] (context {context}, {n_rows} feature "
+                         f"rows); got [{int(r.min())}, {int(r.max())}]")
+    return r
 
 
 def leak_column(data: SessionSet, latency: int, scale: float, horizon: int = 1) -> np.ndarray:
