@@ -40,7 +40,7 @@ def _copy_block(typingctx: Any, dst: Any, d0: Any, src: Any, s0: Any, n: Any) ->
         sp = _address(context, builder, at[2], args[2], at[3], args[3])
         count = context.cast(builder, args[4], at[4], types.intp)
         size = context.get_constant(types.intp, context.get_abi_sizeof(context.get_data_type(at[0].dtype)))
-        cgutils.raw_memcpy(builder, dp, sp, count, size)
+        cgutils.raw_memcpy(builder, dp, sp, count, size)  # type: ignore[no-untyped-call]
         return context.get_dummy_value()
 
     return types.void(dst, d0, src, s0, n), codegen

@@ -26,7 +26,8 @@ position-state vector (``STATE_NAMES``) and the action mask.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple, TypeVar, cast
 
 import numpy as np
 from numba import njit
@@ -93,6 +94,13 @@ from rltrader.memcopy import copy_block
 # need no runtime; the one construct that would (a slice-to-slice copy, which numba may stage through a temporary
 # when the slices could overlap) is a ``memcopy.copy_block`` instead.
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def kernel(inline: Literal["never", "always"] = "never") -> Callable[[_F], _F]:
+    """``njit`` as every kernel here is compiled: cached, without numba's runtime (the note above)."""
+    return cast(Callable[[_F], _F], njit(cache=True, _nrt=False, inline=inline))  # type: ignore[call-overload]
+
 # --- pointers per account: rows of a (N_PTR, B) int64 array ---------------------------------------------------
 P_T, P_START, P_END, P_SESSION, P_K, P_EPISODES = range(6)
 N_PTR = 6
@@ -135,7 +143,7 @@ class EnvArrays(NamedTuple):
     out_b: np.ndarray
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@kernel(inline="always")
 def _reset_one(b: int, s: int, k: EnvArrays) -> None:
     acct, env, ptr, pending, sess, xp = k.acct, k.env, k.ptr, k.pending, k.sess, k.xp
     cash = xp[XP_CASH]
@@ -151,14 +159,14 @@ def _reset_one(b: int, s: int, k: EnvArrays) -> None:
     env[E_PEAK, b] = cash
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@kernel(inline="always")
 def is_decision_bar(kk: int, ep: np.ndarray) -> bool:
     """Whether the episode's bar number ``kk`` (0 = its first) takes a decision (``env.decision_every``); on
     the others the env holds."""
     return kk % int(ep[EP_EVERY]) == 0
 
 
-@njit(cache=True, _nrt=False)
+@kernel()
 def vol_scale(close: np.ndarray, t: int, lo: int, ep: np.ndarray) -> float:
     """``min(1, vol_target / σ)`` for a decision at bar ``t``: σ is the RMS 1-bar log return of the closes in
     ``[max(t - vol_lookback, lo), t)`` (``lo``: the first row of the account's gap-free stretch), so only
@@ -176,7 +184,7 @@ def vol_scale(close: np.ndarray, t: int, lo: int, ep: np.ndarray) -> float:
     return float(min(1.0, ep[EP_VOL_TARGET] / math.sqrt(ss / n)))
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@kernel(inline="always")
 def _observe(b: int, k: EnvArrays) -> None:
     """Write account ``b``'s observation for its next decision bar: window, state vector, action mask."""
     acct, env, ptr, pending, close, xp, ep = k.acct, k.env, k.ptr, k.pending, k.bars[3], k.xp, k.ep
@@ -216,13 +224,13 @@ def _observe(b: int, k: EnvArrays) -> None:
         mask_out[b, a] = can_trade and order_for(a, committed, ref, acct, env, b, xp, ep) != 0.0
 
 
-@njit(cache=True, _nrt=False)
+@kernel()
 def observe(b: int, k: EnvArrays) -> None:
     """Public entry to the env's own observation for account ``b`` (the live trader observes with this code)."""
     _observe(b, k)
 
 
-@njit(cache=True, _nrt=False)
+@kernel()
 def reset_observe(idx: np.ndarray, sessions: np.ndarray, k: EnvArrays) -> None:
     """Start accounts ``idx`` on ``sessions`` and write their first observations."""
     for j in range(idx.shape[0]):
@@ -230,7 +238,7 @@ def reset_observe(idx: np.ndarray, sessions: np.ndarray, k: EnvArrays) -> None:
         _observe(idx[j], k)
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@kernel(inline="always")
 def update_held(env: np.ndarray, b: int, q0: float, q1: float) -> None:
     """Count the bars the position has been open (``E_HELD``, for ``min_hold_bars``): after a bar that went
     from ``q0`` to ``q1``. Opened or flipped in this bar: 1; flat: 0; otherwise one more."""
@@ -242,7 +250,7 @@ def update_held(env: np.ndarray, b: int, q0: float, q1: float) -> None:
         env[E_HELD, b] += 1.0
 
 
-@njit(cache=True, _nrt=False, inline="always")  # inlined: no per-account call passing a dozen array structs
+@kernel(inline="always")  # inlined: no per-account call passing a dozen array structs
 def _step_one(b: int, a: int, k: EnvArrays, autoreset: bool, log: EventLog | None = None) -> int:
     """Step account ``b`` one bar with action ``a`` (see the module docstring); 1 if its episode ended.
     ``log``: the bar's fills, liquidation, funding and forced close are recorded there (stamped with the bar's
@@ -345,7 +353,7 @@ def _step_one(b: int, a: int, k: EnvArrays, autoreset: bool, log: EventLog | Non
     return ended
 
 
-@njit(cache=True, _nrt=False)
+@kernel()
 def step_observe(actions: np.ndarray, k: EnvArrays, autoreset: bool) -> int:
     """Step every account one decision — ``env.decision_every`` bars, or fewer when its episode ends first: the
     action on the first, hold on the rest — auto-reset finished ones onto ``next_session[b]`` (if
@@ -369,7 +377,7 @@ def step_observe(actions: np.ndarray, k: EnvArrays, autoreset: bool) -> int:
     return ended
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@kernel(inline="always")
 def borrowed(k: EnvArrays) -> EnvArrays:
     """``k`` with every array borrowed (``rltrader.borrow``): for kernels compiled WITH numba's runtime (the
     backtest's loops) that inline the step — no atomic reference counting there. The kernels in this module are
@@ -385,7 +393,7 @@ def borrowed(k: EnvArrays) -> EnvArrays:
 # for the 16 arrays of ``EnvArrays``, more than a B = 1 step), while plain array arguments take the dispatcher's
 # C fast path. So Python passes the arrays one by one and the tuple is built inside compiled code.
 
-@njit(cache=True, _nrt=False)
+@kernel()
 def step_flat(actions: np.ndarray, autoreset: bool, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray,
               pending: np.ndarray, sess: np.ndarray, bars: np.ndarray, time: np.ndarray, features: np.ndarray,
               xp: np.ndarray, ep: np.ndarray, next_session: np.ndarray, window: np.ndarray, state: np.ndarray,
@@ -397,7 +405,7 @@ def step_flat(actions: np.ndarray, autoreset: bool, acct: np.ndarray, env: np.nd
     return n
 
 
-@njit(cache=True, _nrt=False)
+@kernel()
 def reset_flat(idx: np.ndarray, sessions: np.ndarray, acct: np.ndarray, env: np.ndarray, ptr: np.ndarray,
                pending: np.ndarray, sess: np.ndarray, bars: np.ndarray, time: np.ndarray, features: np.ndarray,
                xp: np.ndarray, ep: np.ndarray, next_session: np.ndarray, window: np.ndarray, state: np.ndarray,
@@ -408,7 +416,7 @@ def reset_flat(idx: np.ndarray, sessions: np.ndarray, acct: np.ndarray, env: np.
     reset_observe(idx, sessions, k)
 
 
-@njit(cache=True, _nrt=False)
+@kernel()
 def gather_windows(features: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
     """``out[i] = features[rows[i] - context : rows[i]]`` (``context = out.shape[1]``): index observations'
     windows on the CPU, one contiguous block copy (``memcpy``) each, as the kernel's own window copy. No bounds
