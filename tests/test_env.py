@@ -167,6 +167,35 @@ def test_index_observations_gather_the_full_windows(mode: str) -> None:
     assert ends >= n
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_wide_batch_matches_one_account_batches(mode: str) -> None:
+    """A batch wide enough for the step loop's prefetching of accounts ahead (``core.PREFETCH_AHEAD``, including
+    the next session of accounts at their last bar) steps every account exactly as a batch of that one account
+    does: same windows, state, masks, rewards, ends and resets."""
+    from rltrader.env.core import PREFETCH_AHEAD
+
+    ex, params = MODES[mode]
+    n = 3 * PREFETCH_AHEAD + 5
+    schedule = np.random.default_rng(4).integers(0, DATA.n_sessions, (n, 8))
+    wide = BatchSessionEnv(DATA, ex, params, num_envs=n, session_schedule=schedule)
+    ones = [BatchSessionEnv(DATA, ex, params, num_envs=1, session_schedule=schedule[b:b + 1]) for b in range(n)]
+    wide.reset(seed=0)
+    for env in ones:
+        env.reset(seed=0)
+    rng = np.random.default_rng(5)
+    ends = 0
+    for _ in range(DATA.length * 3):
+        actions = rng.integers(-1, wide.n_actions + 1, n)  # invalid actions included
+        out = wide.step(actions)
+        for b, env in enumerate(ones):
+            one = env.step(actions[b:b + 1])
+            for name in ("window", "state", "mask", "reward", "penalty", "terminated", "truncated", "final_equity",
+                         "filled", "rows"):
+                np.testing.assert_array_equal(getattr(out, name)[b:b + 1], getattr(one, name), err_msg=name)
+        ends += int((out.terminated | out.truncated).sum())
+    assert ends >= n
+
+
 def test_window_gather_refuses_rows_outside_the_feature_matrix_and_bad_buffers() -> None:
     """The CPU gather copies blocks without bounds checks, so rows whose window would leave the feature matrix
     and output buffers of the wrong shape or layout are refused before it runs."""

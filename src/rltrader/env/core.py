@@ -84,7 +84,7 @@ from rltrader.execution import (
     process_bar,
     reset_account,
 )
-from rltrader.memcopy import copy_block
+from rltrader.memcopy import copy_block, prefetch
 
 # Every kernel in this module is compiled WITHOUT numba's runtime (``_nrt=False``): no reference counting at all.
 # With borrowed arrays (``rltrader.borrow``) the refcounts were NULL, so no atomics, but numba still emitted ~40
@@ -353,6 +353,36 @@ def _step_one(b: int, a: int, k: EnvArrays, autoreset: bool, log: EventLog | Non
     return ended
 
 
+PREFETCH_AHEAD = 8
+"""Accounts ahead of the step loop whose market data it prefetches (``rltrader.memcopy.prefetch``)."""
+
+
+@kernel(inline="always")
+def _prefetch_account(b: int, k: EnvArrays) -> None:
+    """Request the cache lines account ``b``'s step reads first: its bar at ``t`` (time, open/high/low/close/
+    volume) and, when its episode ends at this bar, its next session's first bar and the close before it (read
+    by the auto-reset's observation). The session-table row that needs was requested earlier
+    (``_prefetch_session``). A hint only: nothing is read into the step from here."""
+    t, bars = k.ptr[P_T, b], k.bars
+    prefetch(k.time, t)
+    for f in range(bars.shape[0]):
+        prefetch(bars[f], t)
+    if t + 1 >= k.ptr[P_END, b]:
+        s0 = k.sess[0, k.next_session[b]]
+        prefetch(k.time, s0)
+        for f in range(bars.shape[0]):
+            prefetch(bars[f], s0)
+        prefetch(bars[3], s0 - 1)
+
+
+@kernel(inline="always")
+def _prefetch_session(b: int, k: EnvArrays) -> None:
+    """Request account ``b``'s next session's row of the session table (start and end)."""
+    s = k.next_session[b]
+    prefetch(k.sess[0], s)
+    prefetch(k.sess[1], s)
+
+
 @kernel()
 def step_observe(actions: np.ndarray, k: EnvArrays, autoreset: bool) -> int:
     """Step every account one decision — ``env.decision_every`` bars, or fewer when its episode ends first: the
@@ -361,7 +391,12 @@ def step_observe(actions: np.ndarray, k: EnvArrays, autoreset: bool) -> int:
     bars. Returns how many episodes ended."""
     ended = 0
     out_f = k.out_f
-    for b in range(actions.shape[0]):
+    n = actions.shape[0]
+    for b in range(n):
+        if b + PREFETCH_AHEAD < n:
+            _prefetch_account(b + PREFETCH_AHEAD, k)
+        if b + 2 * PREFETCH_AHEAD < n:
+            _prefetch_session(b + 2 * PREFETCH_AHEAD, k)
         a = actions[b]
         r, pen, filled = 0.0, 0.0, 0.0
         while True:
