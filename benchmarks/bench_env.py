@@ -22,13 +22,19 @@ own observation is a 30 × 2 window of one stock):
    account's full ``(context, F)`` window, state vector and mask, and auto-resets finished accounts.
 4. ``batch_env_index_obs_steps_per_s``: the same env with index observations (``windows=False``): each step hands
    out the decision rows, state vectors and masks, no windows.
-5. ``batch_env_torch_gather_steps_per_s``: index observations plus the consumer's window gather, one torch
-   ``index_select`` over the feature matrix's window views (``agents.common.ObsGather``, on the CPU here) — what
-   a training loop pays per step.
+5. ``batch_env_torch_gather_steps_per_s``: index observations plus the consumer's window gather into a torch
+   tensor it reuses (``agents.common.ObsGather.windows(rows, out=buf)``: one ``index_select`` over the window
+   views, a block copy per window; on the CPU here) — what a training loop pays per step. Besides the bare-numpy ceiling it carries ``copy_ceiling``: the
+   same index-observation step plus a plain contiguous copy of the same bytes (B × context × F float32) from a
+   source that is not cache-resident — the gather cannot beat a copy of what it copies.
 6. ``batch_numpy_ceiling_steps_per_s``: the bare-numpy ceiling — a vectorised step over B = 1024 accounts doing
    only the portfolio arithmetic (target position from the action, fee, cash, position, mark, log reward,
    session end and restart) with no execution model, filters, masks or observations. Figures 3–5 carry it as
    ``ceiling`` / ``of_ceiling``.
+7. ``window_gather_bytes_per_s``: the gather alone (B windows per call, rows of successive env steps), in bytes
+   per second; peer: torch ``index_select`` over the window views into a fresh tensor (the previous gather).
+   ``ceiling``: a contiguous ``np.copyto`` of the same byte count from a non-resident source (cycling through
+   256 MB); ``ceiling_cache_resident``: the same copy from a source that stays in the cache.
 """
 
 from __future__ import annotations
@@ -65,12 +71,16 @@ class Figure:
     note: str
 
     ceiling: float | None = None
+    extra_ceilings: dict[str, float] | None = None
+    """More ceilings, name → value: each written as ``name`` and ``of_name``."""
+    unit: str = "steps/s"
 
     def line(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
-        if self.ceiling:
-            extra = {"ceiling": round(self.ceiling), "of_ceiling": round(self.value / self.ceiling, 3)}
-        return h.line(self.metric, self.value, "steps/s", self.peer, self.peer_value, digits=0,
+        for name, c in {"ceiling": self.ceiling, **(self.extra_ceilings or {})}.items():
+            if c:
+                extra |= {name: round(c), f"of_{name}": round(self.value / c, 3)}
+        return h.line(self.metric, self.value, self.unit, self.peer, self.peer_value, digits=0,
                       ratio_value=h.ratio(self.value, self.peer_value), note=self.note, **extra)
 
 
@@ -160,8 +170,10 @@ def bench_batch(data: SessionSet, seconds: float, b: int) -> float:
     return rate
 
 
-def bench_batch_index(data: SessionSet, seconds: float, b: int, gather: bool) -> float:
-    """Index observations; with ``gather`` the consumer's torch window gather (``ObsGather``'s index) each step."""
+def bench_batch_index(data: SessionSet, seconds: float, b: int, gather: str = "") -> float:
+    """Index observations; ``gather``: "torch" — the consumer's window gather into a reused tensor
+    (``ObsGather.windows(rows, out=)``) each step; "copy" — instead a plain contiguous copy of the same bytes from
+    a non-resident source (the gather's copy ceiling)."""
     import torch
 
     from rltrader.agents.common import ObsGather
@@ -171,20 +183,77 @@ def bench_batch_index(data: SessionSet, seconds: float, b: int, gather: bool) ->
     env.reset(seed=0)
     actions = np.random.default_rng(0).integers(0, env.n_actions, (256, b))
     obs = ObsGather(env, torch.device("cpu"))
+    buf = torch.empty((b, *env.observation_shape))
+    src, dst = copy_source(buf.numel()), buf.numpy().reshape(-1)
+    n_src = len(src) // dst.size
     checksum = 0.0
 
     def step(i: int) -> int:
         nonlocal checksum
         out = env.step(actions[i & 255])
-        if gather:
-            win = obs.windows(torch.from_numpy(out.rows))  # (B, context, F), a fresh tensor
+        if gather == "torch":
+            win = obs.windows(torch.from_numpy(out.rows), out=buf)  # (B, context, F)
             checksum += float(win[i % b, -1, 0])
+        elif gather == "copy":
+            j = i % n_src
+            np.copyto(dst, src[j * dst.size:(j + 1) * dst.size])
+            checksum += float(out.rows[i % b]) + float(dst[i % dst.size])
         else:
             checksum += float(out.rows[i % b]) + float(out.state[i % b, 0])
         return b
     rate = timed(step, seconds)
-    log(f"batch B={b} index observations{' + torch gather' if gather else ''}: checksum {checksum:.3f}")
+    log(f"batch B={b} index observations{' + ' + gather if gather else ''}: checksum {checksum:.3f}")
     return rate
+
+
+def copy_source(n: int, total_bytes: int = 256 << 20) -> np.ndarray:
+    """A float32 source of ≥ ``total_bytes`` (a multiple of ``n`` elements): copying successive ``n``-blocks of
+    it never hits the cache (the last-level cache here is 32 MB), as the gather's windows mostly do not."""
+    k = max(total_bytes // (4 * n), 2)
+    return np.random.default_rng(0).random(k * n, dtype=np.float32)
+
+
+def bench_gather(data: SessionSet, seconds: float, b: int) -> tuple[float, float, float, float]:
+    """Figure 7 (bytes/s): ours (``ObsGather.windows(out=)``), the peer (torch ``index_select`` into a fresh
+    tensor), the non-resident and the cache-resident contiguous copy of the same bytes."""
+    import torch
+
+    from rltrader.agents.common import ObsGather
+
+    env = BatchSessionEnv(data, num_envs=b, windows=False)
+    env.reset(seed=0)
+    actions = np.random.default_rng(0).integers(0, env.n_actions, (256, b))
+    rows = []
+    for i in range(256):  # the rows of successive steps, as a training loop gathers them
+        env.step(actions[i])
+        rows.append(torch.from_numpy(env.rows.copy()))
+    obs = ObsGather(env, torch.device("cpu"))
+    buf = torch.empty((b, *env.observation_shape))
+    nbytes = buf.numel() * 4
+    views, c = obs._views, obs.context
+    ref = views.index_select(0, rows[7] - c)
+    if not torch.equal(obs.windows(rows[7], out=buf), ref):
+        raise AssertionError("the gather differs from index_select")
+    src, dst = copy_source(buf.numel()), np.empty(buf.numel(), np.float32)
+    n_src = len(src) // dst.size
+
+    def ours(i: int) -> int:
+        obs.windows(rows[i & 255], out=buf)
+        return nbytes
+
+    def peer(i: int) -> int:
+        views.index_select(0, rows[i & 255] - c)
+        return nbytes
+
+    def copy(i: int) -> int:
+        j = i % n_src
+        np.copyto(dst, src[j * dst.size:(j + 1) * dst.size])
+        return nbytes
+
+    def copy_cached(i: int) -> int:
+        np.copyto(dst, src[:dst.size])
+        return nbytes
+    return timed(ours, seconds), timed(peer, seconds), timed(copy, seconds), timed(copy_cached, seconds)
 
 
 def bench_numpy_ceiling(data: SessionSet, seconds: float, b: int, fee: float = 0.0005) -> float:
@@ -255,19 +324,26 @@ def main(argv: list[str] | None = None) -> None:
                "SB3 DummyVecEnv of 16 SessionEnv"),
         Figure("batch_env_steps_per_s", bench_batch(data, seconds, args.batch), PEER, peer,
                f"BatchSessionEnv B={args.batch}, full (context, F) windows, one thread", ceiling),
-        Figure("batch_env_index_obs_steps_per_s", bench_batch_index(data, seconds, args.batch, False), PEER, peer,
+        Figure("batch_env_index_obs_steps_per_s", bench_batch_index(data, seconds, args.batch), PEER, peer,
                f"BatchSessionEnv B={args.batch}, index observations (rows + state + mask), one thread", ceiling),
-        Figure("batch_env_torch_gather_steps_per_s", bench_batch_index(data, seconds, args.batch, True), PEER,
-               peer, f"index observations + torch window gather, B={args.batch}, one thread", ceiling),
+        Figure("batch_env_torch_gather_steps_per_s", bench_batch_index(data, seconds, args.batch, "torch"), PEER,
+               peer, f"index observations + torch window gather into a reused tensor, B={args.batch}, one thread",
+               ceiling, {"copy_ceiling": bench_batch_index(data, seconds, args.batch, "copy")}),
         Figure("batch_numpy_ceiling_steps_per_s", ceiling, PEER, peer,
                f"bare-numpy ceiling: vectorised portfolio arithmetic only, B={args.batch}"),
     ]
-    for f in figures:
+    g_ours, g_peer, g_copy, g_cached = bench_gather(data, seconds, args.batch)
+    gather_fig = Figure("window_gather_bytes_per_s", g_ours, "torch index_select over the window views, fresh tensor",
+                        g_peer, f"ObsGather.windows(out=), B={args.batch} windows per call, one thread", g_copy,
+                        {"ceiling_cache_resident": g_cached}, unit="bytes/s")
+    for f in [*figures, gather_fig]:
         h.emit(f.line())
     head = f"{'metric':34} {'ours steps/s':>14} {'peer steps/s':>14} {'ratio':>8}"
     out = ["", head, "-" * len(head)]
     out += [f"{f.metric:34} {f.value:14,.0f} {f.peer_value:14,.0f} {f.value / f.peer_value:8.2f}  ({f.note})"
             for f in figures]
+    out += [f"{gather_fig.metric:34} {g_ours / 1e9:11.2f} GB/s {g_peer / 1e9:11.2f} GB/s {g_ours / g_peer:8.2f}  "
+            f"(copy ceiling {g_copy / 1e9:.2f} GB/s non-resident, {g_cached / 1e9:.2f} cache-resident)"]
     out += [f"ceiling (bare numpy) {ceiling:,.0f} steps/s; load average at the end "
             f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"]
     out += ["", f"peer: {PEER}", f"data: {source}"]

@@ -146,6 +146,8 @@ def test_index_observations_gather_the_full_windows(mode: str) -> None:
     from rltrader.agents.common import ObsGather
 
     gather = ObsGather(idx, torch.device("cpu"))
+    buf = torch.full((n, *idx.observation_shape), np.nan)
+    np_buf = np.full((n, *idx.observation_shape), np.nan, np.float32)
     rng = np.random.default_rng(2)
     ends = 0
     for _ in range(DATA.length * 4):
@@ -153,11 +155,69 @@ def test_index_observations_gather_the_full_windows(mode: str) -> None:
         a, b = full.step(actions), idx.step(actions)
         np.testing.assert_array_equal(idx.gather(b.rows), a.window)
         np.testing.assert_array_equal(gather.windows(b.rows).numpy(), a.window)
+        # into reused buffers (the acting loop's path), rows as a tensor too: the same bytes
+        assert gather.windows(torch.from_numpy(b.rows), out=buf) is buf
+        np.testing.assert_array_equal(buf.numpy(), a.window)
+        assert idx.gather(b.rows, out=np_buf) is np_buf
+        np.testing.assert_array_equal(np_buf, a.window)
         for name in ("state", "mask", "reward", "penalty", "terminated", "truncated", "final_equity", "filled",
                      "rows"):
             np.testing.assert_array_equal(getattr(b, name), getattr(a, name), err_msg=name)
         ends += int((a.terminated | a.truncated).sum())
     assert ends >= n
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_wide_batch_matches_one_account_batches(mode: str) -> None:
+    """A batch wide enough for the step loop's prefetching of accounts ahead (``core.PREFETCH_AHEAD``, including
+    the next session of accounts at their last bar) steps every account exactly as a batch of that one account
+    does: same windows, state, masks, rewards, ends and resets."""
+    from rltrader.env.core import PREFETCH_AHEAD
+
+    ex, params = MODES[mode]
+    n = 3 * PREFETCH_AHEAD + 5
+    schedule = np.random.default_rng(4).integers(0, DATA.n_sessions, (n, 8))
+    wide = BatchSessionEnv(DATA, ex, params, num_envs=n, session_schedule=schedule)
+    ones = [BatchSessionEnv(DATA, ex, params, num_envs=1, session_schedule=schedule[b:b + 1]) for b in range(n)]
+    wide.reset(seed=0)
+    for env in ones:
+        env.reset(seed=0)
+    rng = np.random.default_rng(5)
+    ends = 0
+    for _ in range(DATA.length * 3):
+        actions = rng.integers(-1, wide.n_actions + 1, n)  # invalid actions included
+        out = wide.step(actions)
+        for b, env in enumerate(ones):
+            one = env.step(actions[b:b + 1])
+            for name in ("window", "state", "mask", "reward", "penalty", "terminated", "truncated", "final_equity",
+                         "filled", "rows"):
+                np.testing.assert_array_equal(getattr(out, name)[b:b + 1], getattr(one, name), err_msg=name)
+        ends += int((out.terminated | out.truncated).sum())
+    assert ends >= n
+
+
+def test_window_gather_refuses_rows_outside_the_feature_matrix_and_bad_buffers() -> None:
+    """The env's CPU gather copies blocks without bounds checks, so rows whose window would leave the feature
+    matrix and output buffers of the wrong shape or layout are refused before it runs (torch's gather refuses
+    such rows itself)."""
+    import torch
+
+    from rltrader.agents.common import ObsGather
+
+    env = BatchSessionEnv(DATA, num_envs=3, windows=False)
+    env.reset(seed=0)
+    gather = ObsGather(env, torch.device("cpu"))
+    c, n_rows = DATA.context, len(env.features)
+    np.testing.assert_array_equal(env.gather(np.array([c, n_rows]))[1], env.features[n_rows - c:])
+    for bad in (np.array([c - 1]), np.array([n_rows + 1]), np.array([c, -5])):
+        with pytest.raises(ValueError, match="decision rows must lie in"):
+            env.gather(bad)
+        with pytest.raises(IndexError):
+            gather.windows(bad)
+    with pytest.raises(ValueError, match="out must be"):
+        env.gather(np.array([c, c + 1]), out=np.zeros((2, c + 1, DATA.n_features), np.float32))
+    with pytest.raises(ValueError, match="out must be"):
+        env.gather(np.array([c, c + 1]), out=np.zeros((2, DATA.n_features, c), np.float32).transpose(0, 2, 1))
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -39,6 +39,7 @@ from rltrader.env.core import (
     O_TRUNCATED,
     P_EPISODES,
     EnvCore,
+    check_rows,
     gather_windows,
 )
 from rltrader.env.modes import EnvParams, lowrider_rule
@@ -124,10 +125,13 @@ class BatchSessionEnv:
     def gather(self, rows: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """The ``(len(rows), context, F)`` windows of decision rows ``rows`` (default: the current ones) on the
         CPU — what ``windows=True`` would have handed out; ``out``: a buffer to reuse."""
-        r = np.ascontiguousarray(self.core.rows if rows is None else rows, dtype=np.int64)
+        r = check_rows(self.core.rows if rows is None else rows, self.core.context, len(self.features))
         if out is None:
             out = np.empty((len(r), *self.observation_shape), np.float32)
-        return gather_windows(self.core.features, r, out)
+        elif out.shape != (len(r), *self.observation_shape) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous float32 array of shape {(len(r), *self.observation_shape)}")
+        gather_windows(self.core.features, r, out)
+        return out
 
     def action_masks(self) -> np.ndarray:
         return self.core.mask

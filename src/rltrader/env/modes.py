@@ -226,7 +226,7 @@ class EnvParams:
         return asdict(self)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def take_profit_due(acct: np.ndarray, b: int, ref: float, xp: np.ndarray, ep: np.ndarray) -> bool:
     """Lowrider's exit: the position, sold at ``ref`` net of the taker fee, beats its cost by the profit target."""
     q = acct[QTY, b]
@@ -236,13 +236,17 @@ def take_profit_due(acct: np.ndarray, b: int, ref: float, xp: np.ndarray, ep: np
     return bool(q * ref * (1.0 - xp[XP_TAKER]) >= cost * (1.0 + ep[EP_PROFIT_TARGET]))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def order_for(a: int, committed: float, ref: float, acct: np.ndarray, env: np.ndarray, b: int, xp: np.ndarray,
               ep: np.ndarray) -> float:
     """The signed order quantity action ``a`` sends; 0 when the action is invalid in the current state.
 
     ``committed`` is the position once the orders already sent (latency) have filled, so a second "long"
     while a long is in flight is invalid, exactly as it would be for a live trader tracking its open orders.
+
+    Inlined (``inline="always"``) into the env's step and its action-mask loop, which call it up to n_actions
+    times per account and step: as a call, each passed four array structs by value on the stack (measured
+    ~30 ns of a ~210 ns batch account step at B = 1024).
     """
     mode = int(ep[EP_MODE])
     step = xp[XP_STEP]
