@@ -24,9 +24,10 @@ own observation is a 30 × 2 window of one stock):
    out the decision rows, state vectors and masks, no windows.
 5. ``batch_env_torch_gather_steps_per_s``: index observations plus the consumer's window gather into a torch
    tensor it reuses (``agents.common.ObsGather.windows(rows, out=buf)``: one ``index_select`` over the window
-   views, a block copy per window; on the CPU here) — what a training loop pays per step. Besides the bare-numpy ceiling it carries ``copy_ceiling``: the
-   same index-observation step plus a plain contiguous copy of the same bytes (B × context × F float32) from a
-   source that is not cache-resident — the gather cannot beat a copy of what it copies.
+   views, a block copy per window; on the CPU here) — what a training loop pays per step. Besides the bare-numpy
+   ceiling it carries ``copy_ceiling``: the same index-observation step plus a plain contiguous copy of the same
+   bytes (B × context × F float32) from a source that is not cache-resident — the gather cannot beat a copy of
+   what it copies.
 6. ``batch_numpy_ceiling_steps_per_s``: the bare-numpy ceiling — a vectorised step over B = 1024 accounts doing
    only the portfolio arithmetic (target position from the action, fee, cash, position, mark, log reward,
    session end and restart) with no execution model, filters, masks or observations. Figures 3–5 carry it as
