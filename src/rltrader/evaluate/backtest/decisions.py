@@ -127,6 +127,22 @@ def masked_softmax(scores: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np
 
 
 @njit(cache=True, inline="always")
+def protective_reason(b: int, k: EnvArrays, flt: np.ndarray) -> int:
+    """``REASON_SL`` / ``REASON_TP`` when account ``b``'s open position has crossed the stop loss / take profit
+    (on the last close before its next decision bar), else ``REASON_SIGNAL`` — one copy, read by the filters and
+    by the engine's quiet-bar test."""
+    q = k.acct[QTY, b]
+    avg = k.acct[AVG_ENTRY, b]
+    if q != 0.0 and int(flt[F_CLOSE_ACTION]) > 0 and (flt[F_SL] > 0.0 or flt[F_TP] > 0.0) and avg > 0.0:
+        move = (k.bars[3, k.ptr[P_T, b] - 1] / avg - 1.0) * (1.0 if q > 0.0 else -1.0)
+        if flt[F_SL] > 0.0 and move <= -flt[F_SL]:
+            return REASON_SL
+        if flt[F_TP] > 0.0 and move >= flt[F_TP]:
+            return REASON_TP
+    return REASON_SIGNAL
+
+
+@njit(cache=True, inline="always")
 def filter_decision(b: int, a: int, confident: bool, k: EnvArrays, f: FilterArrays) -> tuple[int, int]:
     """Account ``b``'s action after the filters (module docstring), and its reason (``REASON_SL`` /
     ``REASON_TP`` for a protective exit, else ``REASON_SIGNAL``)."""
@@ -134,16 +150,8 @@ def filter_decision(b: int, a: int, confident: bool, k: EnvArrays, f: FilterArra
     t = k.ptr[P_T, b]
     if a < 0 or a >= mask.shape[1]:
         a = HOLD
-    q = k.acct[QTY, b]
-    avg = k.acct[AVG_ENTRY, b]
     close_a = int(flt[F_CLOSE_ACTION])
-    reason = REASON_SIGNAL
-    if q != 0.0 and close_a > 0 and (flt[F_SL] > 0.0 or flt[F_TP] > 0.0) and avg > 0.0:
-        move = (k.bars[3, t - 1] / avg - 1.0) * (1.0 if q > 0.0 else -1.0)
-        if flt[F_SL] > 0.0 and move <= -flt[F_SL]:
-            reason = REASON_SL
-        elif flt[F_TP] > 0.0 and move >= flt[F_TP]:
-            reason = REASON_TP
+    reason = protective_reason(b, k, flt)
     if flt[F_MAX_DAY] > 0.0:
         day = k.time[t] // DAY_US
         if day != fs[FS_DAY, b]:
