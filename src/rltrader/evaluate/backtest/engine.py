@@ -52,7 +52,7 @@ from rltrader.evaluate.backtest.decisions import (
     rule_decisions,
 )
 from rltrader.evaluate.backtest.frames import BacktestResult, assemble
-from rltrader.evaluate.backtest.quiet import DISAGREE, QUIET, quiet_bar
+from rltrader.evaluate.backtest.quiet import DISAGREE, quiet_run
 from rltrader.execution import CUR_N, MAX_EVENTS_PER_BAR, EventLog, ExecutionParams
 
 if TYPE_CHECKING:  # typing only: the settings module imports nothing from here
@@ -116,14 +116,14 @@ def _run_rows(decisions: np.ndarray, order: np.ndarray, j0: int, quiet: bool, k:
         b = order[j]
         stale = quiet  # (re)entering: the observation may predate quiet bars of an earlier call
         while run.carry[C_DONE, b] == 0.0:
-            a = int(decisions[k.ptr[P_T, b]])
             if quiet:
-                got = quiet_bar(b, a, k, run, f.params)
-                if got == QUIET:
-                    stale = True
-                    continue
+                got = quiet_run(b, decisions, k, run, f.params)
                 if got == DISAGREE:
                     return -1
+                if got > 0:
+                    stale = True
+                    continue
+            a = int(decisions[k.ptr[P_T, b]])
             if _log_full(log, 1):
                 return j
             if stale:  # the full step's filters read the mask: rebuild the observation the quiet bars skipped

@@ -40,7 +40,6 @@ from rltrader.env.core import (
     P_START,
     P_T,
     EnvArrays,
-    is_decision_bar,
     update_held,
     vol_scale,
 )
@@ -50,12 +49,14 @@ from rltrader.env.modes import (
     E_PREV_EQUITY,
     E_VOL_SCALE,
     EP_MODE,
+    EP_EVERY,
     EP_N_ACTIONS,
     EP_VOL_TARGET,
     MODE_FUTURES,
     order_for,
 )
 from rltrader.evaluate.backtest.decisions import protective_reason
+from rltrader.evaluate.filters import F_SL, F_TP
 from rltrader.execution import (
     CASH,
     EQUITY,
@@ -71,53 +72,73 @@ from rltrader.execution import (
     process_bar,
 )
 
-QUIET, NOT_QUIET, DISAGREE = 1, 0, -1
-"""``quiet_bar``'s results: the bar was run quietly; it needs the full step; the execution model booked
-something on a bar the test called quiet (a bug: the caller raises)."""
+NOT_QUIET, DISAGREE = 0, -1
+"""``quiet_run``'s results besides a count of quiet bars: the next bar needs the full step; the execution model
+booked something on a bar the test called quiet (a bug: the caller raises)."""
 
 
 @njit(cache=True, inline="always")
-def quiet_bar(b: int, a: int, k: EnvArrays, run: Continuous, flt: np.ndarray) -> int:
-    """Run account ``b``'s next bar (decision ``a``) if it is quiet (module docstring); ``NOT_QUIET`` leaves
-    every array untouched (but ``E_VOL_SCALE``, which the full step's observation rewrites with the same
-    value)."""
-    acct, env, ptr, xp, ep, bars = k.acct, k.env, k.ptr, k.xp, k.ep, k.bars
-    t = ptr[P_T, b]
-    if t >= ptr[P_END, b] - 1:
-        return NOT_QUIET
+def quiet_run(b: int, decisions: np.ndarray, k: EnvArrays, run: Continuous, flt: np.ndarray) -> int:
+    """Run account ``b``'s bars from its next one on for as long as they are quiet (module docstring; decision
+    of bar ``t``: ``decisions[t]``); returns how many (0: the next bar needs the full step), or ``DISAGREE``.
+    Nothing a quiet bar touches changes the position, cash, average entry or fees, so they are read once."""
+    acct, env, ptr, xp, ep, bars, time = k.acct, k.env, k.ptr, k.xp, k.ep, k.bars, k.time
+    t0 = ptr[P_T, b]
+    last = ptr[P_END, b] - 1  # the stretch's last bar is never quiet (forced close, next stretch)
+    start, kk0 = ptr[P_START, b], ptr[P_K, b]
+    pos0 = run.base[ptr[P_SESSION, b]] - start
     q = acct[QTY, b]
     cash = acct[CASH, b]
-    floor = EQUITY_FLOOR * xp[XP_CASH]
-    c = bars[3, t]
-    if not cash + q * c > floor:  # bankrupt at the close (mark_to_market's sum): the episode ends
-        return NOT_QUIET
-    if q != 0.0:
-        if xp[XP_FUNDING] != 0.0 and k.time[t] % FUNDING_PERIOD_US == 0:
-            return NOT_QUIET
-        if xp[XP_SPOT] == 0.0:  # check_liquidation's test at the bar's adverse extreme
-            adverse = bars[2, t] if q > 0.0 else bars[1, t]
-            if not cash + q * adverse > xp[XP_MMR] * abs(q) * adverse:
-                return NOT_QUIET
-        if protective_reason(b, k, flt) != REASON_SIGNAL:
-            return NOT_QUIET
-    elif int(ep[EP_MODE]) != MODE_FUTURES and env[E_N_BUYS, b] > 0.0:  # a spot cycle just ended
-        return NOT_QUIET
-    if is_decision_bar(ptr[P_K, b], ep) and 0 < a < int(ep[EP_N_ACTIONS]):
-        if ep[EP_VOL_TARGET] > 0.0:  # the observation's size factor, which order_for reads
-            env[E_VOL_SCALE, b] = vol_scale(bars[3], t, max(ptr[P_START, b] - k.window.shape[1], 0), ep)
-        if order_for(a, q, bars[3, t - 1], acct, env, b, xp, ep) != 0.0:  # latency 0: committed = qty
-            return NOT_QUIET
+    fees = acct[FEES, b] + run.carry[C_FEES, b]
     nf = acct[N_FILLS, b]
-    process_bar(acct, b, 0.0, k.time[t], bars[0, t], bars[1, t], bars[2, t], c, bars[4, t], xp)
-    eq = acct[EQUITY, b]
-    if acct[N_FILLS, b] != nf or acct[CASH, b] != cash or not eq > floor:
-        return DISAGREE
-    update_held(env, b, q, q)
-    env[E_PEAK, b] = max(env[E_PEAK, b], eq)
-    env[E_PREV_EQUITY, b] = eq
-    ptr[P_T, b] = t + 1
-    ptr[P_K, b] += 1
-    pos = run.base[ptr[P_SESSION, b]] + t - ptr[P_START, b]
-    run.curve_eq[pos], run.curve_qty[pos] = eq, q
-    run.curve_fees[pos] = acct[FEES, b] + run.carry[C_FEES, b]
-    return QUIET
+    floor = EQUITY_FLOOR * xp[XP_CASH]
+    funding = q != 0.0 and xp[XP_FUNDING] != 0.0
+    liq = q != 0.0 and xp[XP_SPOT] == 0.0
+    mmr = xp[XP_MMR]
+    protect = q != 0.0 and (flt[F_SL] > 0.0 or flt[F_TP] > 0.0)
+    if q == 0.0 and int(ep[EP_MODE]) != MODE_FUTURES and env[E_N_BUYS, b] > 0.0:  # a spot cycle just ended
+        return NOT_QUIET
+    n_actions = int(ep[EP_N_ACTIONS])
+    every = int(ep[EP_EVERY])
+    vol = ep[EP_VOL_TARGET] > 0.0
+    ctx = k.window.shape[1]
+    peak = env[E_PEAK, b]
+    close = bars[3]
+    t = t0
+    while t < last:
+        c = close[t]
+        if not cash + q * c > floor:  # bankrupt at the close (mark_to_market's sum): the episode ends
+            break
+        if funding and time[t] % FUNDING_PERIOD_US == 0:
+            break
+        if liq:  # check_liquidation's test at the bar's adverse extreme
+            adverse = bars[2, t] if q > 0.0 else bars[1, t]
+            if not cash + q * adverse > mmr * abs(q) * adverse:
+                break
+        if protect:
+            ptr[P_T, b] = t
+            if protective_reason(b, k, flt) != REASON_SIGNAL:
+                break
+        a = int(decisions[t])
+        if 0 < a < n_actions and (every == 1 or (kk0 + t - t0) % every == 0):  # core.is_decision_bar
+            if vol:  # the observation's size factor, which order_for reads
+                env[E_VOL_SCALE, b] = vol_scale(close, t, max(start - ctx, 0), ep)
+            if order_for(a, q, close[t - 1], acct, env, b, xp, ep) != 0.0:  # latency 0: committed = qty
+                break
+        process_bar(acct, b, 0.0, time[t], bars[0, t], bars[1, t], bars[2, t], c, bars[4, t], xp)
+        eq = acct[EQUITY, b]
+        if acct[N_FILLS, b] != nf or acct[CASH, b] != cash or not eq > floor:
+            return DISAGREE
+        peak = max(peak, eq)
+        p = pos0 + t
+        run.curve_eq[p], run.curve_qty[p], run.curve_fees[p] = eq, q, fees
+        t += 1
+    n = t - t0
+    ptr[P_T, b] = t
+    if n > 0:
+        ptr[P_K, b] = kk0 + n
+        for _ in range(n):
+            update_held(env, b, q, q)
+        env[E_PEAK, b] = peak
+        env[E_PREV_EQUITY, b] = acct[EQUITY, b]
+    return n
