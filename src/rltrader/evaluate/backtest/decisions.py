@@ -238,10 +238,17 @@ def rule_decisions(policy: Any, view: EnvView, latency: int) -> np.ndarray | Non
         return np.full(n, LONG if mode == "futures_session" else BUY, np.int8)
     if isinstance(policy, SMACross):
         policy.bind(view)  # type: ignore[arg-type]  # duck-typed env: the windows and the same cumulative sums
-        cs, f, s = policy.csum, policy.fast, policy.slow
-        t = np.arange(s, n)
-        up = np.zeros(n, bool)
-        up[s:] = (cs[t] - cs[t - f]) / f > (cs[t] - cs[t - s]) / s
         hi, lo = (LONG, SHORT) if mode == "futures_session" else (BUY, SELL)
-        return np.where(up, hi, lo).astype(np.int8)
+        out = np.empty(n, np.int8)
+        _sma_sides(policy.csum, policy.fast, policy.slow, hi, lo, out)
+        return out
     return None
+
+
+@njit(cache=True)
+def _sma_sides(cs: np.ndarray, fast: int, slow: int, hi: int, lo: int, out: np.ndarray) -> None:
+    """``out[t]``: ``hi`` when the fast SMA of the closes before bar ``t`` is above the slow one, else ``lo``
+    (``SMACross``'s comparison on its cumulative sums ``cs``, the same arithmetic; ``lo`` before ``slow`` bars)."""
+    for t in range(out.shape[0]):
+        up = t >= slow and (cs[t] - cs[t - fast]) / fast > (cs[t] - cs[t - slow]) / slow
+        out[t] = hi if up else lo

@@ -52,7 +52,7 @@ from rltrader.evaluate.backtest.decisions import (
     rule_decisions,
 )
 from rltrader.evaluate.backtest.frames import BacktestResult, assemble
-from rltrader.evaluate.backtest.quiet import DISAGREE, quiet_run
+from rltrader.evaluate.backtest.quiet import NOT_QUIET, quiet_run
 from rltrader.execution import CUR_N, MAX_EVENTS_PER_BAR, EventLog, ExecutionParams
 
 if TYPE_CHECKING:  # typing only: the settings module imports nothing from here
@@ -109,18 +109,14 @@ def _run_rows(decisions: np.ndarray, order: np.ndarray, j0: int, quiet: bool, k:
     """Precomputed decisions (``decisions[row]`` = action for the decision at bar ``row``): every account of
     ``order[j0:]`` run to its end, one after the other. ``quiet``: bars on which only the mark can happen take
     the quiet-bar shortcut (``quiet.quiet_bar``), the others the env's full step after a fresh observation.
-    Returns the index it stopped at — ``len(order)`` when done, earlier when the event log is nearly full, -1
-    when a bar called quiet booked something (the quiet test disagrees with the execution model)."""
+    Returns the index it stopped at — ``len(order)`` when done, earlier when the event log is nearly full."""
     k, run, log, f = _borrowed(k, run, log, f)
     for j in range(j0, order.shape[0]):
         b = order[j]
         stale = quiet  # (re)entering: the observation may predate quiet bars of an earlier call
         while run.carry[C_DONE, b] == 0.0:
             if quiet:
-                got = quiet_run(b, decisions, k, run, f.params)
-                if got == DISAGREE:
-                    return -1
-                if got > 0:
+                if quiet_run(b, decisions, k, run, f.params) != NOT_QUIET:
                     stale = True
                     continue
             a = int(decisions[k.ptr[P_T, b]])
@@ -247,9 +243,6 @@ def backtest_sessions(data: SessionSet, policy: Any, execution: ExecutionParams,
         j = 0
         while j < B:
             j = _run_rows(decisions, accounts, j, quiet, k0, cont.run, cont.log, flt)
-            if j < 0:
-                raise RuntimeError("backtest: a bar the quiet-bar test passed booked a fill, a payment or a "
-                                   "bankruptcy (quiet.quiet_bar disagrees with the execution model)")
             if j < B:
                 cont.reserve(1)
         path = "vectorised decisions, one numba loop" + (" (quiet bars: mark only)" if quiet else "")

@@ -12,15 +12,16 @@ per action), the reward and the penalties — none of which a precomputed policy
 - the bar books nothing: no funding payment due, no liquidation (the account's equity at the bar's adverse
   extreme stays above the maintenance margin), not bankrupt at the close, no spot cycle ending.
 
-On a quiet bar the loop runs only what changes state: the execution model's own ``process_bar`` with no order
-(funding and liquidation find nothing to do, the account is marked at the close), the held-bars counter, the
-equity peak / previous equity, the pointers and the curve row. It skips the observation, the reward and the
-penalties; the next non-quiet bar first rebuilds the observation (``core._observe``, a pure function of the
-account, env and pointer state) and then takes the env's full step (``engine._advance``), so every fill is the
-full step's. The quiet test reads the execution model's conditions; should they ever disagree with what
-``process_bar`` did (a fill, a cash change, bankruptcy on a bar called quiet), the loop stops with an error
-instead of producing a different run. ``tests/test_backtest_quiet.py`` checks every frame against the every-bar
-loop (``backtest_sessions(fast=False)``).
+On a quiet bar the loop runs only what changes state: the execution model's ``mark_to_market`` at the close (the
+one booking ``process_bar`` makes when funding, the fill and the liquidation check find nothing to do), the held-
+bars counter, the equity peak / previous equity, the pointers and the curve row. It skips the observation, the
+reward and the penalties; the next non-quiet bar first rebuilds the observation (``core._observe``, a pure function
+of the account, env and pointer state) and then takes the env's full step (``engine._advance``), so every fill,
+payment and liquidation is the full step's. The tests for "nothing to book" are ``apply_funding``'s and
+``check_liquidation``'s own conditions; ``env.modes.order_for`` is called itself (compiled inline).
+``tests/test_backtest_quiet.py`` checks every frame and event against the every-bar loop
+(``backtest_sessions(fast=False)``), with funding payments, liquidations, stop loss / take profit, cooldown, the
+daily cap, ``min_hold_bars``, ``decision_every`` and volatility sizing in play.
 
 Not used with latency (an order in flight makes a bar non-quiet in ways the decision does not show) nor in
 Lowrider mode (its take-profit is the env's own order on any bar); ``engine`` runs those bar by bar.
@@ -53,8 +54,8 @@ from rltrader.env.modes import (
     EP_N_ACTIONS,
     EP_VOL_TARGET,
     MODE_FUTURES,
-    order_for,
 )
+from rltrader.env.modes import order_for as _order_for
 from rltrader.evaluate.backtest.decisions import protective_reason
 from rltrader.evaluate.filters import F_SL, F_TP
 from rltrader.execution import (
@@ -62,26 +63,30 @@ from rltrader.execution import (
     EQUITY,
     FEES,
     FUNDING_PERIOD_US,
-    N_FILLS,
     QTY,
     REASON_SIGNAL,
     XP_CASH,
     XP_FUNDING,
     XP_MMR,
     XP_SPOT,
-    process_bar,
 )
+from rltrader.execution import mark_to_market as _mark_to_market
 
-NOT_QUIET, DISAGREE = 0, -1
-"""``quiet_run``'s results besides a count of quiet bars: the next bar needs the full step; the execution model
-booked something on a bar the test called quiet (a bug: the caller raises)."""
+order_for = njit(inline="always")(_order_for.py_func)
+mark_to_market = njit(inline="always")(_mark_to_market.py_func)
+"""``env.modes.order_for`` and ``execution.mark_to_market`` themselves (their Python functions, not copies),
+compiled inline into the quiet loop: it runs them on nearly every bar, and a call passes and reference-counts
+the arrays each time (measured: 56 → 30 ns per bar of the SMA cross)."""
+
+NOT_QUIET = 0
+"""``quiet_run``'s result when the account's next bar needs the full step."""
 
 
 @njit(cache=True, inline="always")
 def quiet_run(b: int, decisions: np.ndarray, k: EnvArrays, run: Continuous, flt: np.ndarray) -> int:
     """Run account ``b``'s bars from its next one on for as long as they are quiet (module docstring; decision
-    of bar ``t``: ``decisions[t]``); returns how many (0: the next bar needs the full step), or ``DISAGREE``.
-    Nothing a quiet bar touches changes the position, cash, average entry or fees, so they are read once."""
+    of bar ``t``: ``decisions[t]``); returns how many (``NOT_QUIET``: the next bar needs the full step). Nothing
+    a quiet bar touches changes the position, cash, average entry or fees, so they are read once."""
     acct, env, ptr, xp, ep, bars, time = k.acct, k.env, k.ptr, k.xp, k.ep, k.bars, k.time
     t0 = ptr[P_T, b]
     last = ptr[P_END, b] - 1  # the stretch's last bar is never quiet (forced close, next stretch)
@@ -90,7 +95,6 @@ def quiet_run(b: int, decisions: np.ndarray, k: EnvArrays, run: Continuous, flt:
     q = acct[QTY, b]
     cash = acct[CASH, b]
     fees = acct[FEES, b] + run.carry[C_FEES, b]
-    nf = acct[N_FILLS, b]
     floor = EQUITY_FLOOR * xp[XP_CASH]
     funding = q != 0.0 and xp[XP_FUNDING] != 0.0
     liq = q != 0.0 and xp[XP_SPOT] == 0.0
@@ -125,10 +129,8 @@ def quiet_run(b: int, decisions: np.ndarray, k: EnvArrays, run: Continuous, flt:
                 env[E_VOL_SCALE, b] = vol_scale(close, t, max(start - ctx, 0), ep)
             if order_for(a, q, close[t - 1], acct, env, b, xp, ep) != 0.0:  # latency 0: committed = qty
                 break
-        process_bar(acct, b, 0.0, time[t], bars[0, t], bars[1, t], bars[2, t], c, bars[4, t], xp)
-        eq = acct[EQUITY, b]
-        if acct[N_FILLS, b] != nf or acct[CASH, b] != cash or not eq > floor:
-            return DISAGREE
+        eq = mark_to_market(acct, b, c)
+        update_held(env, b, q, q)  # per bar: order_for reads it (min_hold_bars)
         peak = max(peak, eq)
         p = pos0 + t
         run.curve_eq[p], run.curve_qty[p], run.curve_fees[p] = eq, q, fees
@@ -137,8 +139,6 @@ def quiet_run(b: int, decisions: np.ndarray, k: EnvArrays, run: Continuous, flt:
     ptr[P_T, b] = t
     if n > 0:
         ptr[P_K, b] = kk0 + n
-        for _ in range(n):
-            update_held(env, b, q, q)
         env[E_PEAK, b] = peak
         env[E_PREV_EQUITY, b] = acct[EQUITY, b]
     return n
