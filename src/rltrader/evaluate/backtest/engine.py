@@ -115,10 +115,9 @@ def _run_rows(decisions: np.ndarray, order: np.ndarray, j0: int, quiet: bool, k:
         b = order[j]
         stale = quiet  # (re)entering: the observation may predate quiet bars of an earlier call
         while run.carry[C_DONE, b] == 0.0:
-            if quiet:
-                if quiet_run(b, decisions, k, run, f.params) != NOT_QUIET:
-                    stale = True
-                    continue
+            if quiet and quiet_run(b, decisions, k, run, f.params) != NOT_QUIET:
+                stale = True
+                continue
             a = int(decisions[k.ptr[P_T, b]])
             if _log_full(log, 1):
                 return j
@@ -187,6 +186,7 @@ def backtest_sessions(data: SessionSet, policy: Any, execution: ExecutionParams,
     in the numba loop) and precomputed rule decisions with the quiet-bar shortcut (``quiet``); False steps every
     ``PolicyModule`` with one batched forward pass per bar and every rule bar through the env's full step (the
     generic paths, which the fast ones are tested against)."""
+    cpu = [_time.process_time()]  # phase boundaries (CPU seconds of the process): meta["cpu_seconds"]
     filters = filters or BacktestFilters(repeat_cycles=False)  # exactly the env's episodes
     if data.n_sessions == 0:
         raise DataError("backtest: the session set has no sessions (nothing to trade)")
@@ -210,8 +210,10 @@ def backtest_sessions(data: SessionSet, policy: Any, execution: ExecutionParams,
     cont = ContinuousRun(core, chain=chain, repeat=filters.repeat_cycles, events=max(1024, M // 8))
     B, accounts, k = core.n, cont.accounts, core.arrays
     t0 = _time.perf_counter()
+    cpu.append(_time.process_time())
 
     decisions = None if module is not None else rule_decisions(policy, view, execution.latency_bars)
+    cpu.append(_time.process_time())
     split = module.split() if module is not None and fast and hasattr(module, "split") else None
     # paths that need no observation windows: a zero-width feature matrix makes the kernel's window copy free
     k0 = k._replace(features=np.zeros((core.features.shape[0], 0), np.float32),
@@ -266,11 +268,15 @@ def backtest_sessions(data: SessionSet, policy: Any, execution: ExecutionParams,
             active = active[~cont.done[active]]
         path = "stepped bar by bar, one batched decision per bar"
     run_s = _time.perf_counter() - t0
+    cpu.append(_time.process_time())
     result = assemble(data, cont, flt.state, cont.log.events(), execution, bar_us)
+    cpu.append(_time.process_time())
+    phases = ("setup", "decisions", "loop", "frames")  # env arrays + event log; rule decisions; the run; frames
     name = getattr(policy, "name", None)
     if name is None:
         name = module.meta.get("algo", "model") if module is not None else type(policy).__name__
     result.meta.update(policy=name, policy_kind=kind or "rule", path=path, run_seconds=run_s, chain=chain,
+                       cpu_seconds=dict(zip(phases, np.diff(cpu).tolist(), strict=True)),
                        filters=dict(filters.__dict__), env=env_params.as_dict(), execution=execution.as_dict())
     return result
 

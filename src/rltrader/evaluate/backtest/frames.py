@@ -132,7 +132,8 @@ def _rows_by_stretch(seq: np.ndarray, base: np.ndarray, lengths: np.ndarray, sta
                      per_px: np.ndarray, per_fee: np.ndarray) -> None:
     """The per-symbol curve rows, stretch after stretch in the order ``seq``, every output column written once
     (no permutation array, no gathered temporaries): close time, symbol, stretch, banked equity, position,
-    price, banked fees."""
+    price, banked fees. ``per_eq`` / ``per_q`` / ``per_fee`` may be the curve arrays themselves when ``seq`` is
+    the curve's own order (each row is read before it is written, at the same index)."""
     o = 0
     for s in seq:
         p0, r0, sy, bk, fb = base[s], start[s], sym[s], bank[s], fee_bank[s]
@@ -266,8 +267,12 @@ def assemble(data: SessionSet, cont: ContinuousRun, fs: np.ndarray, events: np.n
     seq = _stretches_in_order(data, sym_of_sess) if S else np.zeros(0, np.int64)
     M = len(out_eq)
     if seq is not None:  # chained runs always (a symbol's stretches never overlap), unchained ones mostly
-        per_t, per_sym, per_sess = np.empty(M, np.int64), np.empty(M, np.int64), np.empty(M, np.int64)
-        per_eq, per_q, per_px, per_fee = np.empty(M), np.empty(M), np.empty(M), np.empty(M)
+        per_t, per_sym, per_sess, per_px = np.empty(M, np.int64), np.empty(M, np.int64), np.empty(M, np.int64), \
+            np.empty(M)
+        if np.array_equal(seq, np.arange(S)):  # the curve is already in that order: bank it in place, no copy
+            per_eq, per_q, per_fee = out_eq, out_qty, out_fees
+        else:
+            per_eq, per_q, per_fee = np.empty(M), np.empty(M), np.empty(M)
         _rows_by_stretch(seq, base, lengths, data.start, sym_of_sess, data.time, data.close, bar_us, out_eq,
                          out_qty, out_fees, bank, fee_bank, per_t, per_sym, per_sess, per_eq, per_q, per_px, per_fee)
     else:  # overlapping sessions of a symbol: sort the rows by (symbol, close time)

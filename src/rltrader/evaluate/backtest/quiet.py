@@ -49,8 +49,8 @@ from rltrader.env.modes import (
     E_PEAK,
     E_PREV_EQUITY,
     E_VOL_SCALE,
-    EP_MODE,
     EP_EVERY,
+    EP_MODE,
     EP_N_ACTIONS,
     EP_VOL_TARGET,
     MODE_FUTURES,
@@ -135,7 +135,7 @@ def quiet_run(b: int, decisions: np.ndarray, k: EnvArrays, run: Continuous, flt:
         p = pos0 + t
         run.curve_eq[p], run.curve_qty[p], run.curve_fees[p] = eq, q, fees
         t += 1
-    n = t - t0
+    n: int = t - t0
     ptr[P_T, b] = t
     if n > 0:
         ptr[P_K, b] = kk0 + n
