@@ -125,22 +125,21 @@ def _utc(values: np.ndarray) -> pl.Series:
 
 
 @njit(cache=True)
-def _rows_by_stretch(seq: np.ndarray, base: np.ndarray, lengths: np.ndarray, start: np.ndarray, sym: np.ndarray,
-                     time: np.ndarray, close: np.ndarray, bar_us: int, out_eq: np.ndarray, out_qty: np.ndarray,
-                     out_fees: np.ndarray, bank: np.ndarray, fee_bank: np.ndarray, per_t: np.ndarray,
-                     per_sym: np.ndarray, per_sess: np.ndarray, per_eq: np.ndarray, per_q: np.ndarray,
-                     per_px: np.ndarray, per_fee: np.ndarray) -> None:
+def _rows_by_stretch(seq: np.ndarray, base: np.ndarray, lengths: np.ndarray, start: np.ndarray, time: np.ndarray,
+                     close: np.ndarray, bar_us: int, out_eq: np.ndarray, out_qty: np.ndarray, out_fees: np.ndarray,
+                     bank: np.ndarray, fee_bank: np.ndarray, per_t: np.ndarray, per_sess: np.ndarray,
+                     per_eq: np.ndarray, per_q: np.ndarray, per_px: np.ndarray, per_fee: np.ndarray) -> None:
     """The per-symbol curve rows, stretch after stretch in the order ``seq``, every output column written once
-    (no permutation array, no gathered temporaries): close time, symbol, stretch, banked equity, position,
-    price, banked fees. ``per_eq`` / ``per_q`` / ``per_fee`` may be the curve arrays themselves when ``seq`` is
-    the curve's own order (each row is read before it is written, at the same index)."""
+    (no permutation array, no gathered temporaries): close time, stretch, banked equity, position, price,
+    banked fees (the symbol column is built from the symbols' row counts). ``per_eq`` / ``per_q`` /
+    ``per_fee`` may be the curve arrays themselves when ``seq`` is the curve's own order (each row is read before
+    it is written, at the same index)."""
     o = 0
     for s in seq:
-        p0, r0, sy, bk, fb = base[s], start[s], sym[s], bank[s], fee_bank[s]
+        p0, r0, bk, fb = base[s], start[s], bank[s], fee_bank[s]
         for i in range(lengths[s]):
             r = r0 + i
             per_t[o] = time[r] + bar_us
-            per_sym[o] = sy
             per_sess[o] = s
             per_eq[o] = out_eq[p0 + i] + bk
             per_q[o] = out_qty[p0 + i]
@@ -187,16 +186,16 @@ def _combine(per_t: np.ndarray, per_eq: np.ndarray, per_fee: np.ndarray, per_q: 
 
 
 @njit(cache=True)
-def _day_ends(key: np.ndarray, t: np.ndarray, last: np.ndarray) -> int:
-    """Indices of each (key, UTC day of ``t``) run's last row, rows sorted by (key, t); returns how many."""
+def _day_ends(bounds: np.ndarray, t: np.ndarray, last: np.ndarray, seg: np.ndarray) -> int:
+    """Indices of the last row of each UTC day of ``t`` within each segment ``[bounds[k], bounds[k+1])`` (rows
+    sorted by time in a segment), and the segment of each; returns how many."""
     n = 0
-    for i in range(t.shape[0] - 1):
-        if key[i + 1] != key[i] or t[i + 1] // DAY_US != t[i] // DAY_US:
-            last[n] = i
-            n += 1
-    if t.shape[0]:
-        last[n] = t.shape[0] - 1
-        n += 1
+    for k in range(bounds.shape[0] - 1):
+        lo, hi = bounds[k], bounds[k + 1]
+        for i in range(lo, hi):
+            if i == hi - 1 or t[i + 1] // DAY_US != t[i] // DAY_US:
+                last[n], seg[n] = i, k
+                n += 1
     return n
 
 
@@ -215,13 +214,15 @@ def infer_bar_us(data: SessionSet) -> int:
     return int(_min_step(np.ascontiguousarray(data.time, dtype=np.int64)))
 
 
-def _eod(key: np.ndarray, t: np.ndarray, eq: np.ndarray, init: float) -> tuple[np.ndarray, ...]:
-    """Daily rows of a curve sorted by (key, time): each (key, UTC day)'s last equity and its return over the
-    key's previous day (the first over ``init``)."""
-    last = np.empty(len(t), np.int64)
-    last = last[:_day_ends(key, t, last)]
-    k, e = key[last], eq[last]
-    first = np.concatenate([[True], k[1:] != k[:-1]])
+def _eod(bounds: np.ndarray, keys: np.ndarray, t: np.ndarray, eq: np.ndarray,
+         init: float) -> tuple[np.ndarray, ...]:
+    """Daily rows of curves sorted by time within the segments ``bounds`` (one per key of ``keys``): each (key,
+    UTC day)'s last equity and its return over the key's previous day (the first over ``init``)."""
+    last, seg = np.empty(len(t), np.int64), np.empty(len(t), np.int64)
+    n = _day_ends(bounds, t, last, seg)
+    last, seg = last[:n], seg[:n]
+    k, e = keys[seg], eq[last]
+    first = np.concatenate([[True], seg[1:] != seg[:-1]])
     prev = np.where(first, init, np.concatenate([[init], e[:-1]]))
     return k, t[last] // DAY_US * DAY_US, e, e / prev - 1.0
 
@@ -267,35 +268,38 @@ def assemble(data: SessionSet, cont: ContinuousRun, fs: np.ndarray, events: np.n
     seq = _stretches_in_order(data, sym_of_sess) if S else np.zeros(0, np.int64)
     M = len(out_eq)
     if seq is not None:  # chained runs always (a symbol's stretches never overlap), unchained ones mostly
-        per_t, per_sym, per_sess, per_px = np.empty(M, np.int64), np.empty(M, np.int64), np.empty(M, np.int64), \
-            np.empty(M)
+        per_t, per_sess, per_px = np.empty(M, np.int64), np.empty(M, np.int64), np.empty(M)
         if np.array_equal(seq, np.arange(S)):  # the curve is already in that order: bank it in place, no copy
             per_eq, per_q, per_fee = out_eq, out_qty, out_fees
         else:
             per_eq, per_q, per_fee = np.empty(M), np.empty(M), np.empty(M)
-        _rows_by_stretch(seq, base, lengths, data.start, sym_of_sess, data.time, data.close, bar_us, out_eq,
-                         out_qty, out_fees, bank, fee_bank, per_t, per_sym, per_sess, per_eq, per_q, per_px, per_fee)
+        _rows_by_stretch(seq, base, lengths, data.start, data.time, data.close, bar_us, out_eq, out_qty, out_fees,
+                         bank, fee_bank, per_t, per_sess, per_eq, per_q, per_px, per_fee)
     else:  # overlapping sessions of a symbol: sort the rows by (symbol, close time)
         sess_of_pos = np.repeat(np.arange(S), lengths)
         rows = data.start[sess_of_pos] + (np.arange(M) - base[sess_of_pos])
         close_time = data.time[rows] + bar_us
         sym_pos = sym_of_sess[sess_of_pos]
         srt = np.lexsort((close_time, sym_pos))
-        per_t, per_sym, per_sess, per_rows = close_time[srt], sym_pos[srt], sess_of_pos[srt], rows[srt]
+        per_t, per_sess, per_rows = close_time[srt], sess_of_pos[srt], rows[srt]
         per_eq = out_eq[srt] + bank[per_sess]
         per_q, per_px = out_qty[srt], data.close[per_rows]
         per_fee = out_fees[srt] + fee_bank[per_sess]
+    # both orders group the rows by symbol id: the symbol column is one chunk per symbol (no index, no gather)
+    counts = np.bincount(sym_of_sess, weights=lengths, minlength=len(data.symbols)).astype(np.int64)
+    present = np.flatnonzero(np.bincount(sym_of_sess, minlength=len(data.symbols)))  # symbols with a stretch
+    bounds = np.concatenate([[0], np.cumsum(counts[present])]).astype(np.int64)
     sym_names = pl.Series("symbol", list(data.symbols), dtype=pl.Utf8)
+    symbol = pl.concat([sym_names.new_from_index(int(k), int(counts[k])) for k in present]) if len(present) \
+        else sym_names.clear()
     per = pl.DataFrame({
-        "time": _utc(per_t), "symbol": sym_names.gather(per_sym),
+        "time": _utc(per_t), "symbol": symbol,
         "equity": per_eq, "position": per_q, "price": per_px, "fees": per_fee, "stretch": per_sess,
     })
 
     # combined: each symbol's curve forward-filled on the union of times, summed
-    present = np.flatnonzero(np.bincount(sym_of_sess, minlength=len(data.symbols)))
-    bounds = np.searchsorted(per_sym, np.concatenate([present, [np.iinfo(np.int64).max]]))
     t_all, tot_eq, tot_fee, gross = np.empty(M, np.int64), np.empty(M), np.empty(M), np.empty(M)
-    n_all = _combine(per_t, per_eq, per_fee, per_q, per_px, bounds.astype(np.int64), float(cash0), t_all, tot_eq,
+    n_all = _combine(per_t, per_eq, per_fee, per_q, per_px, bounds, float(cash0), t_all, tot_eq,
                      tot_fee, gross)
     t_all, tot_eq, tot_fee, gross = t_all[:n_all], tot_eq[:n_all], tot_fee[:n_all], gross[:n_all]
     initial_total = cash0 * len(present)
@@ -336,8 +340,8 @@ def assemble(data: SessionSet, cont: ContinuousRun, fs: np.ndarray, events: np.n
         for c in ("exit_time", "exit_price", "pnl", "exit_reason"))
 
     # daily returns per symbol and combined (UTC day of the bar close time)
-    k1, d1, e1, r1 = _eod(per_sym, per_t, per_eq, cash0)
-    k2, d2, e2, r2 = _eod(np.zeros(len(t_all), np.int64), t_all, tot_eq, initial_total)
+    k1, d1, e1, r1 = _eod(bounds, present, per_t, per_eq, cash0)
+    k2, d2, e2, r2 = _eod(np.array([0, len(t_all)], np.int64), np.zeros(1, np.int64), t_all, tot_eq, initial_total)
     daily = pl.DataFrame({
         "symbol": pl.concat([sym_names.gather(k1), pl.Series("symbol", ["ALL"] * len(k2), dtype=pl.Utf8)]),
         "day": _utc(np.concatenate([d1, d2])), "equity": np.concatenate([e1, e2]),
