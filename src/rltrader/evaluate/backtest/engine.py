@@ -108,7 +108,7 @@ def _run_rows(decisions: np.ndarray, order: np.ndarray, j0: int, quiet: bool, k:
               log: EventLog, f: FilterArrays) -> int:
     """Precomputed decisions (``decisions[row]`` = action for the decision at bar ``row``): every account of
     ``order[j0:]`` run to its end, one after the other. ``quiet``: bars on which only the mark can happen take
-    the quiet-bar shortcut (``quiet.quiet_bar``), the others the env's full step after a fresh observation.
+    the quiet-bar shortcut (``quiet.quiet_run``), the others the env's full step after a fresh observation.
     Returns the index it stopped at — ``len(order)`` when done, earlier when the event log is nearly full."""
     k, run, log, f = _borrowed(k, run, log, f)
     for j in range(j0, order.shape[0]):
