@@ -14,8 +14,9 @@ peers run one series: vectorbt ``Portfolio.from_signals`` (long-only entries/exi
 once before timing) and backtesting.py's standard ``SmaCross`` strategy (``position.close(); buy()/sell()``).
 
 Timing: CPU seconds of this process (``time.process_time``), best of 3 (quick) or 5 runs for ours and vectorbt,
-each warmed by one untimed run on the same data (compiled, memory touched), so that other processes on a shared
-box do not count against either side. The SMA line carries where our best run's time went: CPU seconds per phase
+each warmed by one untimed run on the same data (compiled, memory touched) and timed with the garbage collector
+paused (``no_gc``), so that other processes on a shared box and a stray collection do not count against either
+side. The SMA line carries where our best run's time went: CPU seconds per phase
 (``setup_cpu_s``: env arrays and event log; ``decisions_cpu_s``: the vectorised SMA signals; ``loop_cpu_s``: the
 numba run loop, also as ``kernel_ns_per_bar``; ``frames_cpu_s``: the result frames) and, in wall seconds,
 ``decisions_and_kernel_wall_s`` / ``setup_and_frames_wall_s`` (polars may use more than one thread in the frames).
@@ -23,8 +24,11 @@ numba run loop, also as ``kernel_ns_per_bar``; ``frames_cpu_s``: the result fram
 
 from __future__ import annotations
 
+import gc
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,19 @@ from rltrader.env import EnvParams, ExecutionParams
 from rltrader.evaluate.backtest import backtest_sessions
 
 FAST, SLOW, CONTEXT, FEE = 5, 20, 30, 0.0005
+
+
+@contextmanager
+def no_gc() -> Iterator[None]:
+    """Collect first, then keep Python's cyclic garbage collector out of the timed run (as ``timeit`` does):
+    a collection triggered by whoever allocates last costs tens of ms with torch and polars loaded, and would
+    land on one side at random. Applied to ours and to vectorbt alike."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def emit(metric: str, value: float, unit: str, peer: str | None, peer_value: float | None) -> None:
@@ -111,9 +128,10 @@ def ours(data: SessionSet, repeats: int) -> tuple[float, dict[str, float]]:
     backtest_sessions(data, "sma_cross", ex, EnvParams(), chain=True)  # warm (compiled, memory touched): as vectorbt
     best, split = float("inf"), {}
     for _ in range(repeats):
-        t0, w0 = time.process_time(), time.perf_counter()
-        res = backtest_sessions(data, "sma_cross", ex, EnvParams(), chain=True)
-        dt, wall = time.process_time() - t0, time.perf_counter() - w0
+        with no_gc():
+            t0, w0 = time.process_time(), time.perf_counter()
+            res = backtest_sessions(data, "sma_cross", ex, EnvParams(), chain=True)
+            dt, wall = time.process_time() - t0, time.perf_counter() - w0
         if dt < best:
             run_s = float(res.meta["run_seconds"])  # wall seconds of decisions + the numba loop (one thread)
             cpu = res.meta["cpu_seconds"]  # CPU seconds per phase of the same run
@@ -122,8 +140,9 @@ def ours(data: SessionSet, repeats: int) -> tuple[float, dict[str, float]]:
                                "setup_and_frames_wall_s": round(wall - run_s, 3),
                                **{f"{k}_cpu_s": round(v, 4) for k, v in cpu.items()},
                                "kernel_ns_per_bar": round(cpu["loop"] / n * 1e9, 1)}
-    assert res.totals["bars"] == float((data.end - data.start).sum())
-    return res.totals["bars"] / best, split
+        assert res.totals["bars"] == n
+        del res  # like vectorbt's run, which keeps only the final value: the next run does not hold two results
+    return n / best, split
 
 
 def vectorbt_run(close: np.ndarray, repeats: int) -> float:
@@ -139,9 +158,10 @@ def vectorbt_run(close: np.ndarray, repeats: int) -> float:
     run()  # warm: numba compilation
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.process_time()
-        run()
-        best = min(best, time.process_time() - t0)
+        with no_gc():
+            t0 = time.process_time()
+            run()
+            best = min(best, time.process_time() - t0)
     return len(close) / best
 
 
