@@ -6,10 +6,14 @@ Prints one JSON line per figure: ``{"metric", "value", "unit", "peer", "peer_val
 peer, > 1 better). ``--quick`` (< 60 s): backtesting.py on a smaller subset (named in the peer field), the agent
 on the first bars of each stretch.
 
+Our SMA run is checked against the every-bar loop (``fast=False``: the env's full step on every bar) on the same
+data, every frame identical, before the figures are printed.
+
 Data: every gap-free stretch of valid bars of ``data/features/*.parquet`` (the real futures data), concatenated
 (≥ 1 M bars); a 1 M-bar random walk when the features are absent. Our run is end to end: vectorised SMA
-decisions, one numba loop through the env's step kernel and the execution model (fees, slippage off to match the
-peers, which charge the fee only), and the result frames (equity curve, fills, round trips, daily returns). The
+decisions, one numba loop (bars that send no order and book nothing: the execution model's mark only; the others
+through the env's step kernel and the execution model: fees, slippage off to match the peers, which charge the
+fee only), and the result frames (equity curve, fills, round trips, daily returns). The
 peers run one series: vectorbt ``Portfolio.from_signals`` (long-only entries/exits on crossovers; warm: run
 once before timing) and backtesting.py's standard ``SmaCross`` strategy (``position.close(); buy()/sell()``).
 
@@ -142,6 +146,12 @@ def ours(data: SessionSet, repeats: int) -> tuple[float, dict[str, float]]:
                                "kernel_ns_per_bar": round(cpu["loop"] / n * 1e9, 1)}
         assert res.totals["bars"] == n
         del res  # like vectorbt's run, which keeps only the final value: the next run does not hold two results
+    # the quiet-bar loop must give the every-bar loop's run, frame for frame (untimed)
+    fast = backtest_sessions(data, "sma_cross", ex, EnvParams(), chain=True)
+    slow = backtest_sessions(data, "sma_cross", ex, EnvParams(), chain=True, fast=False)
+    for name in ("equity", "fills", "trades", "daily", "stretches"):
+        assert getattr(fast, name).equals(getattr(slow, name)), f"quiet-bar and every-bar loops differ: {name}"
+    assert fast.totals == slow.totals and np.array_equal(fast.events, slow.events)
     return n / best, split
 
 
