@@ -32,6 +32,9 @@ over the accounts and time (``engine._run_rows``): ``flat`` always, and without 
 env would reject anyway (``order_for`` returns 0 for a long while long), so "long when the fast SMA is above the
 slow one, else short" gives the same fills. With latency an order can be in flight, the baseline then looks at
 the filled position and the target form would not (it could cancel a pending flip), so those run bar by bar.
+In that loop a bar that sends no order and books nothing but the mark (most bars of a held side) is a *quiet*
+bar (``quiet``): only the execution model's mark, the curve row and the counters; the others take the env's
+full step after a fresh observation — the same run, frame for frame (``tests/test_backtest_quiet.py``).
 
 Our networks (``PolicyModule.split``: D3QN, PPO, the CNN classifier, the XGBoost threshold policy) are split where
 the position state enters:

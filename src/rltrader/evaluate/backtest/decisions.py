@@ -127,6 +127,22 @@ def masked_softmax(scores: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np
 
 
 @njit(cache=True, inline="always")
+def protective_reason(b: int, k: EnvArrays, flt: np.ndarray) -> int:
+    """``REASON_SL`` / ``REASON_TP`` when account ``b``'s open position has crossed the stop loss / take profit
+    (on the last close before its next decision bar), else ``REASON_SIGNAL`` — one copy, read by the filters and
+    by the engine's quiet-bar test."""
+    q = k.acct[QTY, b]
+    avg = k.acct[AVG_ENTRY, b]
+    if q != 0.0 and int(flt[F_CLOSE_ACTION]) > 0 and (flt[F_SL] > 0.0 or flt[F_TP] > 0.0) and avg > 0.0:
+        move = (k.bars[3, k.ptr[P_T, b] - 1] / avg - 1.0) * (1.0 if q > 0.0 else -1.0)
+        if flt[F_SL] > 0.0 and move <= -flt[F_SL]:
+            return REASON_SL
+        if flt[F_TP] > 0.0 and move >= flt[F_TP]:
+            return REASON_TP
+    return REASON_SIGNAL
+
+
+@njit(cache=True, inline="always")
 def filter_decision(b: int, a: int, confident: bool, k: EnvArrays, f: FilterArrays) -> tuple[int, int]:
     """Account ``b``'s action after the filters (module docstring), and its reason (``REASON_SL`` /
     ``REASON_TP`` for a protective exit, else ``REASON_SIGNAL``)."""
@@ -134,16 +150,8 @@ def filter_decision(b: int, a: int, confident: bool, k: EnvArrays, f: FilterArra
     t = k.ptr[P_T, b]
     if a < 0 or a >= mask.shape[1]:
         a = HOLD
-    q = k.acct[QTY, b]
-    avg = k.acct[AVG_ENTRY, b]
     close_a = int(flt[F_CLOSE_ACTION])
-    reason = REASON_SIGNAL
-    if q != 0.0 and close_a > 0 and (flt[F_SL] > 0.0 or flt[F_TP] > 0.0) and avg > 0.0:
-        move = (k.bars[3, t - 1] / avg - 1.0) * (1.0 if q > 0.0 else -1.0)
-        if flt[F_SL] > 0.0 and move <= -flt[F_SL]:
-            reason = REASON_SL
-        elif flt[F_TP] > 0.0 and move >= flt[F_TP]:
-            reason = REASON_TP
+    reason = protective_reason(b, k, flt)
     if flt[F_MAX_DAY] > 0.0:
         day = k.time[t] // DAY_US
         if day != fs[FS_DAY, b]:
@@ -230,10 +238,17 @@ def rule_decisions(policy: Any, view: EnvView, latency: int) -> np.ndarray | Non
         return np.full(n, LONG if mode == "futures_session" else BUY, np.int8)
     if isinstance(policy, SMACross):
         policy.bind(view)  # type: ignore[arg-type]  # duck-typed env: the windows and the same cumulative sums
-        cs, f, s = policy.csum, policy.fast, policy.slow
-        t = np.arange(s, n)
-        up = np.zeros(n, bool)
-        up[s:] = (cs[t] - cs[t - f]) / f > (cs[t] - cs[t - s]) / s
         hi, lo = (LONG, SHORT) if mode == "futures_session" else (BUY, SELL)
-        return np.where(up, hi, lo).astype(np.int8)
+        out = np.empty(n, np.int8)
+        _sma_sides(policy.csum, policy.fast, policy.slow, hi, lo, out)
+        return out
     return None
+
+
+@njit(cache=True)
+def _sma_sides(cs: np.ndarray, fast: int, slow: int, hi: int, lo: int, out: np.ndarray) -> None:
+    """``out[t]``: ``hi`` when the fast SMA of the closes before bar ``t`` is above the slow one, else ``lo``
+    (``SMACross``'s comparison on its cumulative sums ``cs``, the same arithmetic; ``lo`` before ``slow`` bars)."""
+    for t in range(out.shape[0]):
+        up = t >= slow and (cs[t] - cs[t - fast]) / fast > (cs[t] - cs[t - slow]) / slow
+        out[t] = hi if up else lo

@@ -3,6 +3,7 @@
 Three paths, the same step (``env.continuous.continuous_step``) and the same filters (``decisions``):
 
 - precomputed decisions (``_run_rows``): rules whose decisions do not depend on fills (``rule_decisions``);
+  bars that send no order and book nothing but the mark take the quiet-bar shortcut (``quiet``);
 - split networks (``_run_split``): the window part of our networks precomputed in blocks of ``SPLIT_BLOCK``
   decision positions (one batched forward pass each), the state-dependent head, the masked argmax and the
   confidence in the numba loop;
@@ -33,7 +34,7 @@ from rltrader.env.continuous import (
     ContinuousRun,
     continuous_step,
 )
-from rltrader.env.core import P_SESSION, P_START, P_T, EnvArrays, EnvCore, borrowed
+from rltrader.env.core import P_SESSION, P_START, P_T, EnvArrays, EnvCore, _observe, borrowed
 from rltrader.env.modes import EnvParams
 from rltrader.errors import ConfigError, DataError
 from rltrader.evaluate.backtest.data import backtest_params, continuous_split
@@ -51,6 +52,7 @@ from rltrader.evaluate.backtest.decisions import (
     rule_decisions,
 )
 from rltrader.evaluate.backtest.frames import BacktestResult, assemble
+from rltrader.evaluate.backtest.quiet import NOT_QUIET, quiet_run
 from rltrader.execution import CUR_N, MAX_EVENTS_PER_BAR, EventLog, ExecutionParams
 
 if TYPE_CHECKING:  # typing only: the settings module imports nothing from here
@@ -102,18 +104,27 @@ def _log_full(log: EventLog, n_accounts: int) -> bool:
 
 
 @njit(cache=True)
-def _run_rows(decisions: np.ndarray, order: np.ndarray, j0: int, k: EnvArrays, run: Continuous, log: EventLog,
-              f: FilterArrays) -> int:
+def _run_rows(decisions: np.ndarray, order: np.ndarray, j0: int, quiet: bool, k: EnvArrays, run: Continuous,
+              log: EventLog, f: FilterArrays) -> int:
     """Precomputed decisions (``decisions[row]`` = action for the decision at bar ``row``): every account of
-    ``order[j0:]`` run to its end, one after the other. Returns the index it stopped at — ``len(order)`` when
-    done, earlier when the event log is nearly full."""
+    ``order[j0:]`` run to its end, one after the other. ``quiet``: bars on which only the mark can happen take
+    the quiet-bar shortcut (``quiet.quiet_run``), the others the env's full step after a fresh observation.
+    Returns the index it stopped at — ``len(order)`` when done, earlier when the event log is nearly full."""
     k, run, log, f = _borrowed(k, run, log, f)
     for j in range(j0, order.shape[0]):
         b = order[j]
+        stale = quiet  # (re)entering: the observation may predate quiet bars of an earlier call
         while run.carry[C_DONE, b] == 0.0:
+            if quiet and quiet_run(b, decisions, k, run, f.params) != NOT_QUIET:
+                stale = True
+                continue
+            a = int(decisions[k.ptr[P_T, b]])
             if _log_full(log, 1):
                 return j
-            _advance(b, int(decisions[k.ptr[P_T, b]]), True, k, run, log, f)
+            if stale:  # the full step's filters read the mask: rebuild the observation the quiet bars skipped
+                _observe(b, k)
+                stale = False
+            _advance(b, a, True, k, run, log, f)
     n: int = order.shape[0]
     return n
 
@@ -172,8 +183,10 @@ def backtest_sessions(data: SessionSet, policy: Any, execution: ExecutionParams,
     ``policy``: a ``PolicyModule`` (scores → masked argmax), a baseline name, or any ``agents.evaluate`` policy
     callable (``bind(env)`` honoured). ``bar_us``: bar width for the close times (inferred from the data when
     None). ``fast``: run our networks split (``PolicyModule.split``: window part precomputed in blocks, the rest
-    in the numba loop); False steps every ``PolicyModule`` with one batched forward pass per bar (the generic
-    path, which the split one is tested against)."""
+    in the numba loop) and precomputed rule decisions with the quiet-bar shortcut (``quiet``); False steps every
+    ``PolicyModule`` with one batched forward pass per bar and every rule bar through the env's full step (the
+    generic paths, which the fast ones are tested against)."""
+    cpu = [_time.process_time()]  # phase boundaries (CPU seconds of the process): meta["cpu_seconds"]
     filters = filters or BacktestFilters(repeat_cycles=False)  # exactly the env's episodes
     if data.n_sessions == 0:
         raise DataError("backtest: the session set has no sessions (nothing to trade)")
@@ -197,8 +210,10 @@ def backtest_sessions(data: SessionSet, policy: Any, execution: ExecutionParams,
     cont = ContinuousRun(core, chain=chain, repeat=filters.repeat_cycles, events=max(1024, M // 8))
     B, accounts, k = core.n, cont.accounts, core.arrays
     t0 = _time.perf_counter()
+    cpu.append(_time.process_time())
 
     decisions = None if module is not None else rule_decisions(policy, view, execution.latency_bars)
+    cpu.append(_time.process_time())
     split = module.split() if module is not None and fast and hasattr(module, "split") else None
     # paths that need no observation windows: a zero-width feature matrix makes the kernel's window copy free
     k0 = k._replace(features=np.zeros((core.features.shape[0], 0), np.float32),
@@ -224,12 +239,15 @@ def backtest_sessions(data: SessionSet, policy: Any, execution: ExecutionParams,
                     cont.reserve(1)
         path = f"split network: window part precomputed in blocks of {SPLIT_BLOCK}, the rest in one numba loop"
     elif decisions is not None:
+        # quiet bars (no order, nothing to book: ``quiet``) skip the observation and reward; not with latency
+        # (an order in flight) nor Lowrider (its take-profit is the env's order on any bar)
+        quiet = fast and execution.latency_bars == 0 and env_params.mode != "lowrider"
         j = 0
         while j < B:
-            j = _run_rows(decisions, accounts, j, k0, cont.run, cont.log, flt)
+            j = _run_rows(decisions, accounts, j, quiet, k0, cont.run, cont.log, flt)
             if j < B:
                 cont.reserve(1)
-        path = "vectorised decisions, one numba loop"
+        path = "vectorised decisions, one numba loop" + (" (quiet bars: mark only)" if quiet else "")
     else:
         bind = getattr(policy, "bind", None)
         if module is None and bind is not None:
@@ -250,11 +268,15 @@ def backtest_sessions(data: SessionSet, policy: Any, execution: ExecutionParams,
             active = active[~cont.done[active]]
         path = "stepped bar by bar, one batched decision per bar"
     run_s = _time.perf_counter() - t0
+    cpu.append(_time.process_time())
     result = assemble(data, cont, flt.state, cont.log.events(), execution, bar_us)
+    cpu.append(_time.process_time())
+    phases = ("setup", "decisions", "loop", "frames")  # env arrays + event log; rule decisions; the run; frames
     name = getattr(policy, "name", None)
     if name is None:
         name = module.meta.get("algo", "model") if module is not None else type(policy).__name__
     result.meta.update(policy=name, policy_kind=kind or "rule", path=path, run_seconds=run_s, chain=chain,
+                       cpu_seconds=dict(zip(phases, np.diff(cpu).tolist(), strict=True)),
                        filters=dict(filters.__dict__), env=env_params.as_dict(), execution=execution.as_dict())
     return result
 

@@ -1,8 +1,11 @@
 """The backtest's result frames, built once, columnar, from the continuous run's arrays and its event log.
 
 Nothing here computes a fill: prices, quantities, fees, realized PnL and funding are the execution kernel's
-events as booked (``rltrader.execution``: ``EventLog``); the equity curve is the accounts' own marking. The
-only loop is the numba round-trip builder, which groups fills into trades.
+events as booked (``rltrader.execution``: ``EventLog``); the equity curve is the accounts' own marking. Each
+column is written once — by a numba pass where a column spans every bar (the per-symbol rows, the combined
+curve's merge, the day ends, the round trips that group fills into trades), else by a vectorised expression over
+the small per-stretch / per-event arrays — and handed to polars without a copy: at 1.9 M bars the frames are
+bound by memory traffic, so no pass, sort or temporary is spent that a column does not need.
 """
 
 from __future__ import annotations
@@ -125,46 +128,128 @@ def _utc(values: np.ndarray) -> pl.Series:
 
 
 @njit(cache=True)
+def _rows_by_stretch(seq: np.ndarray, base: np.ndarray, lengths: np.ndarray, start: np.ndarray, time: np.ndarray,
+                     close: np.ndarray, bar_us: int, out_eq: np.ndarray, out_qty: np.ndarray, out_fees: np.ndarray,
+                     bank: np.ndarray, fee_bank: np.ndarray, per_t: np.ndarray, per_sess: np.ndarray,
+                     per_eq: np.ndarray, per_q: np.ndarray, per_px: np.ndarray, per_fee: np.ndarray) -> None:
+    """The per-symbol curve rows, stretch after stretch in the order ``seq``, every output column written once
+    (no permutation array, no gathered temporaries): close time, stretch, banked equity, position, price,
+    banked fees (the symbol column is built from the symbols' row counts). ``per_eq`` / ``per_q`` /
+    ``per_fee`` may be the curve arrays themselves when ``seq`` is the curve's own order (each row is read before
+    it is written, at the same index)."""
+    o = 0
+    for s in seq:
+        p0, r0, bk, fb = base[s], start[s], bank[s], fee_bank[s]
+        for i in range(lengths[s]):
+            r = r0 + i
+            per_t[o] = time[r] + bar_us
+            per_sess[o] = s
+            per_eq[o] = out_eq[p0 + i] + bk
+            per_q[o] = out_qty[p0 + i]
+            per_px[o] = close[r]
+            per_fee[o] = out_fees[p0 + i] + fb
+            o += 1
+
+
+@njit(cache=True)
 def _combine(per_t: np.ndarray, per_eq: np.ndarray, per_fee: np.ndarray, per_q: np.ndarray, per_px: np.ndarray,
-             bounds: np.ndarray, t_all: np.ndarray, cash0: float, tot_eq: np.ndarray, tot_fee: np.ndarray,
-             gross: np.ndarray) -> None:
-    """The combined curve: each symbol's rows ``[bounds[k], bounds[k+1])`` (sorted by time) forward-filled onto
-    ``t_all`` and added, symbol after symbol — one merge pass per symbol instead of a binary search per time
-    (the same additions in the same order as the vectorised version, so the same bits). Before a symbol's
-    first bar it counts ``cash0`` equity, no fees, no position."""
+             bounds: np.ndarray, cash0: float, t_all: np.ndarray, tot_eq: np.ndarray, tot_fee: np.ndarray,
+             gross: np.ndarray) -> int:
+    """The combined curve: the union of the symbols' close times (each symbol's rows ``[bounds[k], bounds[k+1])``
+    sorted by time), merged, and at each time every symbol's last row at or before it added, symbol after symbol
+    in order (the additions and their order of a forward-fill-and-sum, so the same bits). Before a symbol's first
+    bar it counts ``cash0`` equity, no fees, no position. Returns the number of distinct times."""
+    K = bounds.shape[0] - 1
+    j = bounds[:K] - 1  # each symbol's last row with time ≤ the current time
+    n = 0
+    while True:
+        t = np.iinfo(np.int64).max
+        for k in range(K):
+            if j[k] + 1 < bounds[k + 1] and per_t[j[k] + 1] < t:
+                t = per_t[j[k] + 1]
+        if t == np.iinfo(np.int64).max:
+            return n
+        t_all[n] = t
+        eq, fee, g = 0.0, 0.0, 0.0
+        for k in range(K):
+            jk, hi = j[k], bounds[k + 1]
+            while jk + 1 < hi and per_t[jk + 1] <= t:
+                jk += 1
+            j[k] = jk
+            if jk >= bounds[k]:
+                eq += per_eq[jk]
+                fee += per_fee[jk]
+                g += abs(per_q[jk] * per_px[jk])
+            else:
+                eq += cash0
+                fee += 0.0
+                g += 0.0
+        tot_eq[n], tot_fee[n], gross[n] = eq, fee, g
+        n += 1
+
+
+@njit(cache=True)
+def _day_ends(bounds: np.ndarray, t: np.ndarray, last: np.ndarray, seg: np.ndarray) -> int:
+    """Indices of the last row of each UTC day of ``t`` within each segment ``[bounds[k], bounds[k+1])`` (rows
+    sorted by time in a segment), and the segment of each; returns how many."""
+    n = 0
     for k in range(bounds.shape[0] - 1):
         lo, hi = bounds[k], bounds[k + 1]
-        j = lo - 1  # the symbol's last row with time ≤ t_all[i]
-        for i in range(t_all.shape[0]):
-            t = t_all[i]
-            while j + 1 < hi and per_t[j + 1] <= t:
-                j += 1
-            if j >= lo:
-                tot_eq[i] += per_eq[j]
-                tot_fee[i] += per_fee[j]
-                gross[i] += abs(per_q[j] * per_px[j])
-            else:
-                tot_eq[i] += cash0
-                tot_fee[i] += 0.0
-                gross[i] += 0.0
+        for i in range(lo, hi):
+            if i == hi - 1 or t[i + 1] // DAY_US != t[i] // DAY_US:
+                last[n], seg[n] = i, k
+                n += 1
+    return n
+
+
+@njit(cache=True)
+def _min_step(t: np.ndarray) -> int:
+    best = np.iinfo(np.int64).max
+    for i in range(t.shape[0] - 1):
+        d = t[i + 1] - t[i]
+        if 0 < d < best:
+            best = d
+    return best if best < np.iinfo(np.int64).max else 60_000_000
 
 
 def infer_bar_us(data: SessionSet) -> int:
-    d = np.diff(data.time)
-    d = d[d > 0]
-    return int(d.min()) if len(d) else 60_000_000
+    """The bar width: the smallest positive step between consecutive bar times (1 minute for a single bar)."""
+    return int(_min_step(np.ascontiguousarray(data.time, dtype=np.int64)))
+
+
+def _eod(bounds: np.ndarray, keys: np.ndarray, t: np.ndarray, eq: np.ndarray,
+         init: float) -> tuple[np.ndarray, ...]:
+    """Daily rows of curves sorted by time within the segments ``bounds`` (one per key of ``keys``): each (key,
+    UTC day)'s last equity and its return over the key's previous day (the first over ``init``)."""
+    last, seg = np.empty(len(t), np.int64), np.empty(len(t), np.int64)
+    n = _day_ends(bounds, t, last, seg)
+    last, seg = last[:n], seg[:n]
+    k, e = keys[seg], eq[last]
+    first = np.concatenate([[True], seg[1:] != seg[:-1]])
+    prev = np.where(first, init, np.concatenate([[init], e[:-1]]))
+    return k, t[last] // DAY_US * DAY_US, e, e / prev - 1.0
+
+
+def _stretches_in_order(data: SessionSet, sym_of_sess: np.ndarray) -> np.ndarray | None:
+    """The stretches by (symbol, start time) when no two of a symbol overlap in time — then their rows in that
+    order are the curve sorted by (symbol, time), ties impossible; None when some overlap (rows must be sorted)."""
+    order = np.lexsort((data.time[data.start], sym_of_sess))
+    same = sym_of_sess[order[1:]] == sym_of_sess[order[:-1]]
+    if np.any(same & (data.time[data.end[order[:-1]] - 1] >= data.time[data.start[order[1:]]])):
+        return None
+    return order
 
 
 def assemble(data: SessionSet, cont: ContinuousRun, fs: np.ndarray, events: np.ndarray,
              execution: ExecutionParams, bar_us: int | None) -> BacktestResult:
-    """Frames from the continuous run's arrays and events (vectorised; the only loop is ``_round_trips``)."""
+    """Frames from the continuous run's arrays and events: every column written once, by a numba pass
+    (``_rows_by_stretch``, ``_combine``, ``_day_ends``, ``_round_trips``) or a vectorised expression over the
+    small per-stretch / per-event arrays, and handed to polars without a copy."""
     bar_us = bar_us or infer_bar_us(data)
     run, lengths, chain = cont.run, cont.lengths, cont.chain
     out_eq, out_qty, out_fees, base, eq0 = run.curve_eq, run.curve_qty, run.curve_fees, run.base, run.eq0
     cash0 = execution.initial_cash
     S = len(base)
-    sess_of_pos = np.repeat(np.arange(S), lengths)
-    rows = data.start[sess_of_pos] + (np.arange(len(out_eq)) - base[sess_of_pos])
     sym_of_sess = data.symbol_id[data.start].astype(np.int64)
     final = out_eq[base + lengths - 1]
     ev = events[:, events[EV_KIND] != KIND_FUNDING]  # fills (funding is in the totals and the trades' funding)
@@ -183,33 +268,43 @@ def assemble(data: SessionSet, cont: ContinuousRun, fs: np.ndarray, events: np.n
         for v, out in (((final - eq0)[order], bank), (sess_fees[order], fee_bank)):
             cum = np.cumsum(v) - v
             out[order] = cum - cum[group_start]
-    close_time = data.time[rows] + bar_us
-    sym_pos = sym_of_sess[sess_of_pos]
-    if chain:  # a symbol's stretches never overlap in time: order the stretches, not the 1 M rows (same order)
-        s_order = np.lexsort((data.time[data.start], sym_of_sess))
-        srt = np.concatenate([np.arange(base[s], base[s] + lengths[s]) for s in s_order]) if S else base[:0]
-    else:
+    seq = _stretches_in_order(data, sym_of_sess) if S else np.zeros(0, np.int64)
+    M = len(out_eq)
+    if seq is not None:  # chained runs always (a symbol's stretches never overlap), unchained ones mostly
+        per_t, per_sess, per_px = np.empty(M, np.int64), np.empty(M, np.int64), np.empty(M)
+        if np.array_equal(seq, np.arange(S)):  # the curve is already in that order: bank it in place, no copy
+            per_eq, per_q, per_fee = out_eq, out_qty, out_fees
+        else:
+            per_eq, per_q, per_fee = np.empty(M), np.empty(M), np.empty(M)
+        _rows_by_stretch(seq, base, lengths, data.start, data.time, data.close, bar_us, out_eq, out_qty, out_fees,
+                         bank, fee_bank, per_t, per_sess, per_eq, per_q, per_px, per_fee)
+    else:  # overlapping sessions of a symbol: sort the rows by (symbol, close time)
+        sess_of_pos = np.repeat(np.arange(S), lengths)
+        rows = data.start[sess_of_pos] + (np.arange(M) - base[sess_of_pos])
+        close_time = data.time[rows] + bar_us
+        sym_pos = sym_of_sess[sess_of_pos]
         srt = np.lexsort((close_time, sym_pos))
-    per_t, per_sym, per_sess, per_rows = close_time[srt], sym_pos[srt], sess_of_pos[srt], rows[srt]
-    per_eq = out_eq[srt] + bank[per_sess]
-    per_q, per_px = out_qty[srt], data.close[per_rows]
-    per_fee = out_fees[srt] + fee_bank[per_sess]
+        per_t, per_sess, per_rows = close_time[srt], sess_of_pos[srt], rows[srt]
+        per_eq = out_eq[srt] + bank[per_sess]
+        per_q, per_px = out_qty[srt], data.close[per_rows]
+        per_fee = out_fees[srt] + fee_bank[per_sess]
+    # both orders group the rows by symbol id: the symbol column is one chunk per symbol (no index, no gather)
+    counts = np.bincount(sym_of_sess, weights=lengths, minlength=len(data.symbols)).astype(np.int64)
+    present = np.flatnonzero(np.bincount(sym_of_sess, minlength=len(data.symbols)))  # symbols with a stretch
+    bounds = np.concatenate([[0], np.cumsum(counts[present])]).astype(np.int64)
     sym_names = pl.Series("symbol", list(data.symbols), dtype=pl.Utf8)
+    symbol = pl.concat([sym_names.new_from_index(int(k), int(counts[k])) for k in present]) if len(present) \
+        else sym_names.clear()
     per = pl.DataFrame({
-        "time": _utc(per_t), "symbol": sym_names.gather(per_sym),
-        "equity": per_eq, "position": per_q, "price": per_px, "fees": per_fee, "stretch": per_sess.astype(np.int64),
+        "time": _utc(per_t), "symbol": symbol,
+        "equity": per_eq, "position": per_q, "price": per_px, "fees": per_fee, "stretch": per_sess,
     })
 
     # combined: each symbol's curve forward-filled on the union of times, summed
-    present = np.flatnonzero(np.bincount(sym_of_sess, minlength=len(data.symbols)))
-    t_sorted = np.sort(close_time)  # sort-based unique: numpy's hash unique is ~8x slower on 1 M timestamps
-    t_all = t_sorted[np.concatenate([[True], t_sorted[1:] != t_sorted[:-1]])] if len(t_sorted) else t_sorted
-    tot_eq = np.zeros(len(t_all))
-    tot_fee = np.zeros(len(t_all))
-    gross = np.zeros(len(t_all))
-    bounds = np.searchsorted(per_sym, np.concatenate([present, [np.iinfo(np.int64).max]]))
-    _combine(per_t, per_eq, per_fee, per_q, per_px, bounds.astype(np.int64), t_all, float(cash0), tot_eq, tot_fee,
-             gross)
+    t_all, tot_eq, tot_fee, gross = np.empty(M, np.int64), np.empty(M), np.empty(M), np.empty(M)
+    n_all = _combine(per_t, per_eq, per_fee, per_q, per_px, bounds, float(cash0), t_all, tot_eq,
+                     tot_fee, gross)
+    t_all, tot_eq, tot_fee, gross = t_all[:n_all], tot_eq[:n_all], tot_fee[:n_all], gross[:n_all]
     initial_total = cash0 * len(present)
     combined = pl.DataFrame({
         "time": _utc(t_all), "equity": tot_eq, "position": gross, "fees": tot_fee,
@@ -247,18 +342,9 @@ def assemble(data: SessionSet, cont: ContinuousRun, fs: np.ndarray, events: np.n
         pl.when(pl.Series(has_exit)).then(pl.col(c)).otherwise(None).alias(c)
         for c in ("exit_time", "exit_price", "pnl", "exit_reason"))
 
-    # daily returns per symbol and combined (UTC day of the bar close time); the arrays are sorted by
-    # (symbol, time), so a day's last bar is where the (symbol, day) key changes: no group-by needed
-    def eod(key: np.ndarray, t: np.ndarray, eq: np.ndarray, init: float) -> tuple[np.ndarray, ...]:
-        day = t // DAY_US
-        last = np.flatnonzero(np.concatenate([(key[1:] != key[:-1]) | (day[1:] != day[:-1]), [True]]))
-        e = eq[last]
-        first = np.concatenate([[True], key[last][1:] != key[last][:-1]])
-        prev = np.where(first, init, np.concatenate([[init], e[:-1]]))
-        return key[last], day[last] * DAY_US, e, e / prev - 1.0
-
-    k1, d1, e1, r1 = eod(per_sym, per_t, per_eq, cash0)
-    k2, d2, e2, r2 = eod(np.zeros(len(t_all), np.int64), t_all, tot_eq, initial_total)
+    # daily returns per symbol and combined (UTC day of the bar close time)
+    k1, d1, e1, r1 = _eod(bounds, present, per_t, per_eq, cash0)
+    k2, d2, e2, r2 = _eod(np.array([0, len(t_all)], np.int64), np.zeros(1, np.int64), t_all, tot_eq, initial_total)
     daily = pl.DataFrame({
         "symbol": pl.concat([sym_names.gather(k1), pl.Series("symbol", ["ALL"] * len(k2), dtype=pl.Utf8)]),
         "day": _utc(np.concatenate([d1, d2])), "equity": np.concatenate([e1, e2]),
