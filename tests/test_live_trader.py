@@ -234,7 +234,9 @@ def test_testnet_mode_against_the_fake_exchange_equals_backtest(
             with cond:
                 assert cond.wait_for(lambda w=want: bool(handled) and handled[-1] >= w, timeout=60), m
         clock.advance_to(DAY1 + timedelta(minutes=2))  # the final close order fills at the next open
-        worker.join(120)
+        # a wall-clock budget, not a speed check: once (CI alongside two full `dvc repro` runs on 2 cores) the
+        # stop path took longer than 120 s; the fills and marks below are what the test checks
+        worker.join(300)
     assert not worker.is_alive()
     bt = run_backtest(settings, "sma_cross", split="backtest")
     records = Records(tmp_path / "t.db")
