@@ -105,26 +105,41 @@ def accuracy(net: Classifier, data: SessionSet, max_samples: int = 200_000) -> f
     return hits / max(len(rows), 1)
 
 
+def threshold_scores(p: torch.Tensor, side: torch.Tensor, up_at: float, down_at: float,
+                     futures: bool) -> torch.Tensor:
+    """The classifier's trading rule as action scores — the one copy that ``ClassifierActions`` and the XGB
+    forecast policy (``ForecastActions``) share (``packaging.head_scores`` is its numba twin for the backtest):
+    1 for the trade a signal calls for (``p >= up_at``: long/buy, ``p <= down_at``: short/sell) when the
+    position side allows it, 0 for hold, -1 otherwise, so the masked argmax trades the signal and holds
+    otherwise."""
+    up, down = p >= up_at, p <= down_at
+    n_actions = len(FuturesAction) if futures else len(SpotAction)
+    scores = torch.full((len(p), n_actions), -1.0, device=p.device)
+    scores[:, FuturesAction.HOLD] = 0.0
+    if futures:
+        scores[:, FuturesAction.LONG] = torch.where(up & (side <= 0), 1.0, -1.0)
+        scores[:, FuturesAction.SHORT] = torch.where(down & (side >= 0), 1.0, -1.0)
+    else:
+        scores[:, SpotAction.BUY] = torch.where(up & (side == 0), 1.0, -1.0)
+        scores[:, SpotAction.SELL] = torch.where(down & (side > 0), 1.0, -1.0)
+    return scores
+
+
 class ClassifierActions(torch.nn.Module):
     """The classifier as an action-scoring module (what gets packaged and registered like the RL agents):
-    score 1 for the trade its prediction calls for, 0 for hold, -1 otherwise, so the masked argmax trades
-    the prediction above the threshold (futures: long/short; spot: buy/sell) and holds otherwise."""
+    ``threshold_scores`` on P(up) against the threshold (futures: long/short; spot: buy/sell)."""
 
     def __init__(self, net: Classifier, threshold: float, mode: str = "futures_session") -> None:
         super().__init__()
         self.net, self.threshold, self.mode = net, threshold, mode
 
+    def head_params(self) -> np.ndarray:
+        """(up, down, futures) for ``packaging.head_scores``: the thresholds as float32, as torch compares a
+        float32 probability with them."""
+        t = self.threshold
+        return np.array([np.float32(t), np.float32(1 - t), float(self.mode == "futures_session")])
+
     def forward(self, windows: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         p = torch.softmax(self.net(windows, torch.zeros_like(state)), dim=1)[:, 1]
-        side = state[:, 0]
-        up, down = p >= self.threshold, p <= 1 - self.threshold
-        n_actions = len(FuturesAction) if self.mode == "futures_session" else len(SpotAction)
-        scores = torch.full((len(p), n_actions), -1.0, device=p.device)
-        scores[:, FuturesAction.HOLD] = 0.0
-        if self.mode == "futures_session":
-            scores[:, FuturesAction.LONG] = torch.where(up & (side <= 0), 1.0, -1.0)
-            scores[:, FuturesAction.SHORT] = torch.where(down & (side >= 0), 1.0, -1.0)
-        else:
-            scores[:, SpotAction.BUY] = torch.where(up & (side == 0), 1.0, -1.0)
-            scores[:, SpotAction.SELL] = torch.where(down & (side > 0), 1.0, -1.0)
-        return scores
+        return threshold_scores(p, state[:, 0], self.threshold, 1 - self.threshold,
+                                self.mode == "futures_session")

@@ -38,10 +38,10 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from rltrader.agents.cnn_classifier import threshold_scores
 from rltrader.agents.configs import XGBConfig
 from rltrader.dataset.build import standardize
 from rltrader.dataset.split import SessionSet
-from rltrader.env.modes import FuturesAction, SpotAction
 from rltrader.errors import ConfigError, DataError
 
 console = Console(stderr=True)
@@ -110,21 +110,9 @@ class ForecastActions(torch.nn.Module):
         return np.array([np.float32(self.k), np.float32(-self.k), float(self.mode == "futures_session")])
 
     def forward(self, windows: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        p = self.forecaster(windows)[:, 0]
         hp = self.head_params()
-        up, down = p >= float(hp[0]), p <= float(hp[1])
-        side = state[:, 0]
-        futures = self.mode == "futures_session"
-        n_actions = len(FuturesAction) if futures else len(SpotAction)
-        scores = torch.full((len(p), n_actions), -1.0, device=p.device)
-        scores[:, FuturesAction.HOLD] = 0.0
-        if futures:
-            scores[:, FuturesAction.LONG] = torch.where(up & (side <= 0), 1.0, -1.0)
-            scores[:, FuturesAction.SHORT] = torch.where(down & (side >= 0), 1.0, -1.0)
-        else:
-            scores[:, SpotAction.BUY] = torch.where(up & (side == 0), 1.0, -1.0)
-            scores[:, SpotAction.SELL] = torch.where(down & (side > 0), 1.0, -1.0)
-        return scores
+        return threshold_scores(self.forecaster(windows)[:, 0], state[:, 0], float(hp[0]), float(hp[1]),
+                                self.mode == "futures_session")
 
 
 @dataclass

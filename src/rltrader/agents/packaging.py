@@ -162,11 +162,9 @@ class PolicyModule(nn.Module):
                 out: torch.Tensor = torch.softmax(cls_head(mlp(torch.cat([e, zeros], dim=1))), dim=1)[:, 1:2]
                 return out
 
-            # torch compares the float32 probability with the threshold cast to float32: keep those values
-            t = classifier.threshold
-            hp = np.array([np.float32(t), np.float32(1 - t), float(futures)])
             z2, z1 = np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
-            return SplitPolicy(self, HEAD_CLASSIFIER, trunk.encoder, p_up, z2, z2, z1, z2, z1, hp)
+            return SplitPolicy(self, HEAD_CLASSIFIER, trunk.encoder, p_up, z2, z2, z1, z2, z1,
+                               classifier.head_params())
         if isinstance(inner, DuelingQNet):
             code, out = HEAD_DUELING, [inner.value, inner.advantage]
         elif isinstance(inner, ActorCritic):
@@ -380,7 +378,7 @@ def head_scores(pre: np.ndarray, state: np.ndarray, code: int, state_weight: np.
     """The state-dependent rest of a ``SplitPolicy`` for one decision (float32, like the module): ``pre`` is
     the row's precomputed part, ``state`` its state vector; writes ``scores`` (``h1``, ``h2``, ``out``:
     scratch)."""
-    if code == HEAD_CLASSIFIER:  # ClassifierActions.forward
+    if code == HEAD_CLASSIFIER:  # cnn_classifier.threshold_scores
         p, side = pre[0], state[0]
         up, down = p >= head_params[0], p <= head_params[1]
         scores[:] = -1.0
