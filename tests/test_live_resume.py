@@ -25,6 +25,7 @@ from rltrader.config import Settings
 from rltrader.data.archive import parse_klines, read_zip_member
 from rltrader.data.parquet_store import ParquetStore
 from rltrader.data.schema import Market
+from rltrader.env.modes import E_HELD
 from rltrader.evaluate.backtest import run_backtest
 from rltrader.evaluate.backtest.decisions import FS_BLOCKED, FS_COUNT, FS_DAY, FS_LAST_FILL
 from rltrader.live.gateway import Bar, BinanceBroker, PaperBroker
@@ -39,15 +40,14 @@ DAY0 = datetime(2023, 4, 10, tzinfo=UTC)
 DAY1 = datetime(2023, 4, 11, tzinfo=UTC)
 KEY, SECRET = "resume-key", "resume-secret"
 FILTERS = {"cooldown_bars": 5, "max_trades_per_day": 12, "stop_loss": 0.004, "take_profit": 0.004}
+MIN_HOLD = 45
 
 
-@pytest.fixture(scope="module")
-def setup(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, pl.DataFrame, list[Bar]]:
+def _setup(shared_archive: Path, tmp: Path, **sections: dict[str, Any]) -> tuple[Settings, pl.DataFrame, list[Bar]]:
     settings = build_near_april(
-        shared_archive, tmp_path_factory.mktemp("resume"),
+        shared_archive, tmp,
         execution={"step_size": 1.0},  # NEARUSDT futures: whole NEAR
-        backtest={"trade_size_quote": 5000.0, **FILTERS},  # below the 1x leverage cap
-        risk={"stale_after_s": 0})
+        risk={"stale_after_s": 0}, **sections)
     rows = parse_klines(read_zip_member(shared_archive / NEAR_APRIL), source=NEAR_APRIL, market=Market.FUTURES_UM,
                         symbol=SYM, interval="1m").rows
     day = rows.filter((pl.col("open_time") >= DAY0) & (pl.col("open_time") < DAY1 + timedelta(minutes=5)))
@@ -57,11 +57,25 @@ def setup(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     return settings, day, bars
 
 
-def _snapshot(book: SymbolBook) -> tuple[int | None, float, float, float]:
-    """The filters' state with the last-fill row as its bar's open time (rows are a process's own numbering)."""
+@pytest.fixture(scope="module")
+def setup(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, pl.DataFrame, list[Bar]]:
+    return _setup(shared_archive, tmp_path_factory.mktemp("resume"),
+                  backtest={"trade_size_quote": 5000.0, **FILTERS})  # below the 1x leverage cap
+
+
+@pytest.fixture(scope="module")
+def held_setup(shared_archive: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, pl.DataFrame, list[Bar]]:
+    return _setup(shared_archive, tmp_path_factory.mktemp("resume_held"), backtest={"trade_size_quote": 5000.0},
+                  env={"min_hold_bars": MIN_HOLD})
+
+
+def _snapshot(book: SymbolBook) -> tuple[int | None, float, float, float, float]:
+    """The filters' state with the last-fill row as its bar's open time (rows are a process's own numbering),
+    and the env's count of bars the position has been open (``min_hold_bars``)."""
     fs = book.filter_state[:, 0]
     last = int(book.time[int(fs[FS_LAST_FILL])]) if fs[FS_LAST_FILL] >= 0 else None
-    return last, float(fs[FS_DAY]), float(fs[FS_COUNT]), float(fs[FS_BLOCKED])
+    return last, float(fs[FS_DAY]), float(fs[FS_COUNT]), float(fs[FS_BLOCKED]), float(book.env[E_HELD, 0])
 
 
 class Session:
@@ -71,8 +85,8 @@ class Session:
         self.settings, self.srv, self.clock, self.db, self.bars = settings, srv, clock, db, bars
         self.t0, self.t1 = int(DAY0.timestamp() * 1e6), int(DAY1.timestamp() * 1e6)
         self.sid: str | None = None
-        self.restored: list[tuple[int, tuple[int | None, float, float, float]]] = []
-        self.snapshots: dict[int, tuple[int | None, float, float, float]] = {}
+        self.restored: list[tuple[int, tuple[int | None, float, float, float, float]]] = []
+        self.snapshots: dict[int, tuple[int | None, float, float, float, float]] = {}
 
     def start(self, rehandle: int | None) -> tuple[Trader, Records]:
         """A fresh process: records, broker, trader; a resumed one gets the bars it had handled before
@@ -137,6 +151,31 @@ def _fills(records: Records, sid: str) -> list[tuple[Any, ...]]:
             for f in records.fills(sid)]
 
 
+def _assert_backtest_parity(settings: Settings, rec: Records, rsid: str) -> Any:
+    """The session's fills and equity marks equal the backtest's on these bars (a position still open at the end:
+    the backtest closes it at the last close, a live order fills at the next open — that one compared for side
+    and size). Returns the backtest."""
+    bt = run_backtest(settings, "sma_cross", split="backtest")
+    bt_fills = bt.fills.filter(pl.col("symbol") == SYM)
+    live = rec.fills(rsid)
+    open_at_end = bt_fills["kind"][-1] == "forced_close"
+    if open_at_end:
+        assert live[-1]["qty"] == pytest.approx(bt_fills["qty"][-1], rel=1e-12)
+        bt_fills, live = bt_fills.head(-1), live[:-1]
+    assert len(live) == bt_fills.height >= 2
+    for r, o, t in zip(bt_fills.iter_rows(named=True), live, bt_fills["time"].dt.epoch("us").to_list(), strict=True):
+        assert (o["time"], o["kind"]) == (t, r["kind"])
+        assert o["qty"] == pytest.approx(r["qty"], rel=1e-12) and o["price"] == pytest.approx(r["price"], rel=1e-12)
+        assert o["fee"] == pytest.approx(r["fee"], rel=1e-9, abs=1e-12)
+    eq = bt.equity.filter(pl.col("symbol") == SYM)
+    bt_eq = dict(zip((eq["time"].dt.epoch("us") - 60_000_000).to_list(), eq["equity"].to_list(), strict=True))
+    marks = {m["bar_time"]: m["equity"] for m in rec.marks(rsid)}
+    for t, e in bt_eq.items():
+        if t != max(bt_eq) or not open_at_end:
+            assert marks[t] == pytest.approx(e, rel=1e-9), t
+    return bt
+
+
 @pytest.mark.slow
 def test_a_resumed_session_with_filters_decides_as_an_uninterrupted_one(
         setup: tuple[Settings, pl.DataFrame, list[Bar]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -184,24 +223,42 @@ def test_a_resumed_session_with_filters_decides_as_an_uninterrupted_one(
     assert max(s[2] for s in whole.snapshots.values()) >= FILTERS["max_trades_per_day"] > before[2]
     assert any(d["reason"] == "filtered" and d["bar_time"] > crashes[-1] for d in ref.decisions(sid))
 
-    # and both equal the backtest on these bars (a position still open at the end: the backtest closes it at the
-    # last close, a live order fills at the next open — that one compared for side and size)
-    bt = run_backtest(settings, "sma_cross", split="backtest")
-    bt_fills = bt.fills.filter(pl.col("symbol") == SYM)
-    live = rec.fills(rsid)
-    open_at_end = bt_fills["kind"][-1] == "forced_close"
-    if open_at_end:
-        assert live[-1]["qty"] == pytest.approx(bt_fills["qty"][-1], rel=1e-12)
-        bt_fills, live = bt_fills.head(-1), live[:-1]
-    assert len(live) == bt_fills.height >= 2
-    for r, o, t in zip(bt_fills.iter_rows(named=True), live, bt_fills["time"].dt.epoch("us").to_list(), strict=True):
-        assert (o["time"], o["kind"]) == (t, r["kind"])
-        assert o["qty"] == pytest.approx(r["qty"], rel=1e-12) and o["price"] == pytest.approx(r["price"], rel=1e-12)
-        assert o["fee"] == pytest.approx(r["fee"], rel=1e-9, abs=1e-12)
-    eq = bt.equity.filter(pl.col("symbol") == SYM)
-    bt_eq = dict(zip((eq["time"].dt.epoch("us") - 60_000_000).to_list(), eq["equity"].to_list(), strict=True))
-    marks = {m["bar_time"]: m["equity"] for m in rec.marks(rsid)}
-    for t, e in bt_eq.items():
-        if t != max(bt_eq) or not open_at_end:
-            assert marks[t] == pytest.approx(e, rel=1e-9), t
+    # and both equal the backtest on these bars
+    bt = _assert_backtest_parity(settings, rec, rsid)
     assert bt.totals["blocked_decisions"] > 0
+
+
+@pytest.mark.slow
+def test_a_resumed_session_keeps_counting_the_bars_its_position_is_held(
+        held_setup: tuple[Settings, pl.DataFrame, list[Bar]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``min_hold_bars``: a position cannot be closed or flipped before it has been open that many bars. A restart
+    inside that window must carry the count (rebuilt from the journal's marks), or the resumed trader would hold
+    the position longer than the uninterrupted run and the backtest."""
+    settings, day, bars = held_setup
+    for var, val in zip(KEY_VARS, (KEY, SECRET), strict=True):
+        monkeypatch.setenv(var, val)
+    with _exchange(day, settings) as (srv, clock):
+        whole = Session(settings, srv, clock, tmp_path / "whole.db", bars)
+        ref = whole.play([])
+    sid = str(whole.sid)
+    # restarts a few bars into the hold window of an early and a later position (opened or flipped at ``t``)
+    opened = sorted(t for t, snap in whole.snapshots.items() if snap[4] == 1.0)
+    assert len(opened) >= 4, opened
+    crashes = [opened[1] + 3 * 60_000_000, opened[len(opened) // 2] + 10 * 60_000_000]
+    assert crashes[0] < crashes[1] < whole.t1 - 60_000_000
+    held = [whole.snapshots[c][4] for c in crashes]
+    assert held == [4.0, 11.0]  # inside the window: the count decides what is allowed
+    with _exchange(day, settings) as (srv, clock):
+        resumed = Session(settings, srv, clock, tmp_path / "resumed.db", bars)
+        rec = resumed.play(crashes)
+    rsid = str(resumed.sid)
+    for rehandle, state in resumed.restored:
+        assert state == whole.snapshots[rehandle - 60_000_000], rehandle
+    strip = [(t, k, str(c).split("-", 1)[1] if c else None, q, p, fee) for t, k, c, q, p, fee in _fills(ref, sid)]
+    ours = [(t, k, str(c).split("-", 1)[1] if c else None, q, p, fee) for t, k, c, q, p, fee in _fills(rec, rsid)]
+    assert ours == strip
+    assert [(d["bar_time"], d["action"], d["target"], d["reason"]) for d in rec.decisions(rsid)] == \
+        [(d["bar_time"], d["action"], d["target"], d["reason"]) for d in ref.decisions(sid)]
+    # and the testnet session keeps positions as long as the backtest does (the exchange books a fill when it
+    # answers, before the bar it fills in: the count must still restart at a flip)
+    _assert_backtest_parity(settings, rec, rsid)

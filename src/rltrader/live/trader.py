@@ -67,6 +67,7 @@ from rltrader.env.core import (
     update_held,
 )
 from rltrader.env.modes import (
+    E_HELD,
     E_N_BUYS,
     MODE_FUTURES,
     MODE_LOWRIDER,
@@ -239,6 +240,7 @@ class Trader:
             for f in at_rehandle:  # a broker that cannot report them again: booked now
                 book_fill(book.acct, f)
         self._restore_filters(book, fill_times, rehandle)
+        self._restore_held(book, rehandle)
         if rows:
             _event("account_restored", symbol=symbol, fills=len(rows), position=float(book.acct[QTY, 0]),
                    filter_state=book.filter_state[:, 0].tolist())
@@ -276,6 +278,18 @@ class Trader:
         fs[FS_COUNT, 0] = sum(1 for d in rows if d["target"] is not None
                               and not (lowrider and d["reason"] == "take_profit")
                               and (not by_day or int(d["bar_time"]) // DAY_US == fs[FS_DAY, 0]))
+
+    def _restore_held(self, book: SymbolBook, rehandle: int | None) -> None:
+        """The env's count of bars the position has been open (``E_HELD``, for ``min_hold_bars``) as the
+        uninterrupted run left it after the bar before ``rehandle`` (after every marked bar when None):
+        ``update_held`` over the journal's marks — each handled bar's position after its fills — in bar order."""
+        book.env[E_HELD, 0] = 0.0
+        q0 = 0.0
+        for m in self.records.marks(self.session_id):
+            if m["symbol"] == book.symbol and (rehandle is None or int(m["bar_time"]) < rehandle):
+                q1 = float(m["position"])
+                update_held(book.env, 0, q0, q1)
+                q0 = q1
 
     def session_position(self, symbol: str) -> float:
         """The position this session's journaled fills add up to: its account's, once a resumed session has
@@ -339,12 +353,14 @@ class Trader:
         if self.risk is not None:
             self.risk.on_bar(symbol, valid=row is not None, repairing=symbol in self.catching_up)
         # settle bar r (paper: the kernel fills the order due in it), then the cycle bookkeeping
-        q_before = float(book.acct[QTY, 0])
         fills = self.gateway.broker.settle(symbol, bar, book.acct)
         if fills:  # the cooldown counts from the bar of the last fill
             book.filter_state[FS_LAST_FILL, 0] = book.n - 1
         self._book_fills(book, fills)
-        update_held(book.env, 0, q_before, float(book.acct[QTY, 0]))  # the env's min-hold count (bars open)
+        # the env's min-hold count (bars open) from the position before and after this bar's fills: an exchange
+        # books a market order's fill when it answers (before this bar), the kernel at this bar's settle
+        q_after = float(book.acct[QTY, 0])
+        update_held(book.env, 0, q_after - sum(f.qty for f in fills), q_after)
         self.records.record_mark(self.session_id, symbol, bar.time, book.equity, float(book.acct[QTY, 0]), bar.close,
                                  deferred=True)
         if self.risk is not None:
