@@ -221,6 +221,7 @@ class Trader:
         rows = [f for f in self.records.fills(self.session_id) if f["symbol"] == symbol]
         at_rehandle = []
         fill_times = set()
+        bar_fills: list[Fill] = []  # one bar's booked fills: the cycle bookkeeping runs after each bar's
         for r in rows:
             f = fill_from_row(r)
             if rehandle is not None and f.time > rehandle and f.kind == "order":
@@ -230,15 +231,22 @@ class Trader:
             if rehandle is not None and f.time == rehandle and f.kind == "order":
                 at_rehandle.append(f)
                 continue
+            if bar_fills and bar_fills[-1].time != f.time:
+                self._count_cycle(book, bar_fills)
+                bar_fills = []
             book_fill(book.acct, f)
+            bar_fills.append(f)
             if f.client_order_id is not None:
                 self.gateway.booked.add(f.client_order_id)
                 self.gateway.journaled.add(f.client_order_id)
             if f.kind in ("order", "liquidation"):
                 fill_times.add(f.time)
+        if bar_fills:
+            self._count_cycle(book, bar_fills)
         if at_rehandle and not self.gateway.adopt_fills(at_rehandle, book.acct):
             for f in at_rehandle:  # a broker that cannot report them again: booked now
                 book_fill(book.acct, f)
+            self._count_cycle(book, at_rehandle)
         self._restore_filters(book, fill_times, rehandle)
         self._restore_held(book, rehandle)
         if rows:
@@ -386,6 +394,12 @@ class Trader:
         if not fills:
             return
         self.gateway.record_fills(fills)
+        self._count_cycle(book, fills)
+
+    def _count_cycle(self, book: SymbolBook, fills: list[Fill]) -> None:
+        """Spot / Lowrider cycle bookkeeping after one bar's fills: the buys of the cycle (``E_N_BUYS``, the
+        rule's DCA step) and, when a cycle closes flat, a new one with its fees moved to ``fees_carry`` (the
+        take-profit prices the current cycle's fees only). ``restore_from_journal`` replays it bar by bar."""
         if any(f.kind == "order" and f.qty > 0 for f in fills):
             book.env[E_N_BUYS, 0] += 1.0
         mode = int(self.ep[0])
