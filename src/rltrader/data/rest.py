@@ -20,6 +20,7 @@ websocket is for, and storing a partial one as final would corrupt the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -106,7 +107,7 @@ def make_client(market: Market | str, base_url: str | None = None, *, time_unit:
 
 async def make_async_client(market: Market | str, base_url: str | None = None, *,
                             time_unit: TimeUnit | None = None, timeout_s: float | None = None) -> AsyncClient:
-    """An ``AsyncClient`` (via ``AsyncClient.create``, which pings the host) for ``market`` at ``base_url``.
+    """An ``AsyncClient`` for ``market`` at ``base_url``, started as ``AsyncClient.create`` does (ping, clock offset).
 
     ``timeout_s`` bounds every request of the client, the ping included (aiohttp's total timeout: connect,
     send and the whole body); None keeps python-binance's default (10 s). A ping without an answer in time
@@ -116,12 +117,19 @@ async def make_async_client(market: Market | str, base_url: str | None = None, *
     key, secret = _credentials()
     cls = _with_base(AsyncClient, base_url)
     params = None if timeout_s is None else {"timeout": timeout_s}
+    # what AsyncClient.create() does, but its session is also closed when the start is *cancelled* (a stop)
+    client: AsyncClient = cls(key, secret, requests_params=params, time_unit=time_unit)
     try:
-        client: AsyncClient = await cls.create(key, secret, requests_params=params, time_unit=time_unit)
-    except TimeoutError as exc:  # create() has closed its session already
-        limit = timeout_s if timeout_s is not None else cls.REQUEST_TIMEOUT
-        url = str(cls.API_URL).format("", "com")  # Binance's own URL is a template
-        raise RestTimeout(f"binance rest: ping {url}/v3/ping: no answer within {limit:g} s") from exc
+        await client.ping()
+        res = await client.get_server_time()
+        client.timestamp_offset = res["serverTime"] - int(time.time() * 1000)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            await client.close_connection()
+        if isinstance(exc, TimeoutError):
+            limit = timeout_s if timeout_s is not None else cls.REQUEST_TIMEOUT
+            raise RestTimeout(f"binance rest: ping {client.API_URL}/v3/ping: no answer within {limit:g} s") from exc
+        raise
     return client
 
 
