@@ -39,6 +39,7 @@ from rltrader.data.store import Store, open_store
 from rltrader.data.stream import Backoff, StreamIngester, StreamStats, run_stream
 from rltrader.data.ws_reader import WebSocketClosed, connect
 from rltrader.sim import ReplayClock, ReplayServer
+from rltrader.sim.faults import RateLimit
 
 pytestmark = pytest.mark.usefixtures("shared_archive")  # the replay server serves the real shared data
 
@@ -351,6 +352,37 @@ def test_rest_repair_stalled_and_server_gone_ends_by_deadline_or_stop(
         assert took < 5.0 + 10
     else:
         assert after_stall < 10  # well before the 10 s REST bound could have ended it
+
+
+@pytest.mark.timeout(120)
+def test_stop_wakes_a_rest_back_off_of_the_repair(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The repair runs into the weight limit (HTTP 429, ``Retry-After`` ~10 minutes): setting the stop event
+    wakes the back-off and the repair ends itself (``RestStopped``), no cancel needed, nothing waits 10 minutes."""
+    caplog.set_level(logging.INFO, logger="rltrader.data.stream")
+    store = seeded_store(tmp_path)
+
+    async def main() -> tuple[StreamStats, float]:
+        stop = asyncio.Event()
+        # weight: the client's ping 1 + time 1, the repair's time 1, then klines 2 > 3
+        async with replay(rate_limit=RateLimit(3, window_s=600.0)) as srv:
+            run = asyncio.create_task(bounded(run_stream(
+                store, "spot", ["BTCUSDT"], rest_base=srv.rest_base_url, ws_base=srv.ws_base_url,
+                stop_event=stop, stop_grace_s=30.0, backoff=FAST), 60))
+            while not srv.stats.rate_limited:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # the repair sleeps on Retry-After now
+            stopped_at = time.monotonic()
+            stop.set()
+            stats, _ = await run
+            return stats, time.monotonic() - stopped_at
+
+    try:
+        stats, after_stop = asyncio.run(main())
+    finally:
+        store.close()
+    assert after_stop < 20  # far below both the Retry-After (~600 s) and the 30 s grace that would cancel it
+    assert not events(caplog, "stream_cancel_on_stop") and not events(caplog, "stream_disconnected")
+    assert stats.connections == 1 and stats.repairs == 0
 
 
 # -- websockets that go silent, never answer, or close while reading is paused ------------------------------------
