@@ -52,10 +52,10 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import orjson
@@ -72,14 +72,24 @@ from rltrader.data.rest import (
 )
 from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, Market, interval_us
 from rltrader.data.store import Store, WriteResult, open_store
-from rltrader.data.stream_common import GAP_KLINE, GAP_TRADE, Columns, Reconnect, dt, epoch_us, event
+from rltrader.data.stream_common import (
+    END_TASK_S,
+    GAP_KLINE,
+    GAP_TRADE,
+    Columns,
+    Reconnect,
+    dt,
+    end_task,
+    epoch_us,
+    event,
+    run_until_stopped,
+)
 from rltrader.data.stream_messages import MessageAccounting
 from rltrader.data.stream_repair import RestRepair
 from rltrader.data.ws_reader import WebSocketClosed, WebSocketProtocolError, WsConnection
 from rltrader.data.ws_reader import connect as ws_connect
 
 StopEvent = asyncio.Event | threading.Event
-T = TypeVar("T")
 
 
 # -- knobs and counters ----------------------------------------------------------------------------------
@@ -143,9 +153,6 @@ class _SymbolState:
     last_trade_id: int | None
     bars: BarBuilder
 
-
-_END_TASK_S = 5.0
-"""How long the stop waits for a cancelled task (helper loop, connection attempt) before it logs and moves on."""
 
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError, Reconnect)
 
@@ -265,46 +272,6 @@ class StreamIngester(MessageAccounting, RestRepair):
         while not self._stopping() and (left := end - time.monotonic()) > 0:
             await asyncio.sleep(min(left, 0.05))
 
-    async def _until_stopped(self, coro: Coroutine[Any, Any, T]) -> T | None:
-        """Run ``coro`` as a task until it returns; once the stop event is set or the deadline passed, give it
-        ``stop_grace_s`` to return by itself (the consume loop polls the stop every 0.25 s and ends cleanly),
-        then cancel it. None if it had to be cancelled.
-
-        Why: the loop cannot know every await below it (python-binance, aiohttp, a store), and the deadline must
-        end the run whatever it is waiting for; cancelling is safe because cursors only move with the rows they
-        describe (a repair cut short is redone from the same cursors by the next start).
-        """
-        task = asyncio.create_task(coro, name="stream-connection")
-        try:
-            while not task.done() and not self._stopping():
-                await asyncio.wait((task,), timeout=0.05)  # polled: the stop event may be a thread's
-            if not task.done():
-                await asyncio.wait((task,), timeout=self.stop_grace_s)
-            if not task.done():
-                event(logging.WARNING, "stream_cancel_on_stop", grace_s=self.stop_grace_s,
-                       deadline=self._deadline is not None and time.monotonic() >= self._deadline)
-                task.cancel()
-                await asyncio.wait((task,), timeout=_END_TASK_S)  # its finally: the socket's close (≤ 2 s)
-                if not task.done():
-                    event(logging.ERROR, "stream_task_stuck", task=task.get_name())
-                    return None
-            if task.cancelled():
-                return None
-            return task.result()
-        finally:
-            if not task.done():  # we were cancelled ourselves
-                task.cancel()
-
-    @staticmethod
-    async def _end_task(task: asyncio.Task[None]) -> None:
-        """Cancel a helper loop and wait for it, bounded: a task that swallows its cancel must not hang the stop."""
-        task.cancel()
-        done, _ = await asyncio.wait((task,), timeout=_END_TASK_S)
-        if not done:
-            event(logging.ERROR, "stream_task_stuck", task=task.get_name())
-        elif not task.cancelled() and task.exception() is not None:
-            event(logging.ERROR, "stream_task_failed", task=task.get_name(), error=repr(task.exception())[:300])
-
     async def run(self, stop_event: StopEvent | None = None, max_seconds: float | None = None) -> StreamStats:
         self._stop = stop_event
         self._deadline = None if max_seconds is None else time.monotonic() + max_seconds
@@ -318,7 +285,7 @@ class StreamIngester(MessageAccounting, RestRepair):
         try:
             while not self._stopping():
                 try:
-                    streamed = await self._until_stopped(self._attempt())
+                    streamed = await run_until_stopped(self._attempt(), self._stopping, self.stop_grace_s)
                     if streamed is None:  # cancelled on stop/deadline
                         break
                     failures = 0 if streamed else failures + 1
@@ -340,17 +307,19 @@ class StreamIngester(MessageAccounting, RestRepair):
                        reconnects=self.stats.reconnects)
                 await self._sleep(delay)
         finally:
-            await self._end_task(metrics)
-            await self._end_task(writer)
+            await end_task(metrics)
+            writer_error = await end_task(writer)
             for st in self._state.values():
                 self._bars += st.bars.drain(final=True)
             await self._flush()
             if self._client is not None:
                 with contextlib.suppress(Exception):
-                    async with asyncio.timeout(_END_TASK_S):
+                    async with asyncio.timeout(END_TASK_S):
                         await self._client.close_connection()
                 self._client = None
             self._log_metrics(final=True)
+        if writer_error is not None:
+            raise writer_error  # the store failed for good while stopping
         return self.stats
 
     # -- start-up state ----------------------------------------------------------------------------------
