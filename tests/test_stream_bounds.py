@@ -264,6 +264,47 @@ def test_stop_by_the_last_kline_with_the_servers_close_in_the_same_read(tmp_path
         store.close()
 
 
+class FailingWrites:
+    """A real store whose writes fail (a full disk): reads and cursors are the store's own."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def write_agg_trades(self, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(28, "No space left on device (injected)")
+
+
+@pytest.mark.timeout(120)
+def test_store_failing_during_the_stop_fails_the_run_without_hanging(tmp_path: Path) -> None:
+    """The last bar sets the stop while the store cannot write: the run ends (bounded) with the store's error,
+    neither hanging in the writer's retries nor reporting success."""
+    store = open_store(f"parquet://{tmp_path / 'store'}", tmp_path)
+    open_ms = int((D0 + timedelta(minutes=5)).timestamp() * 1000)
+
+    async def last_bar_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await read_handshake(reader) + ws_frame(0x1, kline_message("BTCUSDT", open_ms))
+                     + ws_frame(0x8, (1001).to_bytes(2, "big")))
+        while await reader.read(65536):
+            pass
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        async with replay() as srv, RawServer(last_bar_then_close) as ws:
+            await bounded(run_stream(
+                FailingWrites(store), "spot", ["BTCUSDT"], rest_base=srv.rest_base_url, ws_base=ws.ws_base,  # type: ignore[arg-type]
+                stop_event=stop, backoff=FAST, on_kline=lambda row: stop.set()), 60)
+
+    try:
+        with pytest.raises(OSError, match="injected"):
+            asyncio.run(main())
+        assert store.read_klines("spot", "BTCUSDT", "1m").height == 0
+    finally:
+        store.close()
+
+
 # -- REST that stalls or never answers ---------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_rest_request_never_answered_times_out_naming_the_endpoint() -> None:
