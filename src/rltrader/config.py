@@ -80,6 +80,13 @@ class StreamSettings(_Strict):
     stale_seconds: float = 30.0
     metrics_seconds: float = 10.0
     bar_width: str = "5s"
+    rest_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Bound on one REST request of the ingester (repair, the client's ping); past it: retry, then reconnect."""
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Bound on the websocket's TCP connect + handshake."""
+    stop_grace_seconds: float = Field(default=2.0, ge=0)
+    """After the stop event or ``max_seconds``, how long a connection attempt may take to end by itself before it
+    is cancelled (so a stop never waits on the network)."""
 
     @field_validator("symbols", mode="before")
     @classmethod

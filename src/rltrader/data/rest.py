@@ -20,6 +20,7 @@ websocket is for, and storing a partial one as final would corrupt the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -54,6 +55,19 @@ class RestError(DataError):
         super().__init__(message)
         self.code = code
         self.status = status
+
+
+class RestTimeout(TimeoutError):
+    """A request got no (complete) answer within ``RestPolicy.timeout_s``; the message names the endpoint.
+
+    A ``TimeoutError`` (so an ``OSError``): retried like any connection error, and the live ingester treats it as
+    a reason to reconnect. Why our own bound on top of aiohttp's: a server that accepts and then never answers
+    (or stops mid-body) must cost one timeout, not an await that never ends.
+    """
+
+
+class RestStopped(Exception):
+    """The caller's ``stop()`` said to stop between requests or during a back-off (a live ingester's stop)."""
 
 
 # -- clients -----------------------------------------------------------------------------------------------
@@ -92,15 +106,30 @@ def make_client(market: Market | str, base_url: str | None = None, *, time_unit:
 
 
 async def make_async_client(market: Market | str, base_url: str | None = None, *,
-                            time_unit: TimeUnit | None = None) -> AsyncClient:
-    """An ``AsyncClient`` (via ``AsyncClient.create``, which pings the host) for ``market`` at ``base_url``.
+                            time_unit: TimeUnit | None = None, timeout_s: float | None = None) -> AsyncClient:
+    """An ``AsyncClient`` for ``market`` at ``base_url``, started as ``AsyncClient.create`` does (ping, clock offset).
 
-    Close it with ``await client.close_connection()``.
+    ``timeout_s`` bounds every request of the client, the ping included (aiohttp's total timeout: connect,
+    send and the whole body); None keeps python-binance's default (10 s). A ping without an answer in time
+    raises :class:`RestTimeout` naming the URL. Close the client with ``await client.close_connection()``.
     """
     Market(market)
     key, secret = _credentials()
     cls = _with_base(AsyncClient, base_url)
-    client: AsyncClient = await cls.create(key, secret, time_unit=time_unit)
+    params = None if timeout_s is None else {"timeout": timeout_s}
+    # what AsyncClient.create() does, but its session is also closed when the start is *cancelled* (a stop)
+    client: AsyncClient = cls(key, secret, requests_params=params, time_unit=time_unit)
+    try:
+        await client.ping()
+        res = await client.get_server_time()
+        client.timestamp_offset = res["serverTime"] - int(time.time() * 1000)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            await client.close_connection()
+        if isinstance(exc, TimeoutError):
+            limit = timeout_s if timeout_s is not None else cls.REQUEST_TIMEOUT
+            raise RestTimeout(f"binance rest: ping {client.API_URL}/v3/ping: no answer within {limit:g} s") from exc
+        raise
     return client
 
 
@@ -134,6 +163,8 @@ class RestPolicy:
     weight_limit: int | None = None
     high_water: float = 0.8
     weight_window_s: float = 60.0
+    timeout_s: float = 10.0
+    """Bound on one async request (connect, send, whole answer); past it :class:`RestTimeout`, retried."""
 
     def limit_for(self, market: Market) -> int:
         if self.weight_limit is not None:
@@ -225,6 +256,13 @@ def _describe(market: Market, call: _Call) -> str:
     return f"{market.value} {call.op} {shown}"
 
 
+def _endpoint(client: Any, market: Market, call: _Call) -> str:
+    """The URL a call goes to (``API_URL``/``FUTURES_URL`` as the client has them), for error messages."""
+    if market is Market.SPOT:
+        return f"{getattr(client, 'API_URL', '?')}/v3/{call.op}"
+    return f"{getattr(client, 'FUTURES_URL', '?')}/v1/{call.op}"
+
+
 def _run_sync(client: Client, market: Market, plan: Plan[T], policy: RestPolicy,
               sleep: Callable[[float], None]) -> T:
     try:
@@ -256,15 +294,30 @@ def _run_sync(client: Client, market: Market, plan: Plan[T], policy: RestPolicy,
 
 
 async def _run_async(client: AsyncClient, market: Market, plan: Plan[T], policy: RestPolicy,
-                     sleep: Callable[[float], Awaitable[None]]) -> T:
+                     sleep: Callable[[float], Awaitable[None]], stop: Callable[[], bool] | None = None) -> T:
+    """Drive ``plan`` over ``client``. Every request is bounded by ``policy.timeout_s`` (:class:`RestTimeout`);
+    ``stop`` (optional) is asked before every request and after every pause, and True raises
+    :class:`RestStopped`, so a long repair (many pages, retries, back-offs) never outlives its caller's stop."""
+
+    def check(call: _Call) -> None:
+        if stop is not None and stop():
+            raise RestStopped(f"binance rest: stopped before {_describe(market, call)}")
+
     try:
         call = next(plan)
         while True:
             method = getattr(client, _METHODS[(market, call.op)])
             attempt = 0
             while True:
+                check(call)
                 try:
-                    result = await method(**call.params)
+                    try:
+                        async with asyncio.timeout(policy.timeout_s):
+                            result = await method(**call.params)
+                    except TimeoutError as exc:  # ours or aiohttp's own (both TimeoutError): name the endpoint
+                        raise RestTimeout(f"binance rest: {_describe(market, call)} at "
+                                          f"{_endpoint(client, market, call)}: no answer within "
+                                          f"{policy.timeout_s:g} s") from exc
                     break
                 except Exception as exc:
                     delay = _retry_delay(exc, attempt, policy)
@@ -272,16 +325,16 @@ async def _run_async(client: AsyncClient, market: Market, plan: Plan[T], policy:
                         if isinstance(exc, BinanceAPIException):
                             raise _to_api_error(exc, _describe(market, call)) from exc
                         raise
-                    log.warning("binance rest: %s failed (%s); retry %d in %.1f s", _describe(market, call),
-                                type(exc).__name__, attempt + 1, delay)
+                    log.warning("binance rest: %s failed (%s: %s); retry %d in %.1f s", _describe(market, call),
+                                type(exc).__name__, str(exc)[:200], attempt + 1, delay)
                     await sleep(delay)
                     attempt += 1
             pause = _weight_pause(client, market, policy)
             if pause:
                 await sleep(pause)
             call = plan.send(result)
-    except StopIteration as stop:
-        value: T = stop.value
+    except StopIteration as stop_iteration:
+        value: T = stop_iteration.value
         return value
 
 
@@ -435,11 +488,13 @@ def fetch_klines(client: Client, market: Market | str, symbol: str, interval: st
 async def fetch_klines_async(client: AsyncClient, market: Market | str, symbol: str, interval: str,
                              start: datetime, end: datetime | None = None, *,
                              policy: RestPolicy = DEFAULT_POLICY,
-                             sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> pl.DataFrame:
-    """Async :func:`fetch_klines` over an ``AsyncClient``."""
+                             sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                             stop: Callable[[], bool] | None = None) -> pl.DataFrame:
+    """Async :func:`fetch_klines` over an ``AsyncClient``; each request bounded by ``policy.timeout_s``,
+    ``stop()`` True ends it with :class:`RestStopped`."""
     m, sym = _check(market, symbol, interval)
     plan = _klines_plan(sym, interval, _ms(start), None if end is None else _ms(end))
-    return klines_frame(await _run_async(client, m, plan, policy, sleep), m, sym, interval)
+    return klines_frame(await _run_async(client, m, plan, policy, sleep, stop), m, sym, interval)
 
 
 def _trade_args(start: datetime | None, end: datetime | None,
@@ -465,12 +520,14 @@ def fetch_agg_trades(client: Client, market: Market | str, symbol: str, start: d
 async def fetch_agg_trades_async(client: AsyncClient, market: Market | str, symbol: str,
                                  start: datetime | None = None, end: datetime | None = None, *,
                                  from_id: int | None = None, policy: RestPolicy = DEFAULT_POLICY,
-                                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> pl.DataFrame:
-    """Async :func:`fetch_agg_trades` over an ``AsyncClient``."""
+                                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                                 stop: Callable[[], bool] | None = None) -> pl.DataFrame:
+    """Async :func:`fetch_agg_trades` over an ``AsyncClient``; each request bounded by ``policy.timeout_s``,
+    ``stop()`` True ends it with :class:`RestStopped`."""
     m, sym = _check(market, symbol)
     start_ms, end_ms = _trade_args(start, end, from_id)
     plan = _agg_trades_plan(sym, start_ms, end_ms, from_id)
-    return agg_trades_frame(await _run_async(client, m, plan, policy, sleep), m, sym)
+    return agg_trades_frame(await _run_async(client, m, plan, policy, sleep, stop), m, sym)
 
 
 def server_time(client: Client, market: Market | str) -> datetime:
@@ -484,6 +541,8 @@ __all__ = [
     "DEFAULT_POLICY",
     "RestError",
     "RestPolicy",
+    "RestStopped",
+    "RestTimeout",
     "agg_trades_frame",
     "fetch_agg_trades",
     "fetch_agg_trades_async",

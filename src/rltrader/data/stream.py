@@ -20,6 +20,13 @@ Correctness rests on per-symbol cursors, not on the connection behaving:
   messages, at most 200 k, it stops reading and TCP holds the rest). Reconnects use exponential back-off with
   jitter; the socket never reconnects by itself (python-binance's did, silently, leaving a hole).
 * **Staleness**: no message for ``stale_seconds`` → the connection is presumed dead and replaced (logged).
+* **Every network wait is bounded**, so a dead or silent peer costs a reconnect, never a hang: the websocket
+  connect + handshake by ``connect_timeout_s``, every REST request (the client's ping included) by
+  ``rest_timeout_s`` (:class:`~rltrader.data.rest.RestTimeout` naming the endpoint, retried by the REST policy,
+  then a reconnect), silence on the socket by ``stale_seconds``, the close handshake by 2 s. The REST repair
+  asks the stop/deadline before every page and during back-offs, and each connection attempt runs as a task
+  that the stop event or ``max_seconds`` cancels if it has not returned within ``stop_grace_s``: whatever it is
+  awaiting, :meth:`StreamIngester.run` ends within about deadline + grace + close bounds.
 * **Malformed frames** are logged, counted and skipped; they never reach the buffers (a message is fully
   parsed before any state changes). A frame that breaks the websocket protocol itself ends the connection
   (reconnect and repair).
@@ -46,7 +53,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -59,12 +66,24 @@ from rltrader.data.bars import BarBuilder, BarRow, bars_frame
 from rltrader.data.rest import (
     DEFAULT_POLICY,
     RestPolicy,
+    RestStopped,
     make_async_client,
     make_socket_manager,
 )
 from rltrader.data.schema import AGG_TRADE_SCHEMA, KLINE_SCHEMA, Market, interval_us
 from rltrader.data.store import Store, WriteResult, open_store
-from rltrader.data.stream_common import GAP_KLINE, GAP_TRADE, Columns, Reconnect, dt, epoch_us, event
+from rltrader.data.stream_common import (
+    END_TASK_S,
+    GAP_KLINE,
+    GAP_TRADE,
+    Columns,
+    Reconnect,
+    dt,
+    end_task,
+    epoch_us,
+    event,
+    run_until_stopped,
+)
 from rltrader.data.stream_messages import MessageAccounting
 from rltrader.data.stream_repair import RestRepair
 from rltrader.data.ws_reader import WebSocketClosed, WebSocketProtocolError, WsConnection
@@ -184,13 +203,23 @@ class StreamIngester(MessageAccounting, RestRepair):
         event_clock: Callable[[float], float] | None = None,
         stats: StreamStats | None = None,
         on_kline: Callable[[tuple[Any, ...]], None] | None = None,
+        rest_timeout_s: float | None = None,
+        connect_timeout_s: float = 10.0,
+        stop_grace_s: float = 2.0,
     ) -> None:
         """``on_kline``: called with every accepted closed kline row (``KLINE_SCHEMA`` order, times in µs), live
-        or REST-repaired, in open-time order per symbol and exactly once — the trader's closed-bar hook."""
+        or REST-repaired, in open-time order per symbol and exactly once — the trader's closed-bar hook.
+
+        ``rest_timeout_s`` bounds one REST request (None: ``rest_policy.timeout_s``, 10 s by default),
+        ``connect_timeout_s`` the websocket's TCP connect + handshake, ``stop_grace_s`` how long a connection
+        attempt may take to return by itself once the stop event or the deadline fired before it is cancelled.
+        """
         if not symbols:
             raise ValueError("no symbols to stream")
         if flush_seconds <= 0 or stale_seconds <= 0 or metrics_seconds <= 0:
             raise ValueError("flush_seconds, stale_seconds and metrics_seconds must be > 0")
+        if (rest_timeout_s is not None and rest_timeout_s <= 0) or connect_timeout_s <= 0 or stop_grace_s < 0:
+            raise ValueError("rest_timeout_s and connect_timeout_s must be > 0, stop_grace_s >= 0")
         self.store = store
         self.market = Market(market)
         self._market_value = self.market.value
@@ -209,7 +238,9 @@ class StreamIngester(MessageAccounting, RestRepair):
         self.since = since
         self.backoff = backoff
         self.max_failures = max_failures
-        self.rest_policy = rest_policy
+        self.rest_policy = rest_policy if rest_timeout_s is None else replace(rest_policy, timeout_s=rest_timeout_s)
+        self.connect_timeout_s = connect_timeout_s
+        self.stop_grace_s = stop_grace_s
         self.queue_size = queue_size
         self.max_pending_rows = max_pending_rows
         self.event_clock = event_clock
@@ -254,12 +285,12 @@ class StreamIngester(MessageAccounting, RestRepair):
         try:
             while not self._stopping():
                 try:
-                    if self._client is None:
-                        self._client = await make_async_client(
-                            self.market, self.rest_base, time_unit="MICROSECOND" if self.market is Market.SPOT
-                            else None)
-                    streamed = await self._session()
+                    streamed = await run_until_stopped(self._attempt(), self._stopping, self.stop_grace_s)
+                    if streamed is None:  # cancelled on stop/deadline
+                        break
                     failures = 0 if streamed else failures + 1
+                except RestStopped:
+                    break
                 except self._reconnect_errors as exc:
                     failures += 1
                     event(logging.WARNING, "stream_disconnected", error=type(exc).__name__, detail=str(exc)[:300],
@@ -276,20 +307,19 @@ class StreamIngester(MessageAccounting, RestRepair):
                        reconnects=self.stats.reconnects)
                 await self._sleep(delay)
         finally:
-            metrics.cancel()
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await metrics
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            await end_task(metrics)
+            writer_error = await end_task(writer)
             for st in self._state.values():
                 self._bars += st.bars.drain(final=True)
             await self._flush()
             if self._client is not None:
                 with contextlib.suppress(Exception):
-                    await self._client.close_connection()
+                    async with asyncio.timeout(END_TASK_S):
+                        await self._client.close_connection()
                 self._client = None
             self._log_metrics(final=True)
+        if writer_error is not None:
+            raise writer_error  # the store failed for good while stopping
         return self.stats
 
     # -- start-up state ----------------------------------------------------------------------------------
@@ -335,13 +365,22 @@ class StreamIngester(MessageAccounting, RestRepair):
             sock = bm.futures_multiplex_socket(self.streams)
         return f"{sock._url}{getattr(sock, '_prefix', '')}{sock._path}"
 
+    async def _attempt(self) -> bool:
+        """One connection attempt: the REST client if there is none yet, then a session."""
+        if self._client is None:
+            self._client = await make_async_client(
+                self.market, self.rest_base, time_unit="MICROSECOND" if self.market is Market.SPOT else None,
+                timeout_s=self.rest_policy.timeout_s)
+        return await self._session()
+
     async def _session(self) -> bool:
         """Connect, repair the hole since the cursors, stream until stop/stale/error; True if data flowed.
 
         The socket is our own (:mod:`rltrader.data.ws_reader`), not python-binance's: it has no silent
         reconnect of its own (which would hide a hole from us) and costs a fraction of the CPU per message.
         """
-        conn = await ws_connect(self._socket_url(), high_water=min(self.queue_size, 200_000))
+        conn = await ws_connect(self._socket_url(), timeout=self.connect_timeout_s,
+                                high_water=min(self.queue_size, 200_000))
         self.stats.connections += 1
         before = self.stats.messages
         try:
@@ -403,8 +442,12 @@ class StreamIngester(MessageAccounting, RestRepair):
 
     async def _writer_loop(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the wait as a task of its own and
+            # swallows a cancel that arrives once that task is done but before wait_for resumes (wake set,
+            # then stop, in one loop turn) — the writer then loops on and `run()`'s end waited for it forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.flush_seconds)
+                async with asyncio.timeout(self.flush_seconds):
+                    await self._wake.wait()
             self._wake.clear()
             await self._flush()
             await asyncio.sleep(self.min_flush_seconds)
@@ -505,7 +548,8 @@ async def run_stream(
 
     ``stats`` (optional) is filled live, for a caller watching from another thread. Further keyword options
     go to :class:`StreamIngester` (``min_flush_seconds``, ``allowed_lateness_s``, ``since``, ``backoff``,
-    ``max_failures``, ``rest_policy``, ``event_clock``, …). Returns the final counters.
+    ``max_failures``, ``rest_policy``, ``rest_timeout_s``, ``connect_timeout_s``, ``stop_grace_s``, ``event_clock``,
+    …). Returns the final counters.
     """
     ingester = StreamIngester(store, market, symbols, rest_base=rest_base, ws_base=ws_base,
                               flush_seconds=flush_seconds, stale_seconds=stale_seconds,
@@ -529,12 +573,15 @@ def stream(settings: StreamSettings, store: Store, *, stop_event: threading.Even
         bridge = None
         if stop_event is not None:
             bridge = asyncio.create_task(_bridge(stop_event, stop))
+        bounds = {"rest_timeout_s": settings.rest_timeout_seconds,
+                  "connect_timeout_s": settings.connect_timeout_seconds,
+                  "stop_grace_s": settings.stop_grace_seconds}
         try:
             return await run_stream(
                 store, settings.market, settings.symbols, rest_base=settings.rest_base, ws_base=settings.ws_base,
                 flush_seconds=settings.flush_seconds, stale_seconds=settings.stale_seconds,
                 metrics_seconds=settings.metrics_seconds, bar_width=settings.bar_width, stop_event=stop,
-                max_seconds=max_seconds, stats=stats, **options)
+                max_seconds=max_seconds, stats=stats, **{**bounds, **options})
         finally:
             if bridge is not None:
                 bridge.cancel()

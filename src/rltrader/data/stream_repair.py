@@ -42,17 +42,27 @@ class RestRepair:
     def _on_message(self, msg: Any) -> int:
         raise NotImplementedError  # the ingester's message accounting
 
+    def _stopping(self) -> bool:
+        raise NotImplementedError  # the ingester's stop event / deadline
+
+    async def _sleep(self, seconds: float) -> None:
+        raise NotImplementedError  # the ingester's stop-aware sleep
+
     # -- REST repair -------------------------------------------------------------------------------------
     async def _repair(self, sym: str, *, klines: bool = True, trades: bool = True,
                       kline_end_us: int | None = None) -> None:
-        """Fetch through REST what lies between the cursors and the server's now (or ``kline_end_us``)."""
+        """Fetch through REST what lies between the cursors and the server's now (or ``kline_end_us``).
+
+        Every request is bounded (``rest_policy.timeout_s``), back-offs wake on the stop, and the stop is asked
+        before every page (:class:`~rltrader.data.rest.RestStopped`): a repair never outlives a stop.
+        """
         st = self._state[sym]
         n_k = n_t = 0
         if klines and (st.last_kline_us is not None or self.since is not None):
             start = st.last_kline_us + self.step_us if st.last_kline_us is not None else epoch_us(self.since)  # type: ignore[arg-type]
             df = await fetch_klines_async(self._client, self.market, sym, self.interval, dt(start),
                                           None if kline_end_us is None else dt(kline_end_us),
-                                          policy=self.rest_policy)
+                                          policy=self.rest_policy, sleep=self._sleep, stop=self._stopping)
             rows = df.select(*[pl.col(c).dt.epoch("us") if c in ("open_time", "close_time") else pl.col(c)
                                for c in KLINE_SCHEMA]).rows()
             for row in rows:
@@ -65,10 +75,10 @@ class RestRepair:
         if trades and (st.last_trade_id is not None or self.since is not None):
             if st.last_trade_id is not None:
                 df = await fetch_agg_trades_async(self._client, self.market, sym, from_id=st.last_trade_id + 1,
-                                                  policy=self.rest_policy)
+                                                  policy=self.rest_policy, sleep=self._sleep, stop=self._stopping)
             else:
                 df = await fetch_agg_trades_async(self._client, self.market, sym, start=self.since,
-                                                  policy=self.rest_policy)
+                                                  policy=self.rest_policy, sleep=self._sleep, stop=self._stopping)
             rows = df.select(*[pl.col(c).dt.epoch("us") if c == "transact_time" else pl.col(c)
                                for c in AGG_TRADE_SCHEMA]).rows()
             for row in rows:

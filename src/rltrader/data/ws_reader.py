@@ -16,7 +16,11 @@ All failures are :class:`ConnectionError` subclasses, so the ingester reconnects
 
 Flow control: when ``high_water`` messages are waiting the transport stops reading (TCP back-pressure on the
 sender) until the consumer takes them, instead of python-binance's queue overflow that dropped the
-connection.
+connection. A paused transport does not read, so it cannot see the peer's EOF or close frame either: the
+end shows once the consumer has taken the messages before it (which resumes reading), and :meth:`WsConnection.
+close` resumes reading and drops what arrives, so closing a paused connection neither waits for a close reply
+it could never read nor leaves the socket in CLOSE-WAIT. Every wait here is bounded: the handshake by
+``connect``'s ``timeout``, :meth:`~WsConnection.batch` by its ``timeout``, the close handshake by ``close``'s.
 """
 
 from __future__ import annotations
@@ -177,6 +181,7 @@ class WsConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._paused = False
         self._close_sent = False
+        self._discard = False  # closing: what still arrives is dropped, never buffered (nor pauses reading)
         self.closed: WebSocketClosed | WebSocketProtocolError | None = None
 
     # asyncio.Protocol -------------------------------------------------------------------------------------
@@ -213,7 +218,9 @@ class WsConnection(asyncio.Protocol):
             self._fail(exc, 1002)
         if parser.controls:
             self._on_controls()
-        if len(parser.messages) >= self.high_water and not self._paused and self._transport is not None:
+        if self._discard:
+            parser.messages.clear()
+        elif len(parser.messages) >= self.high_water and not self._paused and self._transport is not None:
             self._transport.pause_reading()
             self._paused = True
         self._wake()
@@ -284,6 +291,11 @@ class WsConnection(asyncio.Protocol):
         if w is not None and not w.done():
             w.set_result(None)
 
+    @property
+    def paused(self) -> bool:
+        """Reading is paused by back-pressure (``high_water`` messages wait for the consumer)."""
+        return self._paused
+
     # the consumer's side ----------------------------------------------------------------------------------
     async def batch(self, timeout: float, max_n: int = 20_000) -> list[bytes]:
         """Up to ``max_n`` complete messages, waiting at most ``timeout`` s for the first ([] on timeout).
@@ -319,9 +331,19 @@ class WsConnection(asyncio.Protocol):
         return out
 
     async def close(self, code: int = 1000, timeout: float = 2.0) -> None:
-        """Send a close frame, wait briefly for the server's close, then drop the connection."""
+        """Send a close frame, wait briefly (``timeout``) for the server's close, then drop the connection.
+
+        Buffered messages are dropped and reading resumes if back-pressure paused it: otherwise the server's
+        close reply (or its EOF) could never be read and the wait would always run to its end.
+        """
         if self._transport is None:
             return
+        self._discard = True
+        self.parser.messages = []
+        if self._paused:
+            self._paused = False
+            with contextlib.suppress(Exception):
+                self._transport.resume_reading()
         if not self._transport.is_closing():
             self._send(OP_CLOSE, code.to_bytes(2, "big"))
             with contextlib.suppress(TimeoutError):
@@ -344,15 +366,21 @@ async def connect(url: str, *, timeout: float = 10.0, max_size: int = MAX_MESSAG
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     loop = asyncio.get_running_loop()
     conn = WsConnection(host, path, max_size=max_size, high_water=high_water)
-    async with asyncio.timeout(timeout):
-        transport, _ = await loop.create_connection(
-            lambda: conn, parts.hostname, port, ssl=ssl.create_default_context() if secure else None)
-        try:
+    transport: asyncio.Transport | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            transport, _ = await loop.create_connection(
+                lambda: conn, parts.hostname, port, ssl=ssl.create_default_context() if secure else None)
             await conn.opened
-        except BaseException:
-            conn.opened.cancel()  # (no-op if already failed) nobody awaits it any more: no "never retrieved" noise
+    except BaseException as exc:
+        conn.opened.cancel()  # (no-op if already failed) nobody awaits it any more: no "never retrieved" noise
+        if transport is not None:
             transport.abort()
-            raise
+        if isinstance(exc, TimeoutError):
+            stage = "handshake" if transport is not None else "TCP connect"
+            raise TimeoutError(f"websocket {parts.scheme}://{host}{parts.path or '/'}: no {stage} within "
+                               f"{timeout:g} s") from exc
+        raise
     return conn
 
 
