@@ -4,8 +4,9 @@ count, stop-loss / take-profit on the restored entry) are rebuilt from the journ
 
 The trader runs in testnet mode against the replay exchange (python-binance's real ``Client`` over HTTP, the clock
 stepped a bar at a time), as ``live_crash_driver.py`` runs it; a crash is simulated by dropping the ``Trader`` (and
-its broker and records connection) after a handled bar, without ending the session. Paper sessions are not resumed
-(the paper broker's in-flight order lives in the process), so the exchange is the path under test.
+its broker and records connection) after a handled bar, without ending the session. A paper session resumes on new bars
+only (the paper broker's in-flight order lives in the process: ``test_live_paper_resume.py``), so the exchange
+is the path under test here.
 """
 
 from __future__ import annotations
@@ -151,6 +152,27 @@ def _fills(records: Records, sid: str) -> list[tuple[Any, ...]]:
             for f in records.fills(sid)]
 
 
+def _uninterrupted(settings: Settings, day: pl.DataFrame, bars: list[Bar], tmp: Path,
+                   monkeypatch: pytest.MonkeyPatch) -> tuple[Session, Records, str]:
+    """The day's session without a crash, against an exchange of its own: (session, records, session id)."""
+    for var, val in zip(KEY_VARS, (KEY, SECRET), strict=True):
+        monkeypatch.setenv(var, val)
+    with _exchange(day, settings) as (srv, clock):
+        whole = Session(settings, srv, clock, tmp / "whole.db", bars)
+        ref = whole.play([])
+    return whole, ref, str(whole.sid)
+
+
+def _same_orders_and_decisions(ref: Records, sid: str, rec: Records, rsid: str) -> None:
+    """The same orders (client ids carry the session id: compared without it), fills, prices, fees and
+    decisions."""
+    strip = [(t, k, str(c).split("-", 1)[1] if c else None, q, p, fee) for t, k, c, q, p, fee in _fills(ref, sid)]
+    ours = [(t, k, str(c).split("-", 1)[1] if c else None, q, p, fee) for t, k, c, q, p, fee in _fills(rec, rsid)]
+    assert ours == strip
+    assert [(d["bar_time"], d["action"], d["target"], d["reason"]) for d in rec.decisions(rsid)] == \
+        [(d["bar_time"], d["action"], d["target"], d["reason"]) for d in ref.decisions(sid)]
+
+
 def _assert_backtest_parity(settings: Settings, rec: Records, rsid: str) -> Any:
     """The session's fills and equity marks equal the backtest's on these bars (a position still open at the end:
     the backtest closes it at the last close, a live order fills at the next open — that one compared for side
@@ -180,12 +202,7 @@ def _assert_backtest_parity(settings: Settings, rec: Records, rsid: str) -> Any:
 def test_a_resumed_session_with_filters_decides_as_an_uninterrupted_one(
         setup: tuple[Settings, pl.DataFrame, list[Bar]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings, day, bars = setup
-    for var, val in zip(KEY_VARS, (KEY, SECRET), strict=True):
-        monkeypatch.setenv(var, val)
-    with _exchange(day, settings) as (srv, clock):
-        whole = Session(settings, srv, clock, tmp_path / "whole.db", bars)
-        ref = whole.play([])
-    sid = str(whole.sid)
+    whole, ref, sid = _uninterrupted(settings, day, bars, tmp_path, monkeypatch)
     # a trader that starts on new bars after a crash (``rltrader trade``: nothing handled again) keeps the day's
     # trade count and blocked decisions (a crash loop must not reset the daily cap)
     late = build_trader(settings, mode="testnet", symbols=[SYM], model="sma_cross", records=ref,
@@ -203,15 +220,10 @@ def test_a_resumed_session_with_filters_decides_as_an_uninterrupted_one(
         rec = resumed.play(crashes)
     rsid = str(resumed.sid)
 
-    # the same orders (client ids carry the session id: compared without it), fills, prices and fees
-    strip = [(t, k, str(c).split("-", 1)[1] if c else None, q, p, fee) for t, k, c, q, p, fee in _fills(ref, sid)]
-    ours = [(t, k, str(c).split("-", 1)[1] if c else None, q, p, fee) for t, k, c, q, p, fee in _fills(rec, rsid)]
-    assert ours == strip
-    # every bar's equity mark (the re-handled bars' included) and every decision
+    _same_orders_and_decisions(ref, sid, rec, rsid)
+    # every bar's equity mark (the re-handled bars' included)
     assert [(m["bar_time"], m["equity"], m["position"]) for m in rec.marks(rsid)] == \
         [(m["bar_time"], m["equity"], m["position"]) for m in ref.marks(sid)]
-    assert [(d["bar_time"], d["action"], d["target"], d["reason"]) for d in rec.decisions(rsid)] == \
-        [(d["bar_time"], d["action"], d["target"], d["reason"]) for d in ref.decisions(sid)]
     # the restored filter state is the uninterrupted run's after the bar before the re-handled one
     assert len(resumed.restored) == len(crashes)
     for rehandle, state in resumed.restored:
@@ -235,12 +247,7 @@ def test_a_resumed_session_keeps_counting_the_bars_its_position_is_held(
     inside that window must carry the count (rebuilt from the journal's marks), or the resumed trader would hold
     the position longer than the uninterrupted run and the backtest."""
     settings, day, bars = held_setup
-    for var, val in zip(KEY_VARS, (KEY, SECRET), strict=True):
-        monkeypatch.setenv(var, val)
-    with _exchange(day, settings) as (srv, clock):
-        whole = Session(settings, srv, clock, tmp_path / "whole.db", bars)
-        ref = whole.play([])
-    sid = str(whole.sid)
+    whole, ref, sid = _uninterrupted(settings, day, bars, tmp_path, monkeypatch)
     # restarts a few bars into the hold window of an early and a later position (opened or flipped at ``t``)
     opened = sorted(t for t, snap in whole.snapshots.items() if snap[4] == 1.0)
     assert len(opened) >= 4, opened
@@ -254,11 +261,7 @@ def test_a_resumed_session_keeps_counting_the_bars_its_position_is_held(
     rsid = str(resumed.sid)
     for rehandle, state in resumed.restored:
         assert state == whole.snapshots[rehandle - 60_000_000], rehandle
-    strip = [(t, k, str(c).split("-", 1)[1] if c else None, q, p, fee) for t, k, c, q, p, fee in _fills(ref, sid)]
-    ours = [(t, k, str(c).split("-", 1)[1] if c else None, q, p, fee) for t, k, c, q, p, fee in _fills(rec, rsid)]
-    assert ours == strip
-    assert [(d["bar_time"], d["action"], d["target"], d["reason"]) for d in rec.decisions(rsid)] == \
-        [(d["bar_time"], d["action"], d["target"], d["reason"]) for d in ref.decisions(sid)]
+    _same_orders_and_decisions(ref, sid, rec, rsid)
     # and the testnet session keeps positions as long as the backtest does (the exchange books a fill when it
     # answers, before the bar it fills in: the count must still restart at a flip)
     _assert_backtest_parity(settings, rec, rsid)

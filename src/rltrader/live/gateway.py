@@ -512,7 +512,8 @@ class OrderGateway:
     def adopt(self, client_order_id: str, acct: np.ndarray) -> None:
         """A recomputed bar (a resumed session) whose order filled before the restart: its journaled fills are
         booked through the broker (``BinanceBroker.adopt``) unless they are in the account already; a broker
-        without ``adopt`` (paper: its sessions are not resumed) books nothing."""
+        without ``adopt`` books nothing (paper: a resumed paper session starts on new bars,
+        ``runner.resume_paper_trader``, so no bar is re-handled)."""
         if client_order_id not in self.booked:
             self.adopt_fills([fill_from_row(r) for r in self.records.order_fills(self.session_id, client_order_id)
                               if r["kind"] == "order"], acct)

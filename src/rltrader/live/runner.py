@@ -102,6 +102,22 @@ def start_exchange_trader(settings: Any, trader: Trader, broker: BinanceBroker, 
     return rec
 
 
+def resume_paper_trader(trader: Trader, symbols: Sequence[str]) -> dict[str, int]:
+    """A killed paper session goes on where its journal ends: account, filters' and env state restored per
+    symbol (``Trader.restore_from_journal``), on new bars. There is no exchange to reconcile with — the
+    journal is the account. The one thing lost is the order in flight at the kill (decided, not yet filled):
+    the paper broker held it in the process, so it is dropped and the next decision re-targets from the
+    restored position (orders are target − position). Returns the journaled fills restored per symbol."""
+    restored = {sym: trader.restore_from_journal(sym) for sym in symbols}
+    dropped = [o["client_order_id"] for o in trader.records.open_orders(("paper",))
+               if o["session_id"] == trader.session_id]
+    for cid in dropped:
+        trader.records.update_order(cid, "cancelled", detail="paper: in flight when the trader was killed; dropped")
+    _event("paper_session_restored", session_id=trader.session_id, fills=restored, dropped_orders=dropped,
+           positions={sym: trader.session_position(sym) for sym in symbols})
+    return restored
+
+
 def log_summary(settings: Any, summary: dict[str, Any], mode: str) -> str:
     """A run named ``trade`` in the MLflow experiment, tagged with the model version (no keys, no URLs)."""
     import mlflow
@@ -153,7 +169,7 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
     broker = _broker(mode, want, rest_base, grace_s)
     records = open_records(cfg.records_url, settings.data.dir, durable=mode != "paper")
     until_us = None if until is None else int(until.timestamp() * 1_000_000)
-    resume_id = records.unfinished_session(mode, symbols) if mode != "paper" else None
+    resume_id = records.unfinished_session(mode, symbols)
     trader = build_trader(settings, mode=mode, symbols=symbols, model=model, records=records, broker=broker,
                           until_us=until_us, session_id=resume_id)
     if resume_id is not None:
@@ -165,6 +181,8 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
     controller = Controller(trader, reload=lambda: reload_model(trader, settings))
     if isinstance(broker, BinanceBroker):
         start_exchange_trader(settings, trader, broker, symbols, mode)
+    elif resume_id is not None:
+        resume_paper_trader(trader, symbols)
     notifier = notifier if notifier is not None else Notifier.from_env()
     if notifier is not None:
         trader.gateway.fill_listeners.append(notifier.on_fills)
