@@ -10,7 +10,8 @@ import numpy as np
 import polars as pl
 
 from rltrader.dataset.build import standardize  # the sessions stage's scaling
-from rltrader.dataset.split import SessionSet, read_metadata
+from rltrader.dataset.normalization import Normalization
+from rltrader.dataset.split import SessionSet
 from rltrader.env.modes import EnvParams
 from rltrader.errors import ConfigError, DataError
 from rltrader.execution import ExecutionParams
@@ -34,17 +35,8 @@ def continuous_split(settings: Settings, split: str = "backtest", *, sessions_di
     hi = parse_day(r.end, f"sessions.splits.{split}.end")
     sdir = Path(sessions_dir or settings.data.dir / "sessions")
     fdir = Path(features_dir or settings.data.dir / "features")
-    train_rows = sdir / "train" / "rows.parquet"
-    if not train_rows.exists():
-        raise DataError(f"{train_rows}: the train split is needed for the feature standardisation "
-                        "(run `rltrader dataset sessions`)")
-    meta = read_metadata(train_rows)
-    names = tuple(meta["features"])
-    norm = meta["normalization"]
-    mean = np.array([norm[n][0] for n in names])
-    std = np.array([norm[n][1] for n in names])
-    clip = float(meta["params"]["sessions"]["clip"])
-    context = int(meta["context"])
+    norm = Normalization.from_sessions(sdir)  # the train split's statistics, as the live trader reads them
+    names, mean, std, clip, context = norm.names, norm.mean, norm.std, norm.clip, norm.context
     symbols = tuple(settings.ingest.symbols)
     parts: list[dict[str, np.ndarray]] = []
     ctx, st, en = [], [], []
@@ -91,7 +83,7 @@ def continuous_split(settings: Settings, split: str = "backtest", *, sessions_di
         symbol_id=cat["symbol_id"].astype(np.int16), ctx_start=np.concatenate(ctx).astype(np.int64),
         start=np.concatenate(st).astype(np.int64), end=np.concatenate(en).astype(np.int64), symbols=symbols,
         feature_names=names, context=context, length=0,
-        meta={"split": split, "range": [r.start, r.end], "normalization": norm, "clip": clip})
+        meta={"split": split, "range": [r.start, r.end], "normalization": norm.table, "clip": clip})
 
 
 def backtest_params(settings: Settings) -> tuple[ExecutionParams, EnvParams]:
