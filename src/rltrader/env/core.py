@@ -251,10 +251,13 @@ def update_held(env: np.ndarray, b: int, q0: float, q1: float) -> None:
 
 
 @kernel(inline="always")  # inlined: no per-account call passing a dozen array structs
-def _step_one(b: int, a: int, k: EnvArrays, autoreset: bool, log: EventLog | None = None) -> int:
+def _step_one(b: int, a: int, k: EnvArrays, autoreset: bool, log: EventLog | None = None,
+              observe: bool = True) -> int:
     """Step account ``b`` one bar with action ``a`` (see the module docstring); 1 if its episode ended.
     ``log``: the bar's fills, liquidation, funding and forced close are recorded there (stamped with the bar's
-    time, row and the account's session)."""
+    time, row and the account's session). ``observe=False``: the next observation is not written — for a caller
+    that rebuilds it (``_observe``, a pure function of the account, env and pointer state) before it reads it
+    (the backtest's quiet-bar loop, whose next bar is usually quiet and needs none)."""
     acct, env, ptr, pending, bars, time, xp, ep = k.acct, k.env, k.ptr, k.pending, k.bars, k.time, k.xp, k.ep
     out_f, out_b = k.out_f, k.out_b
     lat = int(xp[XP_LATENCY])
@@ -349,7 +352,8 @@ def _step_one(b: int, a: int, k: EnvArrays, autoreset: bool, log: EventLog | Non
         ptr[P_EPISODES, b] += 1
         if autoreset:
             _reset_one(b, k.next_session[b], k)
-    _observe(b, k)
+    if observe:
+        _observe(b, k)
     return ended
 
 
