@@ -295,7 +295,10 @@ def assemble(data: SessionSet, cont: ContinuousRun, fs: np.ndarray, events: np.n
     S = len(base)
     sym_of_sess = data.symbol_id[data.start].astype(np.int64)
     final = out_eq[base + lengths - 1]
-    ev = events[:, events[EV_KIND] != KIND_FUNDING]  # fills (funding is in the totals and the trades' funding)
+    events = np.ascontiguousarray(events)  # the result's copy (the log's buffer is wider): made once
+    funding_ev = events[EV_KIND] == KIND_FUNDING
+    # fills (funding is in the totals and the trades' funding); without funding events the log itself, no copy
+    ev = events[:, ~funding_ev] if funding_ev.any() else events
     n_ev = ev.shape[1]
     ev_sess = ev[EV_TAG].astype(np.int64)
     sess_fees = np.bincount(ev_sess, weights=ev[EV_FEE], minlength=S)
@@ -362,7 +365,9 @@ def assemble(data: SessionSet, cont: ContinuousRun, fs: np.ndarray, events: np.n
     equity = pl.concat([per, combined])
 
     # fills and round trips (events sorted by stretch, then booking order)
-    ev_sorted = ev[:, np.lexsort((np.arange(n_ev), ev_sess))] if n_ev else ev
+    # (a chained run books them stretch by stretch in order already: a stable sort would change nothing)
+    in_order = n_ev == 0 or bool(np.all(ev_sess[1:] >= ev_sess[:-1]))
+    ev_sorted = ev if in_order else ev[:, np.lexsort((np.arange(n_ev), ev_sess))]
     ev_rows = ev_sorted[EV_ROW].astype(np.int64)
     ev_s = ev_sorted[EV_TAG].astype(np.int64)
     kinds = pl.Series(list(KIND_NAMES), dtype=pl.Utf8)
@@ -420,4 +425,4 @@ def assemble(data: SessionSet, cont: ContinuousRun, fs: np.ndarray, events: np.n
     }
     return BacktestResult(equity=equity, trades=trades, fills=fills, daily=daily, stretches=stretches,
                           totals=totals, initial_cash=float(initial_total), meta={"bar_us": bar_us},
-                          events=np.ascontiguousarray(events))
+                          events=events)
