@@ -158,3 +158,22 @@ def test_infer_bar_us() -> None:
     assert infer_bar_us(d) == 60_000_000
     assert infer_bar_us(replace(d, time=d.time * 5)) == 300_000_000
     assert infer_bar_us(replace(d, time=np.zeros_like(d.time))) == 60_000_000  # no step: the 1-minute default
+
+
+def test_env_reads_a_bars_block_in_place() -> None:
+    """Price columns that are the rows of one (5, N) block (``continuous_split``'s layout) are the env's bars
+    as is; separate columns are stacked into a copy. Same backtest either way."""
+    from rltrader.env.core import EnvCore, bars_block
+
+    d = long_sets(n_symbols=2, n=900)
+    block = np.stack([d.open, d.high, d.low, d.close, d.volume])
+    db = replace(d, open=block[0], high=block[1], low=block[2], close=block[3], volume=block[4])
+    assert bars_block(db) is block and EnvCore(db, EX, EnvParams(), 2).bars is block
+    copied = bars_block(d)
+    assert copied is not block and np.array_equal(copied, block)
+    swapped = replace(db, high=block[2], low=block[1])  # rows of the block, in the wrong order: a copy
+    assert bars_block(swapped) is not block and np.array_equal(bars_block(swapped)[1], block[2])
+    a = backtest_sessions(d, "sma_cross", EX, EnvParams(), ALL, chain=True)
+    b = backtest_sessions(db, "sma_cross", EX, EnvParams(), ALL, chain=True)
+    for name in ("equity", "fills", "trades", "daily", "stretches"):
+        assert getattr(a, name).equals(getattr(b, name), null_equal=True), name

@@ -76,10 +76,15 @@ def continuous_split(settings: Settings, split: str = "backtest", *, sessions_di
     if not parts:
         raise DataError(f"sessions.splits.{split}: no gap-free stretch longer than the context ({context} bars) in "
                         f"[{r.start}, {r.end}) for {', '.join(symbols)} (is there data in that range?)")
-    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    prices = ("open", "high", "low", "close", "volume")
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in prices}
+    # the price columns as the rows of one (5, N) block: the env reads it as is (``env.core.bars_block``)
+    bars = np.empty((len(prices), offset))
+    for i, k in enumerate(prices):
+        np.concatenate([p[k] for p in parts], out=bars[i])
     return SessionSet(
-        features=np.ascontiguousarray(cat["features"]), open=cat["open"], high=cat["high"], low=cat["low"],
-        close=cat["close"], volume=cat["volume"], time=cat["time"].astype(np.int64),
+        features=np.ascontiguousarray(cat["features"]), open=bars[0], high=bars[1], low=bars[2],
+        close=bars[3], volume=bars[4], time=cat["time"].astype(np.int64),
         symbol_id=cat["symbol_id"].astype(np.int16), ctx_start=np.concatenate(ctx).astype(np.int64),
         start=np.concatenate(st).astype(np.int64), end=np.concatenate(en).astype(np.int64), symbols=symbols,
         feature_names=names, context=context, length=0,
