@@ -106,8 +106,9 @@ def load_bars(features_dir: Path, min_bars: int) -> tuple[SessionSet, str]:
         sym = np.zeros(n, np.int16)
         c, s, e = np.array([0]), np.array([CONTEXT]), np.array([n])
         symbols, source = ["SYNTHUSDT"], "synthetic 1M-bar random walk"
-    data = SessionSet(features=np.zeros((len(t), 0), np.float32), open=arrays["open"], high=arrays["high"],
-                      low=arrays["low"], close=arrays["close"], volume=arrays["volume"], time=t.astype(np.int64),
+    bars = np.stack([arrays[k] for k in ("open", "high", "low", "close", "volume")])  # one block, as continuous_split
+    data = SessionSet(features=np.zeros((len(t), 0), np.float32), open=bars[0], high=bars[1],
+                      low=bars[2], close=bars[3], volume=bars[4], time=t.astype(np.int64),
                       symbol_id=sym.astype(np.int16), ctx_start=c, start=s, end=e, symbols=tuple(symbols),
                       feature_names=(), context=CONTEXT, length=0)
     return data, source

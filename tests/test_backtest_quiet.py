@@ -15,7 +15,8 @@ from rltrader.env import EnvParams, ExecutionParams
 from rltrader.env.synthetic import synthetic_sessions
 from rltrader.evaluate.backtest import BacktestFilters, backtest_sessions
 from rltrader.evaluate.backtest import frames as frames_mod
-from rltrader.evaluate.backtest.frames import _combine, infer_bar_us
+from rltrader.evaluate.backtest.decisions import DAY_US
+from rltrader.evaluate.backtest.frames import _combine, _day_ends, infer_bar_us
 
 EX = ExecutionParams(tick_size=0.01, step_size=0.001, min_notional=5.0)
 ALL = BacktestFilters(cooldown_bars=3, max_trades_per_day=6, stop_loss=0.004, take_profit=0.006)
@@ -116,31 +117,40 @@ def test_overlapping_sessions_are_sorted_by_time() -> None:
     assert allc.height == per["time"].n_unique()
 
 
-def combine_reference(per_t: np.ndarray, per_eq: np.ndarray, bounds: np.ndarray, cash0: float) -> tuple[np.ndarray,
-                                                                                                        np.ndarray]:
-    """Forward-fill each symbol's curve onto the sorted union of times and add them, symbol after symbol."""
+def combine_reference(per_t: np.ndarray, per_v: np.ndarray, bounds: np.ndarray, fill: float) -> tuple[np.ndarray,
+                                                                                                      np.ndarray]:
+    """Forward-fill each symbol's curve onto the sorted union of times and add them, symbol after symbol
+    (``fill`` before a symbol's first row)."""
     t_all = np.unique(per_t)
     tot = np.zeros(len(t_all))
     for k in range(len(bounds) - 1):
-        t, e = per_t[bounds[k]:bounds[k + 1]], per_eq[bounds[k]:bounds[k + 1]]
+        t, e = per_t[bounds[k]:bounds[k + 1]], per_v[bounds[k]:bounds[k + 1]]
         j = np.searchsorted(t, t_all, side="right") - 1
-        tot += np.where(j >= 0, e[np.maximum(j, 0)], cash0)
+        tot += np.where(j >= 0, e[np.maximum(j, 0)], fill)
     return t_all, tot
 
 
 def test_combine_merge_equals_forward_fill_and_sum() -> None:
+    """The merge pass against the forward-fill-and-sum definition (equity, fees, gross exposure; the same bits),
+    and its day ends against ``_day_ends`` over the merged times (negative times too: floor days)."""
     rng = np.random.default_rng(4)
     parts = [np.sort(rng.choice(500, size=n, replace=False)) for n in (40, 1, 120)]
     parts.append(np.repeat(np.sort(rng.choice(500, size=30, replace=False)), 2))  # repeated times (overlaps)
-    per_t = np.concatenate(parts).astype(np.int64)
+    per_t = (np.concatenate(parts).astype(np.int64) - 250) * (DAY_US // 7)  # ~71 days, some before the epoch
     bounds = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
     per_eq, per_fee, per_q, per_px = (rng.normal(size=len(per_t)) for _ in range(4))
     M = len(per_t)
     t_all, tot_eq, tot_fee, gross = np.empty(M, np.int64), np.empty(M), np.empty(M), np.empty(M)
-    n = _combine(per_t, per_eq, per_fee, per_q, per_px, bounds, 7.5, t_all, tot_eq, tot_fee, gross)
+    last = np.empty(M, np.int64)
+    n, nd = _combine(per_t, per_eq, per_fee, per_q, per_px, bounds, 7.5, t_all, tot_eq, tot_fee, gross, last)
     want_t, want_eq = combine_reference(per_t, per_eq, bounds, 7.5)
     assert np.array_equal(t_all[:n], want_t)
     assert np.array_equal(tot_eq[:n], want_eq)  # the same additions in the same order: the same bits
+    assert np.array_equal(tot_fee[:n], combine_reference(per_t, per_fee, bounds, 0.0)[1])
+    assert np.array_equal(gross[:n], combine_reference(per_t, np.abs(per_q * per_px), bounds, 0.0)[1])
+    want_last, seg = np.empty(n, np.int64), np.empty(n, np.int64)
+    m = _day_ends(np.array([0, n], np.int64), t_all[:n], want_last, seg)
+    assert 10 < nd == m and np.array_equal(last[:nd], want_last[:m])
 
 
 def test_infer_bar_us() -> None:
@@ -148,3 +158,22 @@ def test_infer_bar_us() -> None:
     assert infer_bar_us(d) == 60_000_000
     assert infer_bar_us(replace(d, time=d.time * 5)) == 300_000_000
     assert infer_bar_us(replace(d, time=np.zeros_like(d.time))) == 60_000_000  # no step: the 1-minute default
+
+
+def test_env_reads_a_bars_block_in_place() -> None:
+    """Price columns that are the rows of one (5, N) block (``continuous_split``'s layout) are the env's bars
+    as is; separate columns are stacked into a copy. Same backtest either way."""
+    from rltrader.env.core import EnvCore, bars_block
+
+    d = long_sets(n_symbols=2, n=900)
+    block = np.stack([d.open, d.high, d.low, d.close, d.volume])
+    db = replace(d, open=block[0], high=block[1], low=block[2], close=block[3], volume=block[4])
+    assert bars_block(db) is block and EnvCore(db, EX, EnvParams(), 2).bars is block
+    copied = bars_block(d)
+    assert copied is not block and np.array_equal(copied, block)
+    swapped = replace(db, high=block[2], low=block[1])  # rows of the block, in the wrong order: a copy
+    assert bars_block(swapped) is not block and np.array_equal(bars_block(swapped)[1], block[2])
+    a = backtest_sessions(d, "sma_cross", EX, EnvParams(), ALL, chain=True)
+    b = backtest_sessions(db, "sma_cross", EX, EnvParams(), ALL, chain=True)
+    for name in ("equity", "fills", "trades", "daily", "stretches"):
+        assert getattr(a, name).equals(getattr(b, name), null_equal=True), name

@@ -138,6 +138,9 @@ def test_sma_cross_reads_only_closed_bars() -> None:
         sma.bind(env)
         assert sma(window, state, mask)[b] == before[b]
         env.core.bars[...] = original
-    env.core.bars[3, t[0] - 1] *= 1.5  # the newest closed bar does matter
-    sma.bind(env)
-    assert sma.csum[t[0]] != np.concatenate([[0.0], np.cumsum(original[3])])[t[0]]
+    # the newest closed bar does matter: ×3 lifts the fast SMA above the slow one, ×0.1 sinks it below
+    for factor, up in ((3.0, True), (0.1, False)):
+        env.core.bars[3, t[0] - 1] *= factor
+        sma.bind(env)
+        assert sma.up[t[0]] == up
+        env.core.bars[...] = original

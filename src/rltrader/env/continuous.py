@@ -82,18 +82,21 @@ class Continuous(NamedTuple):
 
 
 @njit(cache=True, inline="always")
-def continuous_step(b: int, a: int, reason: int, k: EnvArrays, run: Continuous, log: EventLog) -> int:
+def continuous_step(b: int, a: int, reason: int, k: EnvArrays, run: Continuous, log: EventLog,
+                    observe: bool = True) -> int:
     """One decision + bar for account ``b`` in continuous mode: the env's step with action ``a`` (``reason``:
     ``REASON_SL`` / ``REASON_TP`` when ``a`` is a protective exit, else ``REASON_SIGNAL``), the bar's curve row,
     a cycle restart, or at the stretch's end the move to ``chain_next`` with the equity carried. The caller keeps
-    ``MAX_EVENTS_PER_BAR`` free slots in ``log``. Returns ``STEP_*`` bits."""
+    ``MAX_EVENTS_PER_BAR`` free slots in ``log``. Returns ``STEP_*`` bits. ``observe=False``: the account's next
+    observation is left unwritten (``_step_one``'s): the caller rebuilds it with ``core._observe`` before reading
+    it."""
     acct, ptr, carry = k.acct, k.ptr, run.carry
     t, end, start, sid = ptr[P_T, b], ptr[P_END, b], ptr[P_START, b], ptr[P_SESSION, b]
     if reason != REASON_SIGNAL:
         carry[C_EXIT_REASON, b] = reason
     log.cursor[CUR_EXIT_REASON] = int(carry[C_EXIT_REASON, b])
     nf0 = acct[N_FILLS, b]
-    _step_one(b, a, k, False, log)
+    _step_one(b, a, k, False, log, observe)
     carry[C_EXIT_REASON, b] = log.cursor[CUR_EXIT_REASON]
     flags = STEP_FILLED if acct[N_FILLS, b] != nf0 else 0
     pos = run.base[sid] + t - start
@@ -105,7 +108,8 @@ def continuous_step(b: int, a: int, reason: int, k: EnvArrays, run: Continuous, 
             k.env[E_N_BUYS, b] = 0.0  # a new cycle in the same account
             carry[C_FEES, b] += acct[FEES, b]
             acct[FEES, b] = 0.0
-            _observe(b, k)
+            if observe:
+                _observe(b, k)
         else:  # bankrupt, or the one cycle is over: the account stays as it is to the stretch's end
             done = True
             for tt in range(t + 1, end):
@@ -127,7 +131,8 @@ def continuous_step(b: int, a: int, reason: int, k: EnvArrays, run: Continuous, 
         acct[CASH, b], acct[EQUITY, b] = eq, eq
         k.env[E_PREV_EQUITY, b], k.env[E_PEAK, b] = eq, eq
         run.eq0[nxt] = eq
-        _observe(b, k)
+        if observe:
+            _observe(b, k)
         flags |= STEP_NEXT_STRETCH
     return flags
 

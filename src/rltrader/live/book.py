@@ -1,20 +1,18 @@
 """One symbol's live state for the trader (``live.trader``): the bar/feature buffers, the account, the env's fields
-and the filters' state, laid out as the env kernels read them (one account), plus the train split's feature
-statistics the rows are standardised with. Kept apart from the decision loop so the loop reads as the steps it
-runs."""
+and the filters' state, laid out as the env kernels read them (one account); the train split's feature statistics
+the rows are standardised with are ``dataset.normalization``'s (re-exported here). Kept apart from the decision
+loop so the loop reads as the steps it runs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rltrader.dataset.split import read_metadata
+from rltrader.dataset.normalization import Normalization as Normalization  # re-exported for the trader
 from rltrader.env.core import N_PTR, N_STATE, P_END, P_START, P_T
 from rltrader.env.modes import E_N_BUYS, E_PEAK, E_PREV_EQUITY, N_ENV_FIELDS, EnvParams
-from rltrader.errors import DataError
 from rltrader.evaluate.backtest.decisions import FS_LAST_FILL, FilterArrays
 from rltrader.evaluate.filters import BacktestFilters
 from rltrader.execution import AVG_ENTRY, EQUITY, FEES, N_FIELDS, QTY, reset_account
@@ -22,29 +20,6 @@ from rltrader.live.gateway import Bar
 
 FAR = 1 << 60
 """``P_END`` when the run has no known end (``time_left`` ≈ 1)."""
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """The train split's feature statistics (the sessions stage's metadata), as the backtest reads them."""
-
-    names: tuple[str, ...]
-    mean: np.ndarray
-    std: np.ndarray
-    clip: float
-    context: int
-
-    @classmethod
-    def from_sessions(cls, sessions_dir: Path) -> Normalization:
-        path = Path(sessions_dir) / "train" / "rows.parquet"
-        if not path.exists():
-            raise DataError(f"{path}: the train split is needed for the feature standardisation "
-                            "(run `rltrader dataset sessions`)")
-        meta = read_metadata(path)
-        names = tuple(meta["features"])
-        norm = meta["normalization"]
-        return cls(names, np.array([norm[n][0] for n in names]), np.array([norm[n][1] for n in names]),
-                   float(meta["params"]["sessions"]["clip"]), int(meta["context"]))
 
 
 class BookView:

@@ -10,7 +10,8 @@ import numpy as np
 import polars as pl
 
 from rltrader.dataset.build import standardize  # the sessions stage's scaling
-from rltrader.dataset.split import SessionSet, read_metadata
+from rltrader.dataset.normalization import Normalization
+from rltrader.dataset.split import SessionSet
 from rltrader.env.modes import EnvParams
 from rltrader.errors import ConfigError, DataError
 from rltrader.execution import ExecutionParams
@@ -34,17 +35,8 @@ def continuous_split(settings: Settings, split: str = "backtest", *, sessions_di
     hi = parse_day(r.end, f"sessions.splits.{split}.end")
     sdir = Path(sessions_dir or settings.data.dir / "sessions")
     fdir = Path(features_dir or settings.data.dir / "features")
-    train_rows = sdir / "train" / "rows.parquet"
-    if not train_rows.exists():
-        raise DataError(f"{train_rows}: the train split is needed for the feature standardisation "
-                        "(run `rltrader dataset sessions`)")
-    meta = read_metadata(train_rows)
-    names = tuple(meta["features"])
-    norm = meta["normalization"]
-    mean = np.array([norm[n][0] for n in names])
-    std = np.array([norm[n][1] for n in names])
-    clip = float(meta["params"]["sessions"]["clip"])
-    context = int(meta["context"])
+    norm = Normalization.from_sessions(sdir)  # the train split's statistics, as the live trader reads them
+    names, mean, std, clip, context = norm.names, norm.mean, norm.std, norm.clip, norm.context
     symbols = tuple(settings.ingest.symbols)
     parts: list[dict[str, np.ndarray]] = []
     ctx, st, en = [], [], []
@@ -84,14 +76,19 @@ def continuous_split(settings: Settings, split: str = "backtest", *, sessions_di
     if not parts:
         raise DataError(f"sessions.splits.{split}: no gap-free stretch longer than the context ({context} bars) in "
                         f"[{r.start}, {r.end}) for {', '.join(symbols)} (is there data in that range?)")
-    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    prices = ("open", "high", "low", "close", "volume")
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in prices}
+    # the price columns as the rows of one (5, N) block: the env reads it as is (``env.core.bars_block``)
+    bars = np.empty((len(prices), offset))
+    for i, k in enumerate(prices):
+        np.concatenate([p[k] for p in parts], out=bars[i])
     return SessionSet(
-        features=np.ascontiguousarray(cat["features"]), open=cat["open"], high=cat["high"], low=cat["low"],
-        close=cat["close"], volume=cat["volume"], time=cat["time"].astype(np.int64),
+        features=np.ascontiguousarray(cat["features"]), open=bars[0], high=bars[1], low=bars[2],
+        close=bars[3], volume=bars[4], time=cat["time"].astype(np.int64),
         symbol_id=cat["symbol_id"].astype(np.int16), ctx_start=np.concatenate(ctx).astype(np.int64),
         start=np.concatenate(st).astype(np.int64), end=np.concatenate(en).astype(np.int64), symbols=symbols,
         feature_names=names, context=context, length=0,
-        meta={"split": split, "range": [r.start, r.end], "normalization": norm, "clip": clip})
+        meta={"split": split, "range": [r.start, r.end], "normalization": norm.table, "clip": clip})
 
 
 def backtest_params(settings: Settings) -> tuple[ExecutionParams, EnvParams]:

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numba import njit
 
-from rltrader.agents.baselines import BuyAndHold, Flat, LowriderRule, RandomPolicy, SMACross
+from rltrader.agents.baselines import BuyAndHold, Flat, LowriderRule, RandomPolicy, SMACross, sma_sides
 from rltrader.env.core import P_T, EnvArrays, EnvCore
 from rltrader.env.modes import BUY, HOLD, LONG, SELL, SHORT, lowrider_rule
 from rltrader.errors import ConfigError
@@ -237,18 +237,9 @@ def rule_decisions(policy: Any, view: EnvView, latency: int) -> np.ndarray | Non
     if isinstance(policy, BuyAndHold):
         return np.full(n, LONG if mode == "futures_session" else BUY, np.int8)
     if isinstance(policy, SMACross):
-        policy.bind(view)  # type: ignore[arg-type]  # duck-typed env: the windows and the same cumulative sums
+        policy.set_windows(view.core.data.context)
         hi, lo = (LONG, SHORT) if mode == "futures_session" else (BUY, SELL)
         out = np.empty(n, np.int8)
-        _sma_sides(policy.csum, policy.fast, policy.slow, hi, lo, out)
+        sma_sides(view.core.bars[3], policy.fast, policy.slow, hi, lo, out)  # the agent's signal, one pass
         return out
     return None
-
-
-@njit(cache=True)
-def _sma_sides(cs: np.ndarray, fast: int, slow: int, hi: int, lo: int, out: np.ndarray) -> None:
-    """``out[t]``: ``hi`` when the fast SMA of the closes before bar ``t`` is above the slow one, else ``lo``
-    (``SMACross``'s comparison on its cumulative sums ``cs``, the same arithmetic; ``lo`` before ``slow`` bars)."""
-    for t in range(out.shape[0]):
-        up = t >= slow and (cs[t] - cs[t - fast]) / fast > (cs[t] - cs[t - slow]) / slow
-        out[t] = hi if up else lo

@@ -76,11 +76,12 @@ class SplitHead(NamedTuple):
 
 @njit(cache=True, inline="always")
 def _advance(b: int, a: int, confident: bool, k: EnvArrays, run: Continuous, log: EventLog,
-             f: FilterArrays) -> None:
-    """One decision + bar for account ``b``: the filters, then the env's continuous step."""
+             f: FilterArrays, observe: bool = True) -> None:
+    """One decision + bar for account ``b``: the filters, then the env's continuous step (``observe``: write the
+    next observation, ``continuous_step``'s)."""
     t = k.ptr[P_T, b]
     a, reason = filter_decision(b, a, confident, k, f)
-    flags = continuous_step(b, a, reason, k, run, log)
+    flags = continuous_step(b, a, reason, k, run, log, observe)
     if flags & STEP_FILLED:
         f.state[FS_LAST_FILL, b] = t
     if flags & STEP_NEXT_STRETCH:  # a new stretch: no cooldown carried over the gap
@@ -123,8 +124,10 @@ def _run_rows(decisions: np.ndarray, order: np.ndarray, j0: int, quiet: bool, k:
                 return j
             if stale:  # the full step's filters read the mask: rebuild the observation the quiet bars skipped
                 _observe(b, k)
-                stale = False
-            _advance(b, a, True, k, run, log, f)
+            # with quiet bars the step writes no observation: the next bar is usually quiet and reads none, and
+            # a full step rebuilds it first (``stale``) — one observation per full step instead of two
+            _advance(b, a, True, k, run, log, f, not quiet)
+            stale = quiet
     n: int = order.shape[0]
     return n
 

@@ -130,62 +130,101 @@ def _utc(values: np.ndarray) -> pl.Series:
 @njit(cache=True)
 def _rows_by_stretch(seq: np.ndarray, base: np.ndarray, lengths: np.ndarray, start: np.ndarray, time: np.ndarray,
                      close: np.ndarray, bar_us: int, out_eq: np.ndarray, out_qty: np.ndarray, out_fees: np.ndarray,
-                     bank: np.ndarray, fee_bank: np.ndarray, per_t: np.ndarray, per_sess: np.ndarray,
-                     per_eq: np.ndarray, per_q: np.ndarray, per_px: np.ndarray, per_fee: np.ndarray) -> None:
+                     bank: np.ndarray, fee_bank: np.ndarray, sym: np.ndarray, per_t: np.ndarray,
+                     per_sess: np.ndarray, per_eq: np.ndarray, per_q: np.ndarray, per_px: np.ndarray,
+                     per_fee: np.ndarray, day_last: np.ndarray) -> int:
     """The per-symbol curve rows, stretch after stretch in the order ``seq``, every output column written once
     (no permutation array, no gathered temporaries): close time, stretch, banked equity, position, price,
     banked fees (the symbol column is built from the symbols' row counts). ``per_eq`` / ``per_q`` /
     ``per_fee`` may be the curve arrays themselves when ``seq`` is the curve's own order (each row is read before
-    it is written, at the same index)."""
+    it is written, at the same index).
+
+    In the same pass: ``day_last``, the last row of each (symbol ``sym[stretch]``, UTC day of the close time) —
+    ``_day_ends`` over the symbols' row ranges, without a second pass over the close times; returns how many."""
     o = 0
+    nd = 0
+    day_lo, day_hi = 0, -1  # the current row's UTC day [day_lo, day_hi): no division per row
+    prev_sym = -1
     for s in seq:
-        p0, r0, bk, fb = base[s], start[s], bank[s], fee_bank[s]
+        p0, r0, bk, fb, sy = base[s], start[s], bank[s], fee_bank[s], sym[s]
         for i in range(lengths[s]):
             r = r0 + i
-            per_t[o] = time[r] + bar_us
+            tc = time[r] + bar_us
+            if tc >= day_hi or tc < day_lo or sy != prev_sym:
+                if o > 0:
+                    day_last[nd] = o - 1
+                    nd += 1
+                day_lo = tc // DAY_US * DAY_US
+                day_hi = day_lo + DAY_US
+                prev_sym = sy
+            per_t[o] = tc
             per_sess[o] = s
             per_eq[o] = out_eq[p0 + i] + bk
             per_q[o] = out_qty[p0 + i]
             per_px[o] = close[r]
             per_fee[o] = out_fees[p0 + i] + fb
             o += 1
+    if o > 0:
+        day_last[nd] = o - 1
+        nd += 1
+    return nd
 
 
 @njit(cache=True)
 def _combine(per_t: np.ndarray, per_eq: np.ndarray, per_fee: np.ndarray, per_q: np.ndarray, per_px: np.ndarray,
              bounds: np.ndarray, cash0: float, t_all: np.ndarray, tot_eq: np.ndarray, tot_fee: np.ndarray,
-             gross: np.ndarray) -> int:
+             gross: np.ndarray, day_last: np.ndarray) -> tuple[int, int]:
     """The combined curve: the union of the symbols' close times (each symbol's rows ``[bounds[k], bounds[k+1])``
     sorted by time), merged, and at each time every symbol's last row at or before it added, symbol after symbol
     in order (the additions and their order of a forward-fill-and-sum, so the same bits). Before a symbol's first
-    bar it counts ``cash0`` equity, no fees, no position. Returns the number of distinct times."""
+    bar it counts ``cash0`` equity, no fees, no position.
+
+    Each symbol's current row values (equity, fees, ``|position × price|``) and next time are kept in small
+    per-symbol arrays, refreshed only when that symbol advances: a row is read once, not once per merged time
+    (measured: 23 → ~10 ms at 1.9 M rows of 6 symbols). In the same pass: ``day_last``, the last merged row of
+    each UTC day. Returns (merged times, day ends)."""
     K = bounds.shape[0] - 1
+    big = np.iinfo(np.int64).max
     j = bounds[:K] - 1  # each symbol's last row with time ≤ the current time
+    nxt = np.empty(K, np.int64)  # the time of each symbol's next row (``big``: none left)
+    ce, cf, cg = np.full(K, cash0), np.zeros(K), np.zeros(K)
+    for k in range(K):
+        nxt[k] = per_t[bounds[k]] if bounds[k] < bounds[k + 1] else big
     n = 0
+    nd = 0
+    day_lo, day_hi = 0, -1  # the current UTC day [day_lo, day_hi)
     while True:
-        t = np.iinfo(np.int64).max
+        t = big
         for k in range(K):
-            if j[k] + 1 < bounds[k + 1] and per_t[j[k] + 1] < t:
-                t = per_t[j[k] + 1]
-        if t == np.iinfo(np.int64).max:
-            return n
+            if nxt[k] < t:
+                t = nxt[k]
+        if t == big:
+            break
+        if t >= day_hi or t < day_lo:
+            if n > 0:
+                day_last[nd] = n - 1
+                nd += 1
+            day_lo = t // DAY_US * DAY_US
+            day_hi = day_lo + DAY_US
         t_all[n] = t
         eq, fee, g = 0.0, 0.0, 0.0
         for k in range(K):
-            jk, hi = j[k], bounds[k + 1]
-            while jk + 1 < hi and per_t[jk + 1] <= t:
-                jk += 1
-            j[k] = jk
-            if jk >= bounds[k]:
-                eq += per_eq[jk]
-                fee += per_fee[jk]
-                g += abs(per_q[jk] * per_px[jk])
-            else:
-                eq += cash0
-                fee += 0.0
-                g += 0.0
+            if nxt[k] == t:  # t is the smallest next time: this symbol advances to its last row at t
+                jk, hi = j[k] + 1, bounds[k + 1]
+                while jk + 1 < hi and per_t[jk + 1] <= t:
+                    jk += 1
+                j[k] = jk
+                nxt[k] = per_t[jk + 1] if jk + 1 < hi else big
+                ce[k], cf[k], cg[k] = per_eq[jk], per_fee[jk], abs(per_q[jk] * per_px[jk])
+            eq += ce[k]
+            fee += cf[k]
+            g += cg[k]
         tot_eq[n], tot_fee[n], gross[n] = eq, fee, g
         n += 1
+    if n > 0:
+        day_last[nd] = n - 1
+        nd += 1
+    return n, nd
 
 
 @njit(cache=True)
@@ -217,13 +256,17 @@ def infer_bar_us(data: SessionSet) -> int:
     return int(_min_step(np.ascontiguousarray(data.time, dtype=np.int64)))
 
 
-def _eod(bounds: np.ndarray, keys: np.ndarray, t: np.ndarray, eq: np.ndarray,
-         init: float) -> tuple[np.ndarray, ...]:
+def _eod(bounds: np.ndarray, keys: np.ndarray, t: np.ndarray, eq: np.ndarray, init: float,
+         last: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     """Daily rows of curves sorted by time within the segments ``bounds`` (one per key of ``keys``): each (key,
-    UTC day)'s last equity and its return over the key's previous day (the first over ``init``)."""
-    last, seg = np.empty(len(t), np.int64), np.empty(len(t), np.int64)
-    n = _day_ends(bounds, t, last, seg)
-    last, seg = last[:n], seg[:n]
+    UTC day)'s last equity and its return over the key's previous day (the first over ``init``). ``last``: the
+    day ends when a pass over the rows already found them (``_day_ends``' result), else computed here."""
+    if last is None:
+        last, seg = np.empty(len(t), np.int64), np.empty(len(t), np.int64)
+        n = _day_ends(bounds, t, last, seg)
+        last, seg = last[:n], seg[:n]
+    else:
+        seg = np.searchsorted(bounds, last, side="right") - 1  # the segment holding each (empty ones skipped)
     k, e = keys[seg], eq[last]
     first = np.concatenate([[True], seg[1:] != seg[:-1]])
     prev = np.where(first, init, np.concatenate([[init], e[:-1]]))
@@ -252,7 +295,10 @@ def assemble(data: SessionSet, cont: ContinuousRun, fs: np.ndarray, events: np.n
     S = len(base)
     sym_of_sess = data.symbol_id[data.start].astype(np.int64)
     final = out_eq[base + lengths - 1]
-    ev = events[:, events[EV_KIND] != KIND_FUNDING]  # fills (funding is in the totals and the trades' funding)
+    events = np.ascontiguousarray(events)  # the result's copy (the log's buffer is wider): made once
+    funding_ev = events[EV_KIND] == KIND_FUNDING
+    # fills (funding is in the totals and the trades' funding); without funding events the log itself, no copy
+    ev = events[:, ~funding_ev] if funding_ev.any() else events
     n_ev = ev.shape[1]
     ev_sess = ev[EV_TAG].astype(np.int64)
     sess_fees = np.bincount(ev_sess, weights=ev[EV_FEE], minlength=S)
@@ -276,8 +322,11 @@ def assemble(data: SessionSet, cont: ContinuousRun, fs: np.ndarray, events: np.n
             per_eq, per_q, per_fee = out_eq, out_qty, out_fees
         else:
             per_eq, per_q, per_fee = np.empty(M), np.empty(M), np.empty(M)
-        _rows_by_stretch(seq, base, lengths, data.start, data.time, data.close, bar_us, out_eq, out_qty, out_fees,
-                         bank, fee_bank, per_t, per_sess, per_eq, per_q, per_px, per_fee)
+        day_last = np.empty(M, np.int64)
+        nd = _rows_by_stretch(seq, base, lengths, data.start, data.time, data.close, bar_us, out_eq, out_qty,
+                              out_fees, bank, fee_bank, sym_of_sess, per_t, per_sess, per_eq, per_q, per_px, per_fee,
+                              day_last)
+        per_last: np.ndarray | None = day_last[:nd]
     else:  # overlapping sessions of a symbol: sort the rows by (symbol, close time)
         sess_of_pos = np.repeat(np.arange(S), lengths)
         rows = data.start[sess_of_pos] + (np.arange(M) - base[sess_of_pos])
@@ -288,6 +337,7 @@ def assemble(data: SessionSet, cont: ContinuousRun, fs: np.ndarray, events: np.n
         per_eq = out_eq[srt] + bank[per_sess]
         per_q, per_px = out_qty[srt], data.close[per_rows]
         per_fee = out_fees[srt] + fee_bank[per_sess]
+        per_last = None  # _eod finds the day ends
     # both orders group the rows by symbol id: the symbol column is one chunk per symbol (no index, no gather)
     counts = np.bincount(sym_of_sess, weights=lengths, minlength=len(data.symbols)).astype(np.int64)
     present = np.flatnonzero(np.bincount(sym_of_sess, minlength=len(data.symbols)))  # symbols with a stretch
@@ -302,8 +352,9 @@ def assemble(data: SessionSet, cont: ContinuousRun, fs: np.ndarray, events: np.n
 
     # combined: each symbol's curve forward-filled on the union of times, summed
     t_all, tot_eq, tot_fee, gross = np.empty(M, np.int64), np.empty(M), np.empty(M), np.empty(M)
-    n_all = _combine(per_t, per_eq, per_fee, per_q, per_px, bounds, float(cash0), t_all, tot_eq,
-                     tot_fee, gross)
+    all_last = np.empty(M, np.int64)
+    n_all, n_days = _combine(per_t, per_eq, per_fee, per_q, per_px, bounds, float(cash0), t_all, tot_eq,
+                             tot_fee, gross, all_last)
     t_all, tot_eq, tot_fee, gross = t_all[:n_all], tot_eq[:n_all], tot_fee[:n_all], gross[:n_all]
     initial_total = cash0 * len(present)
     combined = pl.DataFrame({
@@ -314,7 +365,9 @@ def assemble(data: SessionSet, cont: ContinuousRun, fs: np.ndarray, events: np.n
     equity = pl.concat([per, combined])
 
     # fills and round trips (events sorted by stretch, then booking order)
-    ev_sorted = ev[:, np.lexsort((np.arange(n_ev), ev_sess))] if n_ev else ev
+    # (a chained run books them stretch by stretch in order already: a stable sort would change nothing)
+    in_order = n_ev == 0 or bool(np.all(ev_sess[1:] >= ev_sess[:-1]))
+    ev_sorted = ev if in_order else ev[:, np.lexsort((np.arange(n_ev), ev_sess))]
     ev_rows = ev_sorted[EV_ROW].astype(np.int64)
     ev_s = ev_sorted[EV_TAG].astype(np.int64)
     kinds = pl.Series(list(KIND_NAMES), dtype=pl.Utf8)
@@ -343,8 +396,9 @@ def assemble(data: SessionSet, cont: ContinuousRun, fs: np.ndarray, events: np.n
         for c in ("exit_time", "exit_price", "pnl", "exit_reason"))
 
     # daily returns per symbol and combined (UTC day of the bar close time)
-    k1, d1, e1, r1 = _eod(bounds, present, per_t, per_eq, cash0)
-    k2, d2, e2, r2 = _eod(np.array([0, len(t_all)], np.int64), np.zeros(1, np.int64), t_all, tot_eq, initial_total)
+    k1, d1, e1, r1 = _eod(bounds, present, per_t, per_eq, cash0, per_last)
+    k2, d2, e2, r2 = _eod(np.array([0, len(t_all)], np.int64), np.zeros(1, np.int64), t_all, tot_eq, initial_total,
+                          all_last[:n_days])
     daily = pl.DataFrame({
         "symbol": pl.concat([sym_names.gather(k1), pl.Series("symbol", ["ALL"] * len(k2), dtype=pl.Utf8)]),
         "day": _utc(np.concatenate([d1, d2])), "equity": np.concatenate([e1, e2]),
@@ -371,4 +425,4 @@ def assemble(data: SessionSet, cont: ContinuousRun, fs: np.ndarray, events: np.n
     }
     return BacktestResult(equity=equity, trades=trades, fills=fills, daily=daily, stretches=stretches,
                           totals=totals, initial_cash=float(initial_total), meta={"bar_us": bar_us},
-                          events=np.ascontiguousarray(events))
+                          events=events)
