@@ -140,9 +140,11 @@ class MonthListing:
         return ([self.base] if self.base else []) + [p for _, p in self.deltas]
 
 
-def list_month(month_dir: Path, strict: bool = True) -> MonthListing:
+def list_month(month_dir: Path, strict: bool = True, for_writer: bool = False) -> MonthListing:
     """The files of one month folder. ``strict=False`` (verify): a base whose footer cannot be read counts as
-    having merged no delta, so the month still lists (and verify reports the base as unreadable)."""
+    having merged no delta, so the month still lists (and verify reports the base as unreadable).
+    ``for_writer``: read the base's footer even when no delta is left, as ``last_seq`` must not fall back below
+    the base's through (a reader of a month without deltas needs only the base and skips that footer)."""
     try:
         entries = list(os.scandir(month_dir))
     except FileNotFoundError:
@@ -157,7 +159,7 @@ def list_month(month_dir: Path, strict: bool = True) -> MonthListing:
             seqs.append((s, Path(e.path)))
     seqs.sort()
     through = 0
-    if base is not None and seqs:  # only a month with deltas needs the base's footer
+    if base is not None and (seqs or for_writer):
         try:
             through = base_through(base, base_st)
         except DataError:
@@ -292,11 +294,12 @@ class ParquetStore:
                     parts = dict(extra_parts or {})
                     parts.update({c: str(values[c]) for c in partition_cols})
                     month_dir = self._series_dir(table, **parts) / f"month={values['_month']}"
-                    new = self._only_new(part.drop("_month"), month_dir, key_col)
+                    listing = list_month(month_dir, for_writer=True)
+                    new = self._only_new(part.drop("_month"), listing, key_col)
                     if new.is_empty():
                         continue
                     inserted += new.height
-                    staged.append(self._stage(month_dir, new, schema, sort_col, key_col))
+                    staged.append(self._stage(month_dir, listing, new, schema, sort_col, key_col))
             except BaseException:
                 for tmp, *_ in staged:
                     tmp.unlink(missing_ok=True)
@@ -312,9 +315,8 @@ class ParquetStore:
                     self._dirty.pop(target.parent, None)
         return WriteResult(inserted, offered - inserted)
 
-    def _only_new(self, new: pl.DataFrame, month_dir: Path, key_col: str) -> pl.DataFrame:
+    def _only_new(self, new: pl.DataFrame, listing: MonthListing, key_col: str) -> pl.DataFrame:
         """``new`` less the rows whose key the month's base or live deltas hold."""
-        listing = list_month(month_dir)
         for stale in listing.stale:  # superseded (a crash after a compaction's rename): we hold the lock
             stale.unlink(missing_ok=True)
         phys = new.get_column(key_col).to_physical()
@@ -327,10 +329,9 @@ class ParquetStore:
                     break
         return new
 
-    def _stage(self, month_dir: Path, new: pl.DataFrame, schema: dict[str, pl.DataType], sort_col: str,
-               key_col: str) -> tuple[Path, Path, pl.DataFrame, tuple[Path, ...]]:
+    def _stage(self, month_dir: Path, listing: MonthListing, new: pl.DataFrame, schema: dict[str, pl.DataType],
+               sort_col: str, key_col: str) -> tuple[Path, Path, pl.DataFrame, tuple[Path, ...]]:
         """Write the file this commit adds to one month under a temporary name: a delta, or a new base."""
-        listing = list_month(month_dir)
         delta_rows = sum(self._key_range(p, key_col).rows for _, p in listing.deltas)
         month_dir.mkdir(parents=True, exist_ok=True)
         superseded: tuple[Path, ...]
@@ -344,12 +345,16 @@ class ParquetStore:
         else:
             target, rows, through, superseded = month_dir / delta_name(listing.last_seq + 1), new, 0, ()
         tmp = month_dir / f".{target.name}.{uuid.uuid4().hex}.tmp"
-        write_month_file(rows, tmp, through)
+        try:
+            write_month_file(rows, tmp, through)
+        except BaseException:  # a half-written temporary file (full disk) is not left behind
+            tmp.unlink(missing_ok=True)
+            raise
         return tmp, target, rows, superseded
 
     def _compact_month(self, month_dir: Path, schema: dict[str, pl.DataType], sort_col: str) -> bool:
         """Merge a month's live deltas into its base (caller holds the lock); False when it had none."""
-        listing = list_month(month_dir)
+        listing = list_month(month_dir, for_writer=True)
         for stale in listing.stale:
             stale.unlink(missing_ok=True)
         if not listing.deltas:

@@ -147,7 +147,8 @@ def _repair_parquet(store: Any, check: MonthCheck,
     with store._lock():  # no writer interleaves between our read and our rename
         for stale in month_dir.glob(".*.tmp"):  # left by a killed writer: never read
             stale.unlink(missing_ok=True)
-        listing = list_month(month_dir, strict=False)  # a base with a broken footer: every delta is live
+        # a base with a broken footer: every delta counts as live
+        listing = list_month(month_dir, strict=False, for_writer=True)
         frames = [df for f in listing.files if (df := _readable(f)) is not None]
         rows = build(pl.concat(frames) if frames else None)
         aside = _aside(store, target)
