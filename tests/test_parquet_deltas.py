@@ -8,8 +8,9 @@ base + deltas.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -173,9 +174,9 @@ def test_compaction_crash_after_the_rename_never_counts_twice(store: ParquetStor
 def test_a_failed_commit_leaves_no_delta(store: ParquetStore, aug: pl.DataFrame,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     store.write_klines(aug.slice(0, 100))
-    real: Callable[..., None] = getattr(parquet_store, "write_parquet")
+    from rltrader.integrity import write_parquet as real
 
-    def full_disk(*args: object, **kwargs: object) -> None:
+    def full_disk(*args: Any, **kwargs: Any) -> None:
         real(*args, **kwargs)
         raise OSError("no space left on device")
 
