@@ -245,3 +245,21 @@ def test_bad_base_footer_is_named(tmp_path: Path, aug: pl.DataFrame) -> None:
     with pytest.raises(DataError, match=f"{base}: unreadable store month file"):
         store.close()  # its compaction cannot read the base: named, and nothing is changed
     assert len(month_files(base.parent, strict=False)) == 3
+
+
+def test_one_call_compacts_one_month_until_twice_the_threshold(tmp_path: Path, shared_archive: Path) -> None:
+    """Symbols streamed in step reach the threshold in the same commit: they compact one per commit."""
+    src = ArchiveSource(str(shared_archive))
+    syms = ["ALGOUSDT", "AVAXUSDT", "FILUSDT"]
+    data = [load_file(src, ArchiveFile(FUT, "klines", s, "1m", "monthly", "2023-02")).rows for s in syms]
+    st = ParquetStore(tmp_path / "s", max_deltas=2, max_delta_rows=NEVER)
+    dirs = [month_dir(st.root, "2023-02").parent.parent.parent / f"symbol={s}" / "interval=1m" / "month=2023-02"
+            for s in syms]
+    counts = []
+    for i in range(0, 1200, 100):
+        st.write_klines(pl.concat([df.slice(i, 100) for df in data]))
+        counts.append([len(list_month(d).deltas) for d in dirs])
+    assert counts[:6] == [[0, 0, 0], [1, 1, 1], [2, 2, 2], [0, 3, 3], [1, 0, 4], [2, 1, 0]]
+    assert max(max(c) for c in counts) == 4  # never past twice the threshold
+    for s, df in zip(syms, data, strict=True):
+        assert st.read_klines("futures-um", s, "1m").equals(df.slice(0, 1200))
