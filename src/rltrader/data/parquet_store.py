@@ -206,6 +206,7 @@ class ParquetStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.url = f"parquet://{self.root}"
         self.max_deltas, self.max_delta_rows = max_deltas, max_delta_rows
+        import pyarrow.parquet  # noqa: F401  (imported now, not inside a live stream's first commit: ~0.1 s)
         self._ranges: dict[str, _KeyRange] = {}
         self._frames: dict[str, tuple[tuple[int, int, int], pl.DataFrame]] = {}  # deltas we wrote, their rows
         self._dirty: dict[Path, tuple[dict[str, pl.DataType], str]] = {}  # months with deltas we wrote
