@@ -451,6 +451,7 @@ def run(args: argparse.Namespace) -> None:
         store = ParquetStore(data_dir / "store")
         for s in symbols:
             assert store.write_klines(bars[s]).inserted == bars[s].height
+        store.compact()  # the peer reads the folders with pandas: one plain file per month, no delta files
         settings = stage_settings(data_dir, symbols)
         e2e = Timing(total)
         feat_s: list[float] = []

@@ -53,7 +53,7 @@ except ImportError:  # running from a checkout without an installed package
     sys.path.insert(0, str(REPO / "src"))
 
 from rltrader.data.archive import ArchiveFile, ArchiveSource, load_file  # noqa: E402
-from rltrader.data.parquet_store import ParquetStore  # noqa: E402
+from rltrader.data.parquet_store import ParquetStore, live_files  # noqa: E402
 from rltrader.data.schema import Market  # noqa: E402
 from rltrader.data.sql import run_duckdb  # noqa: E402
 
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> None:
     try:
         t0 = time.perf_counter()
         store, rows = fill_store(base, files, tmp / "store")
-        paths = sorted((tmp / "store").glob("klines/*/*/*/month=*/data.parquet"))
+        paths = live_files(tmp / "store", "klines", 3)  # base + live deltas per month (the store's listing)
         months = ", ".join(f.period for f in files)
         data = (f"{symbol} futures-um 1m, {len(files)} monthly files ({months})"
                 + ("" if len(files) >= want else f"; only {len(files)} of the {want} months wanted exist")

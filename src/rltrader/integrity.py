@@ -58,6 +58,12 @@ def _parse_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
+def parse_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a Parquet/JSON/torch reader raises on a malformed or vanished file (for callers that
+    retry or name the file themselves)."""
+    return _parse_errors()
+
+
 def reason(exc: BaseException) -> str:
     """The first line of a reader's message, short enough for one error line."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

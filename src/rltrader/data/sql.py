@@ -167,6 +167,11 @@ def _lit(s: str | Path) -> str:
     return "'" + str(s).replace("'", "''") + "'"
 
 
+def _lits(paths: Sequence[Path]) -> str:
+    """A DuckDB list literal of file paths."""
+    return "[" + ", ".join(_lit(p) for p in paths) + "]"
+
+
 def _empty_view(schema: dict[str, pl.DataType], extra: Sequence[tuple[str, str]] = ()) -> str:
     """A typed, empty relation: queries over a store without that kind of data still bind (and return 0 rows)."""
     cols = [f"CAST(NULL AS {t}) AS {c}" for c, t in extra]
@@ -179,19 +184,22 @@ def _empty_view(schema: dict[str, pl.DataType], extra: Sequence[tuple[str, str]]
 def parquet_views(root: Path, features_dir: Path | None = None,
                   sessions_dir: Path | None = None) -> dict[str, str]:
     """View name → DuckDB SELECT over the files that exist now (column order as PostgreSQL's views)."""
+    from rltrader.data.parquet_store import live_files
+
     views: dict[str, str] = {}
-    specs = [("klines", "klines/*/*/*/*/data.parquet", KLINE_SCHEMA),
-             ("agg_trades", "agg_trades/*/*/*/data.parquet", AGG_TRADE_SCHEMA)]
-    for name, pattern, schema in specs:
-        if any(root.glob(pattern)):
-            views[name] = (f"SELECT {', '.join(schema)} FROM read_parquet({_lit(root / pattern)}, "
+    specs = [("klines", 3, KLINE_SCHEMA), ("agg_trades", 2, AGG_TRADE_SCHEMA)]
+    for name, levels, schema in specs:
+        # the store's own listing (base + live deltas per month): a glob of data.parquet misses the deltas' rows
+        files = live_files(root, name, levels)
+        if files:
+            views[name] = (f"SELECT {', '.join(schema)} FROM read_parquet({_lits(files)}, "
                            f"hive_partitioning = false, union_by_name = true)")
         else:
             views[name] = _empty_view(schema)
-    bar_glob = "bars/*/*/*/*/data.parquet"  # width=/market=/symbol=/month=; the width lives only in the path
-    if any(root.glob(bar_glob)):
+    bar_files = live_files(root, "bars", 3)  # width=/market=/symbol=/month=; the width lives only in the path
+    if bar_files:
         views["bars"] = (f"SELECT regexp_extract(filename, '/width=([^/]+)/', 1) AS width, {', '.join(BAR_SCHEMA)} "
-                         f"FROM read_parquet({_lit(root / bar_glob)}, hive_partitioning = false, "
+                         f"FROM read_parquet({_lits(bar_files)}, hive_partitioning = false, "
                          f"union_by_name = true, filename = true)")
     else:
         views["bars"] = _empty_view(BAR_SCHEMA, [("width", "VARCHAR")])

@@ -172,24 +172,35 @@ _LEVELS = {"klines": "market=*/symbol=*/interval=*", "agg_trades": "market=*/sym
            "bars": "width=*/market=*/symbol=*"}
 
 
-def _parquet_months(root: Path, scope: Scope) -> list[tuple[MonthCheck, Path]]:
+def _parquet_months(root: Path, scope: Scope) -> list[tuple[MonthCheck, list[Path]]]:
+    """Every stored month in scope with the files holding its rows (base + live deltas: ``month_files``)."""
+    from rltrader.data.parquet_store import BASE_NAME, month_files
+
     out = []
     for kind, levels in _LEVELS.items():
-        for f in sorted((root / kind).glob(f"{levels}/month=*/data.parquet")):
-            parts = dict(p.split("=", 1) for p in f.parent.relative_to(root / kind).parts)
+        for d in sorted((root / kind).glob(f"{levels}/month=*")):
+            files = month_files(d, strict=False)  # a base with a broken footer is listed, then reported
+            if not files:
+                continue
+            parts = dict(p.split("=", 1) for p in d.relative_to(root / kind).parts)
             interval = parts.get("interval", parts.get("width", ""))
             if scope.wants(kind, parts["market"], parts["symbol"], interval, parts["month"]):
-                out.append((MonthCheck(parts["market"], parts["symbol"], interval, parts["month"], path=str(f),
-                                       kind=kind), f))
+                out.append((MonthCheck(parts["market"], parts["symbol"], interval, parts["month"],
+                                       path=str(d / BASE_NAME if (d / BASE_NAME) in files else files[0]),
+                                       kind=kind), files))
     return out
 
 
-def _check_parquet_month(check: MonthCheck, path: Path) -> pl.DataFrame | None:
-    why = check_parquet_file(path)
-    if why is not None:
-        check.worsen("unreadable", why)  # the file is check.path
-        return None
-    df = read_parquet(path, "store month file")
+def _check_parquet_month(check: MonthCheck, files: list[Path]) -> pl.DataFrame | None:
+    """The month's rows (base + deltas) checked; None when a file does not parse (``check.path`` names it)."""
+    for f in files:
+        why = check_parquet_file(f)
+        if why is not None:
+            check.path = str(f)
+            check.worsen("unreadable", why if f.name == "data.parquet" else f"{f.name}: {why}")
+            return None
+    frames = [read_parquet(f, "store month file") for f in files]
+    df = pl.concat(frames) if len(frames) > 1 else frames[0]
     check.rows = df.height
     for p in frame_problems(df, check):
         check.worsen("invalid", p)
@@ -286,8 +297,8 @@ def check_months(store: Store, scope: Scope, source: ArchiveSource | None, rest:
     frames: dict[str, pl.DataFrame | None] = {}
     if isinstance(store, ParquetStore):
         checks = []
-        for check, path in _parquet_months(store.root, scope):
-            frames[check.label] = _check_parquet_month(check, path)
+        for check, files in _parquet_months(store.root, scope):
+            frames[check.label] = _check_parquet_month(check, files)
             checks.append(check)
     elif hasattr(store, "pool"):
         checks = _pg_months(store, scope)

@@ -132,26 +132,40 @@ def _aside(store: Any, target: Path) -> Path:
 
 def _repair_parquet(store: Any, check: MonthCheck,
                     build: Callable[[pl.DataFrame | None], pl.DataFrame]) -> Path | None:
-    """Rewrite the month file with ``build(stored rows or None)``; when that is empty, move the file aside
-    (returned) so the store reads again. Under the store's writer lock from read to rename."""
-    from rltrader.data.parquet_store import write_month_file
+    """Rewrite the month as one base file with ``build(stored rows or None)``; when that is empty, move the
+    month's files aside (the base's new place returned) so the store reads again. Under the store's writer
+    lock from read to rename.
+
+    The month is its base plus live deltas (:mod:`rltrader.data.parquet_store`): the rows of every readable one
+    are kept, the new base records the last delta seq it replaces (one rename supersedes them all), and the
+    deltas are unlinked after it — hard-linked beside the old base in the quarantine folder first."""
+    from rltrader.data.parquet_store import BASE_NAME, list_month, write_month_file
 
     assert check.path is not None
-    target = Path(check.path)
+    month_dir = Path(check.path).parent
+    target = month_dir / BASE_NAME
     with store._lock():  # no writer interleaves between our read and our rename
-        for stale in target.parent.glob(".data.parquet.*.tmp"):  # left by a killed writer: never read
+        for stale in month_dir.glob(".*.tmp"):  # left by a killed writer: never read
             stale.unlink(missing_ok=True)
-        rows = build(_readable(target))
+        # a base with a broken footer: every delta counts as live
+        listing = list_month(month_dir, strict=False, for_writer=True)
+        frames = [df for f in listing.files if (df := _readable(f)) is not None]
+        rows = build(pl.concat(frames) if frames else None)
         aside = _aside(store, target)
+        deltas = [p for _, p in listing.deltas] + list(listing.stale)
         if rows.is_empty():
-            os.replace(target, aside)  # one rename: the month is in the store or in the quarantine
+            for f in [*deltas, *([listing.base] if listing.base else [])]:  # the base last: until it goes,
+                os.replace(f, aside.with_name(f.name))  # a killed repair leaves a month a re-run finishes
             return aside
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        write_month_file(rows, tmp)
+        write_month_file(rows, tmp, listing.last_seq)
         fault("staged")
-        os.link(target, aside)  # the old bytes stay, under the quarantine folder
+        for f in listing.files:
+            os.link(f, aside.with_name(f.name))  # the old bytes stay, under the quarantine folder
         fault("aside")
-        os.replace(tmp, target)
+        os.replace(tmp, target)  # the commit point: the new base supersedes every delta listed
+        for f in deltas:
+            f.unlink(missing_ok=True)
     return None
 
 
