@@ -56,6 +56,8 @@ from rltrader.testing import TempPostgres, free_port
 ARCHIVE = os.environ.get("RLTRADER_TEST_ARCHIVE", str(Path(__file__).resolve().parents[2] / "shared/data/binance"))
 SYMBOLS = ["ALGOUSDT", "AVAXUSDT", "FILUSDT", "LINKUSDT", "NEARUSDT"]
 PEER = "naive-executemany"
+PEER_SILENCE_S = 10.0
+"""The naive peer gives up after this long without a message (the sender is done and it lost some)."""
 SENDER = Path(__file__).resolve().with_name("ws_sender.py")
 
 _SERVER = """
@@ -180,6 +182,12 @@ def run_ours(store: Store, replay: Replay, sender: Sender, rate: float, n_messag
             "rows": stats.rows_committed}
 
 
+def kept_up(out: dict[str, float], n: int, r: float) -> bool:
+    """A ladder rung passes when every message arrived, p99 lag < 1 s, and the last commit came within 1 s of
+    the last send."""
+    return out["msgs"] >= n and out["p99"] < 1.0 and out["elapsed"] <= n / r + 1.0
+
+
 # -- the naive peer ----------------------------------------------------------------------------------------------
 PEER_DDL = """
 CREATE TABLE IF NOT EXISTS peer_klines (symbol text, open_time bigint, open float8, high float8, low float8,
@@ -209,7 +217,11 @@ def run_peer(url: str, replay: Replay, sender: Sender, rate: float, n_messages: 
         async with sock:
             clock = await asyncio.to_thread(sender.started)
             while n < n_messages:
-                msg = await sock.recv()
+                try:  # bounded: python-binance's recv() loops for ever once a message is lost (queue overflow,
+                    # its silent reconnect); the rung then fails on its message count instead of hanging the run
+                    msg = await asyncio.wait_for(sock.recv(), PEER_SILENCE_S)
+                except TimeoutError:
+                    break
                 n += 1
                 d = msg.get("data", {})
                 if d.get("e") == "kline" and d["k"]["x"]:
@@ -234,13 +246,14 @@ def run_peer(url: str, replay: Replay, sender: Sender, rate: float, n_messages: 
                     lags.extend(now - clock(e) for e in events)
                     klines, trades, events = [], [], []
                     last = time.monotonic()
-            await sock.ws.close()  # else python-binance's exit waits out its 10 s recv timeout
+            if sock.ws is not None:
+                await sock.ws.close()  # else python-binance's exit waits out its 10 s recv timeout
         await client.close_connection()
         return n
 
     cpu0 = time.process_time()
     n = asyncio.run(main())
-    elapsed, cpu = last_commit[-1] - sender.t0, time.process_time() - cpu0
+    elapsed, cpu = (last_commit[-1] if last_commit else time.time()) - sender.t0, time.process_time() - cpu0
     conn.close()
     arr = np.asarray(lags) if lags else np.zeros(1)
     return {"msgs": n, "elapsed": elapsed, "cpu": cpu, "p50": float(np.quantile(arr, 0.5)),
@@ -336,8 +349,7 @@ def main() -> None:
                     label = f"{who}_ladder_{r}"
                     out = (peer(label, r, n) if who == "peer"
                            else ours("postgres" if who == "pg" else "parquet", label, r, n))
-                    # kept up: p99 lag < 1 s, and the last commit within 1 s of the last send
-                    if out["p99"] < 1.0 and out["elapsed"] <= n / r + 1.0:
+                    if kept_up(out, n, r):
                         ceilings[who] = float(r)
                     else:
                         alive[who] = False

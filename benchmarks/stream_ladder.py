@@ -17,12 +17,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import _harness as h
 import bench_stream as b
 
 from rltrader.data.store import Store, open_store
 from rltrader.testing import TempPostgres
 
-log = b.h.logger("stream_ladder")
+log = h.logger("stream_ladder")
 
 
 def main() -> None:
@@ -55,7 +56,7 @@ def main() -> None:
                 for who in ("pg", "parquet"):
                     if alive[who]:
                         out = ours(who, f"{who}_ladder_{r}", r, n)
-                        if out["p99"] < 1.0 and out["elapsed"] <= n / r + 1.0:
+                        if b.kept_up(out, n, r):
                             ceilings[who] = r
                         else:
                             alive[who] = False
