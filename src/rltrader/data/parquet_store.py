@@ -341,7 +341,12 @@ class ParquetStore:
         for f in listing.files:
             r = self._key_range(f, key_col)
             if r.rows and r.lo <= hi and lo <= r.hi:  # type: ignore[operator]
-                new = new.join(self._keys(f, key_col).to_frame(), on=key_col, how="anti")
+                # an overlapping write is a backfill or repair of this month: the whole file is read checked
+                # (every page's CRC), as the whole-month merge did, so a damaged month is named before anything
+                # is written beside it; a stream's appends never overlap and never pay for it
+                hit = self._frames.get(str(f))  # a delta this store wrote, unchanged since: rows in memory
+                rows = hit[1] if hit is not None and hit[0] == _sig(f.stat()) else _read_checked(f)
+                new = new.join(rows.select(key_col), on=key_col, how="anti")
                 if new.is_empty():
                     break
         return new
