@@ -165,7 +165,7 @@ def equity(rec: RecordsDep, symbol: Annotated[str | None, Query(max_length=30)] 
     sid = _session(rec)
     if sid is None:
         return []
-    rows = [m for m in rec.marks(sid) if symbol is None or m["symbol"] == symbol]
+    rows = rec.marks(sid, symbol)
     return rows[-limit:]
 
 

@@ -372,8 +372,12 @@ class Records:
                            " AND bar_time <= ? ORDER BY bar_time",
                            (session_id, symbol, (1 << 62) if through is None else int(through)))
 
-    def marks(self, session_id: str | None = None) -> list[dict[str, Any]]:
+    def marks(self, session_id: str | None = None, symbol: str | None = None) -> list[dict[str, Any]]:
+        """Every bar's equity mark of a session (of one ``symbol`` when given), by symbol and bar time."""
         sid = self._session(session_id)
+        if symbol is not None:
+            return self._query("SELECT * FROM marks WHERE session_id = ? AND symbol = ? ORDER BY bar_time",
+                               (sid, symbol))
         return self._query("SELECT * FROM marks WHERE session_id = ? ORDER BY symbol, bar_time", (sid,))
 
     def daily_pnl(self, session_id: str | None = None) -> list[dict[str, Any]]:

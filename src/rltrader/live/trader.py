@@ -293,8 +293,8 @@ class Trader:
         ``update_held`` over the journal's marks — each handled bar's position after its fills — in bar order."""
         book.env[E_HELD, 0] = 0.0
         q0 = 0.0
-        for m in self.records.marks(self.session_id):
-            if m["symbol"] == book.symbol and (rehandle is None or int(m["bar_time"]) < rehandle):
+        for m in self.records.marks(self.session_id, book.symbol):
+            if rehandle is None or int(m["bar_time"]) < rehandle:
                 q1 = float(m["position"])
                 update_held(book.env, 0, q0, q1)
                 q0 = q1
