@@ -81,8 +81,8 @@ seed, so the same models): other processes share this machine and steal whole ti
 ±30 % (every repetition's rate and the load average are printed on stderr). The val figures evaluate the models of
 the last repetition.
 
-``--quick`` (< 1 min on an idle box): one repetition, D3QN ``learning_starts`` 1,920 and 5,120 timed steps, PPO one
-warm-up + two timed updates (8,192 timed steps), 200 val sessions. Default: 2 repetitions, ``learning_starts`` 10,240
+``--quick`` (< 1 min, ~45 s on an idle box): one repetition, D3QN ``learning_starts`` 1,920 and 5,120 timed steps,
+PPO one warm-up + one timed update (4,096 timed steps), 200 val sessions. Default: 2 repetitions, ``learning_starts`` 10,240
 (params.yaml: 10,000) and 40,960 timed steps, PPO 1 + 10 updates (40,960 timed steps), 2,000 val sessions (about
 four minutes).
 """
@@ -472,11 +472,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = h.parser(__doc__, "small step budgets, one repetition (< 1 min in all)")
     ap.add_argument("--sessions", type=Path, default=REPO / "data" / "sessions",
                     help="session dataset folder; its train/val splits are used when built (default: %(default)s)")
-    ap.add_argument("--val-sessions", type=int, default=0, help="val sessions evaluated (default 2000, quick 500)")
+    ap.add_argument("--val-sessions", type=int, default=0, help="val sessions evaluated (default 2000, quick 200)")
     ap.add_argument("--dqn-steps", type=int, default=0,
                     help="timed D3QN env steps after learning_starts (default 40960, quick 5120)")
     ap.add_argument("--ppo-updates", type=int, default=0,
-                    help="timed PPO updates after one warm-up (default 10, quick 2)")
+                    help="timed PPO updates after one warm-up (default 10, quick 1)")
     ap.add_argument("--repeats", type=int, default=0, help="repetitions, ours and the peer alternating; best rate "
                     "(default 2, quick 1)")
     ap.add_argument("--seed", type=int, default=0)
@@ -500,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     dcfg_section = dict(settings.d3qn)
     step_unit = int(dcfg_section.get("num_envs", 64)) * 10  # one log batch of ours (log_every = 10)
     if args.quick:
-        learning_starts, dqn_timed, ppo_updates = 3 * step_unit, 8 * step_unit, 2
+        learning_starts, dqn_timed, ppo_updates = 3 * step_unit, 8 * step_unit, 1
     else:
         starts = int(dcfg_section.get("learning_starts", 10_000))
         learning_starts, dqn_timed, ppo_updates = math.ceil(starts / step_unit) * step_unit, 64 * step_unit, 10

@@ -104,6 +104,11 @@ def test_splits_windows_embargo_and_gaps(built: tuple[Settings, dict[str, Any]])
         assert not ((t[aaa][:, 0] < gap_hi) & (t[aaa][:, -1] >= gap_lo)).any()
         assert ds.features.dtype == np.float32 and ds.features.flags.c_contiguous
         assert np.isfinite(ds.features).all()
+        # the price columns are the rows of one block, which every env over the split shares (no copy per env)
+        from rltrader.env.core import bars_block
+
+        assert bars_block(ds) is ds.open.base and bars_block(ds) is bars_block(ds)
+        assert np.array_equal(bars_block(ds)[3], ds.close)
 
 
 def test_standardised_on_train_only_and_metadata(built: tuple[Settings, dict[str, Any]], tmp_path: Path) -> None:

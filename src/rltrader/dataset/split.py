@@ -241,10 +241,15 @@ def load_split(sessions_dir: Path | str, split: str) -> SessionSet:
         symbols = tuple(meta["symbols"])
         dictionary = sym.dictionary.to_pylist()
         remap = np.array([symbols.index(s) for s in dictionary], dtype=np.int16)
+        # the price columns as the rows of one (5, N) block, which every env over this set reads as is
+        # (``env.core.bars_block``) instead of stacking its own copy (85 MB for the default train split, per env)
+        bars = np.empty((len(PRICE_COLUMNS), rows.num_rows))
+        for i, c in enumerate(PRICE_COLUMNS):
+            bars[i] = rows.column(c).to_numpy()
     index = read_parquet(index_path, "sessions index file", hint)
     return SessionSet(
         features=features,
-        **{c: rows.column(c).to_numpy().astype(np.float64) for c in PRICE_COLUMNS},
+        **{c: bars[i] for i, c in enumerate(PRICE_COLUMNS)},
         time=rows.column("time").cast(pa.int64()).to_numpy(),
         symbol_id=remap[sym.indices.to_numpy()],
         ctx_start=index["ctx_start"].to_numpy(), start=index["start"].to_numpy(), end=index["end"].to_numpy(),

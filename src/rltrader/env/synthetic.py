@@ -27,9 +27,11 @@ def synthetic_sessions(n_symbols: int = 3, bars_per_symbol: int = 400, n_feature
     starts = [s * bars_per_symbol + st for s in range(n_symbols)
               for st in range(context, bars_per_symbol - length + 1, length + gap)]
     start = np.asarray(starts, np.int64)
+    features = rng.normal(size=(n, n_features)).astype(np.float32)  # drawn before the volumes, as always
+    # the price columns as the rows of one (5, N) block: every env over the set reads it in place (env.core.bars_block)
+    bars = np.stack([open_, high, low, close, rng.uniform(0.2, 1.8, n) * volume])
     return SessionSet(
-        features=rng.normal(size=(n, n_features)).astype(np.float32), open=open_, high=high, low=low, close=close,
-        volume=rng.uniform(0.2, 1.8, n) * volume,
+        features=features, open=bars[0], high=bars[1], low=bars[2], close=bars[3], volume=bars[4],
         time=np.tile(np.arange(bars_per_symbol, dtype=np.int64) * 60_000_000, n_symbols),
         symbol_id=np.repeat(np.arange(n_symbols, dtype=np.int16), bars_per_symbol),
         ctx_start=start - context, start=start, end=start + length,
