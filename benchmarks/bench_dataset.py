@@ -60,7 +60,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -231,18 +231,7 @@ def check_peer(symbol: str, ours: pl.DataFrame, peer: pd.DataFrame) -> int:
 
 
 # -- timing helpers ----------------------------------------------------------------------------------------
-@dataclass
-class Timing:
-    rows: int
-    seconds: list[float] = field(default_factory=list)
-
-    @property
-    def best(self) -> float:
-        return min(self.seconds)
-
-    @property
-    def rate(self) -> float:
-        return self.rows / self.best
+Timing = h.Timing
 
 
 def time_features(fn: Callable[[Any], Any], inputs: Sequence[Any], repeats: int) -> tuple[Timing, list[Any]]:

@@ -44,7 +44,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import FrameType
@@ -167,18 +167,7 @@ def peer_subset(files: Sequence[KlineFile], target_rows: int, rows_of: dict[Path
 
 
 # -- timing helpers ----------------------------------------------------------------------------------------
-@dataclass
-class Timing:
-    rows: int
-    seconds: list[float] = field(default_factory=list)
-
-    @property
-    def best(self) -> float:
-        return min(self.seconds)
-
-    @property
-    def rate(self) -> float:
-        return self.rows / self.best
+Timing = h.Timing
 
 
 def checkpoint(url: str) -> None:

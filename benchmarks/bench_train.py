@@ -81,10 +81,10 @@ seed, so the same models): other processes share this machine and steal whole ti
 ±30 % (every repetition's rate and the load average are printed on stderr). The val figures evaluate the models of
 the last repetition.
 
-``--quick`` (< 1 min, ~45 s on an idle box): one repetition, D3QN ``learning_starts`` 1,920 and 5,120 timed steps,
-PPO one warm-up + one timed update (4,096 timed steps), 200 val sessions. Default: 2 repetitions, ``learning_starts`` 10,240
-(params.yaml: 10,000) and 40,960 timed steps, PPO 1 + 10 updates (40,960 timed steps), 2,000 val sessions (about
-four minutes).
+``--quick`` (< 1 min, ~45 s on an idle box): one repetition, D3QN ``learning_starts`` 1,920 and 5,120 timed
+steps, PPO one warm-up + one timed update (4,096 timed steps), 200 val sessions. Default: 2 repetitions,
+``learning_starts`` 10,240 (params.yaml: 10,000) and 40,960 timed steps, PPO 1 + 10 updates (40,960 timed steps),
+2,000 val sessions (about four minutes).
 """
 
 from __future__ import annotations
