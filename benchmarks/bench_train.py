@@ -244,6 +244,9 @@ class Run:
     wall: float
     cpu_seconds: float = math.nan
     """Process CPU seconds over the timed window (one thread: what it would take on an idle core)."""
+    target_pass: float = 1.0
+    """Ours (D3QN): the share of sampled transitions that went through the target net in the timed window (the
+    others ended within the n steps, or their value was cached since the last sync: ``d3qn.target_values``)."""
 
     @property
     def rate(self) -> float:
@@ -280,7 +283,9 @@ def run_ours_d3qn(cfg: d3qn.D3QNConfig, train: SessionSet, val: SessionSet, exec
                   max_sessions=val_sessions).summary() if val_sessions else {}
     at_start = next(r["updates"] for r in rows if r["step"] == cfg.learning_starts)
     samples = (res.updates - at_start) * cfg.batch_size / steps  # updates after learning_starts
-    return Run(int(steps), seconds, res.steps, res.updates, samples, ev, wall, cpu)
+    timed = [r["target_pass"] for r in rows if r["step"] > cfg.learning_starts and "target_pass" in r]
+    return Run(int(steps), seconds, res.steps, res.updates, samples, ev, wall, cpu,
+               float(np.mean(timed)) if timed else 1.0)
 
 
 def run_peer_dqn(cfg: d3qn.D3QNConfig, train: SessionSet, val: SessionSet, execution: ExecutionParams,
@@ -429,6 +434,8 @@ def describe(name: str, r: Run) -> str:
     out = (f"{name}: {r.steps:,} timed steps in {r.seconds:.2f} s ({r.rate:,.0f} steps/s); run {r.total_steps:,} "
            f"steps, {r.updates:,} gradient steps, {r.samples_per_step:.2f} sampled transitions per env step after "
            f"warm-up, {r.wall:.1f} s wall")
+    if r.target_pass < 1.0:
+        out += f"; {r.target_pass:.0%} of the sampled transitions through the target net"
     if r.val:
         out += (f"; val mean return {100 * r.val['mean_return']:+.4f} %, win rate {100 * r.val['win_rate']:.1f} %, "
                 f"{r.val['trades_per_session']:.2f} trades/session")
@@ -534,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         run, peer_d_desc = run_peer_dqn(dcfg, train, val, execution, env_params, ev, context, n_features)
         peer_runs.append(run)
         log(describe("SB3 DQN", run))
-        bounds.append(tb.d3qn_bound(dcfg, train, n_actions, mean_eps))
+        bounds.append(tb.d3qn_bound(dcfg, train, n_actions, mean_eps, ours_runs[-1].target_pass))
         log(bounds[-1].describe("D3QN"))
     ours_d, peer_d = best_of("ours D3QN", ours_runs), best_of("SB3 DQN", peer_runs)
     bound_d = best_bound("D3QN compute bound", bounds)

@@ -10,10 +10,11 @@ the peer's algorithm asks for (an upper limit of its own rate).
 Per env step, at ``num_envs`` envs per vector step:
 
 - D3QN: one acting forward pass of ``num_envs`` windows per vector step, plus ``num_envs × replay_ratio /
-  batch_size`` updates, each ``d3qn.learn_step`` as ``td_update`` calls it: the double-DQN target (online AND
-  target net forward over the batch's next windows; the online net's two passes share one convolution pass,
-  ``DuelingQNet.pair``, for the CNN encoder), the online forward + backward over the batch, clipping and an Adam
-  step.
+  batch_size`` updates, each ``d3qn.target_values`` + ``d3qn.learn_step`` as ``td_update`` calls them: the
+  double-DQN target (the online net's forward over the batch's next windows — sharing one convolution pass with
+  its forward over the windows, ``DuelingQNet.pair``, for the CNN encoder — and the target net's over the share
+  of rows the run sent through it: not the episodes that ended within the n steps, not the values cached since
+  the last sync), the online forward + backward over the batch, clipping and an Adam step.
 - SB3 DQN (same network and batch): its ε-greedy skips the network for the whole vector step with probability
   ε (the mean ε over the timed window is used), and its target is the target net's max (no online pass over
   the next windows).
@@ -113,8 +114,11 @@ class Bound:
                 f"{self.peer_update_ms:.2f} ms, {self.peer_flop_per_step / 1e6:.2f} MFLOP per env step)")
 
 
-def d3qn_bound(cfg: d3qn.D3QNConfig, data: SessionSet, n_actions: int, mean_eps: float, blocks: int = 3,
-               calls: int = 8) -> Bound:
+def d3qn_bound(cfg: d3qn.D3QNConfig, data: SessionSet, n_actions: int, mean_eps: float, target_pass: float = 1.0,
+               blocks: int = 3, calls: int = 8) -> Bound:
+    """``target_pass``: the share of a batch's rows the training run sent through the target net (measured in
+    the same run; ``d3qn.target_values`` skips the rows whose episode ended within the n steps and reads back
+    the ones cached since the last sync), so the bound does the target work the run did."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     n_features = data.features.shape[1]
@@ -133,15 +137,19 @@ def d3qn_bound(cfg: d3qn.D3QNConfig, data: SessionSet, n_actions: int, mean_eps:
     ret = torch.from_numpy(rng.normal(size=cfg.batch_size).astype(np.float32))
     disc = torch.full((cfg.batch_size,), cfg.gamma**cfg.n_step)
     weights = torch.ones(cfg.batch_size)
+    # the rows td_update sends through the target net: the first ones skipped, as many as the run skipped
+    passed = np.where(np.arange(cfg.batch_size) < round(cfg.batch_size * (1.0 - target_pass)), 0.0,
+                      cfg.gamma**cfg.n_step).astype(np.float32)
 
     def act() -> None:
         with torch.no_grad():
             online(act_w, act_s)
 
-    def update() -> None:  # ours: train_d3qn's learn_step on the same tensors td_update hands it
+    def update() -> None:  # ours: td_update's target_values + learn_step on the same tensors it hands them
+        q_target, _ = d3qn.target_values(target, nw, ns, passed)
         d3qn.learn_step(online, target, opt, cfg, windows=ext if shift else w, next_windows=None if shift else nw,
                         state=s, action=action, next_state=ns, next_mask=mask, returns=ret, discount=disc,
-                        weights=weights, step=0, shift=shift)
+                        weights=weights, step=0, shift=shift, q_target=q_target)
 
     def peer_update() -> None:  # SB3 DQN: max of the target net over the next windows, Huber loss, clip, Adam
         with torch.no_grad():

@@ -400,3 +400,62 @@ def test_soft_target_sync_is_polyak() -> None:
     assert torch.allclose(b.weight, 0.75 * before + 0.25 * a.weight)
     sync_target(a, b, 1.0)
     assert torch.equal(b.weight, a.weight)
+
+
+# --- the target net's values: only the rows that count, each computed once per sync ---------------------------
+
+
+def test_target_values_skip_dead_rows_and_read_back_cached_ones() -> None:
+    torch.manual_seed(0)
+    net = DuelingQNet(4, 12, 8, 3, SMALL_NET)
+    w, s = torch.randn(40, 12, 4), torch.randn(40, 8)
+    with torch.no_grad():
+        full = net(w, s)
+    disc = np.where(np.arange(40) % 4 == 0, 0.0, 0.9).astype(np.float32)  # every 4th episode ended: not read
+    q, passes = d3qn.target_values(net, w, s, disc)
+    alive = disc != 0
+    assert passes == alive.sum() == 30
+    assert torch.allclose(q[alive], full[alive], atol=1e-6) and (q[~alive] == 0).all()
+    cache = d3qn.TargetCache(100, 3, torch.device("cpu"))
+    slots = np.arange(40) + 50
+    q1, p1 = d3qn.target_values(net, w, s, disc, slots, cache)
+    assert p1 == 30 and cache.valid[slots[alive]].all() and not cache.valid[slots[~alive]].any()
+    with torch.no_grad():  # the net changes without a sync: cached rows are read back, the others computed
+        for p in net.parameters():
+            p.add_(1.0)
+    half = np.arange(40) % 2 == 0
+    cache.forget(slots[half])
+    q2, p2 = d3qn.target_values(net, w, s, disc, slots, cache)
+    assert p2 == (alive & half).sum()
+    assert torch.equal(q2[alive & ~half], q1[alive & ~half])  # cached: exactly the stored values
+    assert not torch.allclose(q2[alive & half], q1[alive & half])  # recomputed with the changed net
+    cache.clear()
+    assert d3qn.target_values(net, w, s, disc, slots, cache)[1] == 30
+
+
+def test_cached_target_values_are_never_stale(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through hard syncs and a replay ring that wraps many times, every value the cache serves equals a fresh
+    target pass over the same successor observations (the check runs on every batch of a real training run)."""
+    data, _, cfg = _tiny()
+    cfg = dataclasses.replace(cfg, total_steps=16 * 60, buffer_size=16 * 12, target_sync=7, eval_every=0,
+                              checkpoint_every=0)
+    real = d3qn.target_values
+    served: list[int] = []
+
+    def checked(target: nn.Module, nw: torch.Tensor, ns: torch.Tensor, disc: np.ndarray,
+                slots: np.ndarray | None = None, cache: d3qn.TargetCache | None = None) -> tuple[torch.Tensor, int]:
+        assert cache is not None and slots is not None
+        hit = (disc != 0) & cache.valid[slots]
+        q, passes = real(target, nw, ns, disc, slots, cache)
+        with torch.no_grad():
+            fresh = target(nw, ns)
+        alive = torch.from_numpy(disc != 0)
+        assert torch.allclose(q[alive], fresh[alive], atol=1e-5, rtol=1e-5)
+        served.append(int(hit.sum()))
+        assert passes == int((disc != 0).sum()) - served[-1]
+        return q, passes
+
+    monkeypatch.setattr(d3qn, "target_values", checked)
+    res = train_d3qn(data, None, cfg, ExecutionParams(), EnvParams(), progress=False)
+    assert res.updates >= 4 * cfg.target_sync and sum(served) > 0  # syncs happened and the cache served rows
+    assert any(0 < r.get("target_pass", 0.0) < 1 for r in res.history)

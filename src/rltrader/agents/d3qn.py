@@ -165,12 +165,78 @@ def double_q_target(online: nn.Module, target: nn.Module, next_windows: torch.Te
 
 def bootstrap_target(q_next_online: torch.Tensor, target: nn.Module, next_windows: torch.Tensor,
                      next_state: torch.Tensor, next_mask: torch.Tensor, returns: torch.Tensor,
-                     discount: torch.Tensor) -> torch.Tensor:
-    """``double_q_target`` given the online net's Q of the successor observations (computed by the caller)."""
+                     discount: torch.Tensor, q_target: torch.Tensor | None = None) -> torch.Tensor:
+    """``double_q_target`` given the online net's Q of the successor observations (computed by the caller), and
+    optionally the target net's (``target_values``; else one target pass over ``next_windows`` here)."""
     with torch.no_grad():
         best = masked_logits(q_next_online, next_mask).argmax(dim=1, keepdim=True)
-        q_next: torch.Tensor = target(next_windows, next_state).gather(1, best).squeeze(1)
+        q_t = target(next_windows, next_state) if q_target is None else q_target
+        q_next: torch.Tensor = q_t.gather(1, best).squeeze(1)
         return returns + discount * q_next
+
+
+class TargetCache:
+    """The target net's Q-values of each replay slot's bootstrap observation, reused until either changes.
+
+    Between two hard syncs (``tau = 1``: every ``target_sync`` updates) the target net is fixed, and a slot's
+    successor observation is fixed from the moment it becomes sampleable until the slot is written again. PER
+    samples a transition several times in that span (``replay_ratio`` samples per env step on average, high
+    priorities more), so its ``Q_target(s', ·)`` row is computed once and read back after: the same values
+    (a row's result does not depend on the other rows of the pass), one target pass less per hit. ``forget``
+    is called for the slots ``PrioritizedReplay.add`` writes, ``clear`` at every sync. Not used with Polyak
+    averaging (the target changes every update). ``passes`` / ``rows`` count the rows that went through the
+    target net against all rows asked for (logged as ``target_pass``)."""
+
+    def __init__(self, size: int, n_actions: int, device: torch.device) -> None:
+        self.q = torch.zeros(size, n_actions, device=device)
+        self.valid = np.zeros(size, dtype=bool)
+
+    def forget(self, slots: slice | np.ndarray) -> None:
+        self.valid[slots] = False
+
+    def clear(self) -> None:
+        self.valid[:] = False
+
+    def state(self) -> dict[str, Any]:
+        return {"q": self.q.cpu().clone(), "valid": self.valid.copy()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.q.copy_(state["q"])
+        self.valid[:] = state["valid"]
+
+
+def target_values(target: nn.Module, next_windows: torch.Tensor, next_state: torch.Tensor, discount: np.ndarray,
+                  slots: np.ndarray | None = None, cache: TargetCache | None = None) -> tuple[torch.Tensor, int]:
+    """``Q_target(s', ·)`` of a batch, ``(B, A)``, and how many rows went through the target net.
+
+    Only the rows whose bootstrap term counts are computed: where ``discount`` is 0 (the episode ended within
+    the n steps) the row is never read (``R + 0 · Q``) and holds 0; with a ``cache`` (and the batch's replay
+    ``slots``) a row computed since the last sync is read back. ``discount`` is the host copy, so that choosing
+    rows never waits for a device."""
+    dev = next_windows.device
+
+    def idx(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(dev)
+
+    need = discount != 0
+    keep = cache is not None and slots is not None
+    hit = need & cache.valid[slots] if cache is not None and slots is not None else np.zeros_like(need)
+    need &= ~hit
+    rows = np.flatnonzero(need)
+    with torch.no_grad():
+        if len(rows) == len(need):
+            q: torch.Tensor = target(next_windows, next_state)
+        else:
+            q = torch.zeros(len(need), _n_actions(target), device=dev)
+            if len(rows):
+                q[idx(rows)] = target(next_windows[idx(rows)], next_state[idx(rows)])
+            if cache is not None and slots is not None and hit.any():
+                q[idx(np.flatnonzero(hit))] = cache.q[idx(slots[hit])]
+        if keep and len(rows):
+            assert cache is not None and slots is not None
+            cache.q[idx(slots[rows])] = q[idx(rows)]
+            cache.valid[slots[rows]] = True
+    return q, len(rows)
 
 
 def shared_windows(batch: Batch, n_step: int) -> bool:
@@ -183,7 +249,7 @@ def shared_windows(batch: Batch, n_step: int) -> bool:
 def learn_step(online: nn.Module, target: nn.Module, optimizer: torch.optim.Optimizer, cfg: D3QNConfig, *,
                windows: torch.Tensor, next_windows: torch.Tensor | None, state: torch.Tensor, action: torch.Tensor,
                next_state: torch.Tensor, next_mask: torch.Tensor, returns: torch.Tensor, discount: torch.Tensor,
-               weights: torch.Tensor, step: int, shift: int = 0
+               weights: torch.Tensor, step: int, shift: int = 0, q_target: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The network work of one update: double-DQN targets, the weighted Huber loss, backward, clipping, Adam.
 
@@ -191,7 +257,9 @@ def learn_step(online: nn.Module, target: nn.Module, optimizer: torch.optim.Opti
     (``next_windows`` None): ``windows`` holds each observation window plus the n bars after it
     (``ObsGather.extended``; the successor window is ``[:, n:]``) and the online net's two passes share their
     convolutions (``DuelingQNet.pair``, the same values). Returns (loss, TD errors, Q of the taken actions,
-    gradient norm). ``returns`` are already scaled by ``reward_scale``. The compute bound of
+    gradient norm). ``returns`` are already scaled by ``reward_scale``. ``q_target``: the target net's Q of the
+    successor observations when the caller has them (``target_values``: only the rows that count, cached ones
+    read back); else one target pass over the whole batch here. The compute bound of
     ``benchmarks/bench_train.py`` times this very function."""
     if next_windows is None:
         assert isinstance(online, DuelingQNet) and shift > 0
@@ -201,7 +269,7 @@ def learn_step(online: nn.Module, target: nn.Module, optimizer: torch.optim.Opti
         with torch.no_grad():
             q_next_online = online(next_windows, next_state)
         q_all = online(windows, state)
-    y = bootstrap_target(q_next_online, target, next_windows, next_state, next_mask, returns, discount)
+    y = bootstrap_target(q_next_online, target, next_windows, next_state, next_mask, returns, discount, q_target)
     q = q_all.gather(1, action[:, None]).squeeze(1)
     td = y - q
     loss = (weights * F.smooth_l1_loss(q, y, reduction="none")).mean()
@@ -215,11 +283,12 @@ def learn_step(online: nn.Module, target: nn.Module, optimizer: torch.optim.Opti
 
 def td_update(online: nn.Module, target: nn.Module, optimizer: torch.optim.Optimizer, gather: ObsGather,
               replay: PrioritizedReplay, cfg: D3QNConfig, beta: float, rng: np.random.Generator,
-              step: int, can_pair: bool = False) -> dict[str, float]:
-    """One gradient step on a prioritized batch; updates the priorities. Returns loss / |TD| / Q means.
+              step: int, can_pair: bool = False, cache: TargetCache | None = None) -> dict[str, float]:
+    """One gradient step on a prioritized batch; updates the priorities. Returns loss / |TD| / Q means and
+    ``target_pass``, the share of the batch's rows that went through the target net (``target_values``).
 
     ``can_pair``: the online net has ``pair`` (``DuelingQNet.can_pair``); it is used when every transition of
-    the batch qualifies (``shared_windows``)."""
+    the batch qualifies (``shared_windows``). ``cache``: the target net's values by replay slot (hard syncs)."""
     dev = gather.device
     b = replay.sample(cfg.batch_size, beta, rng)
     shift = cfg.n_step if can_pair and shared_windows(b, cfg.n_step) else 0
@@ -229,14 +298,18 @@ def td_update(online: nn.Module, target: nn.Module, optimizer: torch.optim.Optim
     def t(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x).to(dev)
 
+    next_state = t(b.next_state)
+    q_target, passes = target_values(target, windows[:, shift:] if next_windows is None else next_windows,
+                                     next_state, b.discount, b.slots, cache)
     loss, td, q, grad_norm = learn_step(
         online, target, optimizer, cfg, windows=windows, next_windows=next_windows, state=t(b.state),
-        action=t(b.action), next_state=t(b.next_state), next_mask=t(b.next_mask),
-        returns=t(b.returns) * cfg.reward_scale, discount=t(b.discount), weights=t(b.weights), step=step, shift=shift)
+        action=t(b.action), next_state=next_state, next_mask=t(b.next_mask),
+        returns=t(b.returns) * cfg.reward_scale, discount=t(b.discount), weights=t(b.weights), step=step, shift=shift,
+        q_target=q_target)
     td_abs = td.abs()
     replay.update_priorities(b.slots, td_abs.cpu().numpy().astype(np.float64))
     return {"loss": float(loss), "td_abs": float(td_abs.mean()), "q_mean": float(q.mean()),
-            "grad_norm": float(grad_norm)}
+            "grad_norm": float(grad_norm), "target_pass": passes / len(b.slots)}
 
 
 def sync_target(online: nn.Module, target: nn.Module, tau: float) -> None:
@@ -323,6 +396,7 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
     replay = PrioritizedReplay(cfg.buffer_size, cfg.num_envs, N_STATE, env.n_actions, alpha=cfg.per_alpha,
                                n_step=cfg.n_step, gamma=cfg.gamma)
     gather = ObsGather(env, device)
+    cache = TargetCache(replay.size, env.n_actions, device) if cfg.tau >= 1.0 else None
     c = _Counters(action_counts=[0] * env.n_actions)
 
     ckpt_path = checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir is not None else None
@@ -337,6 +411,8 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
         optimizer.load_state_dict(ck["optimizer"])
         load_replay_state(replay, ck["replay"])
         load_env_state(env, ck["env"])
+        if cache is not None and "target_cache" in ck:  # older checkpoints: recomputed (the same values)
+            cache.load(ck["target_cache"])
         rng.bit_generator.state = ck["np_rng"] if "np_rng" in ck else ck["rng"]  # "rng": older checkpoints
         torch.set_rng_state(ck["torch_rng"])
         c = ck["counters"]
@@ -355,7 +431,8 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
             "config": dataclasses.asdict(cfg), "spec": spec, "online": online.state_dict(),
             "target": target.state_dict(), "optimizer": optimizer.state_dict(), "replay": replay_state(replay),
             "env": env_state(env), "np_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-            "counters": c, "best_state": best_state})
+            "counters": c, "best_state": best_state,
+            **({"target_cache": cache.state()} if cache is not None else {})})
 
     def run_eval() -> None:
         nonlocal best_state
@@ -416,6 +493,8 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
                 online.train()
             out = env.step(actions)
             done = out.terminated | out.truncated
+            if cache is not None:  # the slots this step overwrites: their successors change
+                cache.forget(slice(replay.head * replay.B, (replay.head + 1) * replay.B))
             replay.add(rows, state, mask, actions, out.reward, done)
             c.step += cfg.num_envs
             c.vec_steps += 1
@@ -429,7 +508,7 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
                 while c.update_credit >= 1.0:
                     c.update_credit -= 1.0
                     info = td_update(net_fwd, target, optimizer, gather, replay, cfg, cfg.beta(c.step), rng, c.step,
-                                     can_pair)
+                                     can_pair, cache)
                     c.updates += 1
                     _stat(c, "n_updates", 1.0)
                     for k, v in info.items():
@@ -438,6 +517,8 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
                         sync_target(online, target, cfg.tau)
                     elif c.updates % cfg.target_sync == 0:
                         sync_target(online, target, 1.0)
+                        if cache is not None:
+                            cache.clear()
             # 3. log, evaluate, checkpoint
             if c.vec_steps >= cfg.log_every:
                 check_params_finite(c.step, online)
@@ -481,7 +562,7 @@ def train_d3qn(train: SessionSet, val: SessionSet | None, cfg: D3QNConfig, execu
                       steps_per_second=sps)
 
 
-__all__ = ["CHECKPOINT_NAME", "D3QNConfig", "D3QNResult", "TrainingError", "bootstrap_target", "build_q_net",
-           "check_action_shape", "double_q_target", "greedy_policy", "learn_step", "load_checkpoint", "q_values",
-           "random_valid_actions", "save_checkpoint", "select_actions", "shared_windows", "sync_target", "td_update",
-           "train_d3qn"]
+__all__ = ["CHECKPOINT_NAME", "D3QNConfig", "D3QNResult", "TargetCache", "TrainingError", "bootstrap_target",
+           "build_q_net", "check_action_shape", "double_q_target", "greedy_policy", "learn_step", "load_checkpoint",
+           "q_values", "random_valid_actions", "save_checkpoint", "select_actions", "shared_windows", "sync_target",
+           "target_values", "td_update", "train_d3qn"]
