@@ -137,8 +137,10 @@ def bound_error(exc: BaseException, bounds: PgBounds, what: str, *, lock_wait: s
     ``what`` names the operation, table and series (``write_klines into kline_data (futures-um BTCUSDT 1m)``);
     ``lock_wait`` overrides the lock wording when the wait was for the series' advisory lock (bounded by the
     statement bound)."""
-    if isinstance(exc, psycopg.errors.LockNotAvailable):
-        bound = lock_wait or f"lock_timeout {fmt_s(bounds.lock_timeout)} exceeded (another session holds a lock)"
+    if lock_wait and isinstance(exc, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled):
+        bound = lock_wait  # the statement bound ended the wait (as statement or as lock timeout: both are set)
+    elif isinstance(exc, psycopg.errors.LockNotAvailable):
+        bound = f"lock_timeout {fmt_s(bounds.lock_timeout)} exceeded (another session holds a lock)"
     elif isinstance(exc, psycopg.errors.QueryCanceled):
         if "statement timeout" in str(exc):
             bound = f"statement_timeout {fmt_s(bounds.statement_timeout)} exceeded"
