@@ -194,6 +194,12 @@ def test_bounds_reach_the_server_and_keep_the_urls_own_options(pg_url: str) -> N
             shown = [conn.execute(f"SHOW {k}".encode()).fetchone()
                      for k in ("statement_timeout", "lock_timeout", "application_name")]
         assert shown == [("12s",), ("0",), ("rlt",)]
+        # the client side: libpq's connect bound and keepalives on the pooled connection
+        params = {o.keyword.decode(): (o.val or b"").decode() for o in conn.pgconn.info}
+        assert {k: params[k] for k in ("connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval",
+                                       "keepalives_count")} == {"connect_timeout": "10", "keepalives": "1",
+                                                                "keepalives_idle": "30", "keepalives_interval": "10",
+                                                                "keepalives_count": "3"}
     finally:
         st.close()
 
@@ -317,7 +323,8 @@ def test_repo_params_give_the_default_bounds() -> None:
     s = load_settings(REPO / "params.yaml", env={})
     assert s.postgres.bounds() == PgBounds(10, 300.0, 30.0, 30.0)
     assert PgBounds().connect_kwargs("postgresql://u@h/db") == {
-        "connect_timeout": 10, "options": "-c statement_timeout=300000 -c lock_timeout=30000"}
+        "connect_timeout": 10, "options": "-c statement_timeout=300000 -c lock_timeout=30000",
+        "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [

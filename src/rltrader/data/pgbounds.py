@@ -73,7 +73,16 @@ class PgBounds:
         argument would replace it)."""
         own = f"-c statement_timeout={ms(self.statement_timeout)} -c lock_timeout={ms(self.lock_timeout)}"
         given = conninfo_to_dict(url).get("options")
-        return {"connect_timeout": int(self.connect_timeout), "options": f"{given} {own}" if given else own}
+        return {"connect_timeout": int(self.connect_timeout), "options": f"{given} {own}" if given else own,
+                **KEEPALIVES}
+
+
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+"""TCP keepalives on every connection: the server-side bounds cannot fire when the server's host is gone or the
+network partitioned while we wait for a reply; the kernel's defaults notice that after 2 h, these after ~60 s of
+silence. Probes go only while the connection is idle at the TCP level, and a busy server's kernel answers them,
+so a long legitimate statement is never cut by them (a bound on sends, ``tcp_user_timeout``, is deliberately
+not set: a server slow to drain a COPY would trip it)."""
 
 
 def ms(seconds: float) -> int:
