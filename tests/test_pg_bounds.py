@@ -318,6 +318,24 @@ def test_refused_connect_names_the_place_not_the_password() -> None:
     assert "hunter2" not in str(exc.value)
 
 
+def test_cli_reports_the_configured_connect_bound_as_one_line(silent_port: int, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``postgres.connect_timeout_seconds`` reaches the store through the CLI, and the user sees one clear line."""
+    from typer.testing import CliRunner
+
+    from rltrader.cli import app
+
+    monkeypatch.setenv("RLTRADER_PARAMS", str(REPO / "params.yaml"))
+    monkeypatch.setenv("RLTRADER_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("RLTRADER_POSTGRES__CONNECT_TIMEOUT_SECONDS", "3")
+    res = CliRunner().invoke(app, ["data", "stats", "--store", f"postgresql://bob:pw9@127.0.0.1:{silent_port}/m"])
+    assert res.exit_code == 1, res.output
+    text = " ".join(res.output.split())
+    assert (f"error: PostgreSQL store: cannot connect to PostgreSQL at 127.0.0.1:{silent_port}/m: connect_timeout 3 s "
+            "exceeded (no answer from the server)") in text
+    assert "pw9" not in res.output
+
+
 # -- config --------------------------------------------------------------------------------------------------------
 def test_repo_params_give_the_default_bounds() -> None:
     s = load_settings(REPO / "params.yaml", env={})
