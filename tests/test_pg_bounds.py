@@ -27,6 +27,7 @@ from polars.testing import assert_frame_equal
 from test_stream_bounds import FAST, RawServer, bounded, kline_message, read_handshake, replay, ws_frame
 
 from rltrader.config import load_settings
+from rltrader.data import postgres_store
 from rltrader.data.pgbounds import PgBounds, table_of
 from rltrader.data.postgres_store import PostgresStore
 from rltrader.data.schema import Market
@@ -140,15 +141,18 @@ def test_a_series_held_by_another_writer_rolls_back_the_whole_batch(pg_url: str)
 
 @pytest.mark.postgres
 @pytest.mark.usefixtures("shared_archive")
-def test_statement_bound_trips_inside_the_copy(pg_url: str) -> None:
-    """A server that stalls the write (a trigger sleeping before the COPY's rows land): the statement bound ends
-    it, named, rolled back; without the stall the same write succeeds."""
+def test_statement_bound_trips_inside_the_copy(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that stalls the write (a trigger that sleeps once the table has rows, i.e. at the write's second
+    COPY statement: a big write is split into several): the statement bound ends it, named, and the whole write is
+    rolled back, the first statement's rows included; without the stall the same write stores every row."""
+    monkeypatch.setattr(postgres_store, "COPY_STATEMENT_ROWS", 50)
     rows = klines()
     st = PostgresStore(pg_url, bounds=PgBounds(statement_timeout=0.4))
     try:
         with psycopg.connect(pg_url, autocommit=True) as conn:
             conn.execute("CREATE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS "
-                         "$$ BEGIN PERFORM pg_sleep(30); RETURN NULL; END $$")
+                         "$$ BEGIN IF EXISTS (SELECT 1 FROM kline_data) THEN PERFORM pg_sleep(30); END IF; "
+                         "RETURN NULL; END $$")
             conn.execute("CREATE TRIGGER stall BEFORE INSERT ON kline_data FOR EACH STATEMENT "
                          "EXECUTE FUNCTION stall()")
         got, took = within(30, lambda: st.write_klines(rows))
@@ -160,7 +164,9 @@ def test_statement_bound_trips_inside_the_copy(pg_url: str) -> None:
         assert count(pg_url, "SELECT count(*) FROM kline_data") == 0
         with psycopg.connect(pg_url, autocommit=True) as conn:
             conn.execute("DROP TRIGGER stall ON kline_data")
-        assert st.write_klines(rows).inserted == rows.height
+        assert st.write_klines(rows).inserted == rows.height  # 3 COPY statements of <= 50 rows
+        stored = st.read_klines("spot", "BTCUSDT", "1m")
+        assert_frame_equal(stored, rows.select(stored.columns).cast(stored.schema))  # type: ignore[arg-type]
         # a read is bounded the same way (and not said to have rolled anything back): waiting on the lock, the
         # statement bound (0.4 s) trips before the lock bound (30 s)
         with holding(pg_url, "LOCK TABLE kline_data IN ACCESS EXCLUSIVE MODE"):

@@ -16,9 +16,10 @@ Defaults (``params.yaml`` ``postgres:``):
 
 - ``connect_timeout_seconds: 10`` — a healthy server answers a connect in milliseconds, even across a region;
   10 s rides out a busy server without letting a dead or black-holed host stall a start for minutes.
-- ``statement_timeout_seconds: 300`` — the longest statements are bulk binary COPYs of an archive month
-  (measured 1-2 M rows/s, so a monthly aggTrades file of ~100 M rows needs up to ~100 s) and the key scans before
-  them; 300 s leaves 3x headroom on a loaded machine while still ending a wedged statement.
+- ``statement_timeout_seconds: 300`` — the longest statements are the store's bulk binary COPYs, split at
+  ``COPY_STATEMENT_ROWS`` (4 M rows, ~2-4 s at the measured 1-2 M rows/s) so even a ~100 M-row month of aggTrades
+  is many short statements, and the key scan before them (one index range scan per series and write, seconds for
+  a month). 300 s is ~100x the nominal statement and still ends a wedged one within minutes.
 - ``lock_timeout_seconds: 30`` — table locks are normally held for milliseconds; longer means another session
   holds ``ACCESS EXCLUSIVE`` (DDL, ``LOCK TABLE``, ``VACUUM FULL``, a migration). 30 s absorbs a quick migration,
   then the write fails (rolled back) and the caller's retry takes over. The store's per-series advisory lock is
