@@ -314,6 +314,26 @@ def test_connect_to_a_silent_server_fails_within_the_connect_bound(silent_port: 
     assert took < 30, took
 
 
+@pytest.mark.slow  # the default 10 s connect bound (the tune storage has no setting of its own)
+def test_tune_storage_connect_is_bounded(silent_port: int, tmp_path: Path) -> None:
+    """Optuna's study storage and the tune budget lock on PostgreSQL: a silent server fails at the 10 s connect
+    bound (psycopg's own default would wait 130 s)."""
+    from rltrader.tune.storage import budget_lock, open_storage, storage_url
+
+    url = storage_url(f"postgresql://u@127.0.0.1:{silent_port}/studies", tmp_path)
+    got, took = within(60, lambda: open_storage(url, 30, 120, 1))
+    assert isinstance(got, Exception) and "timeout expired" in str(got), got
+    assert took < 40, took
+
+    def lock() -> None:
+        with budget_lock(url, "s"):
+            pass
+
+    got, took = within(60, lock)
+    assert isinstance(got, psycopg.errors.ConnectionTimeout), got
+    assert took < 40, took
+
+
 def test_refused_connect_names_the_place_not_the_password() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

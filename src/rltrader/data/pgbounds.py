@@ -78,7 +78,7 @@ class PgBounds:
                 **KEEPALIVES}
 
 
-KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+KEEPALIVES: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 """TCP keepalives on every connection: the server-side bounds cannot fire when the server's host is gone or the
 network partitioned while we wait for a reply; the kernel's defaults notice that after 2 h, these after ~60 s of
 silence. Probes go only while the connection is idle at the TCP level, and a busy server's kernel answers them,
