@@ -72,7 +72,7 @@ def _fail(msg: str) -> NoReturn:
 def _context(store_url: str | None) -> Iterator[tuple[Settings, Store]]:
     try:
         settings = load_settings()
-        store = open_store(store_url or settings.data.store_url, settings.data.dir)
+        store = open_store(store_url or settings.data.store_url, settings.data.dir, settings.postgres.bounds())
     except (RLTraderError, ValueError) as exc:
         _fail(str(exc))
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -23,6 +23,9 @@ from rltrader.errors import ConfigError
 from rltrader.evaluate.filters import BacktestFilters
 from rltrader.execution import ExecutionParams
 from rltrader.market import Market
+
+if TYPE_CHECKING:  # psycopg is imported only where PostgreSQL is used
+    from rltrader.data.pgbounds import PgBounds
 
 ENV_PREFIX = "RLTRADER_"
 ALIASES = {
@@ -340,6 +343,34 @@ class PromoteSettings(_Strict):
     decision_path: Path = Path("reports/promotion.json")
 
 
+class PostgresSettings(_Strict):
+    """Bounds on every PostgreSQL wait of the market data store and the trader's journal (``rltrader.data.pgbounds``
+    explains the defaults). A tripped bound is one ``StoreError`` naming operation, table/series and bound."""
+
+    connect_timeout_seconds: int = Field(default=10, ge=2)
+    """libpq ``connect_timeout``: whole seconds, at least 2 (libpq's minimum; it has no usable "off")."""
+    statement_timeout_seconds: float = Field(default=300.0, ge=0)
+    """Server-side ``statement_timeout`` per statement (bulk COPYs included); 0 = off (PostgreSQL's convention)."""
+    lock_timeout_seconds: float = Field(default=30.0, ge=0)
+    """Server-side ``lock_timeout`` on a table/row lock held by another session; 0 = off (PostgreSQL's
+    convention). The store's wait for another writer of the same series is bounded by the statement bound."""
+    pool_timeout_seconds: float = Field(default=30.0, gt=0)
+    """How long a store call waits for a free pooled connection (no "off": not a PostgreSQL setting)."""
+
+    @field_validator("statement_timeout_seconds", "lock_timeout_seconds")
+    @classmethod
+    def _ms(cls, v: float) -> float:
+        if 0 < v < 0.001:
+            raise ValueError("0 (off) or at least 0.001 (PostgreSQL counts whole milliseconds)")
+        return v
+
+    def bounds(self) -> PgBounds:
+        from rltrader.data.pgbounds import PgBounds
+
+        return PgBounds(self.connect_timeout_seconds, self.statement_timeout_seconds, self.lock_timeout_seconds,
+                        self.pool_timeout_seconds)
+
+
 class TraderSettings(_Strict):
     """``rltrader trade`` (``rltrader.live``): execution, env, sizing and filters are the backtest's sections."""
 
@@ -403,6 +434,7 @@ class Settings(_Strict):
     data: DataSettings = Field(default_factory=DataSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings)
     features: FeatureSettings = Field(default_factory=FeatureSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
     execution: ExecutionParams = Field(default_factory=ExecutionParams)

@@ -11,6 +11,11 @@ class ConfigError(RLTraderError):
     """A parameter in params.yaml or the environment is unknown or has the wrong type."""
 
 
+class StoreError(RLTraderError):
+    """A database wait outlived its bound (connect, pool, lock or statement timeout) or the database is
+    unreachable; the message names the operation, table/series and the bound. Writes were rolled back."""
+
+
 class DataError(RLTraderError):
     """Input data is unusable: corrupt zip, checksum mismatch, truncated or malformed file, unknown symbol."""
 

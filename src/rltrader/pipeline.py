@@ -47,7 +47,7 @@ def run_pipeline(settings: Settings, *, reports_dir: Path = Path("reports"), pro
             on_stage(name, out["seconds"][name])
         return result
 
-    store = open_store(settings.data.store_url, settings.data.dir)
+    store = open_store(settings.data.store_url, settings.data.dir, settings.postgres.bounds())
     try:
         out["ingest"] = timed("ingest", lambda: run_ingest_stage(settings, store, reports_dir / "ingest.json",
                                                                  progress=progress))

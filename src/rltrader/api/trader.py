@@ -43,7 +43,7 @@ def records_of(request: Request) -> Records:
                 from rltrader.live.records import open_records
 
                 settings = load_settings()
-                rec = open_records(settings.trader.records_url, settings.data.dir)
+                rec = open_records(settings.trader.records_url, settings.data.dir, bounds=settings.postgres.bounds())
             else:
                 rec = Records(url)
             state.trader_records = rec

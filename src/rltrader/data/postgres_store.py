@@ -10,6 +10,10 @@ through a staging table with ``INSERT … ON CONFLICT DO NOTHING``.
 When the ``timescaledb`` extension is available the migration turns the data tables into hypertables with
 compression policies and adds continuous aggregates rolling trades into 5 s and 1 m bars; otherwise the same
 bar query runs with ``date_bin`` on plain tables. Results are the same either way.
+
+Every wait is bounded (:mod:`rltrader.data.pgbounds`, ``params.yaml`` ``postgres:``): connects, the pool, locks and
+statements. A tripped bound raises one :class:`~rltrader.errors.StoreError` naming the operation, table, series and
+bound, after the call's transaction rolled back (a write stores all of its rows or none).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from psycopg.copy import QueuedLibpqWriter
 from psycopg_pool import ConnectionPool
 
 from rltrader.data import pgcopy
+from rltrader.data.pgbounds import PgBounds, Site, bounded, connect, fmt_s, ms
 from rltrader.data.pgcopy import PgType
 from rltrader.data.schema import (
     AGG_TRADE_SCHEMA,
@@ -55,6 +60,9 @@ BAR_VALUE_COLUMNS = ["open", "high", "low", "close", "volume", "quote_volume", "
 _LOCK_SPACE = {"kline_data": 1, "agg_trade_data": 2}  # advisory lock namespaces, stable across processes
 _KEY_SEND = {"timestamptz": "timestamptz_send", "int8": "int8send"}  # key → its 8-byte big-endian bytea
 COPY_CHUNK_ROWS = 131_072  # ~17 MB of kline payload: big enough to amortise, small enough to overlap
+COPY_STATEMENT_ROWS = 32 * COPY_CHUNK_ROWS
+"""Rows per COPY statement (same transaction): ~2-4 s at the measured 1-2 M rows/s, so the statement bound caps a
+stall, not the size of an archive file (a month of aggTrades is ~100 M rows in one write)."""
 
 # Widths that have a continuous aggregate when TimescaleDB is present.
 CAGG_WIDTHS = {"5s": ("trade_bars_5s", "5 seconds"), "1m": ("trade_bars_1m", "1 minute")}
@@ -112,12 +120,17 @@ def _pg_interval(width: str) -> str:
 class PostgresStore:
     """Store backed by PostgreSQL; uses TimescaleDB features when the extension is installable."""
 
-    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 4) -> None:
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 4, bounds: PgBounds | None = None) -> None:
+        """Connects (bounded: an unreachable server is one StoreError naming host and port, not a pool that
+        retries in the background while the first call waits), migrates, then opens the pool."""
         self.url = url
-        self.pool = ConnectionPool(url, min_size=min_size, max_size=max_size, open=True)
+        self.bounds = bounds or PgBounds()
+        self.pool = ConnectionPool(url, kwargs=self.bounds.connect_kwargs(url), min_size=min_size,
+                                   max_size=max_size, timeout=self.bounds.pool_timeout, open=False)
         self.timescale = False
         self._series: dict[tuple[str, str, str, str], int] = {}
         self.migrate()
+        self.pool.open()
 
     def __repr__(self) -> str:
         return "PostgresStore(<url hidden>)"  # URLs may carry passwords
@@ -125,7 +138,11 @@ class PostgresStore:
     # -- schema ----------------------------------------------------------------------------------------
     def migrate(self) -> None:
         """Apply pending migrations once, under an advisory lock so concurrent starters don't race."""
-        with self.pool.connection() as conn, conn.transaction():
+        with (
+            bounded(self.bounds, "migrate the store schema"),
+            connect(self.url, self.bounds, "PostgreSQL store") as conn,
+            conn.transaction(),
+        ):
             conn.execute("SELECT pg_advisory_xact_lock(727274)")
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations "
@@ -172,9 +189,14 @@ class PostgresStore:
         check_required(df, NULLABLE, kind)
         series_cols = ["market", "symbol", "interval"] if "interval" in schema else ["market", "symbol"]
         total = WriteResult(0, 0)
-        with self.pool.connection() as conn, conn.transaction():  # one transaction: the call is atomic
+        with (
+            bounded(self.bounds, f"write_{kind} into {table}") as site,
+            self.pool.connection() as conn,
+            conn.transaction(),  # one transaction: the call is atomic
+        ):
             for ident, part in df.group_by(series_cols, maintain_order=True):
                 names = [str(v) for v in ident]
+                site.what = f"write_{kind} into {table} ({' '.join(n for n in names if n)})"
                 sid = self._series_id(conn, kind, names[0], names[1], names[2] if len(names) > 2 else "",
                                       create=True)
                 assert sid is not None
@@ -183,13 +205,13 @@ class PostgresStore:
                 uniq = part if strictly_increasing else part.unique(subset=[key_col], keep="first",
                                                                      maintain_order=True)
                 total += self._load_series(conn, uniq.with_columns(series_id=pl.lit(sid, pl.Int32)), sid,
-                                           table, columns, key_col, key_type)
+                                           table, columns, key_col, key_type, site)
                 total += WriteResult(0, part.height - uniq.height)  # repeats within the batch
         return total
 
     def _load_series(self, conn: psycopg.Connection[Any], part: pl.DataFrame, sid: int, table: str,
-                     columns: list[tuple[str, PgType]], key_col: str, key_type: PgType) -> WriteResult:
-        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_SPACE[table], sid))
+                     columns: list[tuple[str, PgType]], key_col: str, key_type: PgType, site: Site) -> WriteResult:
+        self._series_lock(conn, table, sid, site)
         lo, hi = part.get_column(key_col).min(), part.get_column(key_col).max()
         # One bytea of 8-byte big-endian keys: COPY TO STDOUT sends a message per row, and iterating those
         # (~1 µs/row in psycopg) bounded the re-load path. A bytea caps one call at ~134M keys per series.
@@ -211,7 +233,8 @@ class PostgresStore:
         copy_in = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(sql.Identifier(table), names)
         try:
             with conn.transaction(), conn.cursor() as cur:  # savepoint: a race falls back below
-                self._copy_chunks(cur, copy_in, new, columns)
+                for off in range(0, new.height, COPY_STATEMENT_ROWS):
+                    self._copy_chunks(cur, copy_in, new.slice(off, COPY_STATEMENT_ROWS), columns)
             return WriteResult(new.height, part.height - new.height)
         except psycopg.errors.UniqueViolation:
             log.warning("concurrent writer on %s series %s; falling back to ON CONFLICT load", table, sid)
@@ -220,12 +243,30 @@ class PostgresStore:
             cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DROP").format(
                 stage, sql.Identifier(table)))
             cur.execute(sql.SQL("TRUNCATE {}").format(stage))
-            self._copy_chunks(cur, sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, names), new,
-                              columns)
+            copy_stage = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, names)
+            for off in range(0, new.height, COPY_STATEMENT_ROWS):
+                self._copy_chunks(cur, copy_stage, new.slice(off, COPY_STATEMENT_ROWS), columns)
             cur.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT DO NOTHING").format(
                 sql.Identifier(table), names, names, stage))
             inserted = cur.rowcount
         return WriteResult(inserted, part.height - inserted)
+
+    def _series_lock(self, conn: psycopg.Connection[Any], table: str, sid: int, site: Site) -> None:
+        """The series' advisory lock. Its holder is another writer of the same series, whose write may run a long
+        COPY, so this one wait is bounded by the statement bound, not the (shorter) lock bound meant for
+        sessions holding table locks. Uncontended (the usual case) it costs one round trip, as before the bounds:
+        only a lock that is taken pays for switching the bound."""
+        key = (_LOCK_SPACE[table], sid)
+        row = conn.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", key).fetchone()
+        if row is not None and row[0]:
+            return
+        long, short = ms(self.bounds.statement_timeout), ms(self.bounds.lock_timeout)
+        site.lock_wait = (f"waited statement_timeout {fmt_s(self.bounds.statement_timeout)} for another writer "
+                          "of this series (its advisory lock)")
+        conn.execute(f"SET LOCAL lock_timeout = {long}".encode())
+        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", key)
+        conn.execute(f"SET LOCAL lock_timeout = {short}".encode())
+        site.lock_wait = ""
 
     @staticmethod
     def _copy_chunks(cur: psycopg.Cursor[Any], statement: sql.Composed, df: pl.DataFrame,
@@ -246,7 +287,8 @@ class PostgresStore:
     def _read(self, kind: str, table: str, columns: list[tuple[str, PgType]], schema: dict[str, pl.DataType],
               ident: dict[str, str], time_col: str, start: datetime | None, end: datetime | None,
               order: str) -> pl.DataFrame:
-        with self.pool.connection() as conn:
+        what = f"read_{kind} from {table} ({' '.join(ident.values())})"
+        with bounded(self.bounds, what, write=False), self.pool.connection() as conn:
             sid = self._series_id(conn, kind, ident["market"], ident["symbol"], ident.get("interval", ""),
                                   create=False)
             if sid is None:
@@ -306,9 +348,15 @@ class PostgresStore:
         cols = ["series_id", "bucket", *BAR_VALUE_COLUMNS]
         names = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
         inserted = 0
-        with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+        with (
+            bounded(self.bounds, f"write_bars into bar_data ({width})") as site,
+            self.pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor() as cur,
+        ):
             cur.execute("CREATE TEMP TABLE IF NOT EXISTS _stage_bars (LIKE bar_data) ON COMMIT DROP")
             for (market, symbol), part in df.group_by(["market", "symbol"], maintain_order=True):
+                site.what = f"write_bars into bar_data ({market} {symbol} {width})"
                 sid = self._series_id(conn, "bars", str(market), str(symbol), width, create=True)
                 cur.execute("TRUNCATE _stage_bars")
                 with cur.copy(sql.SQL("COPY _stage_bars ({}) FROM STDIN").format(names)) as cp:
@@ -322,7 +370,10 @@ class PostgresStore:
     def read_bars(
         self, market: str, symbol: str, width: str, start: datetime | None = None, end: datetime | None = None
     ) -> pl.DataFrame:
-        with self.pool.connection() as conn:
+        with (
+            bounded(self.bounds, f"read_bars from bar_data ({market} {symbol} {width})", write=False),
+            self.pool.connection() as conn,
+        ):
             sid = self._series_id(conn, "bars", market, symbol, width, create=False)
             if sid is None:
                 return pl.DataFrame(schema=BAR_SCHEMA)
@@ -340,7 +391,10 @@ class PostgresStore:
         cols = "bucket, open, high, low, close, volume, quote_volume, trades, taker_buy_volume"
         bounds = ("series_id = %s AND {t} >= coalesce(%s, '-infinity'::timestamptz)"
                   " AND {t} < coalesce(%s, 'infinity'::timestamptz)")
-        with self.pool.connection() as conn:
+        with (
+            bounded(self.bounds, f"trade_bars from agg_trade_data ({market} {symbol} {width})", write=False),
+            self.pool.connection() as conn,
+        ):
             sid = self._series_id(conn, "agg_trades", market, symbol, "", create=False)
             if sid is None:
                 return pl.DataFrame(schema=BAR_SCHEMA)
@@ -363,6 +417,7 @@ class PostgresStore:
         if bad.is_empty():
             return 0
         with (
+            bounded(self.bounds, "quarantine into quarantine"),
             self.pool.connection() as conn,
             conn.transaction(),
             conn.cursor() as cur,
@@ -373,7 +428,7 @@ class PostgresStore:
         return bad.height
 
     def read_quarantine(self) -> pl.DataFrame:
-        with self.pool.connection() as conn:
+        with bounded(self.bounds, "read_quarantine from quarantine", write=False), self.pool.connection() as conn:
             rows = conn.execute(
                 "SELECT source, line, reason, raw, quarantined_at FROM quarantine ORDER BY id").fetchall()
         return pl.DataFrame(rows, schema=QUARANTINE_SCHEMA, orient="row")
@@ -385,7 +440,7 @@ class PostgresStore:
             ("bars", "bar_data", "bucket"),
         ]
         out: list[SeriesStats] = []
-        with self.pool.connection() as conn:
+        with bounded(self.bounds, "stats of the data tables", write=False), self.pool.connection() as conn:
             for kind, table, t in queries:
                 q = (f"SELECT s.market, s.symbol, s.interval, d.n, d.lo, d.hi FROM series s JOIN "
                      f"(SELECT series_id, count(*) n, min({t}) lo, max({t}) hi FROM {table} GROUP BY series_id) d "

@@ -257,8 +257,10 @@ def run_postgres(query: str, url: str, *, statement_timeout_s: float | None = No
 def _execute_postgres(query: str, url: str, *, statement_timeout_s: float | None = None) -> QueryResult:
     import psycopg
 
-    try:
-        with psycopg.connect(url, autocommit=False) as conn:
+    from rltrader.data.pgbounds import PgBounds
+
+    try:  # the store's default bounds (connect, lock, statement); ``statement_timeout_s`` overrides the last
+        with psycopg.connect(url, autocommit=False, **PgBounds().connect_kwargs(url)) as conn:
             conn.read_only = True  # BEGIN READ ONLY
             try:
                 with conn.cursor() as cur:

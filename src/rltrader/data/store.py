@@ -13,12 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import polars as pl
 
 from rltrader.data.schema import BAR_SCHEMA, interval_us
 from rltrader.errors import DataError
+
+if TYPE_CHECKING:  # psycopg is imported only when a PostgreSQL store is opened
+    from rltrader.data.pgbounds import PgBounds
 
 
 @dataclass(frozen=True)
@@ -141,12 +144,14 @@ def trade_bars_frame(trades: pl.DataFrame, width: str) -> pl.DataFrame:
     return out.select(list(BAR_SCHEMA)).cast(BAR_SCHEMA)  # type: ignore[arg-type]
 
 
-def open_store(url: str | None, data_dir: Path) -> Store:
-    """``postgresql://…`` → PostgreSQL/TimescaleDB; ``None``, ``parquet`` or ``parquet:///dir`` → Parquet."""
+def open_store(url: str | None, data_dir: Path, bounds: PgBounds | None = None) -> Store:
+    """``postgresql://…`` → PostgreSQL/TimescaleDB; ``None``, ``parquet`` or ``parquet:///dir`` → Parquet.
+    ``bounds``: PostgreSQL's connect/pool/lock/statement bounds (``settings.postgres.bounds()``; None → the
+    defaults, which bound every wait too)."""
     if url and url.startswith(("postgres://", "postgresql://")):
         from rltrader.data.postgres_store import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, bounds=bounds)
     if url and url.startswith("parquet://"):
         path = url.removeprefix("parquet://")
         return _parquet(Path(path) if path else data_dir / "store")

@@ -617,7 +617,7 @@ def run_live(settings: Settings, *, store_url: str | None = None, market: str | 
     if ws_base is not None:
         update["ws_base"] = ws_base
     cfg = settings.stream.model_copy(update=update)
-    store = open_store(store_url or settings.data.store_url, settings.data.dir)
+    store = open_store(store_url or settings.data.store_url, settings.data.dir, settings.postgres.bounds())
     try:
         result = stream(cfg, store, max_seconds=max_seconds, handle_signals=handle_signals)
     finally:

@@ -31,7 +31,7 @@ def _records(url: str | None) -> Any:
     from rltrader.live.records import open_records
 
     settings = load_settings()
-    return open_records(url or settings.trader.records_url, settings.data.dir)
+    return open_records(url or settings.trader.records_url, settings.data.dir, bounds=settings.postgres.bounds())
 
 
 @trade_app.callback(invoke_without_command=True)

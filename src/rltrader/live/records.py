@@ -16,7 +16,10 @@ before the call returns, so an order's intent is on disk before its request leav
 SIGKILL or a power cut cannot outrun; ``durable=False`` gives ``NORMAL``, a WAL append without the fsync, for
 throwaway runs) or PostgreSQL
 (``trader.records_url: postgresql://…``, e.g. the same server as the market data store). Same SQL, only the
-parameter style and the auto-increment type differ.
+parameter style and the auto-increment type differ. PostgreSQL waits are bounded (``postgres:`` in params.yaml,
+:mod:`rltrader.data.pgbounds`): the connect, and every statement's lock wait and run time, server side; a tripped
+bound is one ``StoreError`` naming the statement's table and the bound, the statement (or the enclosing
+``transaction``) rolled back.
 """
 
 from __future__ import annotations
@@ -29,9 +32,12 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rltrader.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rltrader.data.pgbounds import PgBounds
 
 DAY_US = 86_400_000_000
 
@@ -85,7 +91,7 @@ def order_id_for(session_id: str, symbol: str, bar_time_us: int, seq: int = 0) -
 class Records:
     """Writes and queries of one records database (thread-safe: one connection behind a lock)."""
 
-    def __init__(self, url: str | Path, *, durable: bool = True) -> None:
+    def __init__(self, url: str | Path, *, durable: bool = True, bounds: PgBounds | None = None) -> None:
         text = str(url)
         self.url = text
         self.postgres = text.startswith(("postgresql://", "postgres://"))
@@ -95,9 +101,10 @@ class Records:
         """Deferred writes (``defer``): committed by the next ``flush`` or with the next immediate write."""
         self.conn: Any
         if self.postgres:
-            import psycopg
+            from rltrader.data import pgbounds
 
-            self.conn = psycopg.connect(text, autocommit=True)
+            self.bounds = bounds or pgbounds.PgBounds()
+            self.conn = pgbounds.connect(text, self.bounds, "trader journal", autocommit=True)
             serial = "BIGSERIAL PRIMARY KEY"
         else:
             path = Path(text.removeprefix("sqlite:///"))
@@ -109,7 +116,25 @@ class Records:
             serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
         for stmt in _SCHEMA.format(serial=serial).split(";"):
             if stmt.strip():
-                self.conn.execute(stmt)
+                self._run(stmt)
+
+    def _run(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        """Execute one statement; on PostgreSQL a tripped bound becomes a StoreError naming the table."""
+        if not self.postgres:
+            return self.conn.execute(sql, args)
+        import psycopg
+
+        try:
+            return self.conn.execute(sql, args)
+        except psycopg.Error as exc:
+            from rltrader.data.pgbounds import bound_error, table_of
+
+            verb = sql.split(None, 1)[0].upper()
+            err = bound_error(exc, self.bounds, f"trader journal {verb} on {table_of(sql)}",
+                              write=verb != "SELECT")
+            if err is None:
+                raise
+            raise err from exc
 
     # -- plumbing -----------------------------------------------------------------------------------------
     def _sql(self, sql: str) -> str:
@@ -125,8 +150,8 @@ class Records:
         with self._lock:
             if self._pending and not self._depth:
                 with self.transaction():
-                    return int(self.conn.execute(self._sql(sql), tuple(args)).rowcount)
-            return int(self.conn.execute(self._sql(sql), tuple(args)).rowcount)
+                    return int(self._run(self._sql(sql), tuple(args)).rowcount)
+            return int(self._run(self._sql(sql), tuple(args)).rowcount)
 
     def defer(self, sql: str, args: Sequence[Any]) -> None:
         """A write that need not be on disk before anything happens (a decision row, an equity mark): kept in
@@ -146,7 +171,7 @@ class Records:
     def _drain(self) -> None:
         pending, self._pending = self._pending, []
         for sql, args in pending:
-            self.conn.execute(sql, args)
+            self._run(sql, args)
 
     def checkpoint(self) -> None:
         """SQLite: copy the WAL back into the database now (a passive checkpoint, between bars), instead of
@@ -165,7 +190,7 @@ class Records:
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
         self.flush()  # this connection reads what it wrote
         with self._lock:
-            cur = self.conn.execute(self._sql(sql), tuple(args))
+            cur = self._run(self._sql(sql), tuple(args))
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
@@ -426,7 +451,9 @@ class Records:
         return {"session": sess, "symbols": per}
 
 
-def open_records(url: str | Path | None, data_dir: Path, *, durable: bool = True) -> Records:
+def open_records(url: str | Path | None, data_dir: Path, *, durable: bool = True,
+                 bounds: PgBounds | None = None) -> Records:
     """``trader.records_url`` (null → ``<data.dir>/trader.db``); ``durable``: fsync every commit (the exchange
-    modes' write-ahead journal; paper fills nothing outside the process and may skip the fsync)."""
-    return Records(url if url else data_dir / "trader.db", durable=durable)
+    modes' write-ahead journal; paper fills nothing outside the process and may skip the fsync); ``bounds``: the
+    PostgreSQL journal's bounds (``settings.postgres.bounds()``; None → the defaults)."""
+    return Records(url if url else data_dir / "trader.db", durable=durable, bounds=bounds)

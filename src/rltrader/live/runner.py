@@ -167,7 +167,8 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
                           f"{settings.execution.market!r}")
     live_gate(mode, confirm_live)
     broker = _broker(mode, want, rest_base, grace_s)
-    records = open_records(cfg.records_url, settings.data.dir, durable=mode != "paper")
+    records = open_records(cfg.records_url, settings.data.dir, durable=mode != "paper",
+                           bounds=settings.postgres.bounds())
     until_us = None if until is None else int(until.timestamp() * 1_000_000)
     resume_id = records.unfinished_session(mode, symbols)
     trader = build_trader(settings, mode=mode, symbols=symbols, model=model, records=records, broker=broker,
@@ -191,7 +192,7 @@ def run_trader(settings: Any, *, mode: str | None = None, symbols: Sequence[str]
         from rltrader.api.app import serve_in_thread
 
         api = serve_in_thread(host=api_host, port=api_port, records_url=records.url)
-    store = open_store(settings.data.store_url, settings.data.dir)
+    store = open_store(settings.data.store_url, settings.data.dir, settings.postgres.bounds())
     stop = stop_event or threading.Event()
     try:
         for sym in symbols:

@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - older Optuna
     from optuna.storages import RetryFailedTrialCallback as RetryStale
 from optuna.trial import TrialState
 
+from rltrader.data.pgbounds import KEEPALIVES, PgBounds
 from rltrader.errors import ConfigError, DataError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -54,8 +55,13 @@ def open_storage(url: str, heartbeat_seconds: int, grace_seconds: int, max_retry
     if grace_seconds <= heartbeat_seconds:
         raise ConfigError(f"tune.grace_seconds ({grace_seconds}) must exceed tune.heartbeat_seconds "
                           f"({heartbeat_seconds}), or live trials would be failed between two heartbeats")
-    kwargs: dict[str, Any] = {"pool_pre_ping": True} if not url.startswith("sqlite") else {
-        "connect_args": {"timeout": 60}}
+    # PostgreSQL: the connect bound and keepalives of the store (no statement/lock bound: Optuna's own row locks
+    # and long transactions are its business); SQLite: a 60 s busy wait
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("postgresql"):
+        kwargs["connect_args"] = {"connect_timeout": PgBounds().connect_timeout, **KEEPALIVES}
+    elif url.startswith("sqlite"):
+        kwargs = {"connect_args": {"timeout": 60}}
     with quiet():
         return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_seconds,
                           grace_period=grace_seconds,
@@ -101,7 +107,8 @@ def budget_lock(url: str, study: str) -> Iterator[None]:
 
         key = zlib.crc32(f"rltrader-tune:{study}".encode()) - 2**31
         conninfo = "postgresql://" + url.split("://", 1)[1]
-        with psycopg.connect(conninfo, autocommit=True) as conn:
+        with psycopg.connect(conninfo, autocommit=True, connect_timeout=PgBounds().connect_timeout,
+                             **KEEPALIVES) as conn:
             conn.execute("SELECT pg_advisory_lock(%s)", (key,))
             try:
                 yield
