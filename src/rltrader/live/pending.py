@@ -48,11 +48,14 @@ class QueueState:
 def replay_queue(records: Records, gateway: OrderGateway, session_id: str, symbol: str, latency: int,
                  through: int | None) -> QueueState:
     """The queue as ``_decide`` left it after the session's decisions for bars up to ``through`` (open time;
-    all of them when None), from the journal alone. Latency 0: nothing is ever held (count only)."""
+    all of them when None), from the journal alone. Latency 0: nothing is ever held, and the count is unused
+    (every slot is ``0 % 1``): the journal is not read."""
     nslot = latency + 1
     pending = np.zeros((1, nslot))
     queued: dict[int, OrderRequest] = {}
     state = QueueState(0, pending, queued)
+    if latency == 0:
+        return state
     closes: dict[int, float] | None = None
     k = 0
     for d in records.decisions(session_id, symbol):
@@ -61,24 +64,23 @@ def replay_queue(records: Records, gateway: OrderGateway, session_id: str, symbo
             break
         if str(d["reason"]).startswith("no new risk"):
             continue  # returned before the queue moved
-        if latency > 0:
-            committed = float(np.float64(d["position"]) + pending[0].sum())  # ``SymbolBook.committed``
-            pending[0, k % nslot] = 0.0
-            if d["target"] is not None:
-                if closes is None:
-                    closes = {int(m["bar_time"]): float(m["price"]) for m in records.marks(session_id, symbol)}
-                ref = closes.get(t - BAR_US)
-                if ref is None:
-                    raise DataError(f"journal of session {session_id}: decision {symbol}@{t} has no mark of the "
-                                    "bar it was decided on (its order's reference price)")
-                req = gateway.order_for_target(symbol, t, float(d["target"]), committed, ref, str(d["reason"]))
-                if req is not None:
-                    pending[0, k % nslot] = req.qty
-                    queued[k + latency] = req
-            queued.pop(k, None)  # sent by this decision
-            pending[0, (k - latency) % nslot] = 0.0
-            state.times.append(t)
-            state.any_pending.append(bool(pending[0].any()))
+        committed = float(np.float64(d["position"]) + pending[0].sum())  # ``SymbolBook.committed``
+        pending[0, k % nslot] = 0.0
+        if d["target"] is not None:
+            if closes is None:
+                closes = {int(m["bar_time"]): float(m["price"]) for m in records.marks(session_id, symbol)}
+            ref = closes.get(t - BAR_US)
+            if ref is None:
+                raise DataError(f"journal of session {session_id}: decision {symbol}@{t} has no mark of the bar "
+                                "it was decided on (its order's reference price)")
+            req = gateway.order_for_target(symbol, t, float(d["target"]), committed, ref, str(d["reason"]))
+            if req is not None:
+                pending[0, k % nslot] = req.qty
+                queued[k + latency] = req
+        queued.pop(k, None)  # sent by this decision
+        pending[0, (k - latency) % nslot] = 0.0
+        state.times.append(t)
+        state.any_pending.append(bool(pending[0].any()))
         k += 1
     state.k = k
     return state
