@@ -215,7 +215,10 @@ class Trader:
         fills are then booked where the uninterrupted run booked them: before that bar, into the account
         (``execution.apply_fill``); of that bar, through the broker's ``adopt``, so its ``settle`` reports them as
         it would have; after it (the order its recomputed decision sends), when that decision finds its order
-        filled (``OrderGateway.submit``). ``None`` (a trader that starts on new bars): every fill now."""
+        filled (``OrderGateway.submit``). ``None`` (a trader that starts on new bars): every fill now.
+
+        With ``latency_bars > 0`` the orders decided but not sent yet (the pending queue, in no journal table) are
+        re-derived from the journaled decisions (``live.pending``), with the committed slots and decision count."""
         from rltrader.live.gateway import book_fill, fill_from_row
         from rltrader.live.pending import replay_queue
 
