@@ -22,7 +22,7 @@ from conftest import NEAR_APRIL, build_near_april
 from rltrader.data.archive import parse_klines, read_zip_member
 from rltrader.data.parquet_store import ParquetStore
 from rltrader.data.schema import Market
-from rltrader.live.records import Records
+from rltrader.live.records import Records, order_id_for
 from rltrader.live.runner import run_trader
 from rltrader.sim import ReplayClock, ReplayData, ReplayServer, run_in_thread
 
@@ -36,8 +36,10 @@ class Killed(RuntimeError):
 
 
 @pytest.mark.slow
-def test_a_killed_paper_trader_resumes_its_session_and_account(shared_archive: Path, tmp_path: Path) -> None:
-    built = build_near_april(shared_archive, tmp_path / "built")
+@pytest.mark.parametrize("latency", [0, 1])
+def test_a_killed_paper_trader_resumes_its_session_and_account(shared_archive: Path, tmp_path: Path,
+                                                               latency: int) -> None:
+    built = build_near_april(shared_archive, tmp_path / "built", execution={"latency_bars": latency})
     rows = parse_klines(read_zip_member(shared_archive / NEAR_APRIL), source=NEAR_APRIL, market=Market.FUTURES_UM,
                         symbol=SYM, interval="1m").rows
     store = ParquetStore(tmp_path / "store")
@@ -92,14 +94,22 @@ def test_a_killed_paper_trader_resumes_its_session_and_account(shared_archive: P
 
     kill_after = int((DAY0 + timedelta(minutes=240)).timestamp() * 1e6)
 
+    def queued_at(t: int) -> bool:
+        """The decision of bar ``t`` ordered: with latency its order is held, in no journal table yet."""
+        probe = Records(db)
+        try:
+            return any(d["bar_time"] == t + 60_000_000 and d["target"] is not None for d in probe.decisions())
+        finally:
+            probe.close()
+
     def kill(t: int) -> None:
-        if t >= kill_after:
+        if t >= kill_after and (not latency or queued_at(t)):
             raise Killed(f"killed after bar {t}")
 
     server = ReplayServer(ReplayData(Market.FUTURES_UM, day), clock=clock, heartbeat_s=None)
     with run_in_thread(server) as srv:
         first = run(srv, kill, threading.Event())
-        advance(241, first)
+        advance(600, first)  # until killed
         first["worker"].join(60)
         assert not first["worker"].is_alive()
         assert isinstance(first.get("error"), Killed), first.get("error")
@@ -143,6 +153,13 @@ def test_a_killed_paper_trader_resumes_its_session_and_account(shared_archive: P
         order = rec.order(cid)
         assert order is not None and order["status"] == "cancelled" and "killed" in order["detail"]
     assert rec.open_orders(("paper",)) == []
+    # latency: no decided order lost across the kill — the orders held in the queue at the kill are restored
+    # from the journal and go out once the queue moves again; every decision that moved the queue with a target
+    # has its order journaled, but the last ``latency`` ones (still held at the stop)
+    ordered = {o["client_order_id"] for o in rec.orders(sid)}
+    moved = [d for d in rec.decisions(sid) if not str(d["reason"]).startswith("no new risk")]
+    decided = [d["bar_time"] for d in moved[:len(moved) - latency] if d["target"] is not None]
+    assert len(decided) >= 2 and [t for t in decided if order_id_for(sid, SYM, t) not in ordered] == []
     # marks continue the first run's equity (no reset to the initial cash at the restart)
     marks = rec.marks(sid)
     assert max(m["bar_time"] for m in marks) > kill_after

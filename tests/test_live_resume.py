@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,14 @@ def _snapshot(book: SymbolBook) -> tuple[int | None, float, float, float, float]
     return last, float(fs[FS_DAY]), float(fs[FS_COUNT]), float(fs[FS_BLOCKED]), float(book.env[E_HELD, 0])
 
 
+def _queue(trader: Trader) -> tuple[Any, ...]:
+    """The pending queue (``latency_bars > 0``): the decision count, the committed slots and the held orders
+    (due decision, the bar they were decided for, quantity, reason; client ids name the session: left out)."""
+    book = trader.books[SYM]
+    held = sorted((k, r.bar_time, r.qty, r.reason) for (s, k), r in trader.queued.items() if s == SYM)
+    return book.k, tuple(book.pending[0].tolist()), tuple(held)
+
+
 class Session:
     """One testnet session against a replay exchange of its own, started and restarted as a process would."""
 
@@ -88,6 +97,8 @@ class Session:
         self.sid: str | None = None
         self.restored: list[tuple[int, tuple[int | None, float, float, float, float]]] = []
         self.snapshots: dict[int, tuple[int | None, float, float, float, float]] = {}
+        self.queues: dict[int, tuple[Any, ...]] = {}
+        self.restored_queues: list[tuple[int, tuple[Any, ...]]] = []
 
     def start(self, rehandle: int | None) -> tuple[Trader, Records]:
         """A fresh process: records, broker, trader; a resumed one gets the bars it had handled before
@@ -106,6 +117,7 @@ class Session:
         assert state_of(records)["state"] == "ACTIVE", state_of(records)
         if rehandle is not None:
             self.restored.append((rehandle, _snapshot(trader.books[SYM])))
+            self.restored_queues.append((rehandle, _queue(trader)))
         return trader, records
 
     def run(self, trader: Trader, first: int, last: int) -> None:
@@ -116,6 +128,7 @@ class Session:
                 trader.on_bar(SYM, b)
                 trader.between_bars()
                 self.snapshots[b.time] = _snapshot(trader.books[SYM])
+                self.queues[b.time] = _queue(trader)
 
     def play(self, crashes: list[int]) -> Records:
         """The day, crashing after each bar in ``crashes`` (the process dies: nothing is closed or ended) and
@@ -264,4 +277,46 @@ def test_a_resumed_session_keeps_counting_the_bars_its_position_is_held(
     _same_orders_and_decisions(ref, sid, rec, rsid)
     # and the testnet session keeps positions as long as the backtest does (the exchange books a fill when it
     # answers, before the bar it fills in: the count must still restart at a flip)
+    _assert_backtest_parity(settings, rec, rsid)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("latency", [1, 2])
+def test_a_resumed_session_with_latency_sends_the_orders_it_had_queued(
+        setup: tuple[Settings, pl.DataFrame, list[Bar]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        latency: int) -> None:
+    """``execution.latency_bars``: an order decided at bar ``r`` is held in the pending queue and sent
+    ``latency`` decisions later; it is in no journal table until then. A restart while orders are held must
+    rebuild the queue (and the committed position it adds to the next orders' sizing) from the journal's
+    decisions, or those orders are lost and the resumed run trades differently from the uninterrupted one."""
+    base, day, bars = setup
+    settings = base.model_copy(update={"execution": replace(base.execution, latency_bars=latency)})
+    whole, ref, sid = _uninterrupted(settings, day, bars, tmp_path, monkeypatch)
+    minute = 60_000_000
+    # the bars after which orders were held: ordered (queued) at the decision of bar r, for bar r + 1
+    held = sorted(t for t, q in whole.queues.items() if q[2])
+    ordered = [t for t in held if whole.queues[t][2][-1][1] == t + minute]
+    assert len(ordered) >= 6, ordered
+    first, later = ordered[len(ordered) // 3], ordered[2 * len(ordered) // 3]
+    # right after the decision whose order is queued, one bar later (latency 2: still queued; 1: sent at that
+    # bar's decision), right after it was sent, and right after a later order was queued
+    crashes = sorted({first, first + minute, first + latency * minute, later})
+    assert all(whole.queues[c][2] for c in (first, later))
+    with _exchange(day, settings) as (srv, clock):
+        resumed = Session(settings, srv, clock, tmp_path / "resumed.db", bars)
+        rec = resumed.play(crashes)
+    rsid = str(resumed.sid)
+    # the restored queue is the uninterrupted run's after the bar before the re-handled one
+    assert len(resumed.restored_queues) == len(crashes)
+    for rehandle, queue in resumed.restored_queues:
+        assert queue == whole.queues[rehandle - minute], rehandle
+    _same_orders_and_decisions(ref, sid, rec, rsid)
+    assert [(m["bar_time"], m["equity"], m["position"]) for m in rec.marks(rsid)] == \
+        [(m["bar_time"], m["equity"], m["position"]) for m in ref.marks(sid)]
+    for rehandle, state in resumed.restored:
+        assert state == whole.snapshots[rehandle - minute], rehandle
+    # the held orders went out: each fill is the bar after a decision ``latency`` bars before it
+    targets = {d["bar_time"] for d in ref.decisions(sid) if d["target"] is not None}
+    order_fills = [f for f in rec.fills(rsid) if f["kind"] == "order"]
+    assert order_fills and all(f["time"] - latency * minute in targets for f in order_fills)
     _assert_backtest_parity(settings, rec, rsid)

@@ -48,6 +48,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -214,10 +215,15 @@ class Trader:
         fills are then booked where the uninterrupted run booked them: before that bar, into the account
         (``execution.apply_fill``); of that bar, through the broker's ``adopt``, so its ``settle`` reports them as
         it would have; after it (the order its recomputed decision sends), when that decision finds its order
-        filled (``OrderGateway.submit``). ``None`` (a trader that starts on new bars): every fill now."""
+        filled (``OrderGateway.submit``). ``None`` (a trader that starts on new bars): every fill now.
+
+        With ``latency_bars > 0`` the orders decided but not sent yet (the pending queue, in no journal table) are
+        re-derived from the journaled decisions (``live.pending``), with the committed slots and decision count."""
         from rltrader.live.gateway import book_fill, fill_from_row
+        from rltrader.live.pending import replay_queue
 
         book = self.books[symbol]
+        queue = replay_queue(self.records, self.gateway, self.session_id, symbol, book.latency, rehandle)
         rows = [f for f in self.records.fills(self.session_id) if f["symbol"] == symbol]
         at_rehandle = []
         fill_times = set()
@@ -232,7 +238,7 @@ class Trader:
                 at_rehandle.append(f)
                 continue
             if bar_fills and bar_fills[-1].time != f.time:
-                self._count_cycle(book, bar_fills)
+                self._count_cycle(book, bar_fills, queue.pending_at(bar_fills[-1].time))
                 bar_fills = []
             book_fill(book.acct, f)
             bar_fills.append(f)
@@ -242,11 +248,18 @@ class Trader:
             if f.kind in ("order", "liquidation"):
                 fill_times.add(f.time)
         if bar_fills:
-            self._count_cycle(book, bar_fills)
+            self._count_cycle(book, bar_fills, queue.pending_at(bar_fills[-1].time))
         if at_rehandle and not self.gateway.adopt_fills(at_rehandle, book.acct):
             for f in at_rehandle:  # a broker that cannot report them again: booked now
                 book_fill(book.acct, f)
-            self._count_cycle(book, at_rehandle)
+            self._count_cycle(book, at_rehandle, queue.pending_at(at_rehandle[-1].time))
+        # the pending queue (latency_bars > 0): the orders decided but not sent yet, their committed slots and
+        # the decision count, as ``_decide`` left them (``live.pending``)
+        book.k = queue.k
+        book.pending[:] = queue.pending
+        for key in [key for key in self.queued if key[0] == symbol]:
+            del self.queued[key]
+        self.queued.update({(symbol, due): req for due, req in queue.queued.items()})
         self._restore_filters(book, fill_times, rehandle)
         self._restore_held(book, rehandle)
         if rows:
@@ -396,15 +409,17 @@ class Trader:
         self.gateway.record_fills(fills)
         self._count_cycle(book, fills)
 
-    def _count_cycle(self, book: SymbolBook, fills: list[Fill]) -> None:
+    def _count_cycle(self, book: SymbolBook, fills: list[Fill], queued: bool | None = None) -> None:
         """Spot / Lowrider cycle bookkeeping after one bar's fills: the buys of the cycle (``E_N_BUYS``, the
         rule's DCA step) and, when a cycle closes flat, a new one with its fees moved to ``fees_carry`` (the
-        take-profit prices the current cycle's fees only). ``restore_from_journal`` replays it bar by bar."""
+        take-profit prices the current cycle's fees only). ``restore_from_journal`` replays it bar by bar, with
+        ``queued``: whether orders were held in the pending queue then (None: ``book.pending`` now)."""
         if any(f.kind == "order" and f.qty > 0 for f in fills):
             book.env[E_N_BUYS, 0] += 1.0
         mode = int(self.ep[0])
+        held = bool(book.pending[0].any()) if queued is None else queued
         if (mode != MODE_FUTURES and book.env[E_N_BUYS, 0] > 0 and book.acct[QTY, 0] == 0.0
-                and not book.pending[0].any() and self.repeat_cycles
+                and not held and self.repeat_cycles
                 and book.acct[EQUITY, 0] > EQUITY_FLOOR * self.xp[XP_CASH]):
             book.env[E_N_BUYS, 0] = 0.0  # a new cycle (the backtest's repeat_cycles)
             book.fees_carry += float(book.acct[FEES, 0])
@@ -529,8 +544,8 @@ class Trader:
         if lat > 0:
             due = self.queued.pop((book.symbol, k), None)
             book.pending[0, (k - lat) % nslot] = 0.0
-            if due is not None:
-                self.gateway.submit(due, book.acct)
+            if due is not None:  # an order for the bar it is sent at (an exchange's fill is booked at it)
+                self.gateway.submit(replace(due, bar_time=nxt), book.acct)
         book.k = k + 1
         book.decided = nxt
         return Decision(book.symbol, nxt, a, scores, target, reason)
