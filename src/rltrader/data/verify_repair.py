@@ -171,11 +171,15 @@ def _repair_parquet(store: Any, check: MonthCheck,
 
 def _repair_postgres(store: Any, check: MonthCheck, rows: pl.DataFrame, ref: pl.DataFrame | None) -> None:
     """Replace the month's rows by ``rows`` in one transaction (klines/trades: only the rows not kept)."""
+    from rltrader.data.pgbounds import bounded
     from rltrader.data.postgres_store import _LOCK_SPACE, AGG_TRADE_COLUMNS, BAR_VALUE_COLUMNS, KLINE_COLUMNS
 
     kind = check.spec
     lo, hi = month_bounds(check.month)
-    with store.pool.connection() as conn, conn.transaction():  # one transaction: all of it or none
+    series = " ".join(x for x in (check.market, check.symbol, check.interval, check.month) if x)
+    # the store's bounds: a tripped one is a StoreError naming the month, and the transaction is rolled back
+    with (bounded(store.bounds, f"repair of {kind.pg_table} ({series})") as site,
+          store.pool.connection() as conn, conn.transaction()):  # one transaction: all of it or none
         sid = store._series_id(conn, kind.name, check.market, check.symbol, check.interval, create=False)
         assert sid is not None
         if kind is BARS or ref is None:
@@ -197,5 +201,5 @@ def _repair_postgres(store: Any, check: MonthCheck, rows: pl.DataFrame, ref: pl.
         columns, key_type = (KLINE_COLUMNS, "timestamptz") if kind.name == "klines" else (AGG_TRADE_COLUMNS, "int8")
         if not ref.is_empty():
             store._load_series(conn, ref.with_columns(series_id=pl.lit(sid, pl.Int32)), sid, kind.pg_table,
-                               columns, kind.key, key_type)
+                               columns, kind.key, key_type, site)
         fault("loaded")
