@@ -184,8 +184,7 @@ class TargetCache:
     priorities more), so its ``Q_target(s', ·)`` row is computed once and read back after: the same values
     (a row's result does not depend on the other rows of the pass), one target pass less per hit. ``forget``
     is called for the slots ``PrioritizedReplay.add`` writes, ``clear`` at every sync. Not used with Polyak
-    averaging (the target changes every update). ``passes`` / ``rows`` count the rows that went through the
-    target net against all rows asked for (logged as ``target_pass``)."""
+    averaging (the target changes every update)."""
 
     def __init__(self, size: int, n_actions: int, device: torch.device) -> None:
         self.q = torch.zeros(size, n_actions, device=device)
@@ -218,24 +217,27 @@ def target_values(target: nn.Module, next_windows: torch.Tensor, next_state: tor
     def idx(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(dev)
 
+    if slots is None:  # a cache is keyed by the batch's replay slots
+        cache = None
     need = discount != 0
-    keep = cache is not None and slots is not None
-    hit = need & cache.valid[slots] if cache is not None and slots is not None else np.zeros_like(need)
+    hit = need & cache.valid[slots] if cache is not None else np.zeros_like(need)
     need &= ~hit
     rows = np.flatnonzero(need)
+    ri = idx(rows)
     with torch.no_grad():
         if len(rows) == len(need):
             q: torch.Tensor = target(next_windows, next_state)
         else:
             q = torch.zeros(len(need), _n_actions(target), device=dev)
             if len(rows):
-                q[idx(rows)] = target(next_windows[idx(rows)], next_state[idx(rows)])
-            if cache is not None and slots is not None and hit.any():
+                q[ri] = target(next_windows[ri], next_state[ri])
+        if cache is not None:
+            assert slots is not None
+            if hit.any():
                 q[idx(np.flatnonzero(hit))] = cache.q[idx(slots[hit])]
-        if keep and len(rows):
-            assert cache is not None and slots is not None
-            cache.q[idx(slots[rows])] = q[idx(rows)]
-            cache.valid[slots[rows]] = True
+            if len(rows):
+                cache.q[idx(slots[rows])] = q[ri]
+                cache.valid[slots[rows]] = True
     return q, len(rows)
 
 
